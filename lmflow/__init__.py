@@ -1,0 +1,41 @@
+"""lmflow: declarative pipelines for local LLM servers, run as Prefect flows.
+
+Importing lmflow is light: Prefect is imported only when a run starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import LmflowError, Problem, SpecError, StepFailed
+from .spec import Spec, load_spec, spec_schema, validate_files
+from .steps import Step, StepContext, StepResult, register
+
+if TYPE_CHECKING:
+    from .runtime import RunResult
+
+__version__ = "0.1.0"
+__all__ = [
+    "LmflowError", "Problem", "RunResult", "Spec", "SpecError", "Step", "StepContext",
+    "StepFailed", "StepResult", "load_spec", "register", "run", "spec_schema", "validate_files",
+]
+
+
+def run(spec_path: Any, params: dict[str, Any] | None = None, **options: Any) -> RunResult:
+    """Validate, compile to a Prefect flow and run a spec (see `lmflow.compile.run`)."""
+    from .prefect_server import configure_environment
+
+    load_spec(spec_path, params)  # spec errors cost nothing: no Prefect import yet
+    # Prefect reads its settings when it is imported: configure first
+    configure_environment(options.get("verbose", False))
+    from .compile import run as _run
+
+    return _run(spec_path, params, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RunResult":
+        from .runtime import RunResult
+
+        return RunResult
+    raise AttributeError(name)

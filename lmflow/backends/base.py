@@ -1,0 +1,77 @@
+"""The Backend seam: steps ask a backend to chat/load/unload and never know which server answers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..spec.model import ModelConfig, ServerConfig
+
+
+@dataclass
+class ChatRequest:
+    model: ModelConfig
+    messages: list[dict[str, Any]]
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, seed, stop
+    response_schema: dict[str, Any] | None = None
+    timeout: float = 120.0
+
+
+@dataclass
+class ChatResponse:
+    text: str
+    model: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    seconds: float = 0.0
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ModelInfo:
+    key: str
+    loaded: bool | None = None
+    max_context_length: int | None = None
+    loaded_context_length: int | None = None
+
+
+class Backend(ABC):
+    """A model server. Capabilities are class attributes; steps check them."""
+
+    kind: str
+    #: whether the backend can load and unload models itself
+    manages_models: bool = False
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+
+    @property
+    def url(self) -> str | None:
+        return self.config.url
+
+    @abstractmethod
+    def health(self) -> bool:
+        """True when the server answers requests now."""
+
+    @abstractmethod
+    def list_models(self) -> list[ModelInfo]: ...
+
+    @abstractmethod
+    def chat(self, request: ChatRequest) -> ChatResponse: ...
+
+    def load(self, model: ModelConfig) -> ModelInfo:
+        raise NotImplementedError(f"the {self.kind} backend does not load models")
+
+    def unload(self, model: ModelConfig) -> None:
+        raise NotImplementedError(f"the {self.kind} backend does not unload models")
+
+    def close(self) -> None:
+        """Release connections and stop whatever this backend started."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

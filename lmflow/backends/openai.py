@@ -1,0 +1,186 @@
+"""Any OpenAI-compatible server (llama.cpp's llama-server, vLLM, Ollama, LM Studio's /v1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any
+
+import httpx
+
+from ..errors import (
+    BackendError,
+    BackendHTTPError,
+    BackendTimeout,
+    BackendUnreachable,
+    ContextOverflow,
+    ModelNotFound,
+)
+from ..spec.model import ServerConfig
+from .base import Backend, ChatRequest, ChatResponse, ModelInfo
+
+# "maximum context length is 4096 tokens. However, your messages resulted in 5000 tokens"
+_CTX_OPENAI = re.compile(r"maximum context length is (\d+).*?(?:resulted in|requested) (\d+)", re.S)
+# LM Studio: "...the model is loaded with context length of only 4096 tokens"
+_CTX_LMSTUDIO = re.compile(r"context length of only (\d+)", re.S)
+
+
+def base_url(url: str) -> str:
+    """Accept `http://host:port`, `.../` and `.../v1` alike."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class OpenAIClient:
+    """The OpenAI-compatible HTTP protocol, with errors classified into lmflow's."""
+
+    def __init__(self, url: str, *, api_key: str | None = None,
+                 transport: httpx.BaseTransport | None = None, start_hint: str | None = None):
+        self.url = base_url(url)
+        self.start_hint = start_hint or "start the server or fix server.url"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+                                 timeout=httpx.Timeout(30.0, connect=5.0))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, *, timeout: float = 30.0,
+                json_body: Any = None) -> httpx.Response:
+        try:
+            response = self.http.request(
+                method, path, json=json_body,
+                timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+            )
+        except httpx.TimeoutException:
+            raise BackendTimeout(
+                f"no answer from {self.url}{path} within {timeout:g}s: raise the step's timeout "
+                "or use a smaller max_tokens", url=self.url) from None
+        except httpx.TransportError as exc:
+            raise BackendUnreachable(
+                f"cannot reach {self.url} ({type(exc).__name__}: {exc}): {self.start_hint}",
+                url=self.url) from None
+        if response.status_code >= 400:
+            raise self._http_error(path, response)
+        return response
+
+    def _http_error(self, path: str, response: httpx.Response) -> BackendError:
+        status = response.status_code
+        text = response.text[:2000]
+        try:
+            error = response.json().get("error", {})
+        except (ValueError, AttributeError):
+            error = {}
+        if isinstance(error, str):
+            error = {"message": error}
+        message = str(error.get("message") or text or response.reason_phrase)
+        if error.get("type") == "exceed_context_size_error" or error.get("code") == (
+            "context_length_exceeded"
+        ) or _CTX_OPENAI.search(message) or _CTX_LMSTUDIO.search(message):
+            n_prompt, n_ctx = error.get("n_prompt_tokens"), error.get("n_ctx")
+            if n_ctx is None and (m := _CTX_OPENAI.search(message)):
+                n_ctx, n_prompt = int(m.group(1)), int(m.group(2))
+            elif n_ctx is None and (m := _CTX_LMSTUDIO.search(message)):
+                n_ctx = int(m.group(1))
+            sent = f"{n_prompt} tokens" if n_prompt else "the prompt"
+            holds = f"holds {n_ctx}" if n_ctx else "holds less"
+            return ContextOverflow(
+                f"context overflow at {self.url}: {sent} sent, the loaded context {holds}: "
+                "shorten the prompt or load the model with a larger context_length",
+                url=self.url, n_prompt=n_prompt, n_ctx=n_ctx)
+        if status == 404 and "model" in message.lower():
+            return ModelNotFound(
+                f"{self.url} does not know the model: {message} (list models with "
+                "`lmflow models --server URL`, fix models.<alias>.key)",
+                url=self.url, status=status, body=text)
+        if status == 401 or status == 403:
+            return BackendHTTPError(
+                f"{self.url}{path} refused the request (HTTP {status}): {message}; "
+                "set the API token (server.api_key_env)", url=self.url, status=status, body=text)
+        if status == 503:
+            return BackendHTTPError(
+                f"{self.url} is not ready (HTTP 503: {message}); it is probably still loading",
+                url=self.url, status=status, body=text)
+        return BackendHTTPError(f"{self.url}{path} answered HTTP {status}: {message}",
+                                url=self.url, status=status, body=text)
+
+    def health(self) -> bool:
+        for path in ("/health", "/v1/models"):
+            try:
+                response = self.http.get(path, timeout=httpx.Timeout(2.0, connect=1.0))
+            except httpx.HTTPError:
+                return False
+            if response.status_code == 200:
+                return True
+            if response.status_code != 404:
+                return False
+        return False
+
+    def list_models(self) -> list[ModelInfo]:
+        data = self.request("GET", "/v1/models").json().get("data", [])
+        models = []
+        for item in data:
+            meta = item.get("meta") or {}
+            status = (item.get("status") or {}).get("value")
+            models.append(ModelInfo(
+                key=item.get("id", "?"),
+                loaded=None if status is None else status == "loaded",
+                max_context_length=meta.get("n_ctx_train"),
+            ))
+        return models
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        body: dict[str, Any] = {"model": request.model.key, "messages": request.messages,
+                                "stream": False}
+        body.update({k: v for k, v in request.sampling.items() if v is not None})
+        if request.response_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "response", "strict": True,
+                                "schema": request.response_schema},
+            }
+        started = time.perf_counter()
+        payload = self.request("POST", "/v1/chat/completions", timeout=request.timeout,
+                               json_body=body).json()
+        seconds = time.perf_counter() - started
+        try:
+            choice = payload["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError):
+            raise BackendError(
+                f"{self.url} answered without a message: {json.dumps(payload)[:300]}",
+                url=self.url) from None
+        usage = payload.get("usage") or {}
+        return ChatResponse(
+            text=text, model=payload.get("model"), finish_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
+            seconds=seconds, raw=payload,
+        )
+
+
+class OpenAIBackend(Backend):
+    """A server someone else runs, spoken to over the OpenAI-compatible API."""
+
+    kind = "openai"
+
+    def __init__(self, config: ServerConfig, *, transport: httpx.BaseTransport | None = None):
+        super().__init__(config)
+        api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        hint = (f"start it with `{config.start}`" if config.start
+                else "start the server or fix server.url")
+        self.client = OpenAIClient(config.url or "", api_key=api_key, transport=transport,
+                                   start_hint=hint)
+
+    def health(self) -> bool:
+        return self.client.health()
+
+    def list_models(self) -> list[ModelInfo]:
+        return self.client.list_models()
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        return self.client.chat(request)
+
+    def close(self) -> None:
+        self.client.close()

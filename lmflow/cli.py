@@ -1,0 +1,178 @@
+"""The `lmflow` command: thin commands over the library; errors become messages in one place."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import LmflowError, Problem, SpecError
+
+
+def _params(values: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SpecError([Problem("command line", None, None, f"-p {item}",
+                                     "expected name=value", "e.g. -p generations=10")])
+        params[name.strip()] = value
+    return params
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lmflow")
+def cli() -> None:
+    """Declarative pipelines for local LLM servers, run as Prefect flows."""
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate(specs: tuple[Path, ...]) -> None:
+    """Check specs; report every problem as file:line:col: path: message (hint)."""
+    from .spec import validate_files
+
+    problems = validate_files(specs)
+    if problems:
+        raise SpecError(problems)
+    click.echo(f"ok: {len(specs)} spec{'s' if len(specs) != 1 else ''} valid")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE")
+def plan(spec: Path, params: tuple[str, ...]) -> None:
+    """Show the steps a run would execute, in order, with their policies."""
+    from .report import plan as render_plan
+    from .spec import load_spec
+
+    click.echo(render_plan(load_spec(spec, _params(params))))
+
+
+@cli.command()
+def schema() -> None:
+    """Print the spec's JSON Schema (for editors: `# yaml-language-server: $schema=...`)."""
+    from .spec import spec_schema
+
+    click.echo(json.dumps(spec_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Override a param (repeatable).")
+@click.option("--refresh", is_flag=True, help="Recompute cached steps.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run result as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
+def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbose: bool) -> None:
+    """Compile SPEC into a Prefect flow and run it."""
+    from . import report
+    from . import run as run_spec
+
+    def listen(event: str, data: dict[str, Any]) -> None:
+        if as_json:
+            return
+        if event == "run_starting":
+            api = data["api"]
+            where = {"temporary": "Prefect's temporary server (start one with `lmflow server start` "
+                                  "to save ~8 s per run)",
+                     "lmflow server": f"Prefect server {api.url}",
+                     "PREFECT_API_URL": f"Prefect API {api.url}"}[api.source]
+            click.echo(f"lmflow: running {data['spec'].name} ({len(data['spec'].steps)} steps) on {where}",
+                       err=True)
+        elif event == "backend_starting" and data["backend"] == "local":
+            click.echo("  starting the local llama.cpp engine…", err=True)
+        elif event in ("step_started", "step_finished"):
+            click.echo(report.progress_line(data["step"]), err=True)
+
+    result = run_spec(spec, _params(params), refresh_cache=refresh, listener=listen,
+                      verbose=verbose)
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2, default=str))
+    else:
+        click.echo(report.table(result))
+        click.echo(report.footer(result))
+    if not result.ok:
+        failure = result.failure
+        message = (f"step '{failure.step}' failed"
+                   + (f" after {failure.attempts} attempts" if failure.attempts > 1 else "")
+                   + f": {failure.message}") if failure else f"run failed: {result.error}"
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
+
+
+@cli.group()
+def server() -> None:
+    """The lmflow-managed Prefect server (keeps runs fast and their history in the UI)."""
+
+
+@server.command("start")
+@click.option("--port", type=int, default=None, help="Default 4200, else a free port.")
+def server_start(port: int | None) -> None:
+    """Start a local Prefect server with its UI in the background."""
+    from . import prefect_server
+
+    already = prefect_server.read_state()
+    state = prefect_server.start(port)
+    verb = "already running" if already else "started"
+    click.echo(f"Prefect server {verb}: {state.ui_url} (pid {state.pid}, log {state.log})")
+
+
+@server.command("stop")
+def server_stop() -> None:
+    """Stop the managed Prefect server."""
+    from . import prefect_server
+
+    state = prefect_server.stop()
+    click.echo(f"stopped Prefect server (pid {state.pid})" if state else "no lmflow Prefect server is running")
+
+
+@server.command("status")
+def server_status() -> None:
+    """Say whether the managed server runs, and which API `lmflow run` would use."""
+    from . import prefect_server
+
+    state = prefect_server.read_state()
+    if state:
+        click.echo(f"running: {state.ui_url} (pid {state.pid}, log {state.log})")
+    else:
+        click.echo("not running (start it with `lmflow server start`)")
+    choice = prefect_server.choose_api()
+    click.echo(f"lmflow run uses: {choice.url or 'a temporary Prefect server'} ({choice.source})")
+    if not state:
+        sys.exit(1)
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    # turn SIGTERM into SystemExit so `finally` blocks stop the engines we started
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: the one place where errors become messages and exit codes."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        cli.main(args=argv, prog_name="lmflow", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SpecError as exc:
+        for problem in exc.problems:
+            click.echo(problem.render(), err=True)
+        n = len(exc.problems)
+        click.echo(f"{n} problem{'s' if n != 1 else ''} found", err=True)
+        sys.exit(exc.exit_code)
+    except LmflowError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

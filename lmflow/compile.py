@@ -1,0 +1,135 @@
+"""Spec -> Prefect flow. The only module that imports Prefect's flow machinery.
+
+`lmflow_flow` is one top-level, importable flow that takes the spec's path, so
+a deployment can re-import it by name; `run()` gives it the spec's name for
+the UI. Each step is one task run named by its id, with the step's retries,
+backoff, timeout and a cache key made of the step id and its resolved config.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+
+from .errors import StepFailed, StepFailure
+from .prefect_server import configure_environment
+from .runtime import Listener, RunRecorder, RunResult, Runtime
+from .spec import load_spec
+from .spec.templates import TemplateError
+
+_RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar("lmflow_runtime")
+_RECORDER: contextvars.ContextVar[RunRecorder] = contextvars.ContextVar("lmflow_recorder")
+
+
+@task(persist_result=True)
+def run_step(step_id: str, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One step of a spec (its task run is named after the step id)."""
+    runtime = _RUNTIME.get()
+    result = runtime.execute(runtime.spec.step(step_id), options)
+    return {"output": result.output, "meta": result.meta}
+
+
+def _retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry only what can heal (connection, timeout, 5xx, user code), never a 4xx or schema error."""
+    exc = state.result(raise_on_failure=False)
+    return bool(getattr(exc, "retryable", False))
+
+
+@flow(name="lmflow", persist_result=False, validate_parameters=False)
+def lmflow_flow(spec_path: str, params: dict[str, Any] | None = None,
+                refresh_cache: bool = False) -> dict[str, Any]:
+    """Run the pipeline described by the spec at `spec_path`."""
+    spec = load_spec(spec_path, params)
+    recorder = _RECORDER.get(None) or RunRecorder(spec)
+    recorder.result.flow_run_id = str(get_run_context().flow_run.id)
+    runtime = Runtime(spec, recorder)
+    token = _RUNTIME.set(runtime)
+    failure: StepFailure | None = None
+    try:
+        with runtime:
+            for step in spec.steps:
+                if failure is not None:
+                    recorder.update(step.id, status="skipped")
+                    continue
+                failure = _run_one(runtime, recorder, step, refresh_cache)
+    finally:
+        _RUNTIME.reset(token)
+        recorder.save()
+    if failure is not None:
+        raise StepFailed(failure)
+    return recorder.result.outputs()
+
+
+def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
+             refresh_cache: bool) -> StepFailure | None:
+    started = time.perf_counter()
+    recorder.update(step.id, status="running")
+    try:
+        options = runtime.resolve(step)
+    except TemplateError as exc:
+        failure = StepFailure(step.id, "TemplateError", str(exc))
+        recorder.update(step.id, status="failed", error=failure,
+                        seconds=round(time.perf_counter() - started, 3))
+        return failure
+    policy = step.policy
+    settings: dict[str, Any] = {
+        "name": step.id,
+        "retries": policy.retries,
+        "retry_delay_seconds": policy.retry_delays() or 0,
+        "retry_condition_fn": _retry_condition,
+        # the HTTP call enforces policy.timeout itself; this backstop catches
+        # user code and anything else that hangs
+        "timeout_seconds": policy.timeout + 5,
+    }
+    if policy.cache:
+        key = runtime.cache_key(step, options)
+        settings.update(
+            cache_key_fn=lambda _ctx, _params: key, persist_result=True,
+            refresh_cache=refresh_cache,
+            cache_expiration=timedelta(seconds=policy.cache_ttl) if policy.cache_ttl else None,
+        )
+    else:
+        settings.update(cache_policy=NO_CACHE, persist_result=False)
+    state = run_step.with_options(**settings)(step.id, step.kind, options, return_state=True)
+    seconds = round(time.perf_counter() - started, 3)
+    if state.is_completed():
+        value = state.result()
+        runtime.outputs[step.id] = value["output"]
+        recorder.update(step.id, status="cached" if state.name == "Cached" else "completed",
+                        output=value["output"], meta=value["meta"], seconds=seconds)
+        return None
+    exc = state.result(raise_on_failure=False)
+    if not isinstance(exc, BaseException):
+        exc = RuntimeError(state.message or state.name)
+    failure = runtime.failure(step, exc)
+    recorder.update(step.id, status="failed", error=failure, seconds=seconds)
+    return failure
+
+
+def run(spec_path: str | Path, params: dict[str, Any] | None = None, *,
+        refresh_cache: bool = False, listener: Listener | None = None,
+        verbose: bool = False) -> RunResult:
+    """Validate, compile and run a spec; returns every step's record (never raises StepFailed)."""
+    spec = load_spec(spec_path, params)  # before Prefect: spec errors cost nothing
+    choice = configure_environment(verbose)
+    recorder = RunRecorder(spec, listener)
+    recorder.result.api_url = choice.url
+    recorder.emit("run_starting", spec=spec, api=choice)
+    token = _RECORDER.set(recorder)
+    try:
+        named = lmflow_flow.with_options(name=spec.name, flow_run_name=recorder.result.run_id)
+        state = named(str(spec.file), params, refresh_cache, return_state=True)
+        if not state.is_completed() and recorder.result.failure is None:
+            recorder.result.error = state.message or state.name
+    finally:
+        _RECORDER.reset(token)
+        recorder.save()
+    recorder.emit("run_finished", result=recorder.result)
+    return recorder.result

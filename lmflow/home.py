@@ -1,0 +1,19 @@
+"""lmflow's home directory: engine logs, run records, the managed Prefect server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """`$LMFLOW_HOME`, else `~/.lmflow`; created on first use."""
+    path = Path(os.environ.get("LMFLOW_HOME") or Path.home() / ".lmflow").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def subdir(name: str) -> Path:
+    path = home() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

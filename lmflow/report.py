@@ -1,0 +1,77 @@
+"""Text for the terminal: progress lines, the final table, the plan. Pure functions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .runtime import RunResult, StepRecord
+from .spec.model import Spec
+
+MARK = {"completed": "ok", "cached": "ok", "failed": "FAILED", "skipped": "skipped"}
+
+
+def short(value: Any, width: int = 48) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def progress_line(record: StepRecord) -> str:
+    if record.status == "running":
+        return f"  … {record.id} ({record.kind})"
+    cached = " (cached)" if record.status == "cached" else ""
+    detail = short(record.output) if record.error is None else record.error.message
+    if record.status == "skipped":
+        detail = "not run: an earlier step failed"
+    return f"  {MARK.get(record.status, record.status)} {record.id} {record.seconds:.2f}s{cached}: {detail}"
+
+
+def table(result: RunResult) -> str:
+    rows = [("step", "kind", "status", "time", "cached", "result")]
+    for s in result.steps:
+        outcome = short(s.output) if s.status in ("completed", "cached") else (
+            short(s.error.message, 60) if s.error else "")
+        rows.append((s.id, s.kind, s.status, f"{s.seconds:.2f}s",
+                     "yes" if s.status == "cached" else "no", outcome))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def footer(result: RunResult) -> str:
+    counts: dict[str, int] = {}
+    for s in result.steps:
+        counts[s.status] = counts.get(s.status, 0) + 1
+    parts = [f"{n} {status}" for status, n in counts.items()]
+    text = f"{len(result.steps)} steps: {', '.join(parts)} in {result.seconds:.1f}s"
+    text += f"\nrun record: {result.record_path}"
+    if result.api_url and result.flow_run_id:
+        text += f"\nPrefect UI: {result.api_url.removesuffix('/api')}/runs/flow-run/{result.flow_run_id}"
+    return text
+
+
+def plan(spec: Spec) -> str:
+    lines = [f"{spec.name}: {len(spec.steps)} steps ({spec.file})"]
+    if spec.params:
+        lines.append("params: " + ", ".join(f"{k}={v!r}" for k, v in spec.params.items()))
+    for name, server in spec.servers.items():
+        where = server.url or "managed llama-server on 127.0.0.1"
+        lines.append(f"server {name}: {server.backend} ({where})")
+    for alias, model in spec.models.items():
+        ctx = f", context {model.context_length}" if model.context_length else ""
+        lines.append(f"model {alias}: {model.key} on {model.server}{ctx}")
+    lines.append("")
+    for i, step in enumerate(spec.steps, 1):
+        p = step.policy
+        after = f" after {', '.join(step.depends_on)}" if step.depends_on else ""
+        cache = ("cache " + (f"ttl {p.cache_ttl:g}s" if p.cache_ttl else "on")) if p.cache else "no cache"
+        uses = ""
+        if "model" in step.options:
+            uses = f" model={step.options['model']}"
+        elif "function" in step.options:
+            uses = f" {step.options['function']}"
+        lines.append(f"{i:>3}. {step.id} [{step.kind}]{uses}{after}")
+        lines.append(f"     retries {p.retries}, timeout {p.timeout:g}s, {cache}")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Running steps without Prefect: templates, backends, cache keys, run records.
+
+The compiler wraps `Runtime.execute` in Prefect tasks; everything a step needs
+at run time lives here, so steps stay plain callables that tests can drive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .backends import Backend, create_backend
+from .errors import LmflowError, StepFailure, describe
+from .home import subdir
+from .spec import templates
+from .spec.model import ModelConfig, Spec, StepSpec
+from .steps import StepContext, StepResult, get_kind
+
+#: bump when the meaning of cached results changes
+CACHE_VERSION = 1
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+@dataclass
+class StepRecord:
+    """What happened to one step in one run."""
+
+    id: str
+    kind: str
+    status: str = "pending"  # pending | running | completed | cached | failed | skipped
+    seconds: float = 0.0
+    attempts: int = 0
+    output: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: StepFailure | None = None
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run: every step's record, and where to find it in Prefect."""
+
+    spec: str
+    name: str
+    run_id: str
+    steps: list[StepRecord]
+    seconds: float = 0.0
+    flow_run_id: str | None = None
+    api_url: str | None = None
+    record_path: str | None = None
+    error: str | None = None  # a failure outside any step (e.g. the flow crashed)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(s.status in ("completed", "cached") for s in self.steps)
+
+    @property
+    def failure(self) -> StepFailure | None:
+        return next((s.error for s in self.steps if s.error), None)
+
+    def outputs(self) -> dict[str, Any]:
+        return {s.id: s.output for s in self.steps if s.status in ("completed", "cached")}
+
+
+class RunRecorder:
+    """Collects step records and writes the run record after every change.
+
+    The record (JSON under lmflow's home) is rewritten atomically after each
+    step, so a crash or a kill loses nothing that was already computed.
+    """
+
+    def __init__(self, spec: Spec, listener: Listener | None = None):
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.result = RunResult(
+            spec=str(spec.file), name=spec.name, run_id=f"{spec.name}-{stamp}-{os.getpid()}",
+            steps=[StepRecord(s.id, s.kind) for s in spec.steps],
+        )
+        self.path = subdir("runs") / f"{self.result.run_id}.json"
+        self.result.record_path = str(self.path)
+        self.listener = listener
+        self.started = time.perf_counter()
+
+    def record(self, step_id: str) -> StepRecord:
+        return next(s for s in self.result.steps if s.id == step_id)
+
+    def emit(self, event: str, **data: Any) -> None:
+        if self.listener:
+            self.listener(event, data)
+
+    def update(self, step_id: str, **changes: Any) -> None:
+        record = self.record(step_id)
+        for key, value in changes.items():
+            setattr(record, key, value)
+        self.save()
+        if record.status in ("running",):
+            self.emit("step_started", step=record)
+        elif record.status != "pending":
+            self.emit("step_finished", step=record)
+
+    def save(self) -> None:
+        self.result.seconds = round(time.perf_counter() - self.started, 3)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
+        tmp.replace(self.path)
+
+
+class Runtime:
+    """Backends and outputs of one run; executes steps with resolved options."""
+
+    def __init__(self, spec: Spec, recorder: RunRecorder):
+        self.spec = spec
+        self.recorder = recorder
+        self.backends: dict[str, Backend] = {}
+        self.outputs: dict[str, Any] = {}
+
+    # -- backends ---------------------------------------------------------
+
+    def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
+        model = self.spec.models[alias]
+        if model.server not in self.backends:
+            config = self.spec.servers[model.server]
+            self.recorder.emit("backend_starting", server=config.name, backend=config.backend)
+            self.backends[model.server] = create_backend(config, self.spec.dir)
+        return self.backends[model.server], model
+
+    def close(self) -> None:
+        """Stop every engine this run started (also when the run failed)."""
+        while self.backends:
+            _, backend = self.backends.popitem()
+            backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steps ------------------------------------------------------------
+
+    def resolve(self, step: StepSpec) -> dict[str, Any]:
+        context = {"params": self.spec.params,
+                   "steps": {sid: {"output": out} for sid, out in self.outputs.items()}}
+        return templates.render(step.options, context)
+
+    def cache_key(self, step: StepSpec, resolved: dict[str, Any]) -> str:
+        """Hash of everything that changes the step's answer, never of a timestamp."""
+        kind = get_kind(step.kind)
+        models = {}
+        for alias in kind.models(resolved):
+            model = self.spec.models[alias]
+            server = self.spec.servers[model.server]
+            # a local engine's port changes every run; what it serves does not
+            url = None if server.backend == "local" else server.url
+            models[alias] = {**model.identity(), "backend": server.backend, "url": url}
+        material = {
+            "v": CACHE_VERSION, "step": step.id, "kind": step.kind, "options": resolved,
+            "models": models, "extra": kind.cache_material(resolved, self.spec.dir),
+        }
+        digest = hashlib.sha256(canonical_json(material).encode()).hexdigest()
+        return f"lmflow-{step.id}-{digest[:40]}"
+
+    def execute(self, step: StepSpec, options: dict[str, Any]) -> StepResult:
+        """Run one step with resolved options (one attempt)."""
+        record = self.recorder.record(step.id)
+        record.attempts += 1
+        ctx = StepContext(step_id=step.id, spec_dir=self.spec.dir, timeout=step.policy.timeout,
+                          backend_for=self.backend_for,
+                          emit=lambda event, data: self.recorder.emit(event, step=step.id, **data))
+        return get_kind(step.kind).run(options, ctx)
+
+    def failure(self, step: StepSpec, exc: BaseException) -> StepFailure:
+        record = self.recorder.record(step.id)
+        extra = {}
+        if getattr(exc, "url", None):
+            extra["url"] = exc.url
+        for name in ("status", "n_prompt", "n_ctx"):
+            if getattr(exc, name, None) is not None:
+                extra[name] = getattr(exc, name)
+        message = str(exc) if isinstance(exc, LmflowError) else describe(exc)
+        return StepFailure(step=step.id, error_type=type(exc).__name__, message=message,
+                           attempts=max(record.attempts, 1),
+                           retryable=bool(getattr(exc, "retryable", False)), extra=extra)

@@ -1,0 +1,128 @@
+"""The safe template syntax: `${{ params.name }}` and `${{ steps.ID.output.field }}`.
+
+A reference is a dotted path, never evaluated Python. A string that is exactly
+one reference takes the referenced value with its type (a number stays a
+number, an object stays an object); references inside longer text are
+interpolated (objects as JSON). `$${{` writes a literal `${{`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+_TEMPLATE = re.compile(r"(?<!\$)\$\{\{(.*?)\}\}", re.S)
+_SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
+ROOTS = ("params", "steps")
+
+
+class TemplateError(ValueError):
+    """A reference that cannot be parsed or resolved."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One parsed reference such as `steps.ask.output.answer`."""
+
+    root: str
+    parts: tuple[str | int, ...]
+    text: str
+
+    @property
+    def step(self) -> str | None:
+        return str(self.parts[0]) if self.root == "steps" and self.parts else None
+
+    @property
+    def field_path(self) -> tuple[str | int, ...]:
+        """For a step reference, the path inside the step's output."""
+        return self.parts[2:] if self.root == "steps" else ()
+
+
+def parse_ref(expr: str) -> Ref:
+    text = expr.strip()
+    root, _, rest = text.partition(".")
+    root_match = re.fullmatch(r"[A-Za-z_]\w*", root)
+    if not root_match or root not in ROOTS:
+        raise TemplateError(
+            f"unknown reference '{text}': a reference starts with "
+            + " or ".join(f"'{r}.'" for r in ROOTS)
+        )
+    parts: list[str | int] = []
+    tail = "." + rest if rest else ""
+    pos = 0
+    while pos < len(tail):
+        match = _SEGMENT.match(tail, pos)
+        if not match:
+            raise TemplateError(
+                f"cannot parse reference '{text}' at '{tail[pos:]}': use dotted names "
+                "and [index], e.g. steps.ask.output.items[0]"
+            )
+        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+        pos = match.end()
+    if not parts:
+        raise TemplateError(f"incomplete reference '{text}'")
+    if root == "params" and len(parts) != 1:
+        raise TemplateError(f"'{text}': a parameter reference is params.NAME")
+    if root == "steps" and (len(parts) < 2 or parts[1] != "output"):
+        raise TemplateError(f"'{text}': a step reference is steps.ID.output[.field...]")
+    return Ref(root, tuple(parts), text)
+
+
+def iter_templates(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
+    """Yield (path, expression) for every `${{ }}` inside a nested value."""
+    if isinstance(value, str):
+        for match in _TEMPLATE.finditer(value):
+            yield path, match.group(1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from iter_templates(item, path + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from iter_templates(item, path + (i,))
+
+
+def lookup(ref: Ref, context: dict[str, Any]) -> Any:
+    """Resolve one reference in {"params": ..., "steps": {id: {"output": ...}}}."""
+    current: Any = context.get(ref.root, {})
+    walked = ref.root
+    for part in ref.parts:
+        if isinstance(part, int):
+            if not isinstance(current, list) or part >= len(current):
+                size = len(current) if isinstance(current, list) else "not a list"
+                raise TemplateError(f"{ref.text}: {walked} has no item [{part}] ({size})")
+            current = current[part]
+            walked += f"[{part}]"
+        else:
+            if not isinstance(current, dict) or part not in current:
+                keys = ", ".join(map(str, current)) if isinstance(current, dict) else None
+                found = f"keys: {keys}" if keys else f"it is {type(current).__name__}"
+                raise TemplateError(f"{ref.text}: {walked} has no '{part}' ({found})")
+            current = current[part]
+            walked += f".{part}"
+    return current
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render(value: Any, context: dict[str, Any]) -> Any:
+    """Resolve every reference inside a nested value (strings, lists, dicts)."""
+    if isinstance(value, str):
+        whole = _TEMPLATE.fullmatch(value)
+        if whole:
+            return lookup(parse_ref(whole.group(1)), context)
+        rendered = _TEMPLATE.sub(
+            lambda m: _as_text(lookup(parse_ref(m.group(1)), context)), value
+        )
+        return rendered.replace("$${{", "${{")
+    if isinstance(value, dict):
+        return {k: render(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render(v, context) for v in value]
+    return value

@@ -1,0 +1,435 @@
+"""Turn a YAML file into a validated `Spec`, reporting every problem at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from ..errors import Problem, SpecError
+from ..steps import CheckContext, kinds
+from . import templates
+from .hints import suggest as _suggest
+from .loader import Document, PathT, format_path, load_yaml
+from .model import (
+    DEFAULT_SERVER,
+    ModelConfig,
+    Policy,
+    ServerConfig,
+    Spec,
+    StepSpec,
+    parse_duration,
+)
+from .schema import COMMON_STEP_KEYS, spec_schema
+
+DEFAULT_URLS = {"lmstudio": "http://127.0.0.1:1234"}
+_JSON_TYPES = {
+    dict: "object", list: "array", str: "string", bool: "boolean",
+    int: "integer", float: "number", type(None): "null",
+}
+
+
+def _type_name(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(spec_schema())
+
+
+# ---------------------------------------------------------------- schema errors
+
+
+def _schema_problems(doc: Document) -> Iterator[Problem]:
+    for error in _validator().iter_errors(doc.data):
+        yield from _render_schema_error(doc, error)
+
+
+def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Problem]:
+    path: PathT = tuple(err.absolute_path)
+    value = err.instance
+    kind = err.validator
+    if kind == "additionalProperties":
+        allowed = list(err.schema.get("properties", {}))
+        for extra in sorted(set(value) - set(allowed), key=str):
+            hint = _suggest(extra, allowed)
+            if path[:1] == ("steps",) and len(path) == 2:
+                step_kinds = ", ".join(kinds())
+                hint = f"{hint}; step kinds: {step_kinds}" if hint else f"step kinds: {step_kinds}"
+            yield doc.problem(path + (extra,), f"unknown key '{extra}'", hint, key=True)
+    elif kind == "oneOf" and all("required" in s for s in err.validator_value):
+        return  # "exactly one step kind" is reported by _check_steps, more clearly
+    elif kind in ("oneOf", "anyOf"):
+        yield doc.problem(path, f"invalid value {value!r}", err.schema.get("description"))
+    elif kind == "required":
+        missing = err.validator_value
+        for name in missing:
+            if isinstance(value, dict) and name not in value:
+                yield doc.problem(path, f"missing required key '{name}'")
+    elif kind == "type":
+        expected = err.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        yield doc.problem(path, f"expected {expected}, got {_type_name(value)} {value!r}")
+    elif kind == "enum":
+        choices = ", ".join(map(str, err.validator_value))
+        yield doc.problem(path, f"{value!r} is not one of: {choices}", _suggest(value, err.validator_value))
+    elif kind == "const" and path == ("version",):
+        yield doc.problem(path, f"unsupported spec version {value!r}", "this lmflow reads version: 1")
+    elif kind == "pattern":
+        yield doc.problem(path, f"{value!r} does not match {err.validator_value}",
+                          err.schema.get("description")
+                          or "names use letters, digits, '_' and '-' and start with a letter")
+    elif kind == "propertyNames":
+        yield doc.problem(path, err.message, "names use letters, digits, '_' and '-'")
+    else:
+        yield doc.problem(path, err.message)
+
+
+# ---------------------------------------------------------------- semantic checks
+
+
+def _coerce_param(name: str, raw: Any, default: Any) -> Any:
+    """A -p value (text) or a deployment's parameter (typed), checked against the default's type."""
+    if default is None or (isinstance(default, str) and isinstance(raw, str)):
+        return raw
+    if isinstance(raw, str):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"cannot parse {raw!r}: {exc}") from None
+    else:
+        value = raw
+    if isinstance(default, str):
+        raise ValueError(f"expected string, got {_type_name(value)} {value!r}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {raw!r}")
+    elif isinstance(default, int) and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"expected integer, got {raw!r}")
+    elif isinstance(default, float) and (not isinstance(value, (int, float))
+                                         or isinstance(value, bool)):
+        raise ValueError(f"expected number, got {raw!r}")
+    elif isinstance(default, (list, dict)) and not isinstance(value, type(default)):
+        raise ValueError(f"expected {_type_name(default)} (YAML/JSON), got {raw!r}")
+    return value
+
+
+def _params(doc: Document, overrides: dict[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    params = dict(doc.data.get("params") or {}) if isinstance(doc.data.get("params"), dict) else {}
+    for name, raw in overrides.items():
+        if name not in params:
+            problems.append(Problem("command line", None, None, f"-p {name}",
+                                    f"unknown parameter '{name}'",
+                                    _suggest(name, params) or "this spec declares no params"))
+            continue
+        try:
+            params[name] = _coerce_param(name, raw, params[name])
+        except ValueError as exc:
+            problems.append(Problem("command line", None, None, f"-p {name}", str(exc)))
+    return params
+
+
+def _servers(doc: Document, problems: list[Problem]) -> dict[str, ServerConfig]:
+    data = doc.data
+    if "server" in data and "servers" in data:
+        problems.append(doc.problem(("servers",), "give either 'server' or 'servers', not both",
+                                    "use 'servers' with names when the pipeline needs several",
+                                    key=True))
+    raw: dict[str, Any]
+    if isinstance(data.get("servers"), dict):
+        raw = {name: (cfg, ("servers", name)) for name, cfg in data["servers"].items()}
+    elif isinstance(data.get("server"), dict):
+        raw = {DEFAULT_SERVER: (data["server"], ("server",))}
+    else:
+        raw = {DEFAULT_SERVER: ({}, ())}
+    servers = {}
+    for name, (cfg, path) in raw.items():
+        if not isinstance(cfg, dict):
+            continue
+        backend = cfg.get("backend", "local")
+        url = cfg.get("url") or DEFAULT_URLS.get(backend)
+        if backend == "openai" and not url:
+            problems.append(doc.problem(path, "an openai server needs a url",
+                                        "e.g. url: http://127.0.0.1:8080"))
+        if backend == "local" and cfg.get("url"):
+            problems.append(doc.problem(path + ("url",), "a local server has no url: lmflow starts it",
+                                        "use backend: openai to talk to a server you run yourself",
+                                        key=True))
+        try:
+            startup = parse_duration(cfg.get("startup_timeout", 60))
+        except (ValueError, TypeError):
+            startup = 60.0
+        servers[name] = ServerConfig(
+            name=name, backend=backend, url=url, api_key_env=cfg.get("api_key_env"),
+            start=cfg.get("start"), startup_timeout=startup, threads=cfg.get("threads"),
+            parallel=cfg.get("parallel"), args=tuple(cfg.get("args") or ()),
+        )
+    return servers
+
+
+def _models(doc: Document, servers: dict[str, ServerConfig],
+            problems: list[Problem]) -> dict[str, ModelConfig]:
+    from ..backends.catalog import BUNDLED  # light: a table of names
+
+    raw = doc.data.get("models")
+    models: dict[str, ModelConfig] = {}
+    if not isinstance(raw, dict):
+        return models
+    for alias, cfg in raw.items():
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("key"), str):
+            continue
+        server = cfg.get("server", DEFAULT_SERVER)
+        if server not in servers:
+            problems.append(doc.problem(("models", alias, "server"), f"unknown server '{server}'",
+                                        _suggest(server, servers)))
+        elif servers[server].backend == "local" and not cfg.get("path") and cfg["key"] not in BUNDLED:
+            problems.append(doc.problem(
+                ("models", alias, "key"), f"'{cfg['key']}' is not a bundled model",
+                f"bundled: {', '.join(BUNDLED)}; or give path: /path/to/model.gguf"))
+        if cfg.get("path") and not Path(doc.file).parent.joinpath(cfg["path"]).expanduser().exists():
+            problems.append(doc.problem(("models", alias, "path"), f"file not found: {cfg['path']}",
+                                        "paths are relative to the spec's folder"))
+        models[alias] = ModelConfig(
+            alias=alias, key=cfg["key"], server=server, path=cfg.get("path"),
+            context_length=cfg.get("context_length"), options=dict(cfg.get("options") or {}),
+        )
+    return models
+
+
+def _policy(raw: dict[str, Any], base: Policy) -> Policy:
+    def duration(key: str, current: float) -> float:
+        try:
+            return parse_duration(raw[key]) if key in raw else current
+        except (ValueError, TypeError):
+            return current  # already reported by the schema
+
+    cache, ttl = base.cache, base.cache_ttl
+    if isinstance(raw.get("cache"), bool):
+        cache = raw["cache"]
+    elif isinstance(raw.get("cache"), dict):
+        cache = True
+        try:
+            ttl = parse_duration(raw["cache"]["ttl"]) if "ttl" in raw["cache"] else ttl
+        except (ValueError, TypeError):
+            pass  # already reported by the schema
+    retries = raw.get("retries", base.retries)
+    backoff = raw.get("backoff", base.backoff)
+    return Policy(
+        retries=retries if isinstance(retries, int) else base.retries,
+        retry_delay=duration("retry_delay", base.retry_delay),
+        backoff=float(backoff) if isinstance(backoff, (int, float)) else base.backoff,
+        timeout=duration("timeout", base.timeout),
+        cache=cache,
+        cache_ttl=ttl,
+    )
+
+
+def _field_problem(schema: dict[str, Any] | None, field_path: tuple) -> str | None:
+    """Why `field_path` cannot exist in an output with this schema (None if it can)."""
+    walked = "output"
+    for part in field_path:
+        if not isinstance(schema, dict):
+            return None
+        if isinstance(part, int):
+            if schema.get("type") not in (None, "array"):
+                return f"{walked} is {schema.get('type')}, not a list"
+            schema = schema.get("items")
+        else:
+            props = schema.get("properties")
+            if schema.get("type") not in (None, "object"):
+                return f"{walked} is {schema.get('type')}, it has no field '{part}'"
+            if props is not None and part not in props and not schema.get("additionalProperties"):
+                hint = _suggest(part, props)
+                return f"{walked} has no field '{part}' in its response_schema ({hint})"
+            schema = (props or {}).get(part)
+        walked += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return None
+
+
+def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
+                 models: dict[str, ModelConfig], defaults: Policy,
+                 problems: list[Problem]) -> list[StepSpec]:
+    registered = kinds()
+    raw_steps = doc.data.get("steps")
+    if not isinstance(raw_steps, list):
+        return []
+    ids = [s.get("id") for s in raw_steps if isinstance(s, dict)]
+    seen: set[str] = set()
+    parsed: list[tuple[int, dict, str, dict]] = []
+    for i, raw in enumerate(raw_steps):
+        if not isinstance(raw, dict):
+            continue
+        step_id = raw.get("id")
+        if isinstance(step_id, str):
+            if step_id in seen:
+                problems.append(doc.problem(("steps", i, "id"), f"duplicate step id '{step_id}'",
+                                            "step ids must be unique"))
+            seen.add(step_id)
+        present = [k for k in raw if k in registered]
+        if len(present) != 1:
+            if len(present) > 1:
+                problems.append(doc.problem(("steps", i, present[1]),
+                                            f"a step has one kind, found {', '.join(present)}",
+                                            "split it into several steps", key=True))
+            elif not [k for k in raw if k not in COMMON_STEP_KEYS]:
+                problems.append(doc.problem(("steps", i), "step has no kind",
+                                            f"add one of: {', '.join(registered)}"))
+            continue
+        kind = present[0]
+        options = raw[kind]
+        if not isinstance(options, dict) or not isinstance(step_id, str):
+            continue
+        parsed.append((i, raw, kind, options))
+
+    # options that failed the schema are not prepared (their templates are not checked)
+    broken = {p.path for p in problems}
+
+    def schema_ok(i: int, kind: str) -> bool:
+        prefix = f"steps[{i}].{kind}"
+        return not any(b == prefix or b.startswith(prefix + ".") for b in broken)
+
+    spec_ids = {s for s in ids if isinstance(s, str)}
+    output_schemas: dict[str, dict | None] = {}
+    prepared: dict[str, dict] = {}
+    for i, raw, kind_name, options in parsed:
+        kind = registered[kind_name]
+
+        def problem(sub: PathT, message: str, hint: str | None = None, *, key: bool = False,
+                    _i: int = i, _k: str = kind_name) -> Problem:
+            return doc.problem(("steps", _i, _k) + tuple(sub), message, hint, key=key)
+
+        ctx = CheckContext(spec_dir=spec_dir, model_aliases=tuple(models), problem=problem)
+        kind_problems = list(kind.check(options, ctx))
+        problems.extend(kind_problems)
+        if kind_problems or not schema_ok(i, kind_name):
+            continue
+        prepared[raw["id"]] = kind.prepare(options, spec_dir)
+        output_schemas[raw["id"]] = kind.output_schema(prepared[raw["id"]], spec_dir)
+
+    deps: dict[str, list[str]] = {}
+    for i, raw, kind_name, _options in parsed:
+        step_id = raw["id"]
+        deps[step_id] = []
+        for sub, expr in templates.iter_templates(prepared.get(step_id, {})):
+            path = ("steps", i, kind_name) + sub
+            try:
+                ref = templates.parse_ref(expr)
+            except templates.TemplateError as exc:
+                problems.append(doc.problem(path, str(exc)))
+                continue
+            if ref.root == "params" and ref.parts[0] not in params:
+                problems.append(doc.problem(path, f"unknown parameter '{ref.parts[0]}'",
+                                            _suggest(ref.parts[0], params) or "declare it under params"))
+            elif ref.root == "steps":
+                target = ref.step
+                if target == step_id:
+                    problems.append(doc.problem(path, f"step '{step_id}' refers to its own output"))
+                elif target not in spec_ids:
+                    problems.append(doc.problem(path, f"unknown step '{target}'",
+                                                _suggest(target, spec_ids - {step_id})))
+                else:
+                    if target not in deps[step_id]:
+                        deps[step_id].append(target)
+                    why = _field_problem(output_schemas.get(target), ref.field_path)
+                    if why:
+                        problems.append(doc.problem(path, f"{ref.text}: {why}"))
+
+    order = _order(doc, parsed, deps, problems)
+    steps = []
+    for i, raw, kind_name, _options in parsed:
+        if raw["id"] not in prepared:
+            continue
+        steps.append(StepSpec(
+            id=raw["id"], kind=kind_name, options=prepared[raw["id"]],
+            policy=_policy(raw, defaults), index=i, description=raw.get("description"),
+            depends_on=tuple(deps.get(raw["id"], ())),
+        ))
+    by_id = {s.id: s for s in steps}
+    return [by_id[s] for s in order if s in by_id]
+
+
+def _order(doc: Document, parsed: list, deps: dict[str, list[str]],
+           problems: list[Problem]) -> list[str]:
+    """Topological order that keeps the written order where dependencies allow; finds cycles."""
+    index = {raw["id"]: i for i, raw, _k, _o in parsed}
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+    order: list[str] = []
+    reported: set[frozenset] = set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            cycle = stack[stack.index(node):] + [node]
+            key = frozenset(cycle)
+            if key not in reported:
+                reported.add(key)
+                problems.append(doc.problem(("steps", index[node], "id"),
+                                            "dependency cycle: " + " -> ".join(cycle),
+                                            "each step uses the output of the next one: break the cycle"))
+            return
+        state[node] = 1
+        for dep in deps.get(node, ()):
+            if dep in index:
+                visit(dep, stack + [node])
+        state[node] = 2
+        order.append(node)
+
+    for _i, raw, _k, _o in parsed:
+        visit(raw["id"], [])
+    return order
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
+    """Load and validate a spec; raise SpecError listing every problem found."""
+    path = Path(path)
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise SpecError([doc.problem((), "a spec is a mapping with version, name and steps",
+                                     "see examples/quickstart.yaml")])
+    problems = list(_schema_problems(doc))
+    params_values = _params(doc, params or {}, problems)
+    servers = _servers(doc, problems)
+    models = _models(doc, servers, problems)
+    defaults = _policy(doc.data.get("defaults") if isinstance(doc.data.get("defaults"), dict) else {},
+                       Policy())
+    steps = _check_steps(doc, path.resolve().parent, params_values, models, defaults, problems)
+    if problems:
+        raise SpecError(_dedupe(problems))
+    return Spec(
+        file=path.resolve(), name=doc.data["name"], version=doc.data["version"],
+        description=doc.data.get("description"), params=params_values, servers=servers,
+        models=models, defaults=defaults, steps=steps,
+    )
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def validate_files(paths: Iterable[str | Path]) -> list[Problem]:
+    """Every problem in every file (an empty list means all are valid)."""
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            load_spec(path)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    return problems
+
+
+__all__ = ["format_path", "load_spec", "validate_files"]

@@ -1,0 +1,83 @@
+"""The Step abstraction: a kind name, an options schema, and one `run` method.
+
+A step kind is one module. Built-in kinds are registered exactly like a
+user's own: through the `lmflow.steps` entry-point group (see pyproject.toml),
+or by calling `register()` before a spec is loaded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..errors import Problem
+    from ..spec.model import ModelConfig
+
+
+@dataclass
+class CheckContext:
+    """What a kind may look at while a spec is validated (no servers, no Prefect)."""
+
+    spec_dir: Path
+    model_aliases: tuple[str, ...]
+    problem: Callable[..., Problem]  # problem(path_in_step_options, message, hint=None)
+
+
+@dataclass
+class StepResult:
+    """A step's output and what is worth knowing about how it was produced."""
+
+    output: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What a running step gets: its id, its timeout and access to backends."""
+
+    step_id: str
+    spec_dir: Path
+    timeout: float
+    backend_for: Callable[[str], tuple[Backend, ModelConfig]]
+    emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+
+
+class Step(ABC):
+    """One kind of step."""
+
+    kind: ClassVar[str]
+    summary: ClassVar[str] = ""
+    options_schema: ClassVar[dict[str, Any]]
+
+    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterable[Problem]:
+        """Problems that the JSON Schema cannot see (files, model aliases)."""
+        return ()
+
+    def prepare(self, options: dict[str, Any], spec_dir: Path) -> dict[str, Any]:
+        """Inline what the options point at (template files, schema files) before a run.
+
+        The result is what the cache key is computed from, so a changed prompt
+        file is a changed step.
+        """
+        return options
+
+    def models(self, options: dict[str, Any]) -> list[str]:
+        """Model aliases the step uses."""
+        return []
+
+    def output_schema(self, options: dict[str, Any], spec_dir: Path) -> dict[str, Any] | None:
+        """JSON Schema of the output when known, so references to fields can be checked."""
+        return None
+
+    def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
+        """Extra data that changes the answer and is not in the options (file hashes)."""
+        return None
+
+    @abstractmethod
+    def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
+        """Run with fully resolved options."""

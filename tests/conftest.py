@@ -1,0 +1,95 @@
+"""Shared fixtures: isolated homes, a real llama-server engine, a real Prefect server.
+
+Every process lmflow or these fixtures start is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def engine_available() -> bool:
+    try:
+        from lmflow.backends.catalog import llama_server_binary, locate
+
+        llama_server_binary()
+        locate("smollm2-135m-instruct", Path("/nonexistent"))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One LMFLOW_HOME/PREFECT_HOME for the session (Prefect server state lives there)."""
+    home = tmp_path_factory.mktemp("lmflow-home")
+    os.environ["LMFLOW_HOME"] = str(home / "lmflow")
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
+    os.environ["DO_NOT_TRACK"] = "1"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.pop("PREFECT_API_URL", None)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(session_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own run records and engine logs (the Prefect server is shared)."""
+    monkeypatch.setenv("LMFLOW_HOME", str(session_home / "lmflow"))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_api(session_home: Path) -> Iterator[str]:
+    """A real Prefect server started the way users start it: `lmflow server start`."""
+    from lmflow import prefect_server
+
+    state = prefect_server.start()
+    try:
+        yield state.url
+    finally:
+        prefect_server.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(session_home: Path) -> Iterator[object]:
+    """A real llama-server with SmolLM2-135M, started once per session by LocalBackend."""
+    if not engine_available():
+        pytest.fail("the local engine is not installed: run `make install-dev`")
+    from lmflow.backends.local import LocalBackend
+    from lmflow.spec.model import ModelConfig, ServerConfig
+
+    backend = LocalBackend(ServerConfig(name="default"))
+    model = ModelConfig(alias="smol", key="smollm2-135m-instruct", context_length=1024)
+    backend.load(model)
+    try:
+        yield backend, model
+    finally:
+        backend.close()
+
+
+def lmflow_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
+               cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run the installed `lmflow` command for real."""
+    return subprocess.run([str(BIN / "lmflow"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
