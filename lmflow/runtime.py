@@ -149,9 +149,20 @@ class Runtime:
     # -- steps ------------------------------------------------------------
 
     def resolve(self, step: StepSpec) -> dict[str, Any]:
+        """The step's options with every reference replaced, checked against the kind's schema."""
+        from jsonschema import Draft202012Validator
+
         context = {"params": self.spec.params,
                    "steps": {sid: {"output": out} for sid, out in self.outputs.items()}}
-        return templates.render(step.options, context)
+        options = templates.render(step.options, context)
+        schema = get_kind(step.kind).options_schema
+        error = next(iter(Draft202012Validator(schema).iter_errors(options)), None)
+        if error is not None:
+            where = ".".join([step.kind, *map(str, error.absolute_path)])
+            raise templates.TemplateError(
+                f"{where}: {error.message} (after resolving references; fix the referenced "
+                "value or the step)")
+        return options
 
     def cache_key(self, step: StepSpec, resolved: dict[str, Any]) -> str:
         """Hash of everything that changes the step's answer, never of a timestamp."""

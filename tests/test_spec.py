@@ -120,7 +120,7 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "spec.yaml:5:54: models.smol.context_length: expected integer, got string 'big'",
         "spec.yaml:6:21: defaults.retries: -1 is less than the minimum of 0",
         "spec.yaml:6:34: defaults.timeout: invalid value 'soon' (Seconds as a number, or a "
-        "string such as 500ms, 30s, 5m, 1h.)",
+        "string such as 500ms, 30s, 5m, 1h, 1d.)",
         "spec.yaml:10:7: steps[0].prompt: a prompt needs a user message "
         "(add user: ... or messages: [...])",
         "spec.yaml:10:14: steps[0].prompt.model: unknown model 'smoll' (did you mean 'smol'?)",

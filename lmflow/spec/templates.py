@@ -71,6 +71,11 @@ def parse_ref(expr: str) -> Ref:
     return Ref(root, tuple(parts), text)
 
 
+def is_whole_reference(value: str) -> bool:
+    """True for a string that is exactly one `${{ }}` (it takes the value's type)."""
+    return _TEMPLATE.fullmatch(value.strip()) is not None
+
+
 def iter_templates(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
     """Yield (path, expression) for every `${{ }}` inside a nested value."""
     if isinstance(value, str):

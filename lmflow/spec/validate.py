@@ -48,7 +48,13 @@ def _validator() -> Draft202012Validator:
 
 def _schema_problems(doc: Document) -> Iterator[Problem]:
     for error in _validator().iter_errors(doc.data):
+        if _is_reference(error.instance):
+            continue  # `max_tokens: ${{ params.n }}`: its type is checked once resolved
         yield from _render_schema_error(doc, error)
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, str) and templates.is_whole_reference(value)
 
 
 def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Problem]:

@@ -1,0 +1,79 @@
+"""The `lmflow` command: exit codes and messages, pinned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmflow.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, "validate", str(ROOT / "examples/quickstart.yaml"),
+                         str(ROOT / "specs/extract-ticket.yaml"))
+    assert (code, out, err) == (0, "ok: 2 specs valid\n", "")
+
+
+def test_validate_reports_all_files_and_exits_2(capsys, tmp_path: Path) -> None:
+    a = tmp_path / "a.yaml"
+    a.write_text("version: 1\nname: a\nsteps:\n  - id: x\n    python: {function: m:f, arg: 1}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("version: 1\nname: [b\n")
+    code, out, err = cli(capsys, "validate", str(a), str(b), str(tmp_path / "missing.yaml"))
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        f"{a}:5:24: steps[0].python.function: module 'm' not found (put it next to the spec or install it)",
+        f"{a}:5:29: steps[0].python.arg: unknown key 'arg' (did you mean 'args'?)",
+        f"{b}:3:1: <document>: YAML syntax error: while parsing a flow sequence expected ',' "
+        "or ']', but got '<stream end>' (fix the YAML syntax)",
+        f"{tmp_path / 'missing.yaml'}: <document>: file not found (check the path)",
+        "4 problems found",
+    ]
+    assert "Traceback" not in err
+
+
+def test_bad_param_syntax(capsys) -> None:
+    code, _, err = cli(capsys, "plan", str(ROOT / "examples/quickstart.yaml"), "-p", "topic")
+    assert code == 2
+    assert err.splitlines()[0] == "command line: -p topic: expected name=value (e.g. -p generations=10)"
+
+
+def test_plan_shows_order_dependencies_and_policies(capsys) -> None:
+    code, out, _ = cli(capsys, "plan", str(ROOT / "examples/quickstart.yaml"), "-p", "topic=sea")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1] == "params: topic='sea'"
+    assert "  3. stats [python] helpers:text_stats after fact, classify" in lines
+    assert "     retries 1, timeout 60s, cache on" in lines
+
+
+def test_schema_is_valid_json_schema_and_matches_the_shipped_copy(capsys) -> None:
+    from jsonschema import Draft202012Validator
+
+    code, out, _ = cli(capsys, "schema")
+    assert code == 0
+    schema = json.loads(out)
+    Draft202012Validator.check_schema(schema)
+    assert set(schema["$defs"]["step"]["properties"]) >= {"prompt", "python", "id", "retries"}
+    shipped = json.loads((ROOT / "schema/lmflow-spec-v1.json").read_text())
+    assert schema == shipped, "run `lmflow schema > schema/lmflow-spec-v1.json`"
+
+
+def test_unknown_command_is_a_usage_error(capsys) -> None:
+    code, _, err = cli(capsys, "frobnicate")
+    assert code == 2
+    assert "No such command 'frobnicate'" in err

@@ -1,0 +1,126 @@
+"""The OpenAI-compatible client: requests it sends and how it classifies failures.
+
+Server answers are scripted at the httpx transport seam; connection refused is real.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from lmflow.backends.base import ChatRequest
+from lmflow.backends.local import free_port
+from lmflow.backends.openai import OpenAIClient, base_url
+from lmflow.errors import (
+    BackendHTTPError,
+    BackendTimeout,
+    BackendUnreachable,
+    ContextOverflow,
+    ModelNotFound,
+)
+from lmflow.spec.model import ModelConfig
+
+MODEL = ModelConfig(alias="m", key="qwen-7b")
+
+
+def client(handler) -> OpenAIClient:
+    return OpenAIClient("http://127.0.0.1:9/v1/", transport=httpx.MockTransport(handler))
+
+
+def answer(content: str, **extra) -> httpx.Response:
+    return httpx.Response(200, json={
+        "model": "qwen-7b", "choices": [{"message": {"content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 3}, **extra})
+
+
+def test_base_url_accepts_v1_and_slashes() -> None:
+    assert base_url("http://h:1/v1/") == base_url("http://h:1") == "http://h:1"
+
+
+def test_chat_sends_schema_and_sampling_and_reads_usage() -> None:
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["path"] = request.url.path
+        seen["body"] = json.loads(request.content)
+        return answer('{"a": 1}')
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    response = client(handler).chat(ChatRequest(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}],
+        sampling={"temperature": 0, "max_tokens": 5, "seed": None}, response_schema=schema))
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["body"]["model"] == "qwen-7b"
+    assert seen["body"]["temperature"] == 0 and "seed" not in seen["body"]
+    assert seen["body"]["response_format"]["json_schema"]["schema"] == schema
+    assert (response.text, response.prompt_tokens, response.completion_tokens) == ('{"a": 1}', 11, 3)
+
+
+def test_llama_cpp_context_overflow() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {
+            "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": 5000,
+            "n_ctx": 4096, "message": "the request exceeds the available context size"}})
+
+    with pytest.raises(ContextOverflow) as info:
+        client(handler).chat(ChatRequest(model=MODEL, messages=[]))
+    assert (info.value.n_prompt, info.value.n_ctx) == (5000, 4096)
+    assert not info.value.retryable
+    assert str(info.value) == (
+        "context overflow at http://127.0.0.1:9: 5000 tokens sent, the loaded context holds "
+        "4096: shorten the prompt or load the model with a larger context_length")
+
+
+def test_openai_style_context_overflow() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {
+            "code": "context_length_exceeded", "type": "invalid_request_error",
+            "message": "This model's maximum context length is 8192 tokens. However, your "
+                       "messages resulted in 9001 tokens."}})
+
+    with pytest.raises(ContextOverflow) as info:
+        client(handler).chat(ChatRequest(model=MODEL, messages=[]))
+    assert (info.value.n_prompt, info.value.n_ctx) == (9001, 8192)
+
+
+def test_unknown_model_is_not_retryable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": {"message": "model 'qwen-7b' not found"}})
+
+    with pytest.raises(ModelNotFound) as info:
+        client(handler).chat(ChatRequest(model=MODEL, messages=[]))
+    assert not info.value.retryable
+    assert "lmflow models --server URL" in str(info.value)
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(500, True), (503, True), (400, False), (401, False)])
+def test_http_errors_are_retryable_only_when_they_can_heal(status: int, retryable: bool) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json={"error": {"message": "nope"}})
+
+    with pytest.raises(BackendHTTPError) as info:
+        client(handler).chat(ChatRequest(model=MODEL, messages=[]))
+    assert info.value.retryable is retryable
+    assert info.value.status == status
+
+
+def test_timeout_is_classified() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    with pytest.raises(BackendTimeout) as info:
+        client(handler).chat(ChatRequest(model=MODEL, messages=[], timeout=2.5))
+    assert info.value.retryable
+    assert "within 2.5s" in str(info.value)
+
+
+def test_connection_refused_for_real() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(BackendUnreachable) as info:
+        OpenAIClient(f"http://127.0.0.1:{port}", start_hint="start it with `lms server start`").chat(
+            ChatRequest(model=MODEL, messages=[]))
+    assert info.value.retryable
+    assert str(info.value).startswith(f"cannot reach http://127.0.0.1:{port} (ConnectError")
+    assert str(info.value).endswith("start it with `lms server start`")

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+
+from lmflow.spec.templates import TemplateError, parse_ref, render
+
+CONTEXT = {"params": {"n": 3, "topic": "moon"},
+           "steps": {"a": {"output": {"items": [{"x": 1}], "name": "Ada"}}, "b": {"output": "text"}}}
+
+
+def test_whole_reference_keeps_its_type() -> None:
+    assert render("${{ params.n }}", CONTEXT) == 3
+    assert render("${{ steps.a.output.items[0] }}", CONTEXT) == {"x": 1}
+
+
+def test_interpolation_turns_values_into_text() -> None:
+    assert render("n=${{params.n}} of ${{ steps.a.output.items }}", CONTEXT) == 'n=3 of [{"x": 1}]'
+
+
+def test_nested_values_and_escape() -> None:
+    assert render({"a": ["${{ steps.b.output }}", "$${{ literal }}"]}, CONTEXT) == {
+        "a": ["text", "${{ literal }}"]}
+
+
+def test_missing_field_says_what_exists() -> None:
+    with pytest.raises(TemplateError, match=r"steps.a.output has no 'nme' \(keys: items, name\)"):
+        render("${{ steps.a.output.nme }}", CONTEXT)
+    with pytest.raises(TemplateError, match=r"has no item \[5\] \(1\)"):
+        render("${{ steps.a.output.items[5] }}", CONTEXT)
+
+
+@pytest.mark.parametrize("expr", ["os.system('x')", "params", "params.a.b", "steps.a",
+                                  "steps.a.result", "params.n + 1", "__import__('os')"])
+def test_anything_but_a_dotted_reference_is_rejected(expr: str) -> None:
+    with pytest.raises(TemplateError):
+        parse_ref(expr)
