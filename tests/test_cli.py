@@ -38,8 +38,8 @@ def test_validate_reports_all_files_and_exits_2(capsys, tmp_path: Path) -> None:
     assert err.splitlines() == [
         f"{a}:5:24: steps[0].python.function: module 'm' not found (put it next to the spec or install it)",
         f"{a}:5:29: steps[0].python.arg: unknown key 'arg' (did you mean 'args'?)",
-        f"{b}:3:1: <document>: YAML syntax error: while parsing a flow sequence expected ',' "
-        "or ']', but got '<stream end>' (fix the YAML syntax)",
+        f"{b}:3:1: <document>: YAML syntax error: while parsing a flow sequence did not find "
+        "expected ',' or ']' (fix the YAML syntax)",
         f"{tmp_path / 'missing.yaml'}: <document>: file not found (check the path)",
         "4 problems found",
     ]
