@@ -1,0 +1,204 @@
+"""`lmflow run` end to end: real lmflow processes, a real Prefect server, a real llama-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import BIN, ROOT, lmflow_cmd, wait_for
+
+pytestmark = [pytest.mark.engine, pytest.mark.prefect, pytest.mark.slow]
+
+
+def engines_with_alias(alias: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if (cmd and cmd[0].endswith("llama-server") and alias in cmd
+                and proc.info["status"] != psutil.STATUS_ZOMBIE):
+            found.append(proc)
+    return found
+
+
+HELPERS = """\
+import time
+
+
+def add(a, b):
+    return a + b
+
+
+def wait(seconds):
+    time.sleep(seconds)
+    return seconds
+"""
+
+
+def write_spec(folder: Path, body: str, name: str = "t") -> Path:
+    (folder / "helpers.py").write_text(HELPERS)
+    path = folder / f"{name}.yaml"
+    path.write_text(f"version: 1\nname: {name}\n" + textwrap.dedent(body))
+    return path
+
+
+def test_quickstart_runs_then_reuses_its_cache(prefect_api: str) -> None:
+    first = lmflow_cmd("run", "examples/quickstart.yaml", "-p", "topic=the sea")
+    assert first.returncode == 0, first.stderr
+    assert "on Prefect server http://127.0.0.1:" in first.stderr
+    rows = {line.split()[0]: line.split() for line in first.stdout.splitlines()[2:5]}
+    assert [rows[s][2] for s in ("fact", "classify", "stats")] == ["completed"] * 3
+    assert "Traceback" not in first.stderr and "| INFO" not in first.stderr
+    record_line = next(x for x in first.stdout.splitlines() if x.startswith("run record: "))
+    record = json.loads(Path(record_line.removeprefix("run record: ")).read_text())
+    stats = record["steps"][2]["output"]
+    assert stats["sentiment"] in ("positive", "neutral", "negative")
+    assert stats["words"] == len(record["steps"][0]["output"].split())
+    assert engines_with_alias("smol") == []  # the engine it started is gone
+
+    second = lmflow_cmd("run", "examples/quickstart.yaml", "-p", "topic=the sea", "--json")
+    assert second.returncode == 0, second.stderr
+    result = json.loads(second.stdout)
+    assert [s["status"] for s in result["steps"]] == ["cached"] * 3
+    assert [s["output"] for s in result["steps"]] == [s["output"] for s in record["steps"]]
+
+    # the run is in Prefect: a flow named after the spec, one task run per step id
+    flow_run = httpx.get(f"{prefect_api}/flow_runs/{result['flow_run_id']}").json()
+    flow = httpx.get(f"{prefect_api}/flows/{flow_run['flow_id']}").json()
+    assert flow["name"] == "quickstart"
+    assert flow_run["state"]["type"] == "COMPLETED"
+    tasks = wait_for(lambda: (r := httpx.post(
+        f"{prefect_api}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 3 and r,
+        timeout=15)
+    assert tasks, "task runs did not reach the Prefect server"
+    assert sorted(t["name"].rsplit("-", 1)[0] for t in tasks) == ["classify", "fact", "stats"]
+
+
+def test_changed_param_recomputes_only_what_depends_on_it(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        params: {a: 1, b: 2}
+        steps:
+          - id: one
+            python: {function: "helpers:add", args: {a: "${{ params.a }}", b: 10}}
+          - id: two
+            python: {function: "helpers:add", args: {a: "${{ params.b }}", b: 10}}
+    """, name="partial")
+    first = lmflow_cmd("run", str(spec), "--json")
+    assert first.returncode == 0, first.stderr
+    again = json.loads(lmflow_cmd("run", str(spec), "-p", "b=5", "--json").stdout)
+    assert [(s["status"], s["output"]) for s in again["steps"]] == [("cached", 11), ("completed", 15)]
+
+
+def test_unreachable_server_fails_the_step_after_retries(prefect_api: str, tmp_path: Path) -> None:
+    from lmflow.backends.local import free_port
+
+    port = free_port()
+    spec = write_spec(tmp_path, f"""\
+        server: {{backend: openai, url: "http://127.0.0.1:{port}", start: lms server start}}
+        models: {{m: {{key: some-model}}}}
+        defaults: {{retries: 2, retry_delay: 0.1s, cache: false}}
+        steps:
+          - id: ask
+            prompt: {{model: m, user: hi}}
+          - id: after
+            python: {{function: "helpers:add", args: {{a: 1, b: 1}}}}
+    """, name="down")
+    out = lmflow_cmd("run", str(spec))
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        f"error: step 'ask' failed after 3 attempts: cannot reach http://127.0.0.1:{port} "
+        f"(ConnectError: [Errno 111] Connection refused): start it with `lms server start`")
+    assert [line.split()[2] for line in out.stdout.splitlines()[2:4]] == ["failed", "skipped"]
+    assert "Traceback" not in out.stderr
+
+
+def test_errors_that_cannot_heal_are_not_retried(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        models: {smol: {key: smollm2-135m-instruct, context_length: 256}}
+        defaults: {retries: 3, retry_delay: 0.1s}
+        steps:
+          - id: big
+            prompt: {model: smol, user: "${{ params.text }}", max_tokens: 5}
+        params: {text: ""}
+    """, name="overflow")
+    out = lmflow_cmd("run", str(spec), "-p", "text=" + "word " * 400)
+    assert out.returncode == 1
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("error: step 'big' failed: context overflow at http://127.0.0.1:")
+    assert "the loaded context holds 256: shorten the prompt" in last
+
+
+def test_user_code_error_names_the_place(prefect_api: str, tmp_path: Path) -> None:
+    (tmp_path / "mine.py").write_text("def boom(x):\n    return 1 / x\n")
+    spec = write_spec(tmp_path, """\
+        steps:
+          - id: divide
+            python: {function: "mine:boom", args: {x: 0}}
+    """, name="boom")
+    out = lmflow_cmd("run", str(spec))
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        "error: step 'divide' failed: mine:boom raised ZeroDivisionError: division by zero "
+        f"at {tmp_path / 'mine.py'}:2")
+
+
+SLOW = """\
+    models: {{{alias}: {{key: smollm2-135m-instruct, context_length: 512}}}}
+    defaults: {{cache: false}}
+    steps:
+      - id: warm
+        prompt: {{model: {alias}, user: "Say hi.", max_tokens: 4}}
+      - id: wait
+        python: {{function: "helpers:wait", args: {{seconds: 120}}}}
+"""
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGKILL, -9), (signal.SIGTERM, 143),
+                                           (signal.SIGINT, 130)])
+def test_killed_run_leaves_no_engine_behind(prefect_api: str, tmp_path: Path,
+                                            sig: int, code: int) -> None:
+    alias = f"kill{int(sig)}"
+    spec = write_spec(tmp_path, SLOW.format(alias=alias), name=f"kill{int(sig)}")
+    proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        assert wait_for(lambda: engines_with_alias(alias), timeout=60), "engine never started"
+        # wait until the prompt step is done and the run sits in the sleeping step
+        records = Path(os.environ["LMFLOW_HOME"]) / "runs"
+        assert wait_for(lambda: any('"status": "running"' in p.read_text() and '"id": "wait"' in p.read_text()
+                                    and '"completed"' in p.read_text()
+                                    for p in records.glob(f"kill{int(sig)}-*.json")), timeout=60)
+        proc.send_signal(sig)
+        assert proc.wait(30) == code
+        assert wait_for(lambda: not engines_with_alias(alias), timeout=10), "llama-server outlived lmflow"
+        record = json.loads(next(records.glob(f"kill{int(sig)}-*.json")).read_text())
+        assert record["steps"][0]["status"] == "completed"  # what was done is kept
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for orphan in engines_with_alias(alias):
+            orphan.kill()
+
+
+def test_without_a_server_lmflow_uses_a_temporary_one(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        steps:
+          - id: one
+            python: {function: "helpers:add", args: {a: 1, b: 2}}
+    """, name="temp")
+    env = {"LMFLOW_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    started = time.monotonic()
+    out = lmflow_cmd("run", str(spec), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Prefect's temporary server" in out.stderr
+    assert "one  " in out.stdout and "completed" in out.stdout
+    assert time.monotonic() - started < 120
