@@ -23,14 +23,20 @@ __all__ = [
 
 def run(spec_path: Any, params: dict[str, Any] | None = None, **options: Any) -> RunResult:
     """Validate, compile to a Prefect flow and run a spec (see `lmflow.compile.run`)."""
-    from .prefect_server import configure_environment
+    from contextlib import nullcontext
+
+    from .prefect_server import configure_environment, temporary_server
 
     load_spec(spec_path, params)  # spec errors cost nothing: no Prefect import yet
     # Prefect reads its settings when it is imported: configure first
-    configure_environment(options.get("verbose", False))
-    from .compile import run as _run
+    choice = configure_environment(options.get("verbose", False))
+    listener = options.get("listener")
+    if choice.url is None and listener:
+        listener("temporary_server_starting", {})
+    with temporary_server() if choice.url is None else nullcontext():
+        from .compile import run as _run
 
-    return _run(spec_path, params, **options)
+        return _run(spec_path, params, **options)
 
 
 def __getattr__(name: str) -> Any:

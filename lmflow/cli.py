@@ -77,10 +77,12 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
     def listen(event: str, data: dict[str, Any]) -> None:
         if as_json:
             return
-        if event == "run_starting":
+        if event == "temporary_server_starting":
+            click.echo("lmflow: starting a temporary Prefect server for this run (10-20 s; "
+                       "`lmflow server start` keeps one running)", err=True)
+        elif event == "run_starting":
             api = data["api"]
-            where = {"temporary": "Prefect's temporary server (start one with `lmflow server start` "
-                                  "to save ~8 s per run)",
+            where = {"temporary": "the temporary Prefect server",
                      "lmflow server": f"Prefect server {api.url}",
                      "PREFECT_API_URL": f"Prefect API {api.url}"}[api.source]
             click.echo(f"lmflow: running {data['spec'].name} ({len(data['spec'].steps)} steps) on {where}",
@@ -129,7 +131,10 @@ def server_stop() -> None:
     from . import prefect_server
 
     state = prefect_server.stop()
-    click.echo(f"stopped Prefect server (pid {state.pid})" if state else "no lmflow Prefect server is running")
+    if state:
+        click.echo(f"stopped Prefect server (pid {state.pid})")
+    else:
+        click.echo("no lmflow Prefect server is running")
 
 
 @server.command("status")

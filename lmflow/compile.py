@@ -113,6 +113,15 @@ def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
     return failure
 
 
+def _drain(timeout: float = 10.0) -> None:
+    """Send queued logs and events (task run states) before the API may go away."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
+
+
 def run(spec_path: str | Path, params: dict[str, Any] | None = None, *,
         refresh_cache: bool = False, listener: Listener | None = None,
         verbose: bool = False) -> RunResult:
@@ -131,5 +140,6 @@ def run(spec_path: str | Path, params: dict[str, Any] | None = None, *,
     finally:
         _RECORDER.reset(token)
         recorder.save()
+        _drain()
     recorder.emit("run_finished", result=recorder.result)
     return recorder.result

@@ -14,12 +14,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 
+from . import processes
 from .errors import PrefectServerError
 from .home import subdir
 
@@ -111,8 +114,7 @@ def start(port: int | None = None, timeout: float = 90.0) -> ServerState:
     env.pop("PREFECT_API_URL", None)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port)],
+            _server_command(port),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # outlives `lmflow server start` on purpose
         )
@@ -159,7 +161,7 @@ def stop(grace: float = 10.0) -> ServerState | None:
 
 @dataclass
 class ApiChoice:
-    url: str | None  # None: Prefect's temporary server
+    url: str | None  # None: a temporary server for this run only
     source: str  # "PREFECT_API_URL" | "lmflow server" | "temporary"
 
 
@@ -172,9 +174,16 @@ def choose_api() -> ApiChoice:
     return ApiChoice(None, "temporary")
 
 
+_configured: ApiChoice | None = None
+
+
 def configure_environment(verbose: bool = False) -> ApiChoice:
-    """Set Prefect's environment before Prefect is imported; returns the API chosen."""
+    """Set Prefect's environment before Prefect is imported; returns the API chosen (once)."""
     from .home import home
+
+    global _configured
+    if _configured is not None:
+        return _configured
 
     for key, value in QUIET.items():
         if verbose and key == "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL":
@@ -184,7 +193,43 @@ def configure_environment(verbose: bool = False) -> ApiChoice:
     choice = choose_api()
     if choice.url:
         os.environ["PREFECT_API_URL"] = choice.url
-    else:
-        for key, value in SERVER_TUNING.items():
-            os.environ.setdefault(key, value)
+    _configured = choice
     return choice
+
+
+def _server_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+            "--port", str(port)]
+
+
+@contextmanager
+def temporary_server(timeout: float = 120.0) -> Iterator[str]:
+    """A Prefect server for one run, owned by this process.
+
+    Prefect's own temporary server outlives a killed parent; this one is a
+    child like the engines (PDEATHSIG, PID registry) and stops with the run.
+    """
+    port = _free_port()
+    log = subdir("logs") / "prefect-temporary-server.log"
+    log.write_bytes(b"")
+    env = {**os.environ, **SERVER_TUNING}
+    env.pop("PREFECT_API_URL", None)
+    proc = processes.spawn(_server_command(port), log_path=log, env=env,
+                           label="temporary Prefect server")
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise PrefectServerError(
+                    f"the temporary Prefect server exited with code {proc.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise PrefectServerError(
+                    f"the temporary Prefect server was not ready within {timeout:g}s; see {log}")
+            time.sleep(0.2)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        if os.environ.get("PREFECT_API_URL") == url:
+            del os.environ["PREFECT_API_URL"]
+        processes.stop(proc)

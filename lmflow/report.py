@@ -35,7 +35,7 @@ def table(result: RunResult) -> str:
         rows.append((s.id, s.kind, s.status, f"{s.seconds:.2f}s",
                      "yes" if s.status == "cached" else "no", outcome))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
     return "\n".join(line.rstrip() for line in lines)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from conftest import BIN, ROOT, lmflow_cmd, wait_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.prefect, pytest.mark.slow]
@@ -189,7 +188,7 @@ def test_killed_run_leaves_no_engine_behind(prefect_api: str, tmp_path: Path,
             orphan.kill()
 
 
-def test_without_a_server_lmflow_uses_a_temporary_one(tmp_path: Path) -> None:
+def test_without_a_server_lmflow_uses_a_temporary_one_and_stops_it(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, """\
         steps:
           - id: one
@@ -199,6 +198,33 @@ def test_without_a_server_lmflow_uses_a_temporary_one(tmp_path: Path) -> None:
     started = time.monotonic()
     out = lmflow_cmd("run", str(spec), env=env)
     assert out.returncode == 0, out.stderr
-    assert "Prefect's temporary server" in out.stderr
+    assert "starting a temporary Prefect server for this run" in out.stderr
     assert "one  " in out.stdout and "completed" in out.stdout
     assert time.monotonic() - started < 120
+    assert list((tmp_path / "home" / "pids").glob("*.json")) == []
+
+
+def test_killed_run_leaves_no_temporary_prefect_server(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        defaults: {cache: false}
+        steps:
+          - id: wait
+            python: {function: "helpers:wait", args: {seconds: 120}}
+    """, name="tempkill")
+    home = tmp_path / "home"
+    env = {**os.environ, "LMFLOW_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        records = home / "runs"
+        assert wait_for(lambda: any('"running"' in p.read_text() for p in records.glob("*.json")),
+                        timeout=120)
+        servers = [json.loads(p.read_text())["pid"] for p in (home / "pids").glob("*.json")]
+        assert len(servers) == 1
+        proc.kill()
+        proc.wait(10)
+        assert wait_for(lambda: not psutil.pid_exists(servers[0])
+                        or psutil.Process(servers[0]).status() == psutil.STATUS_ZOMBIE, timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

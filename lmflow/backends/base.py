@@ -67,7 +67,7 @@ class Backend(ABC):
     def unload(self, model: ModelConfig) -> None:
         raise NotImplementedError(f"the {self.kind} backend does not unload models")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and stop whatever this backend started."""
 
     def __enter__(self) -> Backend:

@@ -18,7 +18,8 @@ from . import register
 from .base import CheckContext, Step, StepContext, StepResult
 
 _TEXT_OR_FILE = {
-    "description": "Inline text, or {file: path} relative to the spec's folder. Both may use ${{ }} references.",
+    "description": "Inline text, or {file: path} relative to the spec's folder; "
+                   "both may use ${{ }} references.",
     "oneOf": [
         {"type": "string"},
         {"type": "object", "required": ["file"], "additionalProperties": False,

@@ -16,7 +16,6 @@ from ..errors import LmflowError, Problem
 from . import register
 from .base import CheckContext, Step, StepContext, StepResult
 
-
 FUNCTION = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"
 
 
