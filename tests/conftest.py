@@ -70,7 +70,7 @@ def engine(session_home: Path) -> Iterator[object]:
     from lmflow.spec.model import ModelConfig, ServerConfig
 
     backend = LocalBackend(ServerConfig(name="default"))
-    model = ModelConfig(alias="smol", key="smollm2-135m-instruct", context_length=1024)
+    model = ModelConfig(alias="session_engine", key="smollm2-135m-instruct", context_length=1024)
     backend.load(model)
     try:
         yield backend, model
