@@ -87,6 +87,14 @@ class PythonStep(Step):
                 module = importlib.import_module(module_name)
             except Exception as exc:  # user code: report it, whatever it is
                 raise UserCodeError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+        top = module_name.split(".")[0]
+        local = ctx.spec_dir / f"{top}.py"
+        if (local.exists() or (ctx.spec_dir / top).is_dir()) and not str(
+            getattr(module, "__file__", "") or ""
+        ).startswith(str(ctx.spec_dir)):
+            raise UserCodeError(
+                f"module '{module_name}' resolved to {getattr(module, '__file__', 'a built-in')}, "
+                f"not to {local}: its name is taken (standard library or installed); rename it")
         function = getattr(module, name, None)
         if not callable(function):
             raise UserCodeError(f"{module_name} has no function '{name}'")

@@ -1,0 +1,114 @@
+"""Step kinds against a scripted backend (the Backend seam), no server, no Prefect."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from lmflow.backends.base import Backend, ChatRequest, ChatResponse, ModelInfo
+from lmflow.errors import InvalidResponse
+from lmflow.spec.model import ModelConfig, ServerConfig
+from lmflow.steps import StepContext, get_kind
+from lmflow.steps.python import UserCodeError
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+class Scripted(Backend):
+    """Answers with the texts it was given, and remembers the requests."""
+
+    kind = "scripted"
+
+    def __init__(self, *answers: ChatResponse):
+        super().__init__(ServerConfig(name="default", backend="openai", url="http://127.0.0.1:1"))
+        self.answers = list(answers)
+        self.requests: list[ChatRequest] = []
+
+    def health(self) -> bool:
+        return True
+
+    def list_models(self) -> list[ModelInfo]:
+        return []
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        self.requests.append(request)
+        return self.answers.pop(0)
+
+
+def context(backend: Backend, spec_dir: Path) -> StepContext:
+    model = ModelConfig(alias="m", key="k")
+    return StepContext(step_id="s", spec_dir=spec_dir, timeout=7.0,
+                       backend_for=lambda alias: (backend, model))
+
+
+def test_prompt_with_schema_returns_parsed_json(tmp_path: Path) -> None:
+    backend = Scripted(ChatResponse(text='{"n": 3}', model="k", prompt_tokens=9, completion_tokens=4))
+    result = get_kind("prompt").run({"model": "m", "system": "sys", "user": "hi", "temperature": 0,
+                                     "response_schema": SCHEMA}, context(backend, tmp_path))
+    assert result.output == {"n": 3}
+    assert result.meta["prompt_tokens"] == 9
+    request = backend.requests[0]
+    assert request.messages == [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]
+    assert request.timeout == 7.0 and request.sampling["temperature"] == 0
+
+
+def test_answer_cut_at_max_tokens_says_so(tmp_path: Path) -> None:
+    backend = Scripted(ChatResponse(text='{"n": ', finish_reason="length"))
+    with pytest.raises(InvalidResponse, match=r"cut at max_tokens=5 before its JSON was complete"):
+        get_kind("prompt").run({"model": "m", "user": "hi", "max_tokens": 5, "response_schema": SCHEMA},
+                               context(backend, tmp_path))
+
+
+def test_answer_not_matching_the_schema(tmp_path: Path) -> None:
+    backend = Scripted(ChatResponse(text='{"n": "three"}'))
+    with pytest.raises(InvalidResponse, match=r"does not match response_schema at n: 'three' is not"):
+        get_kind("prompt").run({"model": "m", "user": "hi", "response_schema": SCHEMA},
+                               context(backend, tmp_path))
+
+
+def test_images_are_sent_as_openai_image_parts(tmp_path: Path) -> None:
+    (tmp_path / "dot.png").write_bytes(b"\x89PNG fake")
+    backend = Scripted(ChatResponse(text="a dot"))
+    get_kind("prompt").run({"model": "m", "user": "what is it?", "images": ["dot.png"]},
+                           context(backend, tmp_path))
+    content = backend.requests[0].messages[-1]["content"]
+    assert content[0] == {"type": "text", "text": "what is it?"}
+    url = content[1]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == b"\x89PNG fake"
+
+
+def test_image_content_changes_the_cache_material(tmp_path: Path) -> None:
+    kind = get_kind("prompt")
+    (tmp_path / "a.png").write_bytes(b"one")
+    before = kind.cache_material({"images": ["a.png"]}, tmp_path)
+    (tmp_path / "a.png").write_bytes(b"two")
+    assert kind.cache_material({"images": ["a.png"]}, tmp_path) != before
+
+
+def test_python_step_reports_where_user_code_failed(tmp_path: Path) -> None:
+    (tmp_path / "usercode.py").write_text(
+        "def f(x):\n    return {'double': 2 * x}\n\ndef g():\n    raise KeyError('k')\n")
+    kind = get_kind("python")
+    assert kind.run({"function": "usercode:f", "args": {"x": 4}}, context(Scripted(), tmp_path)).output == {
+        "double": 8}
+    with pytest.raises(UserCodeError, match=rf"usercode:g raised KeyError: 'k' at {tmp_path}/usercode.py:5"):
+        kind.run({"function": "usercode:g"}, context(Scripted(), tmp_path))
+    with pytest.raises(UserCodeError, match="usercode has no function 'h'"):
+        kind.run({"function": "usercode:h"}, context(Scripted(), tmp_path))
+
+
+def test_code_change_changes_the_cache_material(tmp_path: Path) -> None:
+    kind = get_kind("python")
+    (tmp_path / "mod2.py").write_text("def f():\n    return 1\n")
+    before = kind.cache_material({"function": "mod2:f"}, tmp_path)
+    (tmp_path / "mod2.py").write_text("def f():\n    return 2\n")
+    assert kind.cache_material({"function": "mod2:f"}, tmp_path) != before
+
+
+def test_a_module_named_like_the_standard_library_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "json.py").write_text("def f():\n    return 1\n")
+    with pytest.raises(UserCodeError, match=r"module 'json' resolved to .*json.*its name is taken"):
+        get_kind("python").run({"function": "json:f"}, context(Scripted(), tmp_path))
