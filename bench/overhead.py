@@ -1,6 +1,6 @@
 """lmflow's overhead over plain HTTP calls, against the same llama-server and a running Prefect server.
 
-For N in 1, 10, 50 prompt steps (max_tokens 4): (a) N chat completions with
+For N in 1, 10, 50, 100 prompt steps (max_tokens 4): (a) N chat completions with
 httpx in a loop, (b) `lmflow run` of an N-step spec (a whole process: Python
 start, Prefect import, flow and task runs). Overhead = b - a, fitted as
 fixed + per_step * N. Targets: per step < 15 ms, fixed < 3 s.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
-SIZES = (1, 10, 50)
-REPEATS = 3
+SIZES = (1, 10, 50, 100)
+REPEATS = 5
 
 
 def spec_text(n: int, url: str, nonce: str) -> str:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from .backends import Backend, create_backend
@@ -73,10 +75,12 @@ class RunResult:
 
 
 class RunRecorder:
-    """Collects step records and writes the run record after every change.
+    """Collects step records; every change is appended to the run's journal at once.
 
-    The record (JSON under lmflow's home) is rewritten atomically after each
-    step, so a crash or a kill loses nothing that was already computed.
+    `runs/<run_id>.jsonl` gets one line per step event, flushed immediately
+    (O(1) per step, and a kill loses nothing already computed); the full
+    record `runs/<run_id>.json` is written atomically when the run ends.
+    `read_record()` rebuilds a record from a journal whose run was killed.
     """
 
     def __init__(self, spec: Spec, listener: Listener | None = None):
@@ -85,10 +89,15 @@ class RunRecorder:
             spec=str(spec.file), name=spec.name, run_id=f"{spec.name}-{stamp}-{os.getpid()}",
             steps=[StepRecord(s.id, s.kind) for s in spec.steps],
         )
-        self.path = subdir("runs") / f"{self.result.run_id}.json"
+        runs = subdir("runs")
+        self.path = runs / f"{self.result.run_id}.json"
+        self.journal_path = runs / f"{self.result.run_id}.jsonl"
         self.result.record_path = str(self.path)
         self.listener = listener
         self.started = time.perf_counter()
+        self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()
+        self._append({"run": self.result.run_id, "spec": self.result.spec, "name": spec.name,
+                      "steps": [[s.id, s.kind] for s in self.result.steps]})
 
     def record(self, step_id: str) -> StepRecord:
         return next(s for s in self.result.steps if s.id == step_id)
@@ -97,21 +106,59 @@ class RunRecorder:
         if self.listener:
             self.listener(event, data)
 
+    def _append(self, entry: dict[str, Any]) -> None:
+        if not self._journal.closed:
+            self._journal.write(json.dumps(entry, default=str) + "\n")
+            self._journal.flush()
+
     def update(self, step_id: str, **changes: Any) -> None:
         record = self.record(step_id)
         for key, value in changes.items():
             setattr(record, key, value)
-        self.save()
-        if record.status in ("running",):
-            self.emit("step_started", step=record)
-        elif record.status != "pending":
-            self.emit("step_finished", step=record)
+        entry = {"step": step_id, "status": record.status}
+        if record.status != "running":
+            entry.update(seconds=record.seconds, attempts=record.attempts, output=record.output,
+                         meta=record.meta, error=asdict(record.error) if record.error else None)
+        self._append(entry)
+        self.emit("step_started" if record.status == "running" else "step_finished", step=record)
 
     def save(self) -> None:
+        """Write the whole record (atomically) and close the journal."""
         self.result.seconds = round(time.perf_counter() - self.started, 3)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
         tmp.replace(self.path)
+        self._journal.close()
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """A run's record: the final JSON, or rebuilt from the journal of a run that was killed."""
+    path = Path(path)
+    final = path.with_suffix(".json")
+    if final.exists():
+        return json.loads(final.read_text())
+    steps: dict[str, dict[str, Any]] = {}
+    header: dict[str, Any] = {}
+    for line in path.with_suffix(".jsonl").read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line torn by the kill
+        if "run" in entry:
+            header = entry
+            steps = {sid: {"id": sid, "kind": kind, "status": "pending"} for sid, kind in entry["steps"]}
+        elif entry.get("step") in steps:
+            steps[entry["step"]].update({k: v for k, v in entry.items() if k != "step"})
+            steps[entry["step"]]["id"] = entry["step"]
+    return {"run_id": header.get("run"), "spec": header.get("spec"), "name": header.get("name"),
+            "steps": list(steps.values()), "interrupted": True}
+
+
+@cache
+def _options_validator(kind: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(get_kind(kind).options_schema)
 
 
 class Runtime:
@@ -149,13 +196,10 @@ class Runtime:
 
     def resolve(self, step: StepSpec) -> dict[str, Any]:
         """The step's options with every reference replaced, checked against the kind's schema."""
-        from jsonschema import Draft202012Validator
-
         context = {"params": self.spec.params,
                    "steps": {sid: {"output": out} for sid, out in self.outputs.items()}}
         options = templates.render(step.options, context)
-        schema = get_kind(step.kind).options_schema
-        error = next(iter(Draft202012Validator(schema).iter_errors(options)), None)
+        error = next(iter(_options_validator(step.kind).iter_errors(options)), None)
         if error is not None:
             where = ".".join([step.kind, *map(str, error.absolute_path)])
             raise templates.TemplateError(

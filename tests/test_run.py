@@ -15,6 +15,8 @@ import psutil
 import pytest
 from conftest import BIN, ROOT, lmflow_cmd, wait_for
 
+from lmflow.runtime import read_record
+
 pytestmark = [pytest.mark.engine, pytest.mark.prefect, pytest.mark.slow]
 
 
@@ -173,14 +175,16 @@ def test_killed_run_leaves_no_engine_behind(prefect_api: str, tmp_path: Path,
         assert wait_for(lambda: engines_with_alias(alias), timeout=60), "engine never started"
         # wait until the prompt step is done and the run sits in the sleeping step
         records = Path(os.environ["LMFLOW_HOME"]) / "runs"
-        assert wait_for(lambda: any('"status": "running"' in p.read_text() and '"id": "wait"' in p.read_text()
-                                    and '"completed"' in p.read_text()
-                                    for p in records.glob(f"kill{int(sig)}-*.json")), timeout=60)
+        assert wait_for(lambda: any('{"step": "wait", "status": "running"}' in p.read_text()
+                                    for p in records.glob(f"kill{int(sig)}-*.jsonl")), timeout=60)
         proc.send_signal(sig)
         assert proc.wait(30) == code
         assert wait_for(lambda: not engines_with_alias(alias), timeout=10), "llama-server outlived lmflow"
-        record = json.loads(next(records.glob(f"kill{int(sig)}-*.json")).read_text())
+        record = read_record(next(records.glob(f"kill{int(sig)}-*.jsonl")))
         assert record["steps"][0]["status"] == "completed"  # what was done is kept
+        assert record["steps"][0]["output"]
+        assert record["steps"][1]["status"] == "running"
+        assert record.get("interrupted", False) is (sig == signal.SIGKILL)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -217,7 +221,7 @@ def test_killed_run_leaves_no_temporary_prefect_server(tmp_path: Path) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         records = home / "runs"
-        assert wait_for(lambda: any('"running"' in p.read_text() for p in records.glob("*.json")),
+        assert wait_for(lambda: any('"running"' in p.read_text() for p in records.glob("*.jsonl")),
                         timeout=120)
         servers = [json.loads(p.read_text())["pid"] for p in (home / "pids").glob("*.json")]
         assert len(servers) == 1

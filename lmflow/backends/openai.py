@@ -41,8 +41,10 @@ class OpenAIClient:
         self.url = base_url(url)
         self.start_hint = start_hint or "start the server or fix server.url"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # plain-http servers need no CA bundle (loading it costs ~50 ms per client)
         self.http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
-                                 timeout=httpx.Timeout(30.0, connect=5.0))
+                                 timeout=httpx.Timeout(30.0, connect=5.0),
+                                 verify=self.url.startswith("https://"))
 
     def close(self) -> None:
         self.http.close()
