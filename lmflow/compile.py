@@ -25,6 +25,7 @@ from .prefect_server import configure_environment
 from .runtime import Listener, RunRecorder, RunResult, Runtime
 from .spec import load_spec
 from .spec.templates import TemplateError
+from .steps import get_kind
 
 _RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar("lmflow_runtime")
 _RECORDER: contextvars.ContextVar[RunRecorder] = contextvars.ContextVar("lmflow_recorder")
@@ -89,7 +90,7 @@ def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
         # user code and anything else that hangs
         "timeout_seconds": policy.timeout + 5,
     }
-    if policy.cache:
+    if policy.cache and get_kind(step.kind).cacheable:
         key = runtime.cache_key(step, options)
         settings.update(
             cache_key_fn=lambda _ctx, _params: key, persist_result=True,

@@ -169,6 +169,8 @@ class Runtime:
         self.recorder = recorder
         self.backends: dict[str, Backend] = {}
         self.outputs: dict[str, Any] = {}
+        #: models this run loaded and has not unloaded, by alias
+        self.loaded: dict[str, ModelConfig] = {}
 
     # -- backends ---------------------------------------------------------
 
@@ -181,7 +183,15 @@ class Runtime:
         return self.backends[model.server], model
 
     def close(self) -> None:
-        """Stop every engine this run started (also when the run failed)."""
+        """Unload what this run loaded (unless kept) and stop its engines, also after a failure."""
+        for model in list(self.loaded.values()):
+            if model.keep_loaded or model.server not in self.backends:
+                continue
+            try:
+                self.backends[model.server].unload(model)
+            except LmflowError as exc:
+                self.recorder.emit("warning", message=f"could not unload {model.key}: {exc}")
+        self.loaded.clear()
         while self.backends:
             _, backend = self.backends.popitem()
             backend.close()
@@ -230,7 +240,9 @@ class Runtime:
         record.attempts += 1
         ctx = StepContext(step_id=step.id, spec_dir=self.spec.dir, timeout=step.policy.timeout,
                           backend_for=self.backend_for,
-                          emit=lambda event, data: self.recorder.emit(event, step=step.id, **data))
+                          emit=lambda event, data: self.recorder.emit(event, step=step.id, **data),
+                          loaded=self.loaded.__setitem__,
+                          unloaded=lambda alias: self.loaded.pop(alias, None))
         return get_kind(step.kind).run(options, ctx)
 
     def failure(self, step: StepSpec, exc: BaseException) -> StepFailure:

@@ -19,9 +19,11 @@ def create_backend(config: ServerConfig, spec_dir: Path | None = None) -> Backen
         from .local import LocalBackend
 
         return LocalBackend(config, spec_dir)
-    if config.backend in ("openai", "lmstudio"):
-        # LM Studio's own REST API and SDK come with the LM Studio issue; until
-        # then its OpenAI-compatible endpoints serve prompt steps.
+    if config.backend == "lmstudio":
+        from .lmstudio import LMStudioBackend
+
+        return LMStudioBackend(config)
+    if config.backend == "openai":
         from .openai import OpenAIBackend
 
         return OpenAIBackend(config)

@@ -35,6 +35,8 @@ class ModelInfo:
     loaded: bool | None = None
     max_context_length: int | None = None
     loaded_context_length: int | None = None
+    instance_id: str | None = None
+    load_seconds: float | None = None
 
 
 class Backend(ABC):

@@ -65,9 +65,18 @@ class LlamaServer:
         return args + list(self.extra_args)
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process (call from a long-lived thread: PDEATHSIG follows the calling thread)."""
         self.port = free_port()
         self.log_path.write_bytes(b"")
         self.proc = processes.spawn(self.args(), log_path=self.log_path, label=f"llama-server {self.alias}")
+
+    def wait_ready(self) -> None:
+        """Block until /health answers 200; raise EngineError with the log's tail otherwise."""
+        assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout
         with httpx.Client(timeout=httpx.Timeout(2.0, connect=0.5)) as http:
             while time.monotonic() < deadline:
@@ -132,6 +141,7 @@ class LocalBackend(Backend):
     def load(self, model: ModelConfig) -> ModelInfo:
         """Start (or reuse) the engine for this model."""
         engine = self.engines.get(model.alias)
+        started = time.monotonic()
         if engine is None or not engine.alive():
             if engine is not None:
                 engine.stop()
@@ -146,8 +156,8 @@ class LocalBackend(Backend):
             self.engines[model.alias] = engine
             self.clients[model.alias] = OpenAIClient(
                 engine.url, start_hint=f"the local engine died; see {engine.log_path}")
-        return ModelInfo(key=model.key, loaded=True,
-                         loaded_context_length=engine.context_length)
+        return ModelInfo(key=model.key, loaded=True, loaded_context_length=engine.context_length,
+                         instance_id=model.alias, load_seconds=round(time.monotonic() - started, 3))
 
     def unload(self, model: ModelConfig) -> None:
         engine = self.engines.pop(model.alias, None)

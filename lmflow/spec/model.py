@@ -43,6 +43,7 @@ class ModelConfig:
     path: str | None = None
     context_length: int | None = None
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    keep_loaded: bool = False
 
     def identity(self) -> dict[str, Any]:
         """Everything about the model that changes its answers (part of cache keys)."""

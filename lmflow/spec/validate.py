@@ -204,6 +204,7 @@ def _models(doc: Document, servers: dict[str, ServerConfig],
         models[alias] = ModelConfig(
             alias=alias, key=cfg["key"], server=server, path=cfg.get("path"),
             context_length=cfg.get("context_length"), options=dict(cfg.get("options") or {}),
+            keep_loaded=bool(cfg.get("keep_loaded", False)),
         )
     return models
 

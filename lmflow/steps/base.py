@@ -45,6 +45,9 @@ class StepContext:
     timeout: float
     backend_for: Callable[[str], tuple[Backend, ModelConfig]]
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+    #: tell the run a model was loaded (it is unloaded at the end unless kept) / unloaded
+    loaded: Callable[[str, ModelConfig], None] = lambda alias, model: None
+    unloaded: Callable[[str], None] = lambda alias: None
 
 
 class Step(ABC):
@@ -52,6 +55,8 @@ class Step(ABC):
 
     kind: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: False for steps with side effects (loading a model): never answered from the cache
+    cacheable: ClassVar[bool] = True
     options_schema: ClassVar[dict[str, Any]]
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterable[Problem]:

@@ -1,0 +1,146 @@
+"""LM Studio through its REST API v1 (models, load, unload) and its OpenAI-compatible chat.
+
+One client per server for the life of the backend, kept across unload and
+reload. After every load the context length the server actually applied is
+read back; answers are checked to come from the requested model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from ..errors import BackendError, BackendHTTPError
+from ..spec.model import ModelConfig, ServerConfig
+from .base import Backend, ChatRequest, ChatResponse, ModelInfo
+from .openai import OpenAIClient
+
+LOAD_TIMEOUT = 600.0
+
+
+class WrongModel(BackendError):
+    """The server answered with another model than the one asked for."""
+
+
+class LMStudioBackend(Backend):
+    kind = "lmstudio"
+    manages_models = True
+
+    def __init__(self, config: ServerConfig, *, transport: httpx.BaseTransport | None = None):
+        super().__init__(config)
+        token = os.environ.get(config.api_key_env or "LM_API_TOKEN") or None
+        hint = (f"start it with `{config.start}`" if config.start
+                else "start LM Studio's server (`lms server start`) or fix server.url")
+        self.client = OpenAIClient(config.url or "http://127.0.0.1:1234", api_key=token,
+                                   transport=transport, start_hint=hint)
+        #: instance ids this backend loaded, by model alias
+        self.instances: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def health(self) -> bool:
+        try:
+            return self.client.http.get("/api/v1/models", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _models_v1(self) -> list[dict[str, Any]]:
+        return self.client.request("GET", "/api/v1/models").json().get("models", [])
+
+    def list_models(self) -> list[ModelInfo]:
+        try:
+            entries = self._models_v1()
+        except BackendHTTPError as exc:
+            if exc.status != 404:
+                raise
+            return self._list_v0()  # LM Studio before 0.4
+        models = []
+        for entry in entries:
+            loaded = entry.get("loaded_instances") or []
+            models.append(ModelInfo(
+                key=entry.get("key", "?"), loaded=bool(loaded),
+                max_context_length=entry.get("max_context_length"),
+                loaded_context_length=(loaded[0].get("config") or {}).get("context_length")
+                if loaded else None))
+        return models
+
+    def _list_v0(self) -> list[ModelInfo]:
+        data = self.client.request("GET", "/api/v0/models").json().get("data", [])
+        return [ModelInfo(key=d.get("id", "?"), loaded=d.get("state") == "loaded",
+                          max_context_length=d.get("max_context_length"),
+                          loaded_context_length=d.get("loaded_context_length")) for d in data]
+
+    def loaded_context(self, instance_id: str) -> int | None:
+        """The context length the server reports for a loaded instance."""
+        for entry in self._models_v1():
+            for instance in entry.get("loaded_instances") or []:
+                if instance.get("id") == instance_id:
+                    return (instance.get("config") or {}).get("context_length")
+        return None
+
+    def load(self, model: ModelConfig) -> ModelInfo:
+        body: dict[str, Any] = {"model": model.key, "echo_load_config": True}
+        if model.context_length:
+            body["context_length"] = model.context_length
+        if "flash_attention" in model.options:
+            body["flash_attention"] = bool(model.options["flash_attention"])
+        try:
+            answer = self.client.request("POST", "/api/v1/models/load", timeout=LOAD_TIMEOUT,
+                                         json_body=body).json()
+        except BackendHTTPError as exc:
+            if exc.status == 404:
+                raise self._not_found(model) from None
+            raise
+        instance_id = answer.get("instance_id") or model.key
+        self.instances[model.alias] = instance_id
+        # never trust the request: LM Studio may auto-fit or ignore the context length
+        actual = (answer.get("load_config") or {}).get("context_length")
+        if actual is None:
+            actual = self.loaded_context(instance_id)
+        return ModelInfo(key=model.key, loaded=True, loaded_context_length=actual,
+                         instance_id=instance_id, load_seconds=answer.get("load_time_seconds"))
+
+    def _not_found(self, model: ModelConfig) -> BackendError:
+        try:
+            keys = ", ".join(m.key for m in self.list_models()) or "none"
+        except BackendError:
+            keys = "unknown"
+        return BackendHTTPError(
+            f"LM Studio at {self.url} has no model '{model.key}' (models.{model.alias}.key); "
+            f"it has: {keys}", url=self.url, status=404)
+
+    def unload(self, model: ModelConfig) -> None:
+        instance_id = self.instances.pop(model.alias, None)
+        targets = [instance_id] if instance_id else [
+            instance.get("id") for entry in self._models_v1() if entry.get("key") == model.key
+            for instance in entry.get("loaded_instances") or []]
+        for target in targets:
+            try:
+                self.client.request("POST", "/api/v1/models/unload", json_body={"instance_id": target})
+            except BackendHTTPError as exc:
+                if exc.status != 404:  # already gone (TTL, someone else): that is fine
+                    raise
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        instance_id = self.instances.get(request.model.alias)
+        target = request.model if instance_id is None else ModelConfig(
+            alias=request.model.alias, key=instance_id)
+        response = self.client.chat(ChatRequest(
+            model=target, messages=request.messages, sampling=request.sampling,
+            response_schema=request.response_schema, timeout=request.timeout))
+        expected = {request.model.key, instance_id}
+        if response.model and response.model not in expected and not any(
+            response.model.startswith(f"{key}:") for key in expected if key
+        ):
+            raise WrongModel(
+                f"asked {self.url} for '{target.key}' but '{response.model}' answered: LM Studio "
+                "answers with the loaded model when only one is loaded; load it with a load_model "
+                "step first", url=self.url)
+        return response
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,87 @@
+"""`load_model`: load a model at a context length, read back what the server gave, warm it up."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import LmflowError, Problem
+from ..spec.hints import suggest
+from . import register
+from .base import CheckContext, Step, StepContext, StepResult
+
+
+class ContextMismatch(LmflowError):
+    """The server loaded the model at another context length than the spec asked for."""
+
+
+def check_model(options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+    model = options.get("model")
+    if model not in ctx.model_aliases:
+        hint = suggest(model, ctx.model_aliases) if ctx.model_aliases else "declare it under models"
+        yield ctx.problem(("model",), f"unknown model '{model}'", hint)
+
+
+def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
+    """Shared by load_model and reload_model."""
+    backend, model = ctx.backend_for(options["model"])
+    if options.get("context_length"):
+        model = dataclasses.replace(model, context_length=options["context_length"])
+    if not backend.manages_models:
+        raise LmflowError(f"the {backend.kind} backend cannot load models: use backend: lmstudio or "
+                          "local, or drop the load_model step")
+    info = backend.load(model)
+    ctx.loaded(options["model"], model)
+    asked, actual = model.context_length, info.loaded_context_length
+    output = {"model": model.key, "instance": info.instance_id, "context_length": actual,
+              "requested_context_length": asked, "load_seconds": info.load_seconds}
+    meta: dict[str, Any] = {}
+    if asked and actual != asked:
+        message = (f"{backend.url or backend.kind} loaded '{model.key}' with context {actual}, "
+                   f"not the {asked} asked for")
+        if options.get("strict"):
+            raise ContextMismatch(message + " (strict: true): ask for at most what it can load, "
+                                  "or probe the model's real limit")
+        meta["warnings"] = [message]
+        ctx.emit("warning", {"message": message})
+    if options.get("warmup"):
+        from ..backends.base import ChatRequest
+
+        response = backend.chat(ChatRequest(model=model, timeout=ctx.timeout, sampling={"max_tokens": 8},
+                                            messages=[{"role": "user", "content": options["warmup"]}]))
+        meta["warmup_seconds"] = round(response.seconds, 3)
+    return StepResult(output, meta)
+
+
+@register
+class LoadModelStep(Step):
+    kind = "load_model"
+    summary = "Load a model; the context length the server applied is read back and checked."
+    cacheable = False
+    options_schema = {
+        "type": "object",
+        "required": ["model"],
+        "additionalProperties": False,
+        "properties": {
+            "model": {"type": "string", "description": "A model alias from `models`."},
+            "context_length": {"type": "integer", "minimum": 128,
+                               "description": "Overrides the model's context_length for this load."},
+            "strict": {"type": "boolean",
+                       "description": "Fail when the server applies another context length (default: warn)."},
+            "warmup": {"type": "string", "description": "A short prompt sent once after loading."},
+        },
+    }
+
+    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+        return check_model(options, ctx)
+
+    def models(self, options: dict[str, Any]) -> list[str]:
+        return [options["model"]]
+
+    def output_schema(self, options: dict[str, Any], spec_dir: Any) -> dict[str, Any]:
+        return {"type": "object", "properties": {k: {} for k in (
+            "model", "instance", "context_length", "requested_context_length", "load_seconds")}}
+
+    def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
+        return load(options, ctx)

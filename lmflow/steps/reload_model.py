@@ -1,0 +1,27 @@
+"""`reload_model`: unload and load again with the same settings, to start from an empty context."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import Problem
+from . import register
+from .base import CheckContext, StepContext, StepResult
+from .load_model import LoadModelStep, check_model, load
+
+
+@register
+class ReloadModelStep(LoadModelStep):
+    kind = "reload_model"
+    summary = "Unload then load a model with the same settings (frees its context)."
+
+    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+        return check_model(options, ctx)
+
+    def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
+        backend, model = ctx.backend_for(options["model"])
+        if backend.manages_models:
+            backend.unload(model)
+            ctx.unloaded(options["model"])
+        return load(options, ctx)

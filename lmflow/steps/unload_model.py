@@ -1,0 +1,38 @@
+"""`unload_model`: unload a model to free its memory and context."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import LmflowError, Problem
+from . import register
+from .base import CheckContext, Step, StepContext, StepResult
+from .load_model import check_model
+
+
+@register
+class UnloadModelStep(Step):
+    kind = "unload_model"
+    summary = "Unload a model (the instance this run loaded, else every instance of its key)."
+    cacheable = False
+    options_schema = {
+        "type": "object",
+        "required": ["model"],
+        "additionalProperties": False,
+        "properties": {"model": {"type": "string", "description": "A model alias from `models`."}},
+    }
+
+    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+        return check_model(options, ctx)
+
+    def models(self, options: dict[str, Any]) -> list[str]:
+        return [options["model"]]
+
+    def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
+        backend, model = ctx.backend_for(options["model"])
+        if not backend.manages_models:
+            raise LmflowError(f"the {backend.kind} backend cannot unload models")
+        backend.unload(model)
+        ctx.unloaded(options["model"])
+        return StepResult({"model": model.key, "unloaded": True})

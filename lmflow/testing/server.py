@@ -1,0 +1,316 @@
+"""An LM Studio-compatible server for tests and CI, with real inference.
+
+It speaks LM Studio's REST API v1 (`/api/v1/models`, `/models/load`,
+`/models/unload`), REST v0 (`/api/v0/models`) and the OpenAI-compatible
+endpoints (`/v1/models`, `/v1/chat/completions`). Every load starts a
+llama-server child at the context length the load ends up with, so answers
+are real. It can behave like a troublesome LM Studio: a declared maximum
+context larger than what loads, silent clamping, JIT loading, slow answers,
+ignoring the request's model field, crashing mid-request, requiring a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..backends.catalog import BUNDLED, llama_server_binary, locate
+from ..backends.local import LlamaServer
+from ..errors import LmflowError, SpecError
+from ..home import subdir
+from ..spec.loader import load_yaml
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class TestModel:
+    """A model the server offers, with the limits it pretends to have."""
+
+    key: str
+    path: Path
+    max_context_length: int = 8192  # what GET /models declares
+    loadable_context_length: int | None = None  # larger loads fail, or clamp (below)
+    clamp: bool = False  # True: load silently at loadable_context_length instead of failing
+
+
+@dataclass
+class Behaviour:
+    models: list[TestModel]
+    jit: bool = True
+    api_token: str | None = None
+    delay_seconds: float = 0.0  # before every chat answer
+    ignore_model_field: bool = False  # answer with the loaded model, whatever was asked
+    crash_on_request: int | None = None  # exit the process during the Nth chat request
+    ttl_seconds: float | None = None  # unload instances idle for that long
+
+
+@dataclass
+class Instance:
+    id: str
+    model: TestModel
+    context_length: int
+    engine: LlamaServer
+    load_seconds: float
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def installed_models() -> list[TestModel]:
+    """The bundled models that are installed here (what `lmflow testing serve` offers by default)."""
+    models = []
+    for key in BUNDLED:
+        try:
+            models.append(TestModel(key=key, path=locate(key, subdir("models"))))
+        except LmflowError:
+            continue
+    return models
+
+
+def load_behaviour(path: str | Path | None) -> Behaviour:
+    """Read a config file (YAML); with no file, serve the installed bundled models."""
+    if path is None:
+        return Behaviour(models=installed_models())
+    doc = load_yaml(path)
+    data = doc.data if isinstance(doc.data, dict) else {}
+    models = []
+    for i, item in enumerate(data.get("models") or []):
+        if not isinstance(item, dict) or "key" not in item:
+            raise SpecError([doc.problem(("models", i), "a model needs a key")])
+        model_path = item.get("path")
+        if model_path:
+            resolved = Path(doc.file).parent / model_path
+        else:
+            resolved = locate(item.get("file", item["key"]), subdir("models"))
+        models.append(TestModel(
+            key=item["key"], path=resolved,
+            max_context_length=int(item.get("max_context_length", 8192)),
+            loadable_context_length=item.get("loadable_context_length"),
+            clamp=bool(item.get("clamp", False))))
+    known = {f.name for f in Behaviour.__dataclass_fields__.values()} - {"models"}
+    extra = {k: v for k, v in data.items() if k in known}
+    unknown = set(data) - known - {"models"}
+    if unknown:
+        raise SpecError([doc.problem((sorted(unknown)[0],), f"unknown key '{sorted(unknown)[0]}'",
+                                     f"keys: models, {', '.join(sorted(known))}", key=True)])
+    return Behaviour(models=models, **extra)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+class LMStudioTestServer:
+    """The ASGI app and the instances it has loaded."""
+
+    def __init__(self, behaviour: Behaviour):
+        self.behaviour = behaviour
+        self.models = {m.key: m for m in behaviour.models}
+        self.instances: dict[str, Instance] = {}
+        self.chat_requests = 0
+        self._load_lock = asyncio.Lock()
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
+        self.app = Starlette(routes=[
+            Route("/api/v1/models", self.v1_models),
+            Route("/api/v1/models/load", self.v1_load, methods=["POST"]),
+            Route("/api/v1/models/unload", self.v1_unload, methods=["POST"]),
+            Route("/api/v0/models", self.v0_models),
+            Route("/v1/models", self.openai_models),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+        ], lifespan=self._lifespan)
+        self.app.add_middleware(_TokenMiddleware, token=behaviour.api_token)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any) -> Any:
+        yield
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for instance in list(self.instances.values()):
+            await run_in_threadpool(instance.engine.stop)
+        self.instances.clear()
+        await self.http.aclose()
+
+    # -- models -----------------------------------------------------------
+
+    def _loaded(self, key: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.model.key == key]
+
+    async def v1_models(self, request: Request) -> Response:
+        await self._expire()
+        return JSONResponse({"models": [{
+            "type": "llm", "key": m.key, "display_name": m.key, "format": "gguf",
+            "max_context_length": m.max_context_length,
+            "loaded_instances": [{"id": i.id, "config": {"context_length": i.context_length}}
+                                 for i in self._loaded(m.key)],
+        } for m in self.models.values()]})
+
+    async def v0_models(self, request: Request) -> Response:
+        await self._expire()
+        data = []
+        for m in self.models.values():
+            loaded = self._loaded(m.key)
+            entry = {"id": m.key, "object": "model", "type": "llm",
+                     "state": "loaded" if loaded else "not-loaded",
+                     "max_context_length": m.max_context_length}
+            if loaded:
+                entry["loaded_context_length"] = loaded[0].context_length
+            data.append(entry)
+        return JSONResponse({"object": "list", "data": data})
+
+    async def openai_models(self, request: Request) -> Response:
+        keys = list(self.models) if self.behaviour.jit else [i.id for i in self.instances.values()]
+        return JSONResponse({"object": "list", "data": [
+            {"id": k, "object": "model", "owned_by": "organization_owner"} for k in keys]})
+
+    async def _load(self, key: str, context_length: int | None) -> Instance | Response:
+        model = self.models.get(key)
+        if model is None:
+            return _error(404, f"Model not found: {key}")
+        asked = context_length or min(DEFAULT_CONTEXT, model.max_context_length)
+        if asked > model.max_context_length:
+            return _error(400, f"context_length {asked} exceeds the model's maximum "
+                               f"{model.max_context_length}")
+        actual = asked
+        limit = model.loadable_context_length
+        if limit is not None and asked > limit:
+            if not model.clamp:
+                return _error(500, f"Failed to load model {key}: not enough memory for a context of "
+                                   f"{asked} tokens")
+            actual = limit  # silently, as LM Studio's auto-fit does
+        async with self._load_lock:
+            count = len(self._loaded(key))
+            instance_id = key if count == 0 else f"{key}:{count + 1}"
+            while instance_id in self.instances:
+                count += 1
+                instance_id = f"{key}:{count + 1}"
+            engine = LlamaServer(llama_server_binary(), model.path, key=key, context_length=actual,
+                                 alias=instance_id.replace(":", "-"), parallel=1)
+            started = time.monotonic()
+            engine.launch()  # in the event loop's thread, which lives as long as the server
+            try:
+                await run_in_threadpool(engine.wait_ready)
+            except LmflowError as exc:
+                return _error(500, f"Failed to load model {key}: {exc}")
+            instance = Instance(instance_id, model, actual, engine, time.monotonic() - started)
+            self.instances[instance_id] = instance
+            return instance
+
+    async def v1_load(self, request: Request) -> Response:
+        body = await request.json()
+        if not isinstance(body.get("model"), str):
+            return _error(400, "'model' is required")
+        result = await self._load(body["model"], body.get("context_length"))
+        if isinstance(result, Response):
+            return result
+        answer: dict[str, Any] = {"type": "llm", "instance_id": result.id,
+                                  "load_time_seconds": round(result.load_seconds, 3),
+                                  "status": "loaded"}
+        if body.get("echo_load_config"):
+            answer["load_config"] = {"context_length": result.context_length}
+        return JSONResponse(answer)
+
+    async def v1_unload(self, request: Request) -> Response:
+        body = await request.json()
+        instance = self.instances.pop(body.get("instance_id", ""), None)
+        if instance is None:
+            return _error(404, f"No loaded model instance with id {body.get('instance_id')!r}")
+        await run_in_threadpool(instance.engine.stop)
+        return JSONResponse({"instance_id": instance.id})
+
+    async def _expire(self) -> None:
+        ttl = self.behaviour.ttl_seconds
+        if ttl is None:
+            return
+        now = time.monotonic()
+        for instance in [i for i in self.instances.values() if now - i.last_used > ttl]:
+            self.instances.pop(instance.id, None)
+            await run_in_threadpool(instance.engine.stop)
+
+    # -- inference --------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        await self._expire()
+        self.chat_requests += 1
+        if self.behaviour.crash_on_request == self.chat_requests:
+            os._exit(70)  # a crash in the middle of a request, like a real one
+        body = await request.json()
+        asked = body.get("model")
+        if self.behaviour.ignore_model_field and self.instances:
+            instance = next(iter(self.instances.values()))
+        else:
+            instance = self.instances.get(asked) or next(iter(self._loaded(asked)), None)
+        if instance is None:
+            if not self.behaviour.jit:
+                return _error(404, f"Model {asked!r} is not loaded and JIT loading is off")
+            result = await self._load(asked, None)
+            if isinstance(result, Response):
+                return result
+            instance = result
+        instance.last_used = time.monotonic()
+        if self.behaviour.delay_seconds:
+            await asyncio.sleep(self.behaviour.delay_seconds)
+        try:
+            upstream = await self.http.post(f"{instance.engine.url}/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            return _error(500, f"model crashed: {exc}")
+        payload = upstream.json()
+        if upstream.status_code == 200:
+            payload["model"] = instance.id
+        return JSONResponse(payload, status_code=upstream.status_code)
+
+
+class _TokenMiddleware:
+    """`Authorization: Bearer TOKEN` on every request when a token is configured."""
+
+    def __init__(self, app: Any, token: str | None):
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.token and scope["type"] in ("http", "websocket"):
+            headers = dict(scope.get("headers") or [])
+            if headers.get(b"authorization", b"").decode() != f"Bearer {self.token}":
+                response = _error(401, "Invalid or missing API token (Authorization: Bearer ...)")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def serve(behaviour: Behaviour, host: str = "127.0.0.1", port: int = 0,
+          on_ready: Any = None) -> None:
+    """Run the server in the foreground until SIGINT/SIGTERM; `on_ready(url)` once it listens."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    server = LMStudioTestServer(behaviour)
+    config = uvicorn.Config(server.app, log_level="warning", lifespan="on")
+    uv = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(uv.serve(sockets=[sock]))
+        while not uv.started:
+            if task.done():
+                return
+            await asyncio.sleep(0.02)
+        if on_ready:
+            on_ready(url)
+        await task
+
+    asyncio.run(main())
