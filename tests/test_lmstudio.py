@@ -1,0 +1,237 @@
+"""lmflow's LM Studio backend and lifecycle steps against the LM Studio-compatible test server.
+
+The server is started the way users start it (`lmflow testing serve --config`),
+answers with real inference through llama-server children, and is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import BIN, ROOT, lmflow_cmd
+
+from lmflow.backends.base import ChatRequest
+from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
+from lmflow.errors import BackendHTTPError
+from lmflow.spec.model import ModelConfig, ServerConfig
+from lmflow.steps import StepContext, get_kind
+from lmflow.steps.load_model import ContextMismatch
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+CONFIG = """\
+models:
+  - key: smollm2-135m-instruct          # declares 8192, loads at most 3072, clamps silently
+    max_context_length: 8192
+    loadable_context_length: 3072
+    clamp: true
+  - key: small-strict                   # declares 8192, fails above 2048
+    file: smollm2-135m-instruct
+    max_context_length: 8192
+    loadable_context_length: 2048
+"""
+
+
+def start_server(tmp: Path, config: str) -> tuple[subprocess.Popen, str]:
+    path = tmp / "lmstudio.yaml"
+    path.write_text(textwrap.dedent(config))
+    proc = subprocess.Popen([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def lmstudio(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = start_server(tmp_path_factory.mktemp("lmstudio"), CONFIG)
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def loaded_instances(url: str) -> list[tuple[str, int]]:
+    models = httpx.get(f"{url}/api/v1/models").json()["models"]
+    return [(i["id"], i["config"]["context_length"]) for m in models for i in m["loaded_instances"]]
+
+
+def backend(url: str) -> LMStudioBackend:
+    return LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=url))
+
+
+SMOL = ModelConfig(alias="smol", key="smollm2-135m-instruct", context_length=2048)
+
+
+def ask(b: LMStudioBackend, model: ModelConfig = SMOL) -> str:
+    return b.chat(ChatRequest(model=model, messages=[{"role": "user", "content": "Say hi."}],
+                              sampling={"max_tokens": 4, "temperature": 0})).text
+
+
+def test_models_lists_declared_and_loaded_context(lmstudio: str) -> None:
+    out = lmflow_cmd("models", "--server", lmstudio)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].split() == ["key", "loaded", "max", "context", "loaded", "context"]
+    assert "smollm2-135m-instruct  no      8192" in out.stdout
+
+
+def test_load_unload_reload_keeps_one_client(lmstudio: str) -> None:
+    b = backend(lmstudio)
+    try:
+        http = b.client.http
+        info = b.load(SMOL)
+        assert (info.instance_id, info.loaded_context_length) == ("smollm2-135m-instruct", 2048)
+        assert ask(b)
+        b.unload(SMOL)
+        assert loaded_instances(lmstudio) == []
+        info = b.load(SMOL)
+        assert ask(b)
+        assert b.client.http is http  # the same client across the unload/reload cycle
+        assert loaded_instances(lmstudio) == [("smollm2-135m-instruct", 2048)]
+    finally:
+        b.unload(SMOL)
+        b.close()
+
+
+def test_silent_clamp_is_read_back(lmstudio: str) -> None:
+    b = backend(lmstudio)
+    big = ModelConfig(alias="smol", key="smollm2-135m-instruct", context_length=6000)
+    try:
+        info = b.load(big)
+        assert info.loaded_context_length == 3072  # what it got, not what was asked
+    finally:
+        b.unload(big)
+        b.close()
+
+
+def step_context(b: LMStudioBackend, model: ModelConfig, events: list) -> StepContext:
+    return StepContext(step_id="load", spec_dir=ROOT, timeout=60, backend_for=lambda alias: (b, model),
+                       emit=lambda kind, data: events.append((kind, data)))
+
+
+def test_load_model_step_warns_or_fails_on_clamping(lmstudio: str) -> None:
+    b = backend(lmstudio)
+    big = ModelConfig(alias="smol", key="smollm2-135m-instruct", context_length=6000)
+    events: list = []
+    try:
+        result = get_kind("load_model").run({"model": "smol"}, step_context(b, big, events))
+        assert result.output["context_length"] == 3072
+        assert result.output["requested_context_length"] == 6000
+        assert events == [("warning", {"message": f"{b.url} loaded 'smollm2-135m-instruct' with "
+                                                  "context 3072, not the 6000 asked for"})]
+        with pytest.raises(ContextMismatch, match="strict: true"):
+            get_kind("reload_model").run({"model": "smol", "strict": True}, step_context(b, big, []))
+    finally:
+        b.unload(big)
+        b.close()
+
+
+def test_load_beyond_what_fits_fails_clearly(lmstudio: str) -> None:
+    b = backend(lmstudio)
+    with pytest.raises(BackendHTTPError) as info:
+        b.load(ModelConfig(alias="s", key="small-strict", context_length=4096))
+    assert info.value.status == 500
+    assert "not enough memory for a context of 4096 tokens" in str(info.value)
+    b.close()
+
+
+def test_unknown_model_lists_what_exists(lmstudio: str) -> None:
+    b = backend(lmstudio)
+    with pytest.raises(BackendHTTPError) as info:
+        b.load(ModelConfig(alias="coach", key="google/gemma-3-12b"))
+    assert str(info.value) == (
+        f"LM Studio at {lmstudio} has no model 'google/gemma-3-12b' (models.coach.key); "
+        "it has: smollm2-135m-instruct, small-strict")
+    b.close()
+
+
+def test_answer_from_another_model_is_caught(tmp_path: Path) -> None:
+    proc, url = start_server(tmp_path, CONFIG + "ignore_model_field: true\n")
+    b = backend(url)
+    try:
+        b.load(ModelConfig(alias="s", key="small-strict", context_length=1024))
+        with pytest.raises(WrongModel,
+                           match="asked .* for 'smollm2-135m-instruct' but 'small-strict' answered"):
+            ask(b)
+    finally:
+        b.close()
+        stop_server(proc)
+
+
+def test_api_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc, url = start_server(tmp_path, CONFIG + "api_token: s3cret\n")
+    try:
+        with pytest.raises(BackendHTTPError) as info:
+            backend(url).list_models()
+        assert info.value.status == 401
+        assert "set the API token (server.api_key_env)" in str(info.value)
+        monkeypatch.setenv("LM_API_TOKEN", "s3cret")
+        assert [m.key for m in backend(url).list_models()] == ["smollm2-135m-instruct", "small-strict"]
+    finally:
+        stop_server(proc)
+
+
+def write_spec(tmp: Path, url: str, steps: str) -> Path:
+    (tmp / "helpers.py").write_text("def fail():\n    raise RuntimeError('boom')\n")
+    path = tmp / "life.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        version: 1
+        name: lifecycle
+        server: {{backend: lmstudio, url: "{url}"}}
+        models:
+          smol: {{key: smollm2-135m-instruct, context_length: 2048}}
+        defaults: {{cache: false}}
+        steps:
+        """) + textwrap.indent(textwrap.dedent(steps), "  "))
+    return path
+
+
+def test_analyse_unload_reload_analyse_in_one_run(lmstudio: str, prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, lmstudio, """\
+        - id: load
+          load_model: {model: smol, warmup: "Hello"}
+        - id: gen5
+          prompt: {model: smol, user: "Analyse generation 5.", max_tokens: 8}
+        - id: free
+          reload_model: {model: smol}
+        - id: gen10
+          prompt: {model: smol, user: "Analyse generation 10.", max_tokens: 8}
+        - id: bye
+          unload_model: {model: smol}
+        """)
+    out = lmflow_cmd("run", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert [s["status"] for s in result["steps"]] == ["completed"] * 5
+    assert result["steps"][0]["output"]["context_length"] == 2048
+    assert loaded_instances(lmstudio) == []
+
+
+def test_a_failed_run_still_unloads_what_it_loaded(lmstudio: str, prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, lmstudio, """\
+        - id: load
+          load_model: {model: smol}
+        - id: boom
+          python: {function: "helpers:fail"}
+        """)
+    out = lmflow_cmd("run", str(spec))
+    assert out.returncode == 1
+    assert "step 'boom' failed: helpers:fail raised RuntimeError: boom" in out.stderr
+    assert loaded_instances(lmstudio) == []
