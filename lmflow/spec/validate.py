@@ -141,7 +141,19 @@ def _params(doc: Document, overrides: dict[str, Any], problems: list[Problem]) -
     return params
 
 
-def _servers(doc: Document, problems: list[Problem]) -> dict[str, ServerConfig]:
+def _server_field(doc: Document, path: PathT, value: Any, params: dict[str, Any],
+                  problems: list[Problem]) -> Any:
+    """Server fields may use `${{ params.X }}` (e.g. a URL set per machine with -p)."""
+    if not isinstance(value, str) or "${{" not in value:
+        return value
+    try:
+        return templates.render(value, {"params": params})
+    except templates.TemplateError as exc:
+        problems.append(doc.problem(path, f"{exc}", "server fields may only use params"))
+        return None
+
+
+def _servers(doc: Document, params: dict[str, Any], problems: list[Problem]) -> dict[str, ServerConfig]:
     data = doc.data
     if "server" in data and "servers" in data:
         problems.append(doc.problem(("servers",), "give either 'server' or 'servers', not both",
@@ -158,6 +170,7 @@ def _servers(doc: Document, problems: list[Problem]) -> dict[str, ServerConfig]:
     for name, (cfg, path) in raw.items():
         if not isinstance(cfg, dict):
             continue
+        cfg = {k: _server_field(doc, path + (k,), v, params, problems) for k, v in cfg.items()}
         backend = cfg.get("backend", "local")
         url = cfg.get("url") or DEFAULT_URLS.get(backend)
         if backend == "openai" and not url:
@@ -405,7 +418,7 @@ def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
                                      "see examples/quickstart.yaml")])
     problems = list(_schema_problems(doc))
     params_values = _params(doc, params or {}, problems)
-    servers = _servers(doc, problems)
+    servers = _servers(doc, params_values, problems)
     models = _models(doc, servers, problems)
     defaults = _policy(doc.data.get("defaults") if isinstance(doc.data.get("defaults"), dict) else {},
                        Policy())
