@@ -176,11 +176,16 @@ class Runtime:
 
     def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
         model = self.spec.models[alias]
-        if model.server not in self.backends:
-            config = self.spec.servers[model.server]
-            self.recorder.emit("backend_starting", server=config.name, backend=config.backend)
-            self.backends[model.server] = create_backend(config, self.spec.dir)
-        return self.backends[model.server], model
+        return self.server_backend(model.server), model
+
+    def server_backend(self, name: str) -> Backend:
+        if name not in self.backends:
+            config = self.spec.servers[name]
+            self.recorder.emit("backend_starting", server=name, backend=config.backend)
+            backend = create_backend(config, self.spec.dir)
+            backend.set_listener(lambda event, data: self.recorder.emit(event, **data))
+            self.backends[name] = backend
+        return self.backends[name]
 
     def close(self) -> None:
         """Unload what this run loaded (unless kept) and stop its engines, also after a failure."""
@@ -239,7 +244,7 @@ class Runtime:
         record = self.recorder.record(step.id)
         record.attempts += 1
         ctx = StepContext(step_id=step.id, spec_dir=self.spec.dir, timeout=step.policy.timeout,
-                          backend_for=self.backend_for,
+                          backend_for=self.backend_for, server_backend=self.server_backend,
                           emit=lambda event, data: self.recorder.emit(event, step=step.id, **data),
                           loaded=self.loaded.__setitem__,
                           unloaded=lambda alias: self.loaded.pop(alias, None))

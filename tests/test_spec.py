@@ -128,7 +128,7 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "spec.yaml:12:20: steps[0].prompt.temperature: 9 is greater than the maximum of 2",
         "spec.yaml:13:9: steps[1].id: duplicate step id 'ask' (step ids must be unique)",
         "spec.yaml:14:5: steps[1].promt: unknown key 'promt' (did you mean 'prompt'?; "
-        "step kinds: load_model, prompt, python, reload_model, unload_model)",
+        "step kinds: ensure_server, load_model, prompt, python, reload_model, unload_model)",
         "spec.yaml:17:5: steps[2].python: a step has one kind, found prompt, python "
         "(split it into several steps)",
         "spec.yaml:18:9: steps[3].id: '3bad' does not match ^[A-Za-z_][A-Za-z0-9_-]*$ "

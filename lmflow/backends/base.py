@@ -63,6 +63,17 @@ class Backend(ABC):
     @abstractmethod
     def chat(self, request: ChatRequest) -> ChatResponse: ...
 
+    def ensure(self) -> dict[str, Any]:
+        """Make sure the server is up (start it if the config says how); say what was done."""
+        from ..errors import BackendUnreachable
+
+        if not self.health():
+            raise BackendUnreachable(f"no server answers at {self.url}", url=self.url)
+        return {"url": self.url, "was_running": True, "started": False, "seconds": 0.0}
+
+    def set_listener(self, listener: Any) -> None:  # noqa: B027 - optional hook
+        """Where the backend reports what it did on its own (restarts, warnings)."""
+
     def load(self, model: ModelConfig) -> ModelInfo:
         raise NotImplementedError(f"the {self.kind} backend does not load models")
 

@@ -16,6 +16,7 @@ from ..errors import BackendError, BackendHTTPError
 from ..spec.model import ModelConfig, ServerConfig
 from .base import Backend, ChatRequest, ChatResponse, ModelInfo
 from .openai import OpenAIClient
+from .supervisor import Supervisor
 
 LOAD_TIMEOUT = 600.0
 
@@ -35,8 +36,22 @@ class LMStudioBackend(Backend):
                 else "start LM Studio's server (`lms server start`) or fix server.url")
         self.client = OpenAIClient(config.url or "http://127.0.0.1:1234", api_key=token,
                                    transport=transport, start_hint=hint)
-        #: instance ids this backend loaded, by model alias
+        #: instance ids this backend loaded, by model alias, and how they were loaded
         self.instances: dict[str, str] = {}
+        self.loaded_models: dict[str, ModelConfig] = {}
+        self.supervisor = Supervisor(config, self.health, after_restart=self._reload_after_restart)
+
+    def ensure(self) -> dict[str, Any]:
+        return self.supervisor.ensure()
+
+    def set_listener(self, listener: Any) -> None:
+        self.supervisor.listener = listener
+
+    def _reload_after_restart(self) -> None:
+        # a restarted LM Studio has nothing loaded: bring back what the run had loaded
+        self.instances.clear()
+        for model in list(self.loaded_models.values()):
+            self._load(model)
 
     @property
     def url(self) -> str:
@@ -83,6 +98,11 @@ class LMStudioBackend(Backend):
         return None
 
     def load(self, model: ModelConfig) -> ModelInfo:
+        info = self.supervisor.call(lambda: self._load(model))
+        self.loaded_models[model.alias] = model
+        return info
+
+    def _load(self, model: ModelConfig) -> ModelInfo:
         body: dict[str, Any] = {"model": model.key, "echo_load_config": True}
         if model.context_length:
             body["context_length"] = model.context_length
@@ -114,6 +134,7 @@ class LMStudioBackend(Backend):
             f"it has: {keys}", url=self.url, status=404)
 
     def unload(self, model: ModelConfig) -> None:
+        self.loaded_models.pop(model.alias, None)
         instance_id = self.instances.pop(model.alias, None)
         targets = [instance_id] if instance_id else [
             instance.get("id") for entry in self._models_v1() if entry.get("key") == model.key
@@ -126,6 +147,9 @@ class LMStudioBackend(Backend):
                     raise
 
     def chat(self, request: ChatRequest) -> ChatResponse:
+        return self.supervisor.call(lambda: self._chat(request))
+
+    def _chat(self, request: ChatRequest) -> ChatResponse:
         instance_id = self.instances.get(request.model.alias)
         target = request.model if instance_id is None else ModelConfig(
             alias=request.model.alias, key=instance_id)
@@ -144,3 +168,4 @@ class LMStudioBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
+        self.supervisor.close()

@@ -20,6 +20,7 @@ from ..errors import (
 )
 from ..spec.model import ServerConfig
 from .base import Backend, ChatRequest, ChatResponse, ModelInfo
+from .supervisor import Supervisor
 
 # "maximum context length is 4096 tokens. However, your messages resulted in 5000 tokens"
 _CTX_OPENAI = re.compile(r"maximum context length is (\d+).*?(?:resulted in|requested) (\d+)", re.S)
@@ -174,6 +175,13 @@ class OpenAIBackend(Backend):
                 else "start the server or fix server.url")
         self.client = OpenAIClient(config.url or "", api_key=api_key, transport=transport,
                                    start_hint=hint)
+        self.supervisor = Supervisor(config, self.health)
+
+    def ensure(self) -> dict[str, Any]:
+        return self.supervisor.ensure()
+
+    def set_listener(self, listener: Any) -> None:
+        self.supervisor.listener = listener
 
     def health(self) -> bool:
         return self.client.health()
@@ -182,7 +190,8 @@ class OpenAIBackend(Backend):
         return self.client.list_models()
 
     def chat(self, request: ChatRequest) -> ChatResponse:
-        return self.client.chat(request)
+        return self.supervisor.call(lambda: self.client.chat(request))
 
     def close(self) -> None:
         self.client.close()
+        self.supervisor.close()

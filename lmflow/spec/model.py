@@ -30,6 +30,7 @@ class ServerConfig:
     api_key_env: str | None = None
     start: str | None = None
     startup_timeout: float = 60.0
+    max_restarts: int = 3
     threads: int | None = None
     parallel: int | None = None
     args: tuple[str, ...] = ()

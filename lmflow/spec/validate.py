@@ -187,6 +187,7 @@ def _servers(doc: Document, params: dict[str, Any], problems: list[Problem]) -> 
         servers[name] = ServerConfig(
             name=name, backend=backend, url=url, api_key_env=cfg.get("api_key_env"),
             start=cfg.get("start"), startup_timeout=startup, threads=cfg.get("threads"),
+            max_restarts=cfg.get("max_restarts", 3) if isinstance(cfg.get("max_restarts", 3), int) else 3,
             parallel=cfg.get("parallel"), args=tuple(cfg.get("args") or ()),
         )
     return servers
@@ -274,7 +275,7 @@ def _field_problem(schema: dict[str, Any] | None, field_path: tuple) -> str | No
 
 def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
                  models: dict[str, ModelConfig], defaults: Policy,
-                 problems: list[Problem]) -> list[StepSpec]:
+                 problems: list[Problem], server_names: Iterable[str] = ("default",)) -> list[StepSpec]:
     registered = kinds()
     raw_steps = doc.data.get("steps")
     if not isinstance(raw_steps, list):
@@ -324,7 +325,8 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
                     _i: int = i, _k: str = kind_name) -> Problem:
             return doc.problem(("steps", _i, _k) + tuple(sub), message, hint, key=key)
 
-        ctx = CheckContext(spec_dir=spec_dir, model_aliases=tuple(models), problem=problem)
+        ctx = CheckContext(spec_dir=spec_dir, model_aliases=tuple(models), problem=problem,
+                           server_names=tuple(server_names))
         kind_problems = list(kind.check(options, ctx))
         problems.extend(kind_problems)
         if kind_problems or not schema_ok(i, kind_name):
@@ -422,7 +424,8 @@ def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
     models = _models(doc, servers, problems)
     defaults = _policy(doc.data.get("defaults") if isinstance(doc.data.get("defaults"), dict) else {},
                        Policy())
-    steps = _check_steps(doc, path.resolve().parent, params_values, models, defaults, problems)
+    steps = _check_steps(doc, path.resolve().parent, params_values, models, defaults, problems,
+                         servers)
     if problems:
         raise SpecError(_dedupe(problems))
     return Spec(

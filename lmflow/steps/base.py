@@ -26,6 +26,7 @@ class CheckContext:
     spec_dir: Path
     model_aliases: tuple[str, ...]
     problem: Callable[..., Problem]  # problem(path_in_step_options, message, hint=None)
+    server_names: tuple[str, ...] = ("default",)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class StepContext:
     spec_dir: Path
     timeout: float
     backend_for: Callable[[str], tuple[Backend, ModelConfig]]
+    server_backend: Callable[[str], Backend] = lambda name: None  # type: ignore[assignment,return-value]
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
     #: tell the run a model was loaded (it is unloaded at the end unless kept) / unloaded
     loaded: Callable[[str, ModelConfig], None] = lambda alias, model: None

@@ -1,0 +1,91 @@
+"""Keep a model server up: start it when it is down, restart it when it dies mid-run.
+
+A server lmflow starts (with `server.start`) is lmflow's child: it is stopped
+by PID when the run ends, like the managed engine.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .. import processes
+from ..errors import BackendUnreachable, LmflowError
+from ..home import subdir
+from ..spec.model import ServerConfig
+
+T = TypeVar("T")
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class ServerDown(LmflowError):
+    exit_code = 3
+
+
+class Supervisor:
+    """Health checks, the start command, and a bounded number of restarts (each recorded)."""
+
+    def __init__(self, config: ServerConfig, health: Callable[[], bool],
+                 after_restart: Callable[[], None] = lambda: None):
+        self.config = config
+        self.health = health
+        self.after_restart = after_restart
+        self.proc: subprocess.Popen | None = None
+        self.restarts: list[dict[str, Any]] = []
+        self.listener: Listener = lambda event, data: None
+
+    def ensure(self) -> dict[str, Any]:
+        """Make sure the server answers; start it when it does not and a start command is set."""
+        if self.health():
+            return {"url": self.config.url, "was_running": True, "started": False, "seconds": 0.0}
+        if not self.config.start:
+            raise ServerDown(f"no server answers at {self.config.url}: start it, or set server.start "
+                             "(e.g. `lms server start`) so lmflow can")
+        seconds = self._start()
+        return {"url": self.config.url, "was_running": False, "started": True, "seconds": seconds}
+
+    def _start(self) -> float:
+        started = time.monotonic()
+        if self.proc is not None:
+            processes.stop(self.proc)
+        log = subdir("logs") / f"server-{self.config.name}.log"
+        self.proc = processes.spawn(shlex.split(self.config.start or ""), log_path=log,
+                                    label=f"server {self.config.name}")
+        deadline = started + self.config.startup_timeout
+        while time.monotonic() < deadline:
+            if self.health():
+                return round(time.monotonic() - started, 3)
+            # a command such as `lms server start` exits once the daemon runs: that is fine;
+            # a foreground server that exited has failed
+            time.sleep(0.1)
+        raise ServerDown(f"`{self.config.start}` did not bring up {self.config.url} within "
+                         f"{self.config.startup_timeout:g}s; see {log}")
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn`; if the server is unreachable and can be restarted, restart it and retry once."""
+        try:
+            return fn()
+        except BackendUnreachable as exc:
+            if not self.config.start or len(self.restarts) >= self.config.max_restarts:
+                raise
+            noticed = time.monotonic()
+            seconds = self._start()
+            self.after_restart()
+            record = {"url": self.config.url, "restart": len(self.restarts) + 1,
+                      "of": self.config.max_restarts, "seconds": seconds,
+                      "recovered_in": round(time.monotonic() - noticed, 3), "error": str(exc)}
+            self.restarts.append(record)
+            self.listener("server_restarted", record)
+            self.listener("warning", {"message": (
+                f"{self.config.url} was down; restarted it with `{self.config.start}` "
+                f"(restart {record['restart']} of {record['of']}) and continued after "
+                f"{record['recovered_in']:.1f}s")})
+            return fn()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            processes.stop(self.proc)
+            self.proc = None
