@@ -75,6 +75,9 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
     from . import run as run_spec
 
     def listen(event: str, data: dict[str, Any]) -> None:
+        if event == "warning":  # on stderr also with --json: stdout stays pure JSON
+            where = f"{data['step']}: " if data.get("step") else ""
+            click.echo(f"  warning: {where}{data['message']}", err=True)
         if as_json:
             return
         if event == "temporary_server_starting":
@@ -91,9 +94,6 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
             click.echo("  starting the local llama.cpp engine…", err=True)
         elif event in ("step_started", "step_finished"):
             click.echo(report.progress_line(data["step"]), err=True)
-        elif event == "warning":
-            where = f"{data['step']}: " if data.get("step") else ""
-            click.echo(f"  warning: {where}{data['message']}", err=True)
 
     result = run_spec(spec, _params(params), refresh_cache=refresh, listener=listen,
                       verbose=verbose)

@@ -61,6 +61,8 @@ class RunResult:
     api_url: str | None = None
     record_path: str | None = None
     error: str | None = None  # a failure outside any step (e.g. the flow crashed)
+    #: what lmflow did on its own or wants you to know (server restarts, clamped contexts)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -103,6 +105,10 @@ class RunRecorder:
         return next(s for s in self.result.steps if s.id == step_id)
 
     def emit(self, event: str, **data: Any) -> None:
+        if event in ("warning", "server_restarted"):
+            entry = {"event": event, **{k: v for k, v in data.items() if k != "spec"}}
+            self.result.events.append(entry)
+            self._append(entry)
         if self.listener:
             self.listener(event, data)
 
@@ -171,6 +177,7 @@ class Runtime:
         self.outputs: dict[str, Any] = {}
         #: models this run loaded and has not unloaded, by alias
         self.loaded: dict[str, ModelConfig] = {}
+        self.current_step: str | None = None
 
     # -- backends ---------------------------------------------------------
 
@@ -183,7 +190,8 @@ class Runtime:
             config = self.spec.servers[name]
             self.recorder.emit("backend_starting", server=name, backend=config.backend)
             backend = create_backend(config, self.spec.dir)
-            backend.set_listener(lambda event, data: self.recorder.emit(event, **data))
+            backend.set_listener(
+                lambda event, data: self.recorder.emit(event, step=self.current_step, **data))
             self.backends[name] = backend
         return self.backends[name]
 
@@ -243,6 +251,7 @@ class Runtime:
         """Run one step with resolved options (one attempt)."""
         record = self.recorder.record(step.id)
         record.attempts += 1
+        self.current_step = step.id
         ctx = StepContext(step_id=step.id, spec_dir=self.spec.dir, timeout=step.policy.timeout,
                           backend_for=self.backend_for, server_backend=self.server_backend,
                           emit=lambda event, data: self.recorder.emit(event, step=step.id, **data),

@@ -246,3 +246,68 @@ def test_coach_scenario_spec_refuses_a_clamped_context(lmstudio: str, prefect_ap
         "not the 4096 asked for (strict: true): ask for at most what it can load, or probe the "
         "model's real limit")
     assert loaded_instances(lmstudio) == []
+
+
+KILLER = """\
+import os
+import signal
+
+import psutil
+
+
+def kill_server(port):
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            os.kill(conn.pid, signal.SIGKILL)
+            return conn.pid
+    raise RuntimeError(f"nothing listens on {port}")
+"""
+
+
+def listening(port: int) -> bool:
+    import psutil
+
+    return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+               for c in psutil.net_connections(kind="tcp"))
+
+
+def test_server_started_by_lmflow_and_restarted_after_a_crash(prefect_api: str, tmp_path: Path) -> None:
+    from lmflow.backends.local import free_port
+
+    port = free_port()
+    (tmp_path / "cfg.yaml").write_text("models:\n  - key: smollm2-135m-instruct\n")
+    (tmp_path / "killer.py").write_text(KILLER)
+    start = f"{BIN / 'lmflow'} testing serve --port {port} --config {tmp_path / 'cfg.yaml'}"
+    spec = tmp_path / "crash.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        version: 1
+        name: crash
+        server:
+          backend: lmstudio
+          url: http://127.0.0.1:{port}
+          start: {start}
+          max_restarts: 1
+        models: {{smol: {{key: smollm2-135m-instruct, context_length: 1024}}}}
+        defaults: {{cache: false}}
+        steps:
+          - id: up
+            ensure_server: {{}}
+          - id: load
+            load_model: {{model: smol}}
+          - id: before
+            prompt: {{model: smol, user: "Say hi.", max_tokens: 4}}
+          - id: crash
+            python: {{function: "killer:kill_server", args: {{port: {port}}}}}
+          - id: after
+            prompt: {{model: smol, user: "Say hi again.", max_tokens: 4}}
+        """))
+    out = lmflow_cmd("run", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["steps"][0]["output"]["started"] is True
+    assert [s["status"] for s in result["steps"]] == ["completed"] * 5
+    assert f"http://127.0.0.1:{port} was down; restarted it with" in out.stderr
+    assert "(restart 1 of 1)" in out.stderr
+    restarts = [e for e in result["events"] if e["event"] == "server_restarted"]
+    assert len(restarts) == 1 and restarts[0]["step"] == "after"
+    assert not listening(port)  # the server lmflow started is stopped with the run
