@@ -311,3 +311,31 @@ def test_server_started_by_lmflow_and_restarted_after_a_crash(prefect_api: str, 
     restarts = [e for e in result["events"] if e["event"] == "server_restarted"]
     assert len(restarts) == 1 and restarts[0]["step"] == "after"
     assert not listening(port)  # the server lmflow started is stopped with the run
+
+
+def test_fault_modes_of_the_test_server(tmp_path: Path) -> None:
+    from lmflow.errors import BackendTimeout, BackendUnreachable
+
+    slow, url = start_server(tmp_path, CONFIG + "delay_seconds: 3\njit: false\n")
+    try:
+        b = backend(url)
+        with pytest.raises(BackendHTTPError, match="not loaded and JIT loading is off"):
+            ask(b)
+        b.load(SMOL)
+        with pytest.raises(BackendTimeout, match="within 1s"):
+            b.chat(ChatRequest(model=SMOL, messages=[{"role": "user", "content": "hi"}],
+                               sampling={"max_tokens": 2}, timeout=1))
+        b.close()
+    finally:
+        stop_server(slow)
+    crashing, url = start_server(tmp_path, CONFIG + "crash_on_request: 2\n")
+    try:
+        b = backend(url)
+        assert ask(b)  # JIT: loads on first use
+        assert loaded_instances(url) == [("smollm2-135m-instruct", 3072)]  # 4096 by default, clamped
+        with pytest.raises(BackendUnreachable):
+            ask(b)  # the server dies in the middle of this request
+        assert crashing.wait(10) == 70
+        b.close()
+    finally:
+        stop_server(crashing)
