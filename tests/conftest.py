@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +94,48 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     return None
+
+
+CONFIG = """\
+models:
+  - key: smollm2-135m-instruct          # declares 8192, loads at most 3072, clamps silently
+    max_context_length: 8192
+    loadable_context_length: 3072
+    clamp: true
+  - key: small-strict                   # declares 8192, fails above 2048
+    file: smollm2-135m-instruct
+    max_context_length: 8192
+    loadable_context_length: 2048
+"""
+
+
+def start_server(tmp: Path, config: str) -> tuple[subprocess.Popen, str]:
+    path = tmp / "lmstudio.yaml"
+    path.write_text(textwrap.dedent(config))
+    proc = subprocess.Popen([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def lmstudio(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The LM Studio-compatible test server, as users start it: `lmflow testing serve --config`."""
+    proc, url = start_server(tmp_path_factory.mktemp("lmstudio"), CONFIG)
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+
+

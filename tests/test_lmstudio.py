@@ -7,15 +7,12 @@ answers with real inference through llama-server children, and is stopped by PID
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, ROOT, lmflow_cmd
+from conftest import BIN, CONFIG, ROOT, lmflow_cmd, start_server, stop_server
 
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
@@ -25,48 +22,6 @@ from lmflow.steps import StepContext, get_kind
 from lmflow.steps.load_model import ContextMismatch
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
-
-CONFIG = """\
-models:
-  - key: smollm2-135m-instruct          # declares 8192, loads at most 3072, clamps silently
-    max_context_length: 8192
-    loadable_context_length: 3072
-    clamp: true
-  - key: small-strict                   # declares 8192, fails above 2048
-    file: smollm2-135m-instruct
-    max_context_length: 8192
-    loadable_context_length: 2048
-"""
-
-
-def start_server(tmp: Path, config: str) -> tuple[subprocess.Popen, str]:
-    path = tmp / "lmstudio.yaml"
-    path.write_text(textwrap.dedent(config))
-    proc = subprocess.Popen([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
-    url = proc.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
-    return proc, url
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="session")
-def lmstudio(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_server(tmp_path_factory.mktemp("lmstudio"), CONFIG)
-    try:
-        yield url
-    finally:
-        stop_server(proc)
-
 
 def loaded_instances(url: str) -> list[tuple[str, int]]:
     models = httpx.get(f"{url}/api/v1/models").json()["models"]

@@ -99,7 +99,7 @@ def test_changed_param_recomputes_only_what_depends_on_it(prefect_api: str, tmp_
     assert [(s["status"], s["output"]) for s in again["steps"]] == [("cached", 11), ("completed", 15)]
 
 
-def test_unreachable_server_fails_the_step_after_retries(prefect_api: str, tmp_path: Path) -> None:
+def test_unreachable_server_that_cannot_be_started(prefect_api: str, tmp_path: Path) -> None:
     from lmflow.backends.local import free_port
 
     port = free_port()
@@ -115,11 +115,33 @@ def test_unreachable_server_fails_the_step_after_retries(prefect_api: str, tmp_p
     """, name="down")
     out = lmflow_cmd("run", str(spec))
     assert out.returncode == 1
+    # `lms` is not installed here: lmflow says so at once instead of retrying
     assert out.stderr.splitlines()[-1] == (
-        f"error: step 'ask' failed after 3 attempts: cannot reach http://127.0.0.1:{port} "
-        f"(ConnectError: [Errno 111] Connection refused): start it with `lms server start`")
+        f"error: step 'ask' failed: cannot reach http://127.0.0.1:{port} "
+        f"(ConnectError: [Errno 111] Connection refused): start it with `lms server start`; "
+        "restarting it failed: cannot run `lms server start` (server.start): "
+        "[Errno 2] No such file or directory: 'lms'")
     assert [line.split()[2] for line in out.stdout.splitlines()[2:4]] == ["failed", "skipped"]
     assert "Traceback" not in out.stderr
+
+
+def test_unreachable_server_fails_the_step_after_retries(prefect_api: str, tmp_path: Path) -> None:
+    from lmflow.backends.local import free_port
+
+    port = free_port()
+    spec = write_spec(tmp_path, f"""\
+        server: {{backend: openai, url: "http://127.0.0.1:{port}"}}
+        models: {{m: {{key: some-model}}}}
+        defaults: {{retries: 2, retry_delay: 0.1s, cache: false}}
+        steps:
+          - id: ask
+            prompt: {{model: m, user: hi}}
+    """, name="down2")
+    out = lmflow_cmd("run", str(spec))
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        f"error: step 'ask' failed after 3 attempts: cannot reach http://127.0.0.1:{port} "
+        f"(ConnectError: [Errno 111] Connection refused): start the server or fix server.url")
 
 
 def test_errors_that_cannot_heal_are_not_retried(prefect_api: str, tmp_path: Path) -> None:

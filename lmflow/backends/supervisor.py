@@ -52,12 +52,18 @@ class Supervisor:
         if self.proc is not None:
             processes.stop(self.proc)
         log = subdir("logs") / f"server-{self.config.name}.log"
-        self.proc = processes.spawn(shlex.split(self.config.start or ""), log_path=log,
-                                    label=f"server {self.config.name}")
+        try:
+            self.proc = processes.spawn(shlex.split(self.config.start or ""), log_path=log,
+                                        label=f"server {self.config.name}")
+        except OSError as exc:
+            raise ServerDown(f"cannot run `{self.config.start}` (server.start): {exc}") from None
         deadline = started + self.config.startup_timeout
         while time.monotonic() < deadline:
             if self.health():
                 return round(time.monotonic() - started, 3)
+            if self.proc.poll() not in (None, 0):
+                raise ServerDown(f"`{self.config.start}` exited with code {self.proc.returncode}; "
+                                 f"see {log}")
             # a command such as `lms server start` exits once the daemon runs: that is fine;
             # a foreground server that exited has failed
             time.sleep(0.1)
@@ -72,7 +78,10 @@ class Supervisor:
             if not self.config.start or len(self.restarts) >= self.config.max_restarts:
                 raise
             noticed = time.monotonic()
-            seconds = self._start()
+            try:
+                seconds = self._start()
+            except ServerDown as down:
+                raise ServerDown(f"{exc}; restarting it failed: {down}") from None
             self.after_restart()
             record = {"url": self.config.url, "restart": len(self.restarts) + 1,
                       "of": self.config.max_restarts, "seconds": seconds,

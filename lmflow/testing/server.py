@@ -24,7 +24,8 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from ..backends.catalog import BUNDLED, llama_server_binary, locate
 from ..backends.local import LlamaServer
@@ -65,6 +66,7 @@ class Instance:
     engine: LlamaServer
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
+    ttl_seconds: float | None = None  # set per load by the SDK (ttl)
 
 
 def installed_models() -> list[TestModel]:
@@ -128,6 +130,8 @@ class LMStudioTestServer:
             Route("/api/v0/models", self.v0_models),
             Route("/v1/models", self.openai_models),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/lmstudio-greeting", self.greeting),
+            WebSocketRoute("/llm", self.sdk),
         ], lifespan=self._lifespan)
         self.app.add_middleware(_TokenMiddleware, token=behaviour.api_token)
 
@@ -174,7 +178,9 @@ class LMStudioTestServer:
         return JSONResponse({"object": "list", "data": [
             {"id": k, "object": "model", "owned_by": "organization_owner"} for k in keys]})
 
-    async def _load(self, key: str, context_length: int | None) -> Instance | Response:
+    async def load_instance(self, key: str, context_length: int | None, *,
+                            identifier: str | None = None,
+                            ttl_ms: int | None = None) -> Instance | Response:
         model = self.models.get(key)
         if model is None:
             return _error(404, f"Model not found: {key}")
@@ -191,7 +197,9 @@ class LMStudioTestServer:
             actual = limit  # silently, as LM Studio's auto-fit does
         async with self._load_lock:
             count = len(self._loaded(key))
-            instance_id = key if count == 0 else f"{key}:{count + 1}"
+            instance_id = identifier or (key if count == 0 else f"{key}:{count + 1}")
+            if identifier and identifier in self.instances:
+                return _error(409, f"an instance with identifier {identifier!r} is already loaded")
             while instance_id in self.instances:
                 count += 1
                 instance_id = f"{key}:{count + 1}"
@@ -203,7 +211,8 @@ class LMStudioTestServer:
                 await run_in_threadpool(engine.wait_ready)
             except LmflowError as exc:
                 return _error(500, f"Failed to load model {key}: {exc}")
-            instance = Instance(instance_id, model, actual, engine, time.monotonic() - started)
+            instance = Instance(instance_id, model, actual, engine, time.monotonic() - started,
+                                ttl_seconds=ttl_ms / 1000 if ttl_ms else self.behaviour.ttl_seconds)
             self.instances[instance_id] = instance
             return instance
 
@@ -211,7 +220,7 @@ class LMStudioTestServer:
         body = await request.json()
         if not isinstance(body.get("model"), str):
             return _error(400, "'model' is required")
-        result = await self._load(body["model"], body.get("context_length"))
+        result = await self.load_instance(body["model"], body.get("context_length"))
         if isinstance(result, Response):
             return result
         answer: dict[str, Any] = {"type": "llm", "instance_id": result.id,
@@ -223,20 +232,22 @@ class LMStudioTestServer:
 
     async def v1_unload(self, request: Request) -> Response:
         body = await request.json()
-        instance = self.instances.pop(body.get("instance_id", ""), None)
-        if instance is None:
+        if not await self.unload(body.get("instance_id", "")):
             return _error(404, f"No loaded model instance with id {body.get('instance_id')!r}")
+        return JSONResponse({"instance_id": body["instance_id"]})
+
+    async def unload(self, instance_id: str) -> bool:
+        instance = self.instances.pop(instance_id, None)
+        if instance is None:
+            return False
         await run_in_threadpool(instance.engine.stop)
-        return JSONResponse({"instance_id": instance.id})
+        return True
 
     async def _expire(self) -> None:
-        ttl = self.behaviour.ttl_seconds
-        if ttl is None:
-            return
         now = time.monotonic()
-        for instance in [i for i in self.instances.values() if now - i.last_used > ttl]:
-            self.instances.pop(instance.id, None)
-            await run_in_threadpool(instance.engine.stop)
+        for instance in [i for i in self.instances.values()
+                         if i.ttl_seconds is not None and now - i.last_used > i.ttl_seconds]:
+            await self.unload(instance.id)
 
     # -- inference --------------------------------------------------------
 
@@ -254,21 +265,35 @@ class LMStudioTestServer:
         if instance is None:
             if not self.behaviour.jit:
                 return _error(404, f"Model {asked!r} is not loaded and JIT loading is off")
-            result = await self._load(asked, None)
+            result = await self.load_instance(asked, None)
             if isinstance(result, Response):
                 return result
             instance = result
         instance.last_used = time.monotonic()
         if self.behaviour.delay_seconds:
             await asyncio.sleep(self.behaviour.delay_seconds)
+        status, payload = await self.complete(instance, body)
+        return JSONResponse(payload, status_code=status)
+
+    async def complete(self, instance: Instance, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A chat completion by the instance's llama-server (answer labelled with the instance id)."""
+        instance.last_used = time.monotonic()
         try:
             upstream = await self.http.post(f"{instance.engine.url}/v1/chat/completions", json=body)
         except httpx.HTTPError as exc:
-            return _error(500, f"model crashed: {exc}")
+            return 500, {"error": {"message": f"model crashed: {exc}"}}
         payload = upstream.json()
         if upstream.status_code == 200:
             payload["model"] = instance.id
-        return JSONResponse(payload, status_code=upstream.status_code)
+        return upstream.status_code, payload
+
+    async def greeting(self, request: Request) -> Response:
+        return JSONResponse({"lmstudio": True})
+
+    async def sdk(self, websocket: WebSocket) -> None:
+        from .sdk_ws import SdkSession
+
+        await SdkSession(self, websocket).run()
 
 
 class _TokenMiddleware:

@@ -1,0 +1,44 @@
+"""The real `lmstudio` SDK client against lmflow's LM Studio-compatible test server."""
+
+from __future__ import annotations
+
+import lmstudio as lms
+import pytest
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+KEY = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def client(lmstudio: str):
+    client = lms.Client(lmstudio.removeprefix("http://"))  # explicit, never the default client
+    yield client
+    for model in client.llm.list_loaded():
+        model.unload()
+    client.close()
+
+
+def test_sdk_load_predict_unload_reload_with_one_client(client: lms.Client) -> None:
+    assert client.llm.list_loaded() == []
+    model = client.llm.load_new_instance(KEY, "coach", config={"contextLength": 2048})
+    assert model.get_context_length() == 2048
+    assert [m.identifier for m in client.llm.list_loaded()] == ["coach"]
+    answer = model.respond("What is 2+2?", config={"maxTokens": 10, "temperature": 0})
+    assert "4" in answer.content
+    assert answer.stats.predicted_tokens_count and answer.stats.predicted_tokens_count <= 10
+    model.unload()
+    assert client.llm.list_loaded() == []
+    again = client.llm.load_new_instance(KEY, "coach", config={"contextLength": 1024})
+    assert again.get_context_length() == 1024
+    assert again.respond("Say hi.", config={"maxTokens": 4}).content
+
+
+def test_sdk_sees_the_clamped_context(client: lms.Client) -> None:
+    model = client.llm.load_new_instance(KEY, "big", config={"contextLength": 6000})
+    assert model.get_context_length() == 3072
+
+
+def test_sdk_unknown_model_is_a_server_error(client: lms.Client) -> None:
+    with pytest.raises(lms.LMStudioError, match="Model not found: no/such-model"):
+        client.llm.load_new_instance("no/such-model", "x")
