@@ -254,3 +254,29 @@ def test_killed_run_leaves_no_temporary_prefect_server(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_lifecycle_steps_run_unchanged_on_the_managed_engine(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        models: {lc: {key: smollm2-135m-instruct, context_length: 1024}}
+        defaults: {cache: false}
+        steps:
+          - id: up
+            ensure_server: {}
+          - id: load
+            load_model: {model: lc, strict: true}
+          - id: gen5
+            prompt: {model: lc, user: "Analyse generation 5.", max_tokens: 4}
+          - id: free
+            reload_model: {model: lc, context_length: 2048}
+          - id: gen10
+            prompt: {model: lc, user: "Analyse generation 10.", max_tokens: 4}
+          - id: bye
+            unload_model: {model: lc}
+    """, name="locallife")
+    out = lmflow_cmd("run", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    steps = {s["id"]: s for s in json.loads(out.stdout)["steps"]}
+    assert steps["load"]["output"]["context_length"] == 1024
+    assert steps["free"]["output"]["context_length"] == 2048
+    assert engines_with_alias("lc") == []
