@@ -42,3 +42,27 @@ def test_sdk_sees_the_clamped_context(client: lms.Client) -> None:
 def test_sdk_unknown_model_is_a_server_error(client: lms.Client) -> None:
     with pytest.raises(lms.LMStudioError, match="Model not found: no/such-model"):
         client.llm.load_new_instance("no/such-model", "x")
+
+
+def test_lmflow_loads_through_the_sdk_for_ttl_and_identifier(lmstudio: str) -> None:
+    import time
+
+    import httpx
+
+    from lmflow.backends.base import ChatRequest
+    from lmflow.backends.lmstudio import LMStudioBackend
+    from lmflow.spec.model import ModelConfig, ServerConfig
+
+    backend = LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=lmstudio))
+    model = ModelConfig(alias="coach", key=KEY, context_length=2048, identifier="coach-a", ttl=1.0)
+    try:
+        info = backend.load(model)
+        assert (info.instance_id, info.loaded_context_length) == ("coach-a", 2048)
+        answer = backend.chat(ChatRequest(model=model, messages=[{"role": "user", "content": "hi"}],
+                                          sampling={"max_tokens": 3}))
+        assert answer.model == "coach-a"
+        time.sleep(1.5)  # idle past its TTL: the server unloads it
+        models = httpx.get(f"{lmstudio}/api/v1/models").json()["models"]
+        assert all(m["loaded_instances"] == [] for m in models)
+    finally:
+        backend.close()

@@ -8,7 +8,9 @@ read back; answers are checked to come from the requested model.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
@@ -40,6 +42,7 @@ class LMStudioBackend(Backend):
         self.instances: dict[str, str] = {}
         self.loaded_models: dict[str, ModelConfig] = {}
         self.supervisor = Supervisor(config, self.health, after_restart=self._reload_after_restart)
+        self._sdk_client: Any = None
 
     def ensure(self) -> dict[str, Any]:
         return self.supervisor.ensure()
@@ -50,6 +53,9 @@ class LMStudioBackend(Backend):
     def _reload_after_restart(self) -> None:
         # a restarted LM Studio has nothing loaded: bring back what the run had loaded
         self.instances.clear()
+        if self._sdk_client is not None:  # its websocket died with the server
+            self._sdk_client.close()
+            self._sdk_client = None
         for model in list(self.loaded_models.values()):
             self._load(model)
 
@@ -102,7 +108,45 @@ class LMStudioBackend(Backend):
         self.loaded_models[model.alias] = model
         return info
 
+    def _sdk(self) -> Any:
+        """One explicit SDK client per server, kept for the backend's life (never the default one)."""
+        if self._sdk_client is None:
+            import lmstudio as lms
+
+            self._sdk_client = lms.Client(urlparse(self.url).netloc)
+        return self._sdk_client
+
     def _load(self, model: ModelConfig) -> ModelInfo:
+        if model.ttl is not None or model.gpu is not None or model.identifier:
+            return self._load_sdk(model)  # REST v1 has no ttl, gpu or identifier
+        return self._load_rest(model)
+
+    def _load_sdk(self, model: ModelConfig) -> ModelInfo:
+        import lmstudio as lms
+
+        config: dict[str, Any] = {}
+        if model.context_length:
+            config["contextLength"] = model.context_length
+        if model.gpu is not None:
+            ratio = {"max": 1.0, "off": 0.0}.get(str(model.gpu), model.gpu)
+            config["gpu"] = {"ratio": float(ratio)}
+        started = time.monotonic()
+        try:
+            handle = self._sdk().llm.load_new_instance(
+                model.key, model.identifier, ttl=int(model.ttl) if model.ttl else None, config=config)
+            actual = handle.get_context_length()
+        except lms.LMStudioModelNotFoundError:
+            raise self._not_found(model) from None
+        except lms.LMStudioError as exc:
+            if "not found" in str(exc).lower():
+                raise self._not_found(model) from None
+            raise BackendError(f"LM Studio at {self.url} could not load '{model.key}': {exc}",
+                               url=self.url) from None
+        self.instances[model.alias] = handle.identifier
+        return ModelInfo(key=model.key, loaded=True, loaded_context_length=actual,
+                         instance_id=handle.identifier, load_seconds=round(time.monotonic() - started, 3))
+
+    def _load_rest(self, model: ModelConfig) -> ModelInfo:
         body: dict[str, Any] = {"model": model.key, "echo_load_config": True}
         if model.context_length:
             body["context_length"] = model.context_length
@@ -168,4 +212,7 @@ class LMStudioBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
+        if self._sdk_client is not None:
+            self._sdk_client.close()
+            self._sdk_client = None
         self.supervisor.close()

@@ -45,6 +45,9 @@ class ModelConfig:
     context_length: int | None = None
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     keep_loaded: bool = False
+    ttl: float | None = None  # lmstudio: idle seconds before the server unloads it
+    gpu: str | float | None = None  # lmstudio: "max", "off" or a 0..1 offload ratio
+    identifier: str | None = None  # lmstudio: the instance's name on the server
 
     def identity(self) -> dict[str, Any]:
         """Everything about the model that changes its answers (part of cache keys)."""
@@ -54,6 +57,7 @@ class ModelConfig:
             "path": self.path,
             "context_length": self.context_length,
             "options": self.options,
+            "gpu": self.gpu,
         }
 
 

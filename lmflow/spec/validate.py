@@ -212,6 +212,12 @@ def _models(doc: Document, servers: dict[str, ServerConfig],
             problems.append(doc.problem(
                 ("models", alias, "key"), f"'{cfg['key']}' is not a bundled model",
                 f"bundled: {', '.join(BUNDLED)}; or give path: /path/to/model.gguf"))
+        for option in ("ttl", "gpu", "identifier"):
+            if option in cfg and server in servers and servers[server].backend != "lmstudio":
+                problems.append(doc.problem(("models", alias, option),
+                                            f"'{option}' is an LM Studio load option",
+                                            f"the {servers[server].backend} backend ignores it: remove it",
+                                            key=True))
         if cfg.get("path") and not Path(doc.file).parent.joinpath(cfg["path"]).expanduser().exists():
             problems.append(doc.problem(("models", alias, "path"), f"file not found: {cfg['path']}",
                                         "paths are relative to the spec's folder"))
@@ -219,8 +225,17 @@ def _models(doc: Document, servers: dict[str, ServerConfig],
             alias=alias, key=cfg["key"], server=server, path=cfg.get("path"),
             context_length=cfg.get("context_length"), options=dict(cfg.get("options") or {}),
             keep_loaded=bool(cfg.get("keep_loaded", False)),
+            ttl=_duration_or_none(cfg.get("ttl")), gpu=cfg.get("gpu"),
+            identifier=cfg.get("identifier"),
         )
     return models
+
+
+def _duration_or_none(value: Any) -> float | None:
+    try:
+        return parse_duration(value) if value is not None else None
+    except (ValueError, TypeError):
+        return None  # reported by the schema
 
 
 def _policy(raw: dict[str, Any], base: Policy) -> Policy:
