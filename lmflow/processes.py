@@ -3,8 +3,10 @@
 Three layers, because each alone has a gap:
 1. `stop()` in a `finally` / context manager: normal exit, errors, Ctrl-C, SIGTERM
    (the CLI turns SIGTERM into SystemExit so `finally` blocks run).
-2. Linux `PR_SET_PDEATHSIG`: the kernel sends SIGTERM to the child when the
-   thread that started it dies, which covers `kill -9` of lmflow.
+2. Linux `PR_SET_PDEATHSIG`: the kernel sends SIGKILL to the child when the
+   thread that started it dies, which covers `kill -9` of lmflow. SIGKILL, not
+   SIGTERM: a llama-server caught mid-request was seen to hang in its graceful
+   shutdown for good, an orphan after all.
 3. A PID file per child under lmflow's home: the next lmflow that starts
    reaps children whose owner is gone (covers platforms without PDEATHSIG).
 """
@@ -30,7 +32,7 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
 
