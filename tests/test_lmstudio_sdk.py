@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lmstudio as lms
 import pytest
 
@@ -65,4 +67,25 @@ def test_lmflow_loads_through_the_sdk_for_ttl_and_identifier(lmstudio: str) -> N
         models = httpx.get(f"{lmstudio}/api/v1/models").json()["models"]
         assert all(m["loaded_instances"] == [] for m in models)
     finally:
+        backend.close()
+
+
+def test_load_model_step_passes_gpu_ttl_and_identifier(lmstudio: str) -> None:
+    from lmflow.backends.lmstudio import LMStudioBackend
+    from lmflow.spec.model import ModelConfig, ServerConfig
+    from lmflow.steps import StepContext, get_kind
+
+    backend = LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=lmstudio))
+    model = ModelConfig(alias="c", key=KEY)
+    ctx = StepContext(step_id="load", spec_dir=Path("."), timeout=60,
+                      backend_for=lambda alias: (backend, model))
+    try:
+        result = get_kind("load_model").run(
+            {"model": "c", "identifier": "via-step", "gpu": "max", "ttl": "10m", "context_length": 1024},
+            ctx)
+        assert result.output["instance"] == "via-step"
+        assert result.output["context_length"] == 1024
+        assert "warnings" not in result.meta
+    finally:
+        backend.unload(ModelConfig(alias="c", key=KEY))
         backend.close()

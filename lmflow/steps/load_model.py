@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import LmflowError, Problem
 from ..spec.hints import suggest
+from ..spec.model import parse_duration
 from . import register
 from .base import CheckContext, Step, StepContext, StepResult
 
@@ -26,8 +27,14 @@ def check_model(options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]
 def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
     """Shared by load_model and reload_model."""
     backend, model = ctx.backend_for(options["model"])
-    if options.get("context_length"):
-        model = dataclasses.replace(model, context_length=options["context_length"])
+    overrides = {k: options[k] for k in ("context_length", "gpu", "ttl", "identifier") if k in options}
+    if "ttl" in overrides:
+        overrides["ttl"] = parse_duration(overrides["ttl"])
+    if overrides:
+        model = dataclasses.replace(model, **overrides)
+    if backend.kind != "lmstudio" and {"gpu", "ttl", "identifier"} & set(overrides):
+        raise LmflowError(f"gpu, ttl and identifier are LM Studio load options; the {backend.kind} "
+                          "backend cannot apply them: remove them from the step")
     if not backend.manages_models:
         raise LmflowError(f"the {backend.kind} backend cannot load models: use backend: lmstudio or "
                           "local, or drop the load_model step")
@@ -67,6 +74,12 @@ class LoadModelStep(Step):
             "model": {"type": "string", "description": "A model alias from `models`."},
             "context_length": {"type": "integer", "minimum": 128,
                                "description": "Overrides the model's context_length for this load."},
+            "gpu": {"description": "lmstudio: GPU offload for this load, max, off or a ratio 0..1.",
+                    "oneOf": [{"enum": ["max", "off"]}, {"type": "number", "minimum": 0, "maximum": 1}]},
+            "ttl": {"description": "lmstudio: unload after this long idle (30s, 10m, or seconds).",
+                    "oneOf": [{"type": "number", "minimum": 0},
+                              {"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h|d)\\s*$"}]},
+            "identifier": {"type": "string", "description": "lmstudio: the instance's identifier."},
             "strict": {"type": "boolean",
                        "description": "Fail when the server applies another context length (default: warn)."},
             "warmup": {"type": "string", "description": "A short prompt sent once after loading."},
