@@ -8,7 +8,7 @@ or by calling `register()` before a spec is loaded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -88,3 +88,17 @@ class Step(ABC):
     @abstractmethod
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         """Run with fully resolved options."""
+
+
+#: the `model` option of every kind that uses a model
+MODEL_OPTION: dict[str, Any] = {"type": "string", "description": "A model alias from `models`."}
+
+
+def check_model_alias(options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+    """An unknown model alias, with the nearest known one as a hint."""
+    from ..spec.hints import suggest
+
+    model = options.get("model")
+    if model not in ctx.model_aliases:
+        hint = suggest(model, ctx.model_aliases) if ctx.model_aliases else "declare it under models"
+        yield ctx.problem(("model",), f"unknown model '{model}'", hint)

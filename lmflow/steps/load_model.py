@@ -7,21 +7,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import LmflowError, Problem
-from ..spec.hints import suggest
 from ..spec.model import parse_duration
 from . import register
-from .base import CheckContext, Step, StepContext, StepResult
+from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
 
 
 class ContextMismatch(LmflowError):
     """The server loaded the model at another context length than the spec asked for."""
-
-
-def check_model(options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-    model = options.get("model")
-    if model not in ctx.model_aliases:
-        hint = suggest(model, ctx.model_aliases) if ctx.model_aliases else "declare it under models"
-        yield ctx.problem(("model",), f"unknown model '{model}'", hint)
 
 
 def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
@@ -71,7 +63,7 @@ class LoadModelStep(Step):
         "required": ["model"],
         "additionalProperties": False,
         "properties": {
-            "model": {"type": "string", "description": "A model alias from `models`."},
+            "model": MODEL_OPTION,
             "context_length": {"type": "integer", "minimum": 128,
                                "description": "Overrides the model's context_length for this load."},
             "gpu": {"description": "lmstudio: GPU offload for this load, max, off or a ratio 0..1.",
@@ -87,7 +79,7 @@ class LoadModelStep(Step):
     }
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        return check_model(options, ctx)
+        return check_model_alias(options, ctx)
 
     def models(self, options: dict[str, Any]) -> list[str]:
         return [options["model"]]

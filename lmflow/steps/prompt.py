@@ -13,9 +13,8 @@ from typing import Any
 import yaml
 
 from ..errors import InvalidResponse, Problem
-from ..spec.hints import suggest
 from . import register
-from .base import CheckContext, Step, StepContext, StepResult
+from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
 
 _TEXT_OR_FILE = {
     "description": "Inline text, or {file: path} relative to the spec's folder; "
@@ -43,7 +42,7 @@ class PromptStep(Step):
         "required": ["model"],
         "additionalProperties": False,
         "properties": {
-            "model": {"type": "string", "description": "A model alias from `models`."},
+            "model": MODEL_OPTION,
             "system": _TEXT_OR_FILE,
             "user": _TEXT_OR_FILE,
             "messages": {
@@ -73,10 +72,7 @@ class PromptStep(Step):
         from jsonschema import Draft202012Validator
         from jsonschema.exceptions import SchemaError
 
-        model = options.get("model")
-        if model not in ctx.model_aliases:
-            hint = suggest(model, ctx.model_aliases) if ctx.model_aliases else "declare it under models"
-            yield ctx.problem(("model",), f"unknown model '{model}'", hint)
+        yield from check_model_alias(options, ctx)
         if "messages" in options and ("system" in options or "user" in options):
             yield ctx.problem(("messages",), "give either messages or system/user, not both", key=True)
         elif "messages" not in options and "user" not in options:

@@ -7,8 +7,8 @@ from typing import Any
 
 from ..errors import Problem
 from . import register
-from .base import CheckContext, StepContext, StepResult
-from .load_model import LoadModelStep, check_model, load
+from .base import CheckContext, StepContext, StepResult, check_model_alias
+from .load_model import LoadModelStep, load
 
 
 @register
@@ -17,7 +17,7 @@ class ReloadModelStep(LoadModelStep):
     summary = "Unload then load a model with the same settings (frees its context)."
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        return check_model(options, ctx)
+        return check_model_alias(options, ctx)
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         backend, model = ctx.backend_for(options["model"])

@@ -7,8 +7,7 @@ from typing import Any
 
 from ..errors import LmflowError, Problem
 from . import register
-from .base import CheckContext, Step, StepContext, StepResult
-from .load_model import check_model
+from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
 
 
 @register
@@ -20,11 +19,11 @@ class UnloadModelStep(Step):
         "type": "object",
         "required": ["model"],
         "additionalProperties": False,
-        "properties": {"model": {"type": "string", "description": "A model alias from `models`."}},
+        "properties": {"model": MODEL_OPTION},
     }
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        return check_model(options, ctx)
+        return check_model_alias(options, ctx)
 
     def models(self, options: dict[str, Any]) -> list[str]:
         return [options["model"]]
