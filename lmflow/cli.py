@@ -176,6 +176,49 @@ def models(url: str, backend: str) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--server", "url", default="http://127.0.0.1:1234", show_default=True)
+@click.option("--min", "minimum", type=int, default=1024, show_default=True)
+@click.option("--max", "maximum", type=int, default=None, help="Default: the declared maximum.")
+@click.option("--granularity", type=int, default=1024, show_default=True)
+@click.option("--fresh", is_flag=True, help="Forget earlier attempts of this probe.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--list", "list_only", is_flag=True, help="Show the registry of finished probes.")
+def probe(model: str | None, url: str, minimum: int, maximum: int | None, granularity: int,
+          fresh: bool, as_json: bool, list_only: bool) -> None:
+    """Find the largest context MODEL really loads at on an LM Studio server."""
+    from . import probe as probing
+
+    if list_only:
+        entries = probing.registry()
+        if as_json:
+            click.echo(json.dumps(entries, indent=2))
+        for e in entries if not as_json else []:
+            click.echo(f"{e['model']}  {e['server']}  loadable max {e['loadable_max']}")
+        return
+    if not model:
+        raise click.UsageError("give a MODEL key, or --list")
+    from .backends import create_backend
+    from .spec.model import ModelConfig, ServerConfig
+
+    def show(attempt: Any) -> None:
+        if not as_json:
+            extra = f" ({attempt.detail})" if attempt.detail else ""
+            click.echo(f"  load at {attempt.size:>6}: {attempt.outcome} in {attempt.seconds:.2f}s{extra}",
+                       err=True)
+
+    with create_backend(ServerConfig(name="probe", backend="lmstudio", url=url)) as backend:
+        report = probing.probe_loadable(backend, ModelConfig(alias="probe", key=model),
+                                        minimum=minimum, maximum=maximum, granularity=granularity,
+                                        on_attempt=show, fresh=fresh)
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2, default=str))
+    else:
+        click.echo(f"{model}: declared {report.declared_max}, loads at most {report.loadable_max} "
+                   f"(granularity {granularity}, {report.loads} loads)")
+
+
 @cli.group()
 def testing() -> None:
     """Helpers for testing specs without LM Studio."""
