@@ -183,11 +183,12 @@ def models(url: str, backend: str) -> None:
 @click.option("--max", "maximum", type=int, default=None, help="Default: the declared maximum.")
 @click.option("--granularity", type=int, default=1024, show_default=True)
 @click.option("--fresh", is_flag=True, help="Forget earlier attempts of this probe.")
+@click.option("--load-only", is_flag=True, help="Only the loadable maximum, not the working one.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--list", "list_only", is_flag=True, help="Show the registry of finished probes.")
 def probe(model: str | None, url: str, minimum: int, maximum: int | None, granularity: int,
-          fresh: bool, as_json: bool, list_only: bool) -> None:
-    """Find the largest context MODEL really loads at on an LM Studio server."""
+          fresh: bool, load_only: bool, as_json: bool, list_only: bool) -> None:
+    """Find the largest context MODEL really loads at, and the largest at which it still works."""
     from . import probe as probing
 
     if list_only:
@@ -195,7 +196,8 @@ def probe(model: str | None, url: str, minimum: int, maximum: int | None, granul
         if as_json:
             click.echo(json.dumps(entries, indent=2))
         for e in entries if not as_json else []:
-            click.echo(f"{e['model']}  {e['server']}  loadable max {e['loadable_max']}")
+            click.echo(f"{e['model']}  {e['server']}  loadable max {e['loadable_max']}  "
+                       f"working max {e.get('working_max')}")
         return
     if not model:
         raise click.UsageError("give a MODEL key, or --list")
@@ -209,14 +211,34 @@ def probe(model: str | None, url: str, minimum: int, maximum: int | None, granul
                        err=True)
 
     with create_backend(ServerConfig(name="probe", backend="lmstudio", url=url)) as backend:
-        report = probing.probe_loadable(backend, ModelConfig(alias="probe", key=model),
-                                        minimum=minimum, maximum=maximum, granularity=granularity,
-                                        on_attempt=show, fresh=fresh)
+        target = ModelConfig(alias="probe", key=model)
+        report = probing.probe_loadable(backend, target, minimum=minimum, maximum=maximum,
+                                        granularity=granularity, on_attempt=show, fresh=fresh)
+        if report.loadable_max and not load_only:
+            def show_trial(t: Any) -> None:
+                if not as_json:
+                    click.echo(f"  fill {t.fill:>6} ({t.position:<6}): {t.outcome}, "
+                               f"{t.prompt_tokens} tokens in {t.seconds:.2f}s", err=True)
+
+            working, trials = probing.probe_working(backend, target, context_length=report.loadable_max,
+                                                    granularity=granularity, on_trial=show_trial)
+            probing.record_working(report, working, trials)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2, default=str))
-    else:
-        click.echo(f"{model}: declared {report.declared_max}, loads at most {report.loadable_max} "
-                   f"(granularity {granularity}, {report.loads} loads)")
+        return
+    click.echo(f"{model}: declared {report.declared_max}, loads at most {report.loadable_max} "
+               f"(granularity {granularity}, {report.loads} loads)")
+    if not load_only and report.loadable_max:
+        click.echo(f"{model}: works (pass key found at start, middle and end) up to "
+                   f"{report.working_max} prompt tokens at context {report.loadable_max}")
+        click.echo("   fill  outcome  prompt tokens  seconds  tokens/s")
+        for fill in sorted({t.fill for t in report.trials}):
+            rows = [t for t in report.trials if t.fill == fill]
+            outcome = "ok" if all(t.outcome == "ok" for t in rows) else ",".join(
+                sorted({t.outcome for t in rows if t.outcome != "ok"}))
+            speed = max((t.tokens_per_second or 0) for t in rows)
+            click.echo(f"{fill:>7}  {outcome:<7}  {rows[0].prompt_tokens or '?':>13}  "
+                       f"{max(t.seconds for t in rows):>7.2f}  {speed:>8}")
 
 
 @cli.group()

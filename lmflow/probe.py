@@ -6,8 +6,9 @@ to a journal before they start and after they end, so a killed probe resumes
 where it stopped; the model is never left loaded. Results live in a registry
 under lmflow's home, keyed by everything that changes the answer.
 
-(The working maximum, filling the context for real, comes with the rest of
-the context-probe work.)
+The working maximum fills the context for real: a pass key at the start, the
+middle and the end, temperature 0, exact match, the server's own token count
+checked; bisection on the fill level, the boundary confirmed with other keys.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class ProbeReport:
     loadable_max: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
     finished: bool = False
+    working_max: int | None = None
+    trials: list[Any] = field(default_factory=list)
 
     @property
     def loads(self) -> int:
@@ -173,7 +176,7 @@ def registry() -> list[dict[str, Any]]:
     """Every finished probe: its key and loadable maximum."""
     results = []
     for path in sorted(subdir("probes").glob("*.jsonl")):
-        key, best, finished = None, None, False
+        key, best, finished, working = None, None, False, None
         for line in path.read_text().splitlines():
             try:
                 entry = json.loads(line)
@@ -182,6 +185,142 @@ def registry() -> list[dict[str, Any]]:
             key = entry.get("probe", key)
             if entry.get("finished"):
                 best, finished = entry.get("loadable_max"), True
+            if "working_max" in entry:
+                working = entry["working_max"]
         if key and finished:
-            results.append({**key, "loadable_max": best})
+            results.append({**key, "loadable_max": best, "working_max": working})
     return results
+
+
+# ---------------------------------------------------------------- working maximum
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again. ")
+QUESTION = "What is the pass key? Answer with the number only."
+POSITIONS = ("start", "middle", "end")
+ANSWER_RESERVE = 64
+
+
+@dataclass
+class Trial:
+    fill: int  # prompt tokens asked for
+    position: str
+    key: str
+    outcome: str  # ok | wrong | truncated | overflow | error
+    prompt_tokens: int | None = None
+    seconds: float = 0.0
+    answer: str = ""
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return round(self.prompt_tokens / self.seconds, 1) if self.prompt_tokens and self.seconds else None
+
+
+def _prompt(sentences: int, position: str, key: str) -> str:
+    chunks = [FILLER] * sentences
+    index = {"start": 0, "middle": sentences // 2, "end": sentences}[position]
+    chunks.insert(index, f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    return ("There is a pass key hidden in the text below. Find it and remember it.\n"
+            + "".join(chunks) + "\n" + QUESTION)
+
+
+def _key(fill: int, position: str, trial: int) -> str:
+    digest = hashlib.sha256(f"{fill}:{position}:{trial}".encode()).hexdigest()
+    return str(10000 + int(digest[:8], 16) % 90000)
+
+
+def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, granularity: int = 1024,
+                  confirmations: int = 2,
+                  on_trial: Callable[[Trial], None] = lambda t: None) -> tuple[int | None, list[Trial]]:
+    """Largest prompt (tokens, a multiple of `granularity`) at which the model retrieves a pass key
+    placed at the start, middle and end, exactly, at temperature 0."""
+    from .backends.base import ChatRequest
+
+    loaded = dataclasses.replace(model, context_length=context_length)
+    trials: list[Trial] = []
+
+    def ask(sentences: int, position: str, key: str) -> tuple[str, int | None, float]:
+        response = backend.chat(ChatRequest(
+            model=loaded, messages=[{"role": "user", "content": _prompt(sentences, position, key)}],
+            sampling={"temperature": 0, "seed": 7, "max_tokens": 16}, timeout=600))
+        return response.text, response.prompt_tokens, response.seconds
+
+    backend.load(loaded)
+    try:
+        return _search_working(backend, ask, trials, on_trial, context_length=context_length,
+                               granularity=granularity, confirmations=confirmations)
+    finally:
+        try:
+            backend.unload(loaded)
+        except BackendError:
+            pass
+
+
+def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, float]],
+                    trials: list[Trial], on_trial: Callable[[Trial], None], *, context_length: int,
+                    granularity: int, confirmations: int) -> tuple[int | None, list[Trial]]:
+    from .errors import ContextOverflow
+
+    # calibrate with the server's own token counts: tokens = base + per_sentence * sentences
+    _, small, _ = ask(4, "end", "11111")
+    _, large, _ = ask(24, "end", "11111")
+    if not small or not large:
+        raise BackendError(f"{backend.url} reports no prompt token counts: cannot fill the context "
+                           "by measure", url=backend.url)
+    per_sentence = (large - small) / 20
+    base = small - 4 * per_sentence
+
+    def passes(fill: int, trial: int = 0) -> bool:
+        sentences = max(0, int((fill - base) / per_sentence))
+        ok = True
+        for position in POSITIONS:
+            key = _key(fill, position, trial)
+            try:
+                text, tokens, seconds = ask(sentences, position, key)
+            except ContextOverflow:
+                result = Trial(fill, position, key, "overflow")
+            except BackendError as exc:
+                result = Trial(fill, position, key, "error", answer=str(exc)[:200])
+            else:
+                # the server's count confirms the prompt was not cut before it counted
+                truncated = tokens is not None and tokens < 0.9 * fill
+                outcome = "truncated" if truncated else ("ok" if text.strip().strip(".") == key
+                                                         or key in text.split() else "wrong")
+                result = Trial(fill, position, key, outcome, tokens, round(seconds, 3), text.strip()[:40])
+            trials.append(result)
+            on_trial(result)
+            ok = ok and result.outcome == "ok"
+        return ok
+
+    high = context_length - ANSWER_RESERVE
+    high -= high % granularity
+    low = granularity
+    if not passes(low):
+        return None, trials
+    best: int = low
+    if passes(high):
+        best = high
+    else:
+        failed = high
+        while failed - best > granularity:
+            middle = (best + failed) // 2
+            middle -= middle % granularity
+            if middle <= best:
+                middle = best + granularity
+            if passes(middle):
+                best = middle
+            else:
+                failed = middle
+    # confirm the boundary with other keys; step down while it does not hold
+    while best > low and not all(passes(best, trial) for trial in range(1, confirmations + 1)):
+        best -= granularity
+    return best, trials
+
+
+def record_working(report: ProbeReport, working: int | None, trials: list[Trial]) -> None:
+    report.working_max = working
+    report.trials = trials
+    path = record_path(report.key)
+    for trial in trials:
+        _append(path, {"trial": asdict(trial)})
+    _append(path, {"working_max": working, "at_context": report.loadable_max})

@@ -106,6 +106,12 @@ models:
     file: smollm2-135m-instruct
     max_context_length: 8192
     loadable_context_length: 2048
+  - key: retriever                      # declares 8192, loads 4096, loses its start past 2500
+    file: smollm2-135m-instruct
+    max_context_length: 8192
+    loadable_context_length: 4096
+    working_context_length: 2500
+    answers: retriever
 """
 
 

@@ -113,7 +113,7 @@ def test_unknown_model_lists_what_exists(lmstudio: str) -> None:
         b.load(ModelConfig(alias="coach", key="google/gemma-3-12b"))
     assert str(info.value) == (
         f"LM Studio at {lmstudio} has no model 'google/gemma-3-12b' (models.coach.key); "
-        "it has: smollm2-135m-instruct, small-strict")
+        "it has: smollm2-135m-instruct, small-strict, retriever")
     b.close()
 
 
@@ -138,7 +138,8 @@ def test_api_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert info.value.status == 401
         assert "set the API token (server.api_key_env)" in str(info.value)
         monkeypatch.setenv("LM_API_TOKEN", "s3cret")
-        assert [m.key for m in backend(url).list_models()] == ["smollm2-135m-instruct", "small-strict"]
+        assert [m.key for m in backend(url).list_models()] == ["smollm2-135m-instruct", "small-strict",
+                                                              "retriever"]
     finally:
         stop_server(proc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import httpx
@@ -68,10 +69,48 @@ def test_probe_command(lmstudio: str) -> None:
 
     from conftest import lmflow_cmd
 
-    out = lmflow_cmd("probe", "small-strict", "--server", lmstudio, "--json", "--fresh")
+    out = lmflow_cmd("probe", "small-strict", "--server", lmstudio, "--json", "--fresh", "--load-only")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["loadable_max"] == 2048
     listed = lmflow_cmd("probe", "--list")
-    assert f"small-strict  {lmstudio}  loadable max 2048" in listed.stdout
+    assert f"small-strict  {lmstudio}  loadable max 2048  working max None" in listed.stdout
     missing = lmflow_cmd("probe")
     assert missing.returncode == 2 and "give a MODEL key, or --list" in missing.stderr
+
+
+def test_finds_the_working_maximum_where_a_tiny_prompt_would_pass(lmstudio: str) -> None:
+    from lmflow.backends.base import ChatRequest
+    from lmflow.probe import probe_working
+
+    b = backend(lmstudio)
+    model = ModelConfig(alias="r", key="retriever")
+    try:
+        working, trials = probe_working(b, model, context_length=4096, granularity=256)
+        # the truth is 2500 prompt tokens: the answer is the largest multiple of 256 below it
+        assert working == 2304
+        beyond = [t for t in trials if t.fill > 2500]
+        assert beyond and all(t.outcome != "ok" for t in beyond if t.position == "start")
+        assert any(t.outcome == "ok" for t in beyond if t.position == "end")  # only the start is lost
+        assert all(t.prompt_tokens and abs(t.prompt_tokens - t.fill) < 64 for t in trials)
+        assert nothing_loaded(lmstudio)
+        # a short question near the end still gets answered far beyond the working limit
+        b.load(dataclasses.replace(model, context_length=4096))
+        filler = "The grass is green. " * 700 + "The pass key is 12345. What is the pass key?"
+        answer = b.chat(ChatRequest(model=model, messages=[{"role": "user", "content": filler}]))
+        assert answer.prompt_tokens > 3000 and answer.text == "12345"
+    finally:
+        b.unload(model)
+        b.close()
+
+
+def test_probe_command_reports_both_limits(lmstudio: str) -> None:
+    from conftest import lmflow_cmd
+
+    out = lmflow_cmd("probe", "retriever", "--server", lmstudio, "--granularity", "512", "--fresh")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "retriever: declared 8192, loads at most 4096 (granularity 512, 7 loads)"
+    assert lines[1] == ("retriever: works (pass key found at start, middle and end) up to 2048 "
+                        "prompt tokens at context 4096")
+    assert "fill  outcome  prompt tokens  seconds  tokens/s" in lines[2]
+    assert "fill    512 (start ): ok" in out.stderr

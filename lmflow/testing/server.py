@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,12 @@ class TestModel:
     max_context_length: int = 8192  # what GET /models declares
     loadable_context_length: int | None = None  # larger loads fail, or clamp (below)
     clamp: bool = False  # True: load silently at loadable_context_length instead of failing
+    #: beyond this many prompt tokens the model silently loses the start of its prompt
+    working_context_length: int | None = None
+    #: "model": llama-server answers; "retriever": answers "pass key" questions from the
+    #: text it kept, perfectly (a stand-in for a model that can retrieve, which the
+    #: bundled 135M model cannot), so probes have a known ground truth
+    answers: str = "model"
 
 
 @dataclass
@@ -99,7 +106,9 @@ def load_behaviour(path: str | Path | None) -> Behaviour:
             key=item["key"], path=resolved,
             max_context_length=int(item.get("max_context_length", 8192)),
             loadable_context_length=item.get("loadable_context_length"),
-            clamp=bool(item.get("clamp", False))))
+            clamp=bool(item.get("clamp", False)),
+            working_context_length=item.get("working_context_length"),
+            answers=item.get("answers", "model")))
     known = {f.name for f in Behaviour.__dataclass_fields__.values()} - {"models"}
     extra = {k: v for k, v in data.items() if k in known}
     unknown = set(data) - known - {"models"}
@@ -278,6 +287,11 @@ class LMStudioTestServer:
     async def complete(self, instance: Instance, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A chat completion by the instance's llama-server (answer labelled with the instance id)."""
         instance.last_used = time.monotonic()
+        model = instance.model
+        if model.working_context_length is not None or model.answers == "retriever":
+            status, payload, body = await self._degrade(instance, body)
+            if payload is not None:
+                return status, payload
         try:
             upstream = await self.http.post(f"{instance.engine.url}/v1/chat/completions", json=body)
         except httpx.HTTPError as exc:
@@ -286,6 +300,35 @@ class LMStudioTestServer:
         if upstream.status_code == 200:
             payload["model"] = instance.id
         return upstream.status_code, payload
+
+    async def _degrade(self, instance: Instance, body: dict[str, Any]
+                       ) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
+        """Apply the model's working limit (drop the oldest tokens) and the retriever mode."""
+        model = instance.model
+        text = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+        url = instance.engine.url
+        tokens = (await self.http.post(f"{url}/tokenize", json={"content": text})).json()["tokens"]
+        if len(tokens) > instance.context_length:
+            return 400, {"error": {"message": (
+                f"Trying to keep the first {len(tokens)} tokens when context the overflows. However, "
+                f"the model is loaded with context length of only {instance.context_length} tokens")}}, body
+        kept = text
+        limit = model.working_context_length
+        if limit is not None and len(tokens) > limit:
+            kept = (await self.http.post(f"{url}/detokenize",
+                                         json={"tokens": tokens[len(tokens) - limit:]})).json()["content"]
+            body = {**body, "messages": [{"role": "user", "content": kept}]}
+        if model.answers != "retriever":
+            return 200, None, body
+        found = re.search(r"pass key is (\d+)", kept)
+        answer = found.group(1) if found else "I cannot find a pass key."
+        return 200, {
+            "id": "retriever", "object": "chat.completion", "model": instance.id,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": answer}}],
+            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 3,
+                      "total_tokens": len(tokens) + 3},
+        }, body
 
     async def greeting(self, request: Request) -> Response:
         return JSONResponse({"lmstudio": True})
