@@ -104,6 +104,11 @@ def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
     if state.is_completed():
         value = state.result()
         runtime.outputs[step.id] = value["output"]
+        markdown = value["meta"].pop("artifact", None)
+        if markdown:  # a report for the UI (a probe's table)
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(markdown, key=_artifact_key(step.id), description=step.id)
         recorder.update(step.id, status="cached" if state.name == "Cached" else "completed",
                         output=value["output"], meta=value["meta"], seconds=seconds)
         return None
@@ -113,6 +118,11 @@ def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
     failure = runtime.failure(step, exc)
     recorder.update(step.id, status="failed", error=failure, seconds=seconds)
     return failure
+
+
+def _artifact_key(step_id: str) -> str:
+    """Prefect artifact keys are lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in step_id.lower()).strip("-") or "step"
 
 
 def _no_heartbeat_wait() -> AbstractContextManager[Any]:

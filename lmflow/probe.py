@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
-from .errors import BackendError, BackendTimeout
+from .errors import BackendError, BackendTimeout, LmflowError
 from .home import subdir
 from .spec.model import ModelConfig
 
@@ -324,3 +324,40 @@ def record_working(report: ProbeReport, working: int | None, trials: list[Trial]
     for trial in trials:
         _append(path, {"trial": asdict(trial)})
     _append(path, {"working_max": working, "at_context": report.loadable_max})
+
+
+class ProbeMissing(LmflowError):
+    """A spec asks for `context_length: probed` but nothing was probed for that model."""
+
+
+def probed_size(backend: Backend, model: ModelConfig) -> int:
+    """`probed` / `probed - 10%`: the registry's working (else loadable) maximum, less the margin."""
+    text = str(model.context_length)
+    margin = 0.0
+    if "-" in text:
+        margin = float(text.split("-", 1)[1].strip().rstrip("%")) / 100
+    key = registry_key(backend, dataclasses.replace(model, context_length=None))
+    for entry in reversed(registry()):
+        if all(entry.get(k) == v for k, v in key.items()):
+            measured = entry.get("working_max") or entry.get("loadable_max")
+            if measured:
+                return int(measured * (1 - margin))
+    raise ProbeMissing(
+        f"models.{model.alias}: context_length '{text}' needs a probe of '{model.key}' on "
+        f"{key['server']}: run `lmflow probe {model.key} --server {key['server']}` or add a "
+        "probe_context step before it")
+
+
+def report_markdown(report: ProbeReport) -> str:
+    """The probe as a markdown table (a Prefect artifact in the UI)."""
+    lines = [f"### Context probe: {report.key['model']} on {report.key['server']}", "",
+             f"Declared {report.declared_max}; loads at most **{report.loadable_max}**; works up to "
+             f"**{report.working_max}** prompt tokens (granularity {report.granularity}).", "",
+             "| load at | outcome | applied | seconds |", "|---|---|---|---|"]
+    lines += [f"| {a.size} | {a.outcome} | {a.actual or ''} | {a.seconds:.2f} |" for a in report.attempts]
+    if report.trials:
+        lines += ["", "| fill (tokens) | position | outcome | prompt tokens | seconds | tokens/s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {t.fill} | {t.position} | {t.outcome} | {t.prompt_tokens} | {t.seconds:.2f} | "
+                  f"{t.tokens_per_second or ''} |" for t in report.trials]
+    return "\n".join(lines)

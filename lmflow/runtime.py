@@ -6,6 +6,7 @@ at run time lives here, so steps stay plain callables that tests can drive.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -183,6 +184,16 @@ class Runtime:
 
     def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
         model = self.spec.models[alias]
+        backend = self.server_backend(model.server)
+        if isinstance(model.context_length, str):  # "probed": the registry's measured size
+            from .probe import probed_size
+
+            model = dataclasses.replace(model, context_length=probed_size(backend, model))
+        return backend, model
+
+    def raw_model(self, alias: str) -> tuple[Backend, ModelConfig]:
+        """The model as the spec declares it (a probe must not need its own result)."""
+        model = self.spec.models[alias]
         return self.server_backend(model.server), model
 
     def server_backend(self, name: str) -> Backend:
@@ -254,6 +265,7 @@ class Runtime:
         self.current_step = step.id
         ctx = StepContext(step_id=step.id, spec_dir=self.spec.dir, timeout=step.policy.timeout,
                           backend_for=self.backend_for, server_backend=self.server_backend,
+                          raw_model=self.raw_model,
                           emit=lambda event, data: self.recorder.emit(event, step=step.id, **data),
                           loaded=self.loaded.__setitem__,
                           unloaded=lambda alias: self.loaded.pop(alias, None))

@@ -114,3 +114,62 @@ def test_probe_command_reports_both_limits(lmstudio: str) -> None:
                         "prompt tokens at context 4096")
     assert "fill  outcome  prompt tokens  seconds  tokens/s" in lines[2]
     assert "fill    512 (start ): ok" in out.stderr
+
+
+def test_probe_step_then_load_at_the_probed_size(lmstudio: str, prefect_api: str, tmp_path) -> None:
+    import json
+    import textwrap
+
+    from conftest import lmflow_cmd
+
+    spec = tmp_path / "probed.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        version: 1
+        name: probed
+        server: {{backend: lmstudio, url: "{lmstudio}"}}
+        models:
+          r: {{key: retriever, context_length: probed - 10%}}
+        steps:
+          - id: measure
+            probe_context: {{model: r, granularity: 512, fresh: true}}
+          - id: load
+            load_model: {{model: r}}
+          - id: ask
+            prompt: {{model: r, user: "The pass key is 424242. What is the pass key?"}}
+        """))
+    out = lmflow_cmd("run", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    steps = {s["id"]: s for s in result["steps"]}
+    assert steps["measure"]["output"]["loadable_max"] == 4096
+    assert steps["measure"]["output"]["working_max"] == 2048
+    assert steps["load"]["output"]["context_length"] == int(2048 * 0.9)
+    assert steps["ask"]["output"] == "424242"
+    assert nothing_loaded(lmstudio)
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter",
+                           json={"artifacts": {"key": {"any_": ["measure"]}}}).json()
+    assert any("Context probe: retriever" in (a.get("data") or "") for a in artifacts)
+
+
+def test_probed_without_a_probe_says_how_to_get_one(lmstudio: str, prefect_api: str, tmp_path) -> None:
+    import textwrap
+
+    from conftest import lmflow_cmd
+
+    spec = tmp_path / "unprobed.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        version: 1
+        name: unprobed
+        server: {{backend: lmstudio, url: "{lmstudio}"}}
+        models:
+          s: {{key: smollm2-135m-instruct, context_length: probed, options: {{flash_attention: true}}}}
+        steps:
+          - id: load
+            load_model: {{model: s}}
+        """))
+    out = lmflow_cmd("run", str(spec))
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        f"error: step 'load' failed: models.s: context_length 'probed' needs a probe of "
+        f"'smollm2-135m-instruct' on {lmstudio}: run `lmflow probe smollm2-135m-instruct --server "
+        f"{lmstudio}` or add a probe_context step before it")

@@ -117,7 +117,9 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
     assert problems(tmp_path, BAD) == [
         "spec.yaml:1:10: version: unsupported spec version 2 (this lmflow reads version: 1)",
         "spec.yaml:3:1: modles: unknown key 'modles' (did you mean 'models'?)",
-        "spec.yaml:5:54: models.smol.context_length: expected integer, got string 'big'",
+        "spec.yaml:5:54: models.smol.context_length: invalid value 'big' (Tokens, or 'probed' / "
+        "'probed - 10%': the working (else loadable) maximum measured by `lmflow probe` or a "
+        "probe_context step.)",
         "spec.yaml:6:21: defaults.retries: -1 is less than the minimum of 0",
         "spec.yaml:6:34: defaults.timeout: invalid value 'soon' (Seconds as a number, or a "
         "string such as 500ms, 30s, 5m, 1h, 1d.)",
@@ -128,7 +130,8 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "spec.yaml:12:20: steps[0].prompt.temperature: 9 is greater than the maximum of 2",
         "spec.yaml:13:9: steps[1].id: duplicate step id 'ask' (step ids must be unique)",
         "spec.yaml:14:5: steps[1].promt: unknown key 'promt' (did you mean 'prompt'?; "
-        "step kinds: ensure_server, load_model, prompt, python, reload_model, unload_model)",
+        "step kinds: ensure_server, load_model, probe_context, prompt, python, reload_model, "
+        "unload_model)",
         "spec.yaml:17:5: steps[2].python: a step has one kind, found prompt, python "
         "(split it into several steps)",
         "spec.yaml:18:9: steps[3].id: '3bad' does not match ^[A-Za-z_][A-Za-z0-9_-]*$ "

@@ -42,7 +42,7 @@ class ModelConfig:
     key: str
     server: str = DEFAULT_SERVER
     path: str | None = None
-    context_length: int | None = None
+    context_length: int | str | None = None  # str: "probed" or "probed - N%"
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     keep_loaded: bool = False
     ttl: float | None = None  # lmstudio: idle seconds before the server unloads it

@@ -46,6 +46,7 @@ class StepContext:
     timeout: float
     backend_for: Callable[[str], tuple[Backend, ModelConfig]]
     server_backend: Callable[[str], Backend] = lambda name: None  # type: ignore[assignment,return-value]
+    raw_model: Callable[[str], tuple[Backend, ModelConfig]] | None = None
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
     #: tell the run a model was loaded (it is unloaded at the end unless kept) / unloaded
     loaded: Callable[[str, ModelConfig], None] = lambda alias, model: None

@@ -1,0 +1,60 @@
+"""`probe_context`: measure a model's loadable and working context, and record it for `probed`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+from ..errors import Problem
+from . import register
+from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
+
+
+@register
+class ProbeContextStep(Step):
+    kind = "probe_context"
+    summary = "Measure the largest context a model loads at and the largest at which it still works."
+    cacheable = False  # the registry is the cache: a finished probe replays without loading
+    options_schema = {
+        "type": "object",
+        "required": ["model"],
+        "additionalProperties": False,
+        "properties": {
+            "model": MODEL_OPTION,
+            "min": {"type": "integer", "minimum": 128},
+            "max": {"type": "integer", "minimum": 128, "description": "Default: the declared maximum."},
+            "granularity": {"type": "integer", "minimum": 16},
+            "load_only": {"type": "boolean", "description": "Skip the working maximum."},
+            "fresh": {"type": "boolean", "description": "Forget earlier attempts of this probe."},
+        },
+    }
+
+    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+        return check_model_alias(options, ctx)
+
+    def models(self, options: dict[str, Any]) -> list[str]:
+        return [options["model"]]
+
+    def output_schema(self, options: dict[str, Any], spec_dir: Any) -> dict[str, Any]:
+        return {"type": "object", "properties": {k: {} for k in (
+            "model", "declared_max", "loadable_max", "working_max", "loads")}}
+
+    def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
+        from .. import probe
+
+        assert ctx.raw_model is not None
+        backend, model = ctx.raw_model(options["model"])
+        granularity = options.get("granularity", 1024)
+        report = probe.probe_loadable(
+            backend, model, minimum=options.get("min", 1024), maximum=options.get("max"),
+            granularity=granularity, fresh=options.get("fresh", False),
+            on_attempt=lambda a: ctx.emit("probe_attempt", asdict(a)))
+        if report.loadable_max and not options.get("load_only"):
+            working, trials = probe.probe_working(backend, model, context_length=report.loadable_max,
+                                                  granularity=granularity)
+            probe.record_working(report, working, trials)
+        output = {"model": model.key, "declared_max": report.declared_max,
+                  "loadable_max": report.loadable_max, "working_max": report.working_max,
+                  "loads": report.loads}
+        return StepResult(output, {"artifact": probe.report_markdown(report)})
