@@ -91,8 +91,9 @@ def probe_loadable(backend: Backend, model: ModelConfig, *, minimum: int = 1024,
                    fresh: bool = False) -> ProbeReport:
     """Largest context (a multiple of `granularity`) the model loads at without clamping.
 
-    Grows geometrically from `minimum`, then bisects between the last size that
-    loaded and the first that did not.
+    Checks `minimum`, then bisects up to the declared maximum. (Growing
+    geometrically first, as first planned, cost up to twice the loads of the
+    target ceil(log2(range / granularity)) + 3; see bench/probe.py.)
     """
     declared = maximum
     if declared is None:
@@ -123,20 +124,14 @@ def probe_loadable(backend: Backend, model: ModelConfig, *, minimum: int = 1024,
 
     low = max(granularity, minimum - minimum % granularity)
     high = declared - declared % granularity
-    best: int | None = None
-    failed: int | None = None
-    size = low
-    while True:  # grow geometrically
-        if attempt(size):
-            best = size
-            if size >= high:
-                break
-            size = min(size * 2, high)
-        else:
-            failed = size
-            break
-    if best is not None and failed is not None:
-        while failed - best > granularity:  # bisect on multiples of the granularity
+    if not attempt(low):
+        best: int | None = None
+    else:
+        # bisect on multiples of the granularity between a size that loads and one known not
+        # to (just past the declared maximum): at most 1 + ceil(log2(range / granularity + 1))
+        # loads, and the largest sizes are only tried once the middle has loaded
+        best, failed = low, high + granularity
+        while failed - best > granularity:
             middle = (best + failed) // 2
             middle -= middle % granularity
             if middle <= best:
