@@ -173,3 +173,28 @@ def test_probed_without_a_probe_says_how_to_get_one(lmstudio: str, prefect_api: 
         f"error: step 'load' failed: models.s: context_length 'probed' needs a probe of "
         f"'smollm2-135m-instruct' on {lmstudio}: run `lmflow probe smollm2-135m-instruct --server "
         f"{lmstudio}` or add a probe_context step before it")
+
+
+def test_probe_against_the_real_model_on_the_managed_engine(prefect_api: str, tmp_path) -> None:
+    """The bundled 135M model loads at 4096 but cannot retrieve a pass key at all: the probe says so."""
+    import json
+    import textwrap
+
+    from conftest import lmflow_cmd
+
+    spec = tmp_path / "real.yaml"
+    spec.write_text(textwrap.dedent("""\
+        version: 1
+        name: real-probe
+        models:
+          smol: {key: smollm2-135m-instruct}
+        steps:
+          - id: measure
+            probe_context: {model: smol, max: 4096, granularity: 1024, fresh: true}
+        """))
+    out = lmflow_cmd("run", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    measured = json.loads(out.stdout)["steps"][0]["output"]
+    assert measured["loadable_max"] == 4096
+    assert measured["working_max"] is None
+    assert measured["loads"] <= math.ceil(math.log2((4096 - 1024) / 1024)) + 3
