@@ -351,6 +351,15 @@ def report_markdown(report: ProbeReport) -> str:
              "| load at | outcome | applied | seconds |", "|---|---|---|---|"]
     lines += [f"| {a.size} | {a.outcome} | {a.actual or ''} | {a.seconds:.2f} |" for a in report.attempts]
     if report.trials:
+        lines += ["", "Pass/fail and prompt speed against the fill:", "", "```"]
+        fills = sorted({t.fill for t in report.trials})
+        speeds = {f: max((t.tokens_per_second or 0) for t in report.trials if t.fill == f) for f in fills}
+        top = max(speeds.values()) or 1
+        for fill in fills:
+            ok = all(t.outcome == "ok" for t in report.trials if t.fill == fill)
+            bar = "#" * max(1, round(30 * speeds[fill] / top))
+            lines.append(f"{fill:>7} {'pass' if ok else 'FAIL'} {bar:<30} {speeds[fill]:.0f} tok/s")
+        lines += ["```"]
         lines += ["", "| fill (tokens) | position | outcome | prompt tokens | seconds | tokens/s |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {t.fill} | {t.position} | {t.outcome} | {t.prompt_tokens} | {t.seconds:.2f} | "
