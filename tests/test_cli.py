@@ -77,3 +77,13 @@ def test_unknown_command_is_a_usage_error(capsys) -> None:
     code, _, err = cli(capsys, "frobnicate")
     assert code == 2
     assert "No such command 'frobnicate'" in err
+
+
+def test_testing_serve_config_errors(capsys, tmp_path: Path) -> None:
+    config = tmp_path / "ts.yaml"
+    config.write_text("models:\n  - key: my-model\n")
+    code, _, err = cli(capsys, "testing", "serve", "--config", str(config))
+    assert code == 2
+    assert err.splitlines()[0] == (
+        f"{config}:2:10: models[0].key: 'my-model' is not a bundled model (add file: one of "
+        "smollm2-135m-instruct, gemma-3-270m, or path: model.gguf)")

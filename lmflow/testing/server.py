@@ -98,10 +98,14 @@ def load_behaviour(path: str | Path | None) -> Behaviour:
         if not isinstance(item, dict) or "key" not in item:
             raise SpecError([doc.problem(("models", i), "a model needs a key")])
         model_path = item.get("path")
+        bundled = item.get("file", item["key"])
         if model_path:
             resolved = Path(doc.file).parent / model_path
+        elif bundled in BUNDLED:
+            resolved = locate(bundled, subdir("models"))
         else:
-            resolved = locate(item.get("file", item["key"]), subdir("models"))
+            raise SpecError([doc.problem(("models", i, "key"), f"'{bundled}' is not a bundled model",
+                                         f"add file: one of {', '.join(BUNDLED)}, or path: model.gguf")])
         models.append(TestModel(
             key=item["key"], path=resolved,
             max_context_length=int(item.get("max_context_length", 8192)),
