@@ -50,6 +50,7 @@ def lmflow_flow(spec_path: str, params: dict[str, Any] | None = None,
                 refresh_cache: bool = False) -> dict[str, Any]:
     """Run the pipeline described by the spec at `spec_path`."""
     spec = load_spec(spec_path, params)
+    owned = _RECORDER.get(None) is None  # run by a deployment, not by `run()`
     recorder = _RECORDER.get(None) or RunRecorder(spec)
     recorder.result.flow_run_id = str(get_run_context().flow_run.id)
     runtime = Runtime(spec, recorder)
@@ -64,6 +65,8 @@ def lmflow_flow(spec_path: str, params: dict[str, Any] | None = None,
                 failure = _run_one(runtime, recorder, step, refresh_cache)
     finally:
         _RUNTIME.reset(token)
+        if owned:
+            recorder.save()
     if failure is not None:
         raise StepFailed(failure)
     return recorder.result.outputs()
