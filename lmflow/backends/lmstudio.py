@@ -65,7 +65,8 @@ class LMStudioBackend(Backend):
 
     def health(self) -> bool:
         try:
-            return self.client.http.get("/api/v1/models", timeout=2.0).status_code == 200
+            # 401/403: it is up, the token is wrong (the next call says so); not a reason to start it
+            return self.client.http.get("/api/v1/models", timeout=2.0).status_code in (200, 401, 403)
         except httpx.HTTPError:
             return False
 
