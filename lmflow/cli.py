@@ -231,13 +231,14 @@ def probe(model: str | None, url: str, minimum: int, maximum: int | None, granul
     if not load_only and report.loadable_max:
         click.echo(f"{model}: works (pass key found at start, middle and end) up to "
                    f"{report.working_max} prompt tokens at context {report.loadable_max}")
-        click.echo("   fill  outcome  prompt tokens  seconds  tokens/s")
+        click.echo("   fill  outcome  prompt tokens  first token  seconds  tokens/s")
         for fill in sorted({t.fill for t in report.trials}):
             rows = [t for t in report.trials if t.fill == fill]
             outcome = "ok" if all(t.outcome == "ok" for t in rows) else ",".join(
                 sorted({t.outcome for t in rows if t.outcome != "ok"}))
             speed = max((t.tokens_per_second or 0) for t in rows)
-            click.echo(f"{fill:>7}  {outcome:<7}  {rows[0].prompt_tokens or '?':>13}  "
+            first = max((t.first_token_seconds or 0) for t in rows)
+            click.echo(f"{fill:>7}  {outcome:<7}  {rows[0].prompt_tokens or '?':>13}  {first:>10.2f}s  "
                        f"{max(t.seconds for t in rows):>7.2f}  {speed:>8}")
 
 

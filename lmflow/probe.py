@@ -205,6 +205,7 @@ class Trial:
     prompt_tokens: int | None = None
     seconds: float = 0.0
     answer: str = ""
+    first_token_seconds: float | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -234,11 +235,11 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
     loaded = dataclasses.replace(model, context_length=context_length)
     trials: list[Trial] = []
 
-    def ask(sentences: int, position: str, key: str) -> tuple[str, int | None, float]:
+    def ask(sentences: int, position: str, key: str) -> tuple[str, int | None, float, float | None]:
         response = backend.chat(ChatRequest(
             model=loaded, messages=[{"role": "user", "content": _prompt(sentences, position, key)}],
-            sampling={"temperature": 0, "seed": 7, "max_tokens": 16}, timeout=600))
-        return response.text, response.prompt_tokens, response.seconds
+            sampling={"temperature": 0, "seed": 7, "max_tokens": 16}, timeout=600, stream=True))
+        return response.text, response.prompt_tokens, response.seconds, response.first_token_seconds
 
     backend.load(loaded)
     try:
@@ -251,14 +252,14 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
             pass
 
 
-def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, float]],
+def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, float, float | None]],
                     trials: list[Trial], on_trial: Callable[[Trial], None], *, context_length: int,
                     granularity: int, confirmations: int) -> tuple[int | None, list[Trial]]:
     from .errors import ContextOverflow
 
     # calibrate with the server's own token counts: tokens = base + per_sentence * sentences
-    _, small, _ = ask(4, "end", "11111")
-    _, large, _ = ask(24, "end", "11111")
+    small = ask(4, "end", "11111")[1]
+    large = ask(24, "end", "11111")[1]
     if not small or not large:
         raise BackendError(f"{backend.url} reports no prompt token counts: cannot fill the context "
                            "by measure", url=backend.url)
@@ -271,7 +272,7 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
         for position in POSITIONS:
             key = _key(fill, position, trial)
             try:
-                text, tokens, seconds = ask(sentences, position, key)
+                text, tokens, seconds, first = ask(sentences, position, key)
             except ContextOverflow:
                 result = Trial(fill, position, key, "overflow")
             except BackendError as exc:
@@ -281,7 +282,8 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
                 truncated = tokens is not None and tokens < 0.9 * fill
                 outcome = "truncated" if truncated else ("ok" if text.strip().strip(".") == key
                                                          or key in text.split() else "wrong")
-                result = Trial(fill, position, key, outcome, tokens, round(seconds, 3), text.strip()[:40])
+                result = Trial(fill, position, key, outcome, tokens, round(seconds, 3), text.strip()[:40],
+                               round(first, 3) if first is not None else None)
             trials.append(result)
             on_trial(result)
             ok = ok and result.outcome == "ok"
@@ -360,8 +362,9 @@ def report_markdown(report: ProbeReport) -> str:
             bar = "#" * max(1, round(30 * speeds[fill] / top))
             lines.append(f"{fill:>7} {'pass' if ok else 'FAIL'} {bar:<30} {speeds[fill]:.0f} tok/s")
         lines += ["```"]
-        lines += ["", "| fill (tokens) | position | outcome | prompt tokens | seconds | tokens/s |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {t.fill} | {t.position} | {t.outcome} | {t.prompt_tokens} | {t.seconds:.2f} | "
-                  f"{t.tokens_per_second or ''} |" for t in report.trials]
+        lines += ["", "| fill (tokens) | position | outcome | prompt tokens | first token (s) | seconds | "
+                  "tokens/s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t.fill} | {t.position} | {t.outcome} | {t.prompt_tokens} | "
+                  f"{'' if t.first_token_seconds is None else f'{t.first_token_seconds:.2f}'} | "
+                  f"{t.seconds:.2f} | {t.tokens_per_second or ''} |" for t in report.trials]
     return "\n".join(lines)

@@ -124,3 +124,31 @@ def test_connection_refused_for_real() -> None:
     assert info.value.retryable
     assert str(info.value).startswith(f"cannot reach http://127.0.0.1:{port} (ConnectError")
     assert str(info.value).endswith("start it with `lms server start`")
+
+
+def test_streamed_answer_measures_the_first_token() -> None:
+    events = (
+        'data: {"model": "qwen-7b", "choices": [{"index": 0, "delta": {"content": "4"}}]}\n\n'
+        'data: {"model": "qwen-7b", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],'
+        ' "usage": {"prompt_tokens": 9, "completion_tokens": 1}}\n\n'
+        "data: [DONE]\n\n")
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["body"] = json.loads(request.content)
+        return httpx.Response(200, text=events, headers={"content-type": "text/event-stream"})
+
+    response = client(handler).chat(ChatRequest(model=MODEL, messages=[], stream=True))
+    assert seen["body"]["stream"] is True and seen["body"]["stream_options"] == {"include_usage": True}
+    assert (response.text, response.finish_reason, response.prompt_tokens) == ("4", "stop", 9)
+    assert response.first_token_seconds is not None
+    assert response.first_token_seconds <= response.seconds
+
+
+def test_streamed_request_errors_are_classified_too() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"type": "exceed_context_size_error",
+                                                   "n_prompt_tokens": 9000, "n_ctx": 4096}})
+
+    with pytest.raises(ContextOverflow):
+        client(handler).chat(ChatRequest(model=MODEL, messages=[], stream=True))

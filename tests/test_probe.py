@@ -92,6 +92,7 @@ def test_finds_the_working_maximum_where_a_tiny_prompt_would_pass(lmstudio: str)
         assert beyond and all(t.outcome != "ok" for t in beyond if t.position == "start")
         assert any(t.outcome == "ok" for t in beyond if t.position == "end")  # only the start is lost
         assert all(t.prompt_tokens and abs(t.prompt_tokens - t.fill) < 64 for t in trials)
+        assert all(t.first_token_seconds is not None for t in trials)  # streamed: time to first token
         assert nothing_loaded(lmstudio)
         # a short question near the end still gets answered far beyond the working limit
         b.load(dataclasses.replace(model, context_length=4096))
@@ -112,7 +113,7 @@ def test_probe_command_reports_both_limits(lmstudio: str) -> None:
     assert lines[0] == "retriever: declared 8192, loads at most 4096 (granularity 512, 5 loads)"
     assert lines[1] == ("retriever: works (pass key found at start, middle and end) up to 2048 "
                         "prompt tokens at context 4096")
-    assert "fill  outcome  prompt tokens  seconds  tokens/s" in lines[2]
+    assert "fill  outcome  prompt tokens  first token  seconds  tokens/s" in lines[2]
     assert "fill    512 (start ): ok" in out.stderr
 
 

@@ -16,6 +16,7 @@ class ChatRequest:
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, seed, stop
     response_schema: dict[str, Any] | None = None
     timeout: float = 120.0
+    stream: bool = False  # stream the answer to measure the time to its first token
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ChatResponse:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     seconds: float = 0.0
+    first_token_seconds: float | None = None  # only for streamed answers
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 

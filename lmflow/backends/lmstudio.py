@@ -200,7 +200,7 @@ class LMStudioBackend(Backend):
             alias=request.model.alias, key=instance_id)
         response = self.client.chat(ChatRequest(
             model=target, messages=request.messages, sampling=request.sampling,
-            response_schema=request.response_schema, timeout=request.timeout))
+            response_schema=request.response_schema, timeout=request.timeout, stream=request.stream))
         expected = {request.model.key, instance_id}
         if response.model and response.model not in expected and not any(
             response.model.startswith(f"{key}:") for key in expected if key

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -50,13 +52,10 @@ class OpenAIClient:
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, *, timeout: float = 30.0,
-                json_body: Any = None) -> httpx.Response:
+    @contextmanager
+    def _transport_errors(self, path: str, timeout: float) -> Iterator[None]:
         try:
-            response = self.http.request(
-                method, path, json=json_body,
-                timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
-            )
+            yield
         except httpx.TimeoutException:
             raise BackendTimeout(
                 f"no answer from {self.url}{path} within {timeout:g}s: raise the step's timeout "
@@ -65,9 +64,51 @@ class OpenAIClient:
             raise BackendUnreachable(
                 f"cannot reach {self.url} ({type(exc).__name__}: {exc}): {self.start_hint}",
                 url=self.url) from None
+
+    def request(self, method: str, path: str, *, timeout: float = 30.0,
+                json_body: Any = None) -> httpx.Response:
+        with self._transport_errors(path, timeout):
+            response = self.http.request(
+                method, path, json=json_body,
+                timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+            )
         if response.status_code >= 400:
             raise self._http_error(path, response)
         return response
+
+    def _chat_stream(self, body: dict[str, Any], timeout: float) -> ChatResponse:
+        path = "/v1/chat/completions"
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        started = time.perf_counter()
+        first: float | None = None
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        finish = model = None
+        with self._transport_errors(path, timeout), self.http.stream(
+            "POST", path, json=body, timeout=httpx.Timeout(timeout, connect=min(5.0, timeout))
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise self._http_error(path, response)
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                model = chunk.get("model") or model
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content")
+                    if delta:
+                        first = first if first is not None else time.perf_counter() - started
+                        parts.append(delta)
+                    finish = choice.get("finish_reason") or finish
+        return ChatResponse(
+            text="".join(parts), model=model, finish_reason=finish,
+            prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
+            seconds=time.perf_counter() - started, first_token_seconds=first)
 
     def _http_error(self, path: str, response: httpx.Response) -> BackendError:
         status = response.status_code
@@ -144,6 +185,8 @@ class OpenAIClient:
                 "json_schema": {"name": "response", "strict": True,
                                 "schema": request.response_schema},
             }
+        if request.stream:
+            return self._chat_stream(body, request.timeout)
         started = time.perf_counter()
         payload = self.request("POST", "/v1/chat/completions", timeout=request.timeout,
                                json_body=body).json()

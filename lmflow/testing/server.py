@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import time
@@ -24,7 +25,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -285,8 +286,39 @@ class LMStudioTestServer:
         instance.last_used = time.monotonic()
         if self.behaviour.delay_seconds:
             await asyncio.sleep(self.behaviour.delay_seconds)
+        if body.get("stream"):
+            return await self._stream(instance, body)
         status, payload = await self.complete(instance, body)
         return JSONResponse(payload, status_code=status)
+
+    async def _stream(self, instance: Instance, body: dict[str, Any]) -> Response:
+        """A streamed answer (server-sent events): relayed from llama-server, model relabelled."""
+        model = instance.model
+        if model.working_context_length is not None or model.answers == "retriever":
+            status, payload, body = await self._degrade(instance, {**body, "stream": False})
+            if payload is not None:
+                if status != 200:
+                    return JSONResponse(payload, status_code=status)
+                return StreamingResponse(_as_events(payload), media_type="text/event-stream")
+            body = {**body, "stream": True}
+        upstream = await self.http.send(self.http.build_request(
+            "POST", f"{instance.engine.url}/v1/chat/completions", json=body), stream=True)
+        if upstream.status_code != 200:
+            await upstream.aread()
+            await upstream.aclose()
+            return JSONResponse(upstream.json(), status_code=upstream.status_code)
+
+        async def relay() -> Any:
+            try:
+                async for line in upstream.aiter_lines():
+                    data = line[len("data:"):].strip() if line.startswith("data:") else ""
+                    if data and data != "[DONE]":
+                        line = "data: " + json.dumps({**json.loads(data), "model": instance.id})
+                    yield line + "\n"
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(relay(), media_type="text/event-stream")
 
     async def complete(self, instance: Instance, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A chat completion by the instance's llama-server (answer labelled with the instance id)."""
@@ -341,6 +373,18 @@ class LMStudioTestServer:
         from .sdk_ws import SdkSession
 
         await SdkSession(self, websocket).run()
+
+
+async def _as_events(payload: dict[str, Any]) -> Any:
+    """A finished answer as the server-sent events of a streamed one."""
+    text = payload["choices"][0]["message"]["content"]
+    first = {"model": payload["model"], "choices": [
+        {"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    last = {"model": payload["model"], "usage": payload.get("usage"), "choices": [
+        {"index": 0, "delta": {}, "finish_reason": payload["choices"][0].get("finish_reason")}]}
+    for event in (first, last):
+        yield f"data: {json.dumps(event)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 class _TokenMiddleware:
