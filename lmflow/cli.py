@@ -179,6 +179,8 @@ def models(url: str, backend: str) -> None:
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--server", "url", default="http://127.0.0.1:1234", show_default=True)
+@click.option("--backend", type=click.Choice(["lmstudio", "local"]), default="lmstudio",
+              show_default=True, help="local: lmflow's managed llama.cpp engine (give --max).")
 @click.option("--min", "minimum", type=int, default=1024, show_default=True)
 @click.option("--max", "maximum", type=int, default=None, help="Default: the declared maximum.")
 @click.option("--granularity", type=int, default=1024, show_default=True)
@@ -186,8 +188,8 @@ def models(url: str, backend: str) -> None:
 @click.option("--load-only", is_flag=True, help="Only the loadable maximum, not the working one.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--list", "list_only", is_flag=True, help="Show the registry of finished probes.")
-def probe(model: str | None, url: str, minimum: int, maximum: int | None, granularity: int,
-          fresh: bool, load_only: bool, as_json: bool, list_only: bool) -> None:
+def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int | None,
+          granularity: int, fresh: bool, load_only: bool, as_json: bool, list_only: bool) -> None:
     """Find the largest context MODEL really loads at, and the largest at which it still works."""
     from . import probe as probing
 
@@ -210,9 +212,10 @@ def probe(model: str | None, url: str, minimum: int, maximum: int | None, granul
             click.echo(f"  load at {attempt.size:>6}: {attempt.outcome} in {attempt.seconds:.2f}s{extra}",
                        err=True)
 
-    with create_backend(ServerConfig(name="probe", backend="lmstudio", url=url)) as backend:
+    config = ServerConfig(name="probe", backend=backend, url=url if backend == "lmstudio" else None)
+    with create_backend(config) as server:
         target = ModelConfig(alias="probe", key=model)
-        report = probing.probe_loadable(backend, target, minimum=minimum, maximum=maximum,
+        report = probing.probe_loadable(server, target, minimum=minimum, maximum=maximum,
                                         granularity=granularity, on_attempt=show, fresh=fresh)
         if report.loadable_max and not load_only:
             def show_trial(t: Any) -> None:
@@ -220,7 +223,7 @@ def probe(model: str | None, url: str, minimum: int, maximum: int | None, granul
                     click.echo(f"  fill {t.fill:>6} ({t.position:<6}): {t.outcome}, "
                                f"{t.prompt_tokens} tokens in {t.seconds:.2f}s", err=True)
 
-            working, trials = probing.probe_working(backend, target, context_length=report.loadable_max,
+            working, trials = probing.probe_working(server, target, context_length=report.loadable_max,
                                                     granularity=granularity, on_trial=show_trial)
             probing.record_working(report, working, trials)
     if as_json:

@@ -99,8 +99,9 @@ def probe_loadable(backend: Backend, model: ModelConfig, *, minimum: int = 1024,
     if declared is None:
         declared = next((m.max_context_length for m in backend.list_models() if m.key == model.key), None)
     if declared is None:
-        raise BackendError(f"{backend.url}: no declared maximum context for '{model.key}': "
-                           "give --max", url=backend.url)
+        raise BackendError(f"{backend.url or backend.kind}: no declared maximum context for "
+                           f"'{model.key}': give the largest size to try (--max, or max: in the step)",
+                           url=backend.url)
     key = registry_key(backend, model)
     path = record_path(key)
     report = ProbeReport(key=key, declared_max=declared, granularity=granularity)

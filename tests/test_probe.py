@@ -199,3 +199,18 @@ def test_probe_against_the_real_model_on_the_managed_engine(prefect_api: str, tm
     assert measured["loadable_max"] == 4096
     assert measured["working_max"] is None
     assert measured["loads"] <= math.ceil(math.log2((4096 - 1024) / 1024)) + 3
+
+
+def test_probe_command_on_the_managed_engine() -> None:
+    from conftest import lmflow_cmd
+
+    missing = lmflow_cmd("probe", "smollm2-135m-instruct", "--backend", "local", "--load-only")
+    assert missing.returncode == 3
+    assert missing.stderr.splitlines()[-1] == (
+        "error: local: no declared maximum context for 'smollm2-135m-instruct': give the largest "
+        "size to try (--max, or max: in the step)")
+    out = lmflow_cmd("probe", "smollm2-135m-instruct", "--backend", "local", "--max", "2048",
+                     "--load-only", "--fresh")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == (
+        "smollm2-135m-instruct: declared 2048, loads at most 2048 (granularity 1024, 2 loads)")
