@@ -131,20 +131,26 @@ def probe_loadable(backend: Backend, model: ModelConfig, *, minimum: int = 1024,
         # bisect on multiples of the granularity between a size that loads and one known not
         # to (just past the declared maximum): at most 1 + ceil(log2(range / granularity + 1))
         # loads, and the largest sizes are only tried once the middle has loaded
-        best, failed = low, high + granularity
-        while failed - best > granularity:
-            middle = (best + failed) // 2
-            middle -= middle % granularity
-            if middle <= best:
-                middle = best + granularity
-            if attempt(middle):
-                best = middle
-            else:
-                failed = middle
+        best = _bisect(low, high + granularity, granularity, attempt)
     report.loadable_max = best
     report.finished = True
     _append(path, {"loadable_max": best, "finished": True})
     return report
+
+
+def _bisect(good: int, bad: int, granularity: int, test: Callable[[int], bool]) -> int:
+    """Largest multiple of `granularity` in [good, bad) that passes `test`, given good passes
+    and bad does not."""
+    while bad - good > granularity:
+        middle = (good + bad) // 2
+        middle -= middle % granularity
+        if middle <= good:
+            middle = good + granularity
+        if test(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
 
 
 def _load_once(backend: Backend, model: ModelConfig, size: int) -> Attempt:
@@ -299,16 +305,7 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
     if passes(high):
         best = high
     else:
-        failed = high
-        while failed - best > granularity:
-            middle = (best + failed) // 2
-            middle -= middle % granularity
-            if middle <= best:
-                middle = best + granularity
-            if passes(middle):
-                best = middle
-            else:
-                failed = middle
+        best = _bisect(best, high, granularity, passes)
     # confirm the boundary with other keys; step down while it does not hold
     while best > low and not all(passes(best, trial) for trial in range(1, confirmations + 1)):
         best -= granularity

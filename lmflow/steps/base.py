@@ -103,3 +103,13 @@ def check_model_alias(options: dict[str, Any], ctx: CheckContext) -> Iterator[Pr
     if model not in ctx.model_aliases:
         hint = suggest(model, ctx.model_aliases) if ctx.model_aliases else "declare it under models"
         yield ctx.problem(("model",), f"unknown model '{model}'", hint)
+
+
+class ModelStep(Step):
+    """A kind whose `model` option names a model alias."""
+
+    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterable[Problem]:
+        return check_model_alias(options, ctx)
+
+    def models(self, options: dict[str, Any]) -> list[str]:
+        return [options["model"]]

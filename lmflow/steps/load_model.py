@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
-from ..errors import LmflowError, Problem
+from ..errors import LmflowError
 from ..spec.model import parse_duration
 from . import register
-from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
+from .base import MODEL_OPTION, ModelStep, StepContext, StepResult
 
 
 class ContextMismatch(LmflowError):
@@ -54,7 +53,7 @@ def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
 
 
 @register
-class LoadModelStep(Step):
+class LoadModelStep(ModelStep):
     kind = "load_model"
     summary = "Load a model; the context length the server applied is read back and checked."
     cacheable = False
@@ -77,12 +76,6 @@ class LoadModelStep(Step):
             "warmup": {"type": "string", "description": "A short prompt sent once after loading."},
         },
     }
-
-    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        return check_model_alias(options, ctx)
-
-    def models(self, options: dict[str, Any]) -> list[str]:
-        return [options["model"]]
 
     def output_schema(self, options: dict[str, Any], spec_dir: Any) -> dict[str, Any]:
         return {"type": "object", "properties": {k: {} for k in (

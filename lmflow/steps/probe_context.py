@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-from ..errors import Problem
 from . import register
-from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
+from .base import MODEL_OPTION, ModelStep, StepContext, StepResult
 
 
 @register
-class ProbeContextStep(Step):
+class ProbeContextStep(ModelStep):
     kind = "probe_context"
     summary = "Measure the largest context a model loads at and the largest at which it still works."
     cacheable = False  # the registry is the cache: a finished probe replays without loading
@@ -29,12 +27,6 @@ class ProbeContextStep(Step):
             "fresh": {"type": "boolean", "description": "Forget earlier attempts of this probe."},
         },
     }
-
-    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        return check_model_alias(options, ctx)
-
-    def models(self, options: dict[str, Any]) -> list[str]:
-        return [options["model"]]
 
     def output_schema(self, options: dict[str, Any], spec_dir: Any) -> dict[str, Any]:
         return {"type": "object", "properties": {k: {} for k in (

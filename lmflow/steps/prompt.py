@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import InvalidResponse, Problem
 from . import register
-from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
+from .base import MODEL_OPTION, CheckContext, ModelStep, StepContext, StepResult
 
 _TEXT_OR_FILE = {
     "description": "Inline text, or {file: path} relative to the spec's folder; "
@@ -34,7 +34,7 @@ def _read_structured(path: Path) -> Any:
 
 
 @register
-class PromptStep(Step):
+class PromptStep(ModelStep):
     kind = "prompt"
     summary = "Send messages to a model; with response_schema the answer is parsed, validated JSON."
     options_schema = {
@@ -72,7 +72,7 @@ class PromptStep(Step):
         from jsonschema import Draft202012Validator
         from jsonschema.exceptions import SchemaError
 
-        yield from check_model_alias(options, ctx)
+        yield from super().check(options, ctx)
         if "messages" in options and ("system" in options or "user" in options):
             yield ctx.problem(("messages",), "give either messages or system/user, not both", key=True)
         elif "messages" not in options and "user" not in options:
@@ -118,9 +118,6 @@ class PromptStep(Step):
         if isinstance(prepared.get("response_schema"), str):
             prepared["response_schema"] = _read_structured(spec_dir / prepared["response_schema"])
         return prepared
-
-    def models(self, options: dict[str, Any]) -> list[str]:
-        return [options["model"]]
 
     def output_schema(self, options: dict[str, Any], spec_dir: Path) -> dict[str, Any] | None:
         return options.get("response_schema") or {"type": "string"}

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-from ..errors import Problem
 from . import register
-from .base import CheckContext, StepContext, StepResult, check_model_alias
+from .base import StepContext, StepResult
 from .load_model import LoadModelStep, load
 
 
@@ -15,9 +13,6 @@ from .load_model import LoadModelStep, load
 class ReloadModelStep(LoadModelStep):
     kind = "reload_model"
     summary = "Unload then load a model with the same settings (frees its context)."
-
-    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        return check_model_alias(options, ctx)
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         backend, model = ctx.backend_for(options["model"])

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-from ..errors import LmflowError, Problem
+from ..errors import LmflowError
 from . import register
-from .base import MODEL_OPTION, CheckContext, Step, StepContext, StepResult, check_model_alias
+from .base import MODEL_OPTION, ModelStep, StepContext, StepResult
 
 
 @register
-class UnloadModelStep(Step):
+class UnloadModelStep(ModelStep):
     kind = "unload_model"
     summary = "Unload a model (the instance this run loaded, else every instance of its key)."
     cacheable = False
@@ -21,12 +20,6 @@ class UnloadModelStep(Step):
         "additionalProperties": False,
         "properties": {"model": MODEL_OPTION},
     }
-
-    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        return check_model_alias(options, ctx)
-
-    def models(self, options: dict[str, Any]) -> list[str]:
-        return [options["model"]]
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         backend, model = ctx.backend_for(options["model"])
