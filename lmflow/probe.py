@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import json
 import time
 from collections.abc import Callable
@@ -56,9 +57,10 @@ class ProbeReport:
 
 
 def registry_key(backend: Backend, model: ModelConfig) -> dict[str, Any]:
-    """Everything that changes the answer: server, backend, model key and its load options."""
+    """Everything that changes the answer: server, backend, model key and its load options, and the
+    server's version and the model's variant where the server tells them."""
     return {"server": backend.url or "local", "backend": backend.kind, "model": model.key,
-            "path": model.path, "gpu": model.gpu, "options": model.options}
+            "path": model.path, "gpu": model.gpu, "options": model.options, **backend.fingerprint(model)}
 
 
 def record_path(key: dict[str, Any]) -> Path:
@@ -233,12 +235,22 @@ def _key(fill: int, position: str, trial: int) -> str:
 
 
 def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, granularity: int = 1024,
-                  confirmations: int = 2,
+                  confirmations: int = 2, journal: Path | None = None,
                   on_trial: Callable[[Trial], None] = lambda t: None) -> tuple[int | None, list[Trial]]:
     """Largest prompt (tokens, a multiple of `granularity`) at which the model retrieves a pass key
-    placed at the start, middle and end, exactly, at temperature 0."""
+    placed at the start, middle and end, exactly, at temperature 0.
+
+    With a `journal`, each trial is written before it is asked and after it is answered; a re-run
+    replays the answered ones and a finished search replays without loading the model at all.
+    """
     from .backends.base import ChatRequest
 
+    done, finished = _replay_trials(journal, context_length)
+    if finished is not None:
+        trials = list(done.values())
+        for trial in trials:
+            on_trial(trial)
+        return finished[0], trials
     loaded = dataclasses.replace(model, context_length=context_length)
     trials: list[Trial] = []
 
@@ -248,19 +260,59 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
             sampling={"temperature": 0, "seed": 7, "max_tokens": 16}, timeout=600, stream=True))
         return response.text, response.prompt_tokens, response.seconds, response.first_token_seconds
 
+    def journaled(trial: Trial | None, fill: int, position: str, key: str) -> Trial | None:
+        """The replayed trial, or None after noting that this one starts; `trial` is its outcome."""
+        if journal is None:
+            return None
+        if trial is None:
+            if (fill, position, key) in done:
+                return done[(fill, position, key)]
+            _append(journal, {"trial_start": {"fill": fill, "position": position, "key": key},
+                              "at_context": context_length})
+            return None
+        _append(journal, {"trial": asdict(trial), "at_context": context_length})
+        return trial
+
     backend.load(loaded)
     try:
-        return _search_working(backend, ask, trials, on_trial, context_length=context_length,
-                               granularity=granularity, confirmations=confirmations)
+        working, trials = _search_working(backend, ask, journaled, trials, on_trial,
+                                          context_length=context_length, granularity=granularity,
+                                          confirmations=confirmations)
     finally:
         try:
             backend.unload(loaded)
         except BackendError:
             pass
+    if journal is not None:
+        _append(journal, {"working_max": working, "at_context": context_length})
+    return working, trials
+
+
+def _replay_trials(journal: Path | None, context_length: int
+                   ) -> tuple[dict[tuple[int, str, str], Trial], tuple[int | None] | None]:
+    """Answered trials of an earlier run at this context, and its result if it finished."""
+    done: dict[tuple[int, str, str], Trial] = {}
+    finished: tuple[int | None] | None = None
+    if journal is None or not journal.exists():
+        return done, finished
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # torn by a kill
+        if entry.get("at_context") != context_length:
+            continue
+        if "trial" in entry:
+            trial = Trial(**entry["trial"])
+            done[(trial.fill, trial.position, trial.key)] = trial
+        elif "working_max" in entry:
+            finished = (entry["working_max"],)
+    return done, finished
 
 
 def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, float, float | None]],
-                    trials: list[Trial], on_trial: Callable[[Trial], None], *, context_length: int,
+                    journaled: Callable[..., Trial | None], trials: list[Trial],
+                    on_trial: Callable[[Trial], None], *, context_length: int,
                     granularity: int, confirmations: int) -> tuple[int | None, list[Trial]]:
     from .errors import ContextOverflow
 
@@ -273,24 +325,29 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
     per_sentence = (large - small) / 20
     base = small - 4 * per_sentence
 
+    def run_trial(fill: int, sentences: int, position: str, key: str) -> Trial:
+        try:
+            text, tokens, seconds, first = ask(sentences, position, key)
+        except ContextOverflow:
+            return Trial(fill, position, key, "overflow")
+        except BackendError as exc:
+            return Trial(fill, position, key, "error", answer=str(exc)[:200])
+        # the server's count confirms the prompt was not cut before it counted
+        truncated = tokens is not None and tokens < 0.9 * fill
+        outcome = "truncated" if truncated else ("ok" if text.strip().strip(".") == key
+                                                 or key in text.split() else "wrong")
+        return Trial(fill, position, key, outcome, tokens, round(seconds, 3), text.strip()[:40],
+                     round(first, 3) if first is not None else None)
+
     def passes(fill: int, trial: int = 0) -> bool:
         sentences = max(0, int((fill - base) / per_sentence))
         ok = True
         for position in POSITIONS:
             key = _key(fill, position, trial)
-            try:
-                text, tokens, seconds, first = ask(sentences, position, key)
-            except ContextOverflow:
-                result = Trial(fill, position, key, "overflow")
-            except BackendError as exc:
-                result = Trial(fill, position, key, "error", answer=str(exc)[:200])
-            else:
-                # the server's count confirms the prompt was not cut before it counted
-                truncated = tokens is not None and tokens < 0.9 * fill
-                outcome = "truncated" if truncated else ("ok" if text.strip().strip(".") == key
-                                                         or key in text.split() else "wrong")
-                result = Trial(fill, position, key, outcome, tokens, round(seconds, 3), text.strip()[:40],
-                               round(first, 3) if first is not None else None)
+            result = journaled(None, fill, position, key)
+            if result is None:
+                result = run_trial(fill, sentences, position, key)
+                journaled(result, fill, position, key)
             trials.append(result)
             on_trial(result)
             ok = ok and result.outcome == "ok"
@@ -313,12 +370,9 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
 
 
 def record_working(report: ProbeReport, working: int | None, trials: list[Trial]) -> None:
+    """Attach the working search (already in the probe's journal) to the report."""
     report.working_max = working
     report.trials = trials
-    path = record_path(report.key)
-    for trial in trials:
-        _append(path, {"trial": asdict(trial)})
-    _append(path, {"working_max": working, "at_context": report.loadable_max})
 
 
 class ProbeMissing(LmflowError):
@@ -343,22 +397,104 @@ def probed_size(backend: Backend, model: ModelConfig) -> int:
         "probe_context step before it")
 
 
+def _by_fill(report: ProbeReport) -> list[tuple[int, bool, float, float | None]]:
+    """(fill, passed at every position, best prompt tokens/s, slowest first token) per fill level."""
+    rows = []
+    for fill in sorted({t.fill for t in report.trials}):
+        at = [t for t in report.trials if t.fill == fill]
+        firsts = [t.first_token_seconds for t in at if t.first_token_seconds is not None]
+        rows.append((fill, all(t.outcome == "ok" for t in at),
+                     max((t.tokens_per_second or 0.0) for t in at), max(firsts) if firsts else None))
+    return rows
+
+
+def chart_svg(report: ProbeReport) -> str | None:
+    """Pass/fail and prompt speed against the fill, as a small self-contained SVG (no plotting
+    library: the chart has two series and a handful of points)."""
+    rows = _by_fill(report)
+    if not rows:
+        return None
+    width, height, left, right, top, bottom = 640, 280, 60, 60, 30, 50
+    plot_w, plot_h = width - left - right, height - top - bottom
+    x_max = max(report.loadable_max or 0, rows[-1][0]) or 1
+    speed_max = max(r[2] for r in rows) or 1.0
+    first_max = max((r[3] or 0.0) for r in rows) or 1.0
+
+    def x(fill: float) -> float:
+        return left + plot_w * fill / x_max
+
+    def y(value: float, top_value: float) -> float:
+        return top + plot_h * (1 - value / top_value)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="18" font-size="13">{html.escape(report.key["model"])}: pass key at '
+           f'start, middle and end (green pass, red fail) and prompt speed</text>',
+           f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="black"/>',
+           f'<line x1="{left + plot_w}" y1="{top}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="gray"/>']
+    for i in range(5):
+        fill = x_max * i / 4
+        out.append(f'<text x="{x(fill):.1f}" y="{top + plot_h + 15}" text-anchor="middle">{fill:.0f}</text>')
+        out.append(f'<text x="{left - 5}" y="{y(speed_max * i / 4, speed_max) + 4:.1f}" '
+                   f'text-anchor="end">{speed_max * i / 4:.0f}</text>')
+        out.append(f'<text x="{left + plot_w + 5}" y="{y(first_max * i / 4, first_max) + 4:.1f}" '
+                   f'fill="gray">{first_max * i / 4:.2f}</text>')
+    out += [f'<text x="{left + plot_w / 2}" y="{height - 12}" text-anchor="middle">'
+            'prompt tokens (fill)</text>',
+            f'<text x="12" y="{top + plot_h / 2}" transform="rotate(-90 12 {top + plot_h / 2})" '
+            f'text-anchor="middle">prompt tokens/s</text>',
+            f'<text x="{width - 8}" y="{top + plot_h / 2}" transform="rotate(90 {width - 8} '
+            f'{top + plot_h / 2})" text-anchor="middle" fill="gray">first token (s), dashed</text>']
+    if report.working_max:
+        wx = x(report.working_max)
+        out.append(f'<line x1="{wx:.1f}" y1="{top}" x2="{wx:.1f}" y2="{top + plot_h}" stroke="green" '
+                   f'stroke-dasharray="2,3"/><text x="{wx + 3:.1f}" y="{top + 12}" fill="green">'
+                   f'works up to {report.working_max}</text>')
+    speed_line = " ".join(f"{x(f):.1f},{y(s, speed_max):.1f}" for f, _, s, _ in rows)
+    out.append(f'<polyline points="{speed_line}" fill="none" stroke="steelblue" stroke-width="2"/>')
+    firsts = " ".join(f"{x(f):.1f},{y(t, first_max):.1f}" for f, _, _, t in rows if t is not None)
+    if firsts:
+        out.append(f'<polyline points="{firsts}" fill="none" stroke="gray" stroke-dasharray="5,3"/>')
+    for fill, passed, speed, _ in rows:
+        out.append(f'<circle cx="{x(fill):.1f}" cy="{y(speed, speed_max):.1f}" r="5" '
+                   f'fill="{"seagreen" if passed else "crimson"}"><title>{fill} tokens: '
+                   f'{"pass" if passed else "fail"}, {speed:.0f} tokens/s</title></circle>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def save_chart(report: ProbeReport) -> Path | None:
+    """The chart next to the probe's journal (open it in a browser)."""
+    svg = chart_svg(report)
+    if svg is None:
+        return None
+    path = record_path(report.key).with_suffix(".svg")
+    path.write_text(svg)
+    return path
+
+
 def report_markdown(report: ProbeReport) -> str:
-    """The probe as a markdown table (a Prefect artifact in the UI)."""
+    """The probe as markdown (a Prefect artifact in the UI): the chart as an embedded image, a text
+    chart for terminals, and the tables."""
+    import base64
+
     lines = [f"### Context probe: {report.key['model']} on {report.key['server']}", "",
              f"Declared {report.declared_max}; loads at most **{report.loadable_max}**; works up to "
              f"**{report.working_max}** prompt tokens (granularity {report.granularity}).", "",
              "| load at | outcome | applied | seconds |", "|---|---|---|---|"]
     lines += [f"| {a.size} | {a.outcome} | {a.actual or ''} | {a.seconds:.2f} |" for a in report.attempts]
-    if report.trials:
+    svg = chart_svg(report)
+    if svg is not None:
+        encoded = base64.b64encode(svg.encode()).decode()
+        lines += ["", f"![pass/fail and speed against the fill](data:image/svg+xml;base64,{encoded})"]
         lines += ["", "Pass/fail and prompt speed against the fill:", "", "```"]
-        fills = sorted({t.fill for t in report.trials})
-        speeds = {f: max((t.tokens_per_second or 0) for t in report.trials if t.fill == f) for f in fills}
-        top = max(speeds.values()) or 1
-        for fill in fills:
-            ok = all(t.outcome == "ok" for t in report.trials if t.fill == fill)
-            bar = "#" * max(1, round(30 * speeds[fill] / top))
-            lines.append(f"{fill:>7} {'pass' if ok else 'FAIL'} {bar:<30} {speeds[fill]:.0f} tok/s")
+        rows = _by_fill(report)
+        top = max(r[2] for r in rows) or 1
+        for fill, passed, speed, _ in rows:
+            bar = "#" * max(1, round(30 * speed / top))
+            lines.append(f"{fill:>7} {'pass' if passed else 'FAIL'} {bar:<30} {speed:.0f} tok/s")
         lines += ["```"]
         lines += ["", "| fill (tokens) | position | outcome | prompt tokens | first token (s) | seconds | "
                   "tokens/s |", "|---|---|---|---|---|---|---|"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
+from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -64,6 +67,62 @@ def test_an_interrupted_probe_resumes_without_loading_again(lmstudio: str) -> No
     assert not set(first) & set(loads[len(first):])  # the finished attempts were not repeated
 
 
+def test_an_interrupted_working_search_resumes_and_a_finished_one_replays(lmstudio: str) -> None:
+    from lmflow.probe import probe_working, record_path
+
+    b = backend(lmstudio)
+    model = ModelConfig(alias="r", key="retriever")
+    journal = record_path({"test": "resume-working"})
+    journal.unlink(missing_ok=True)
+    asked: list[str] = []
+    loads: list[int | None] = []
+    real_chat, real_load = b.chat, b.load
+    b.chat = lambda r: asked.append(r.messages[0]["content"]) or real_chat(r)  # type: ignore[method-assign]
+    b.load = lambda m: loads.append(m.context_length) or real_load(m)  # type: ignore[method-assign]
+
+    def stop_after_six(trial: object) -> None:
+        if len(asked) == 2 + 6:  # two calibration questions, then six trials
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            probe_working(b, model, context_length=4096, granularity=256, journal=journal,
+                          on_trial=stop_after_six)
+        assert nothing_loaded(lmstudio)  # the kill left nothing loaded
+        first = set(asked[2:])
+        asked.clear()
+        working, trials = probe_working(b, model, context_length=4096, granularity=256, journal=journal)
+        assert working == 2304
+        assert not first & set(asked[2:])  # answered trials were replayed, not asked again
+        assert len(trials) == 6 + len(asked) - 2  # the same search: six replayed, the rest asked
+        loads.clear()
+        asked.clear()
+        again, replayed = probe_working(b, model, context_length=4096, granularity=256, journal=journal)
+        assert (again, loads, asked) == (2304, [], [])  # a finished search costs no load, no question
+        assert [t.outcome for t in replayed] == [t.outcome for t in trials]
+    finally:
+        b.close()
+        journal.unlink(missing_ok=True)
+
+
+def test_the_registry_key_holds_the_server_version_and_the_model_variant(lmstudio: str) -> None:
+    from lmflow.probe import ProbeMissing, probed_size
+
+    b = backend(lmstudio)
+    model = ModelConfig(alias="p", key="small-strict", context_length="probed")
+    try:
+        probe_loadable(b, dataclasses.replace(model, context_length=None), granularity=512, fresh=True)
+        entry = next(e for e in registry() if e["model"] == "small-strict" and e["server"] == lmstudio)
+        assert entry["version"] == "0.4.0-lmflow-test build 1"  # from the SDK's system namespace
+        assert entry["variant"].startswith("gguf Q")  # format, quantization and file size
+        assert probed_size(b, model) == 2048
+        b._version = "0.5.0 build 2"  # the server was upgraded: the old answer no longer holds
+        with pytest.raises(ProbeMissing):
+            probed_size(b, model)
+    finally:
+        b.close()
+
+
 def test_probe_command(lmstudio: str) -> None:
     import json
 
@@ -115,6 +174,12 @@ def test_probe_command_reports_both_limits(lmstudio: str) -> None:
                         "prompt tokens at context 4096")
     assert "fill  outcome  prompt tokens  first token  seconds  tokens/s" in lines[2]
     assert "fill    512 (start ): ok" in out.stderr
+    chart = Path(lines[-1].split(": ", 1)[1])
+    assert lines[-1].startswith("chart (pass/fail and speed against the fill): ")
+    circles = ElementTree.parse(chart).getroot().findall("{http://www.w3.org/2000/svg}circle")
+    fills = [line for line in lines[3:-1] if line.strip()]
+    assert len(circles) == len(fills)  # one point per fill level
+    assert {c.get("fill") for c in circles} == {"seagreen", "crimson"}  # passes below, fails above
 
 
 def test_probe_step_then_load_at_the_probed_size(lmstudio: str, prefect_api: str, tmp_path) -> None:
@@ -149,7 +214,12 @@ def test_probe_step_then_load_at_the_probed_size(lmstudio: str, prefect_api: str
     assert nothing_loaded(lmstudio)
     artifacts = httpx.post(f"{prefect_api}/artifacts/filter",
                            json={"artifacts": {"key": {"any_": ["measure"]}}}).json()
-    assert any("Context probe: retriever" in (a.get("data") or "") for a in artifacts)
+    report = next(a["data"] for a in artifacts if "Context probe: retriever" in (a.get("data") or ""))
+    # the chart is in the artifact as an image the UI shows (an SVG data URI)
+    encoded = report.split("(data:image/svg+xml;base64,", 1)[1].split(")", 1)[0]
+    svg = ElementTree.fromstring(base64.b64decode(encoded))
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    assert Path(steps["measure"]["output"]["chart"]).read_bytes() == base64.b64decode(encoded)
 
 
 def test_probed_without_a_probe_says_how_to_get_one(lmstudio: str, prefect_api: str, tmp_path) -> None:

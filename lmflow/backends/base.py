@@ -73,6 +73,12 @@ class Backend(ABC):
             raise BackendUnreachable(f"no server answers at {self.url}", url=self.url)
         return {"url": self.url, "was_running": True, "started": False, "seconds": 0.0}
 
+    def fingerprint(self, model: ModelConfig) -> dict[str, Any]:
+        """What, beyond the model key and its options, changes how this model behaves here: the
+        server's version and the model's variant, as far as the server tells (the probe registry
+        keys on it, so an upgrade means a new probe)."""
+        return {}
+
     def set_listener(self, listener: Any) -> None:  # noqa: B027 - optional hook
         """Where the backend reports what it did on its own (restarts, warnings)."""
 

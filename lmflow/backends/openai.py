@@ -20,7 +20,7 @@ from ..errors import (
     ContextOverflow,
     ModelNotFound,
 )
-from ..spec.model import ServerConfig
+from ..spec.model import ModelConfig, ServerConfig
 from .base import Backend, ChatRequest, ChatResponse, ModelInfo
 from .supervisor import Supervisor
 
@@ -162,6 +162,14 @@ class OpenAIClient:
                 return False
         return False
 
+    def build_info(self) -> str | None:
+        """llama-server's build (`/props`); None from servers that do not say."""
+        try:
+            response = self.http.get("/props", timeout=httpx.Timeout(5.0, connect=2.0))
+            return str(response.json().get("build_info")) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+
     def list_models(self) -> list[ModelInfo]:
         data = self.request("GET", "/v1/models").json().get("data", [])
         models = []
@@ -231,6 +239,9 @@ class OpenAIBackend(Backend):
 
     def list_models(self) -> list[ModelInfo]:
         return self.client.list_models()
+
+    def fingerprint(self, model: ModelConfig) -> dict[str, Any]:
+        return {"version": self.client.build_info()}
 
     def chat(self, request: ChatRequest) -> ChatResponse:
         return self.supervisor.call(lambda: self.client.chat(request))

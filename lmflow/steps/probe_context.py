@@ -30,7 +30,7 @@ class ProbeContextStep(ModelStep):
 
     def output_schema(self, options: dict[str, Any], spec_dir: Any) -> dict[str, Any]:
         return {"type": "object", "properties": {k: {} for k in (
-            "model", "declared_max", "loadable_max", "working_max", "loads")}}
+            "model", "declared_max", "loadable_max", "working_max", "loads", "chart")}}
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         from .. import probe
@@ -44,9 +44,10 @@ class ProbeContextStep(ModelStep):
             on_attempt=lambda a: ctx.emit("probe_attempt", asdict(a)))
         if report.loadable_max and not options.get("load_only"):
             working, trials = probe.probe_working(backend, model, context_length=report.loadable_max,
-                                                  granularity=granularity)
+                                                  granularity=granularity,
+                                                  journal=probe.record_path(report.key))
             probe.record_working(report, working, trials)
         output = {"model": model.key, "declared_max": report.declared_max,
                   "loadable_max": report.loadable_max, "working_max": report.working_max,
-                  "loads": report.loads}
+                  "loads": report.loads, "chart": str(probe.save_chart(report) or "") or None}
         return StepResult(output, {"artifact": probe.report_markdown(report)})

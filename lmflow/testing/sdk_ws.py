@@ -5,7 +5,8 @@ The client connects to `ws://HOST/llm`, authenticates, then makes RPC calls
 `rpcResult`/`rpcError`) and opens channels (`channelCreate` with an endpoint
 and a `creationParameter`, answered by `channelSend` messages and a
 `channelClose`). Served here: listLoaded, getModelInfo, getLoadConfig,
-unloadModel (RPC) and loadModel, predict (channels), with real inference.
+unloadModel (RPC) and loadModel, predict (channels), with real inference; on
+`ws://HOST/system`, version.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .server import Instance, LMStudioTestServer
 
 CONTEXT_KEY = "llm.load.contextLength"
+TEST_SERVER_VERSION = "0.4.0-lmflow-test"
 
 
 def instance_info(instance: Instance) -> dict[str, Any]:
@@ -93,6 +95,8 @@ class SdkSession:
                 result = instance_info(self._find(parameter.get("specifier")))
             elif endpoint == "getLoadConfig":
                 result = _load_config(self._find(parameter.get("specifier")))
+            elif endpoint == "version":  # the system namespace
+                result = {"version": TEST_SERVER_VERSION, "build": 1}
             elif endpoint == "unloadModel":
                 instance = self.server.instances.get(parameter.get("identifier", ""))
                 if instance is None:
