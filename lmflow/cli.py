@@ -75,7 +75,7 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
     from . import run as run_spec
 
     def listen(event: str, data: dict[str, Any]) -> None:
-        if event == "warning":  # on stderr also with --json: stdout stays pure JSON
+        if event in ("warning", "cache_error"):  # on stderr also with --json: stdout stays pure JSON
             where = f"{data['step']}: " if data.get("step") else ""
             click.echo(f"  warning: {where}{data['message']}", err=True)
         if as_json:
@@ -98,7 +98,7 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
     result = run_spec(spec, _params(params), refresh_cache=refresh, listener=listen,
                       verbose=verbose)
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2, default=str))
+        click.echo(json.dumps({**asdict(result), "errors": result.errors()}, indent=2, default=str))
     else:
         click.echo(report.table(result))
         click.echo(report.footer(result))
@@ -224,7 +224,8 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
                                f"{t.prompt_tokens} tokens in {t.seconds:.2f}s", err=True)
 
             working, trials = probing.probe_working(server, target, context_length=report.loadable_max,
-                                                    granularity=granularity, on_trial=show_trial)
+                                                    granularity=granularity, on_trial=show_trial,
+                                                    journal=probing.record_path(report.key))
             probing.record_working(report, working, trials)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2, default=str))
@@ -243,6 +244,56 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
             first = max((t.first_token_seconds or 0) for t in rows)
             click.echo(f"{fill:>7}  {outcome:<7}  {rows[0].prompt_tokens or '?':>13}  {first:>10.2f}s  "
                        f"{max(t.seconds for t in rows):>7.2f}  {speed:>8}")
+        chart = probing.save_chart(report)
+        if chart:
+            click.echo(f"chart (pass/fail and speed against the fill): {chart}")
+
+
+@cli.group()
+def cache() -> None:
+    """The response cache (answers of prompt steps with response_cache on)."""
+
+
+def _cache_dir(spec: Path | None) -> str | None:
+    """The cache folder a spec uses (its response_cache.dir), else lmflow's default."""
+    if spec is None:
+        return None
+    from .spec import load_spec
+
+    config = load_spec(spec).response_cache
+    return config.directory if config else None
+
+
+@cache.command("stats")
+@click.option("--spec", type=click.Path(path_type=Path), help="Use this spec's response_cache.dir.")
+@click.option("--json", "as_json", is_flag=True)
+def cache_stats(spec: Path | None, as_json: bool) -> None:
+    """Entries and size of the response cache."""
+    from . import cache as response_cache
+
+    directory = _cache_dir(spec)
+    try:
+        info = response_cache.describe(directory)
+    except Exception as exc:  # noqa: BLE001 - a corrupt cache is reported, not a traceback
+        raise click.ClickException(f"the response cache at {directory or response_cache.default_directory()} "
+                                   f"is unreadable ({type(exc).__name__}: {exc}): `lmflow cache clear` "
+                                   "removes it") from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    limit = f" of {info['size_limit'] / 2**20:.0f} MiB" if info.get("size_limit") else ""
+    click.echo(f"{info['directory']}: {info['entries']} answers, {info['bytes'] / 2**20:.2f} MiB{limit}")
+
+
+@cache.command("clear")
+@click.option("--spec", type=click.Path(path_type=Path), help="Use this spec's response_cache.dir.")
+def cache_clear(spec: Path | None) -> None:
+    """Remove every cached answer (also a cache that is corrupt)."""
+    from . import cache as response_cache
+
+    directory = _cache_dir(spec)
+    removed = response_cache.clear(directory)
+    click.echo(f"removed {removed} answers from {directory or response_cache.default_directory()}")
 
 
 @cli.group()

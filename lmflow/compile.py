@@ -36,6 +36,15 @@ def run_step(step_id: str, kind: str, options: dict[str, Any]) -> dict[str, Any]
     """One step of a spec (its task run is named after the step id)."""
     runtime = _RUNTIME.get()
     result = runtime.execute(runtime.spec.step(step_id), options)
+    errors = result.meta.get("errors") or []
+    if errors:  # in Prefect's history too: what failed before an answer came
+        from prefect.logging import get_run_logger
+
+        logger = get_run_logger()
+        for error in errors:
+            attempt = f" (attempt {error['attempt']})" if error.get("attempt") else ""
+            logger.warning(f"{error['target']}{attempt}: {error['error_type']}: {error['message']}")
+        logger.warning(f"answered by {result.meta['answered_by']['target']}")
     return {"output": result.output, "meta": result.meta}
 
 
@@ -84,20 +93,25 @@ def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
                         seconds=round(time.perf_counter() - started, 3))
         return failure
     policy = step.policy
+    kind = get_kind(step.kind)
+    # kinds that retry their model calls per link (with fallbacks) are not retried again as a whole
+    retries = 0 if kind.retries_inside else policy.retries
     settings: dict[str, Any] = {
         "name": step.id,
-        "retries": policy.retries,
-        "retry_delay_seconds": policy.retry_delays() or 0,
+        "retries": retries,
+        "retry_delay_seconds": policy.retry_delays() if retries else 0,
         "retry_condition_fn": _retry_condition,
-        # the HTTP call enforces policy.timeout itself; this backstop catches
+        # the HTTP call enforces each attempt's timeout itself; this backstop catches
         # user code and anything else that hangs
-        "timeout_seconds": policy.timeout + 5,
+        "timeout_seconds": _backstop(runtime, step, options) + 5,
     }
+    key: str | None = None
     if policy.cache and get_kind(step.kind).cacheable:
         key = runtime.cache_key(step, options)
         settings.update(
             cache_key_fn=lambda _ctx, _params: key, persist_result=True,
-            refresh_cache=refresh_cache,
+            # an answer that came from a fallback is not reused: the next run asks again
+            refresh_cache=refresh_cache or _degraded(key).exists(),
             cache_expiration=timedelta(seconds=policy.cache_ttl) if policy.cache_ttl else None,
         )
     else:
@@ -112,6 +126,12 @@ def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
             from prefect.artifacts import create_markdown_artifact
 
             create_markdown_artifact(markdown, key=_artifact_key(step.id), description=step.id)
+        if key is not None and state.name != "Cached":
+            answered = value["meta"].get("answered_by") or {}
+            if answered.get("link"):
+                _degraded(key).touch()
+            else:
+                _degraded(key).unlink(missing_ok=True)
         recorder.update(step.id, status="cached" if state.name == "Cached" else "completed",
                         output=value["output"], meta=value["meta"], seconds=seconds)
         return None
@@ -121,6 +141,25 @@ def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
     failure = runtime.failure(step, exc)
     recorder.update(step.id, status="failed", error=failure, seconds=seconds)
     return failure
+
+
+def _degraded(key: str) -> Path:
+    """Marks a step cache key whose answer came from a fallback link."""
+    from .home import subdir
+
+    return subdir("degraded") / key
+
+
+def _backstop(runtime: Runtime, step: Any, options: dict[str, Any]) -> float:
+    """The longest a step may take: every attempt of every link of its chain, with their waits."""
+    policy = step.policy
+    kind = get_kind(step.kind)
+    if not kind.retries_inside:
+        return policy.timeout
+    links = kind.links(options, runtime.spec.models)  # type: ignore[attr-defined]
+    per_model = sum(policy.attempt_timeout(n) for n in range(1, policy.retries + 2)) + sum(
+        d * 1.5 for d in policy.retry_delays())
+    return sum(per_model if link.kind == "model" else policy.timeout for link in links)
 
 
 def _artifact_key(step_id: str) -> str:

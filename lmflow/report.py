@@ -40,12 +40,35 @@ def table(result: RunResult) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def errors(result: RunResult) -> str:
+    """Every failed attempt and skipped link, also of steps that answered in the end."""
+    found = result.errors()
+    if not found:
+        return ""
+    lines = [f"errors ({len(found)}):"]
+    for e in found:
+        attempt = f" attempt {e['attempt']}" if e.get("attempt") else ""
+        target = f" {e['target']}" if e.get("target") else ""
+        lines.append(f"  {e['step']}{target}{attempt}: {e['error_type']}: {short(e['message'], 100)}")
+    for s in result.steps:
+        answered = s.meta.get("answered_by")
+        if answered and answered["link"]:
+            lines.append(f"  {s.id}: answered by {answered['target']} (fallback link {answered['link']})")
+    return "\n".join(lines)
+
+
 def footer(result: RunResult) -> str:
     counts: dict[str, int] = {}
     for s in result.steps:
         counts[s.status] = counts.get(s.status, 0) + 1
     parts = [f"{n} {status}" for status, n in counts.items()]
-    text = f"{len(result.steps)} steps: {', '.join(parts)} in {result.seconds:.1f}s"
+    text = errors(result)
+    text = (text + "\n" if text else "") + (
+        f"{len(result.steps)} steps: {', '.join(parts)} in {result.seconds:.1f}s")
+    cache = result.stats.get("response_cache") or {}
+    if cache.get("hits") or cache.get("misses") or cache.get("errors"):
+        text += (f"\nresponse cache: {cache['hits']} hits, {cache['misses']} misses"
+                 + (f", unusable: {cache['errors'][0]}" if cache.get("errors") else ""))
     text += f"\nrun record: {result.record_path}"
     if result.api_url and result.flow_run_id:
         text += f"\nPrefect UI: {result.api_url.removesuffix('/api')}/runs/flow-run/{result.flow_run_id}"

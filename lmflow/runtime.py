@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, create_backend
+from .cache import ResponseCache
 from .errors import LmflowError, StepFailure, describe
 from .home import subdir
+from .resilience import Resilience
 from .spec import templates
 from .spec.model import ModelConfig, Spec, StepSpec
+from .spec.model import ResponseCache as ResponseCacheConfig
 from .steps import StepContext, StepResult, get_kind
 
 #: bump when the meaning of cached results changes
@@ -64,6 +67,19 @@ class RunResult:
     error: str | None = None  # a failure outside any step (e.g. the flow crashed)
     #: what lmflow did on its own or wants you to know (server restarts, clamped contexts)
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: response cache hits/misses and answers that came from a fallback
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def errors(self) -> list[dict[str, Any]]:
+        """Every failed attempt and skipped link, by step (also of steps that answered in the end)."""
+        found = []
+        for s in self.steps:
+            listed = s.meta.get("errors") or (s.error.extra.get("errors") if s.error else None) or []
+            found += [{"step": s.id, **e} for e in listed]
+            if s.error and not listed:
+                found.append({"step": s.id, "target": "", "error_type": s.error.error_type,
+                              "message": s.error.message, "attempt": s.error.attempts})
+        return found
 
     @property
     def ok(self) -> bool:
@@ -106,7 +122,7 @@ class RunRecorder:
         return next(s for s in self.result.steps if s.id == step_id)
 
     def emit(self, event: str, **data: Any) -> None:
-        if event in ("warning", "server_restarted"):
+        if event in ("warning", "server_restarted", "cache_error"):
             entry = {"event": event, **{k: v for k, v in data.items() if k != "spec"}}
             self.result.events.append(entry)
             self._append(entry)
@@ -179,6 +195,11 @@ class Runtime:
         #: models this run loaded and has not unloaded, by alias
         self.loaded: dict[str, ModelConfig] = {}
         self.current_step: str | None = None
+        config = spec.response_cache or ResponseCacheConfig()
+        cache = ResponseCache(config.directory, size_limit=config.size_limit,
+                              warn=lambda message: recorder.emit("cache_error", step=self.current_step,
+                                                                 message=message))
+        self.resilience = Resilience(spec.breaker, spec.guard, cache)
 
     # -- backends ---------------------------------------------------------
 
@@ -219,6 +240,11 @@ class Runtime:
         while self.backends:
             _, backend = self.backends.popitem()
             backend.close()
+        cache = self.resilience.cache
+        if cache is not None:
+            self.recorder.result.stats.update(response_cache=cache.stats.summary(),
+                                              fallback_answers=self.resilience.fallbacks)
+        self.resilience.close()
 
     def __enter__(self) -> Runtime:
         return self
@@ -244,19 +270,21 @@ class Runtime:
     def cache_key(self, step: StepSpec, resolved: dict[str, Any]) -> str:
         """Hash of everything that changes the step's answer, never of a timestamp."""
         kind = get_kind(step.kind)
-        models = {}
-        for alias in kind.models(resolved):
-            model = self.spec.models[alias]
-            server = self.spec.servers[model.server]
-            # a local engine's port changes every run; what it serves does not
-            url = None if server.backend == "local" else server.url
-            models[alias] = {**model.identity(), "backend": server.backend, "url": url}
+        models = {alias: self.model_identity(alias) for alias in kind.models(resolved)}
         material = {
             "v": CACHE_VERSION, "step": step.id, "kind": step.kind, "options": resolved,
             "models": models, "extra": kind.cache_material(resolved, self.spec.dir),
         }
         digest = hashlib.sha256(canonical_json(material).encode()).hexdigest()
         return f"lmflow-{step.id}-{digest[:40]}"
+
+    def model_identity(self, alias: str) -> dict[str, Any]:
+        """What about a model changes its answers (cache keys)."""
+        model = self.spec.models[alias]
+        server = self.spec.servers[model.server]
+        # a local engine's port changes every run; what it serves does not
+        url = None if server.backend == "local" else server.url
+        return {**model.identity(), "backend": server.backend, "url": url}
 
     def execute(self, step: StepSpec, options: dict[str, Any]) -> StepResult:
         """Run one step with resolved options (one attempt)."""
@@ -268,7 +296,9 @@ class Runtime:
                           raw_model=self.raw_model,
                           emit=lambda event, data: self.recorder.emit(event, step=step.id, **data),
                           loaded=self.loaded.__setitem__,
-                          unloaded=lambda alias: self.loaded.pop(alias, None))
+                          unloaded=lambda alias: self.loaded.pop(alias, None),
+                          policy=step.policy, models=self.spec.models, resilience=self.resilience,
+                          model_identity=self.model_identity, response_cache=self.spec.response_cache)
         return get_kind(step.kind).run(options, ctx)
 
     def failure(self, step: StepSpec, exc: BaseException) -> StepFailure:
@@ -276,10 +306,10 @@ class Runtime:
         extra = {}
         if getattr(exc, "url", None):
             extra["url"] = exc.url
-        for name in ("status", "n_prompt", "n_ctx"):
+        for name in ("status", "n_prompt", "n_ctx", "errors"):
             if getattr(exc, name, None) is not None:
                 extra[name] = getattr(exc, name)
         message = str(exc) if isinstance(exc, LmflowError) else describe(exc)
         return StepFailure(step=step.id, error_type=type(exc).__name__, message=message,
-                           attempts=max(record.attempts, 1),
+                           attempts=max(getattr(exc, "attempts", None) or record.attempts, 1),
                            retryable=bool(getattr(exc, "retryable", False)), extra=extra)

@@ -94,10 +94,13 @@ def test_python_step_reports_where_user_code_failed(tmp_path: Path) -> None:
     kind = get_kind("python")
     assert kind.run({"function": "usercode:f", "args": {"x": 4}}, context(Scripted(), tmp_path)).output == {
         "double": 8}
-    with pytest.raises(UserCodeError, match=rf"usercode:g raised KeyError: 'k' at {tmp_path}/usercode.py:5"):
+    where = f"{tmp_path}/usercode.py:5"
+    with pytest.raises(UserCodeError, match=rf"usercode:g raised KeyError: 'k' at {where}") as raised:
         kind.run({"function": "usercode:g"}, context(Scripted(), tmp_path))
-    with pytest.raises(UserCodeError, match="usercode has no function 'h'"):
+    assert raised.value.retryable  # what the code raised may heal (a flaky call inside): retried
+    with pytest.raises(UserCodeError, match="usercode has no function 'h'") as missing:
         kind.run({"function": "usercode:h"}, context(Scripted(), tmp_path))
+    assert not missing.value.retryable  # a missing function stays missing
 
 
 def test_code_change_changes_the_cache_material(tmp_path: Path) -> None:

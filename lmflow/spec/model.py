@@ -12,6 +12,21 @@ _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_SIZE_UNIT = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: float | int | str) -> int:
+    """`1024`, `"500MB"`, `"2GiB"` -> bytes (the schema has checked the form)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 500MB, 2GB)")
+    return int(float(match.group(1)) * _SIZE_UNIT[(match.group(2) or "b").lower()])
+
+
 def parse_duration(value: float | int | str) -> float:
     """`30`, `"30s"`, `"5m"`, `"500ms"` -> seconds (the schema has checked the form)."""
     if isinstance(value, (int, float)):
@@ -37,6 +52,18 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class Link:
+    """One link of a fallback chain: a model alias, a `module:function` or a static value."""
+
+    kind: str  # model | python | value
+    target: Any
+
+    def describe(self) -> str:
+        return {"model": f"model {self.target}", "python": f"python {self.target}"}.get(
+            self.kind, "static value")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     alias: str
     key: str
@@ -48,6 +75,8 @@ class ModelConfig:
     ttl: float | None = None  # lmstudio: idle seconds before the server unloads it
     gpu: str | float | None = None  # lmstudio: "max", "off" or a 0..1 offload ratio
     identifier: str | None = None  # lmstudio: the instance's name on the server
+    #: what answers when this model cannot, in order (not followed further: chains do not nest)
+    fallback: tuple[Link, ...] = field(default=(), hash=False)
 
     def identity(self) -> dict[str, Any]:
         """Everything about the model that changes its answers (part of cache keys)."""
@@ -71,6 +100,11 @@ class Policy:
     timeout: float = 120.0
     cache: bool = True
     cache_ttl: float | None = None
+    timeout_growth: float = 1.0  # each retry may wait this much longer than the one before
+
+    def attempt_timeout(self, attempt: int) -> float:
+        """The timeout of attempt 1, 2, ...: `timeout`, then grown by `timeout_growth` each time."""
+        return round(self.timeout * self.timeout_growth ** (attempt - 1), 3)
 
     def retry_delays(self) -> list[float]:
         return [round(self.retry_delay * self.backoff**i, 3) for i in range(self.retries)]
@@ -87,6 +121,33 @@ class StepSpec:
     depends_on: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Breaker:
+    """After `failures` consecutive failures a model is skipped for `cooldown` seconds."""
+
+    failures: int = 3
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Below these resources a model link is not tried: the chain falls back, waits or fails."""
+
+    min_free_memory: int | None = None  # bytes
+    min_cpu_idle: float | None = None  # share of CPU time idle, 0..1
+    action: str = "fallback"  # fallback | wait | fail
+    wait: float = 60.0  # action wait: how long to wait for resources before falling back
+
+
+@dataclass(frozen=True)
+class ResponseCache:
+    """The response cache (diskcache): answers keyed by everything that changes them."""
+
+    ttl: float | None = None
+    size_limit: int = 1 << 30
+    directory: str | None = None  # default: the cache folder under lmflow's home
+
+
 @dataclass
 class Spec:
     file: Path
@@ -98,6 +159,9 @@ class Spec:
     models: dict[str, ModelConfig]
     defaults: Policy
     steps: list[StepSpec]  # in execution order (dependencies first)
+    breaker: Breaker = field(default_factory=Breaker)
+    guard: Guard | None = None
+    response_cache: ResponseCache | None = None  # None: off unless a step turns it on
 
     @property
     def dir(self) -> Path:

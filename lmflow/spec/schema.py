@@ -10,7 +10,8 @@ from typing import Any
 
 from ..steps import kinds
 
-COMMON_STEP_KEYS = ("id", "description", "retries", "retry_delay", "backoff", "timeout", "cache")
+COMMON_STEP_KEYS = ("id", "description", "retries", "retry_delay", "backoff", "timeout", "timeout_growth",
+                    "cache")
 
 
 @lru_cache(maxsize=1)
@@ -20,7 +21,10 @@ def base_schema() -> dict[str, Any]:
 
 def spec_schema() -> dict[str, Any]:
     """The full schema, as `lmflow schema` prints it and as validation uses it."""
+    from ..steps.base import FALLBACK_OPTION
+
     schema = copy.deepcopy(base_schema())
+    schema["$defs"]["model"]["properties"]["fallback"] = copy.deepcopy(FALLBACK_OPTION)
     step = schema["$defs"]["step"]
     registered = kinds()
     for name, kind in registered.items():

@@ -18,12 +18,17 @@ from .hints import suggest as _suggest
 from .loader import Document, PathT, format_path, load_yaml
 from .model import (
     DEFAULT_SERVER,
+    Breaker,
+    Guard,
+    Link,
     ModelConfig,
     Policy,
+    ResponseCache,
     ServerConfig,
     Spec,
     StepSpec,
     parse_duration,
+    parse_size,
 )
 from .schema import COMMON_STEP_KEYS, spec_schema
 
@@ -227,8 +232,78 @@ def _models(doc: Document, servers: dict[str, ServerConfig],
             keep_loaded=bool(cfg.get("keep_loaded", False)),
             ttl=_duration_or_none(cfg.get("ttl")), gpu=cfg.get("gpu"),
             identifier=cfg.get("identifier"),
+            fallback=parse_fallback(cfg.get("fallback")),
         )
+    for alias, model in models.items():
+        for i, link in enumerate(model.fallback):
+            problem = link_problem(link, models, Path(doc.file).resolve().parent)
+            if problem:
+                problems.append(doc.problem(("models", alias, "fallback", i), *problem))
+            elif link.kind == "model" and link.target == alias:
+                problems.append(doc.problem(("models", alias, "fallback", i),
+                                            f"model '{alias}' cannot be its own fallback"))
     return models
+
+
+def parse_fallback(raw: Any) -> tuple[Link, ...]:
+    """A fallback list as links (entries the schema rejects are left out: it reports them)."""
+    links = []
+    for item in raw if isinstance(raw, list) else []:
+        if isinstance(item, str):
+            links.append(Link("model", item))
+        elif isinstance(item, dict) and isinstance(item.get("python"), str) and len(item) == 1:
+            links.append(Link("python", item["python"]))
+        elif isinstance(item, dict) and "value" in item and len(item) == 1:
+            links.append(Link("value", item["value"]))
+    return tuple(links)
+
+
+def link_problem(link: Link, models: dict[str, ModelConfig], spec_dir: Path) -> tuple[str, str] | None:
+    """(message, hint) when a fallback link points at nothing."""
+    from ..steps.python import missing_module
+
+    if link.kind == "model" and link.target not in models:
+        return f"unknown model '{link.target}'", _suggest(link.target, models)
+    if link.kind == "python":
+        missing = missing_module(link.target, spec_dir)
+        if missing:
+            return missing, "put it next to the spec or install it"
+    return None
+
+
+def _resilience(doc: Document) -> tuple[Breaker, Guard | None, ResponseCache | None]:
+    """The top-level breaker, guard and response_cache blocks (their forms are schema-checked)."""
+    data = doc.data
+
+    def block(name: str) -> dict[str, Any] | None:
+        return data[name] if isinstance(data.get(name), dict) else None
+
+    def safe(parse: Any, value: Any, default: Any) -> Any:
+        try:
+            return parse(value) if value is not None else default
+        except (ValueError, TypeError):
+            return default  # already reported by the schema
+
+    breaker = Breaker()
+    if (raw := block("breaker")) is not None:
+        failures = raw.get("failures", breaker.failures)
+        breaker = Breaker(failures=failures if isinstance(failures, int) else breaker.failures,
+                          cooldown=safe(parse_duration, raw.get("cooldown"), breaker.cooldown))
+    guard = None
+    if (raw := block("guard")) is not None:
+        idle = raw.get("min_cpu_idle")
+        guard = Guard(min_free_memory=safe(parse_size, raw.get("min_free_memory"), None),
+                      min_cpu_idle=safe(lambda v: float(str(v).strip().rstrip("%")) / 100, idle, None),
+                      action=raw["action"] if raw.get("action") in ("fallback", "wait", "fail")
+                      else "fallback",
+                      wait=safe(parse_duration, raw.get("wait"), 60.0))
+    cache = None
+    if (raw := block("response_cache")) is not None:
+        cache = ResponseCache(ttl=safe(parse_duration, raw.get("ttl"), None),
+                              size_limit=safe(parse_size, raw.get("size_limit"), ResponseCache.size_limit),
+                              directory=str(Path(doc.file).resolve().parent / Path(raw["dir"]).expanduser())
+                              if isinstance(raw.get("dir"), str) else None)
+    return breaker, guard, cache
 
 
 def _duration_or_none(value: Any) -> float | None:
@@ -256,6 +331,7 @@ def _policy(raw: dict[str, Any], base: Policy) -> Policy:
             pass  # already reported by the schema
     retries = raw.get("retries", base.retries)
     backoff = raw.get("backoff", base.backoff)
+    growth = raw.get("timeout_growth", base.timeout_growth)
     return Policy(
         retries=retries if isinstance(retries, int) else base.retries,
         retry_delay=duration("retry_delay", base.retry_delay),
@@ -263,6 +339,8 @@ def _policy(raw: dict[str, Any], base: Policy) -> Policy:
         timeout=duration("timeout", base.timeout),
         cache=cache,
         cache_ttl=ttl,
+        timeout_growth=(float(growth) if isinstance(growth, (int, float)) and growth >= 1
+                        else base.timeout_growth),
     )
 
 
@@ -441,12 +519,14 @@ def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
                        Policy())
     steps = _check_steps(doc, path.resolve().parent, params_values, models, defaults, problems,
                          servers)
+    breaker, guard, response_cache = _resilience(doc)
     if problems:
         raise SpecError(_dedupe(problems))
     return Spec(
         file=path.resolve(), name=doc.data["name"], version=doc.data["version"],
         description=doc.data.get("description"), params=params_values, servers=servers,
-        models=models, defaults=defaults, steps=steps,
+        models=models, defaults=defaults, steps=steps, breaker=breaker, guard=guard,
+        response_cache=response_cache,
     )
 
 

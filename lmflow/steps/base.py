@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..errors import Problem
-    from ..spec.model import ModelConfig
+    from ..resilience import Resilience
+    from ..spec.model import ModelConfig, Policy
+    from ..spec.model import ResponseCache as ResponseCacheConfig
 
 
 @dataclass
@@ -51,6 +53,15 @@ class StepContext:
     #: tell the run a model was loaded (it is unloaded at the end unless kept) / unloaded
     loaded: Callable[[str, ModelConfig], None] = lambda alias, model: None
     unloaded: Callable[[str], None] = lambda alias: None
+    #: the step's retries, backoff and timeouts (kinds that retry model calls themselves use it)
+    policy: Policy | None = None
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    #: breakers, resource guard and response cache, shared by the run's steps
+    resilience: Resilience | None = None
+    #: what about a model changes its answers (response cache keys)
+    model_identity: Callable[[str], dict[str, Any]] = lambda alias: {"alias": alias}
+    #: the spec's response_cache block (None: off unless the step turns it on)
+    response_cache: ResponseCacheConfig | None = None
 
 
 class Step(ABC):
@@ -60,6 +71,9 @@ class Step(ABC):
     summary: ClassVar[str] = ""
     #: False for steps with side effects (loading a model): never answered from the cache
     cacheable: ClassVar[bool] = True
+    #: True for kinds that retry their model calls themselves (per link of a fallback chain):
+    #: the flow then does not retry the whole step on top of that
+    retries_inside: ClassVar[bool] = False
     options_schema: ClassVar[dict[str, Any]]
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterable[Problem]:
@@ -93,6 +107,19 @@ class Step(ABC):
 
 #: the `model` option of every kind that uses a model
 MODEL_OPTION: dict[str, Any] = {"type": "string", "description": "A model alias from `models`."}
+FUNCTION_PATTERN = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"
+FALLBACK_OPTION: dict[str, Any] = {
+    "type": "array",
+    "description": "What answers when the model cannot, tried in order: a model alias, "
+                   "{python: module:function} (plain code, called with the request) or {value: ...}.",
+    "items": {"oneOf": [
+        {"type": "string", "description": "A model alias from `models`."},
+        {"type": "object", "required": ["python"], "additionalProperties": False,
+         "properties": {"python": {"type": "string", "pattern": f"^{FUNCTION_PATTERN}$"}}},
+        {"type": "object", "required": ["value"], "additionalProperties": False,
+         "properties": {"value": {}}},
+    ]},
+}
 
 
 def check_model_alias(options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:

@@ -13,8 +13,17 @@ from typing import Any
 import yaml
 
 from ..errors import InvalidResponse, Problem
+from ..spec.model import Link, parse_duration
 from . import register
-from .base import MODEL_OPTION, CheckContext, ModelStep, StepContext, StepResult
+from .base import (
+    FALLBACK_OPTION,
+    FUNCTION_PATTERN,
+    MODEL_OPTION,
+    CheckContext,
+    ModelStep,
+    StepContext,
+    StepResult,
+)
 
 _TEXT_OR_FILE = {
     "description": "Inline text, or {file: path} relative to the spec's folder; "
@@ -65,14 +74,28 @@ class PromptStep(ModelStep):
             "max_tokens": {"type": "integer", "minimum": 1},
             "seed": {"type": "integer"},
             "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "fallback": {**FALLBACK_OPTION, "description": "Instead of the model's own fallback: "
+                         + FALLBACK_OPTION["description"]},
+            "response_cache": {
+                "description": "false: never cache this step's answers; true or {ttl, key}: cache them "
+                               "(key: module:function called with the request; inputs with the same "
+                               "key share an answer).",
+                "oneOf": [{"type": "boolean"}, {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"ttl": {"oneOf": [{"type": "number", "minimum": 0}, {
+                        "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h|d)\\s*$"}]},
+                                   "key": {"type": "string", "pattern": f"^{FUNCTION_PATTERN}$"}}}],
+            },
         },
     }
+    retries_inside = True
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
         from jsonschema import Draft202012Validator
         from jsonschema.exceptions import SchemaError
 
         yield from super().check(options, ctx)
+        yield from self._check_chain(options, ctx)
         if "messages" in options and ("system" in options or "user" in options):
             yield ctx.problem(("messages",), "give either messages or system/user, not both", key=True)
         elif "messages" not in options and "user" not in options:
@@ -110,6 +133,22 @@ class PromptStep(ModelStep):
         elif schema is not None:
             yield ctx.problem(("response_schema",), "a JSON Schema must be an object")
 
+    def _check_chain(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+        from ..spec.validate import link_problem, parse_fallback
+
+        aliases = dict.fromkeys(ctx.model_aliases)
+        for i, link in enumerate(parse_fallback(options.get("fallback"))):
+            problem = link_problem(link, aliases, ctx.spec_dir)  # type: ignore[arg-type]
+            if problem:
+                yield ctx.problem(("fallback", i), *problem)
+        setting = options.get("response_cache")
+        if isinstance(setting, dict) and isinstance(setting.get("key"), str):
+            from .python import missing_module
+
+            missing = missing_module(setting["key"], ctx.spec_dir)
+            if missing:
+                yield ctx.problem(("response_cache", "key"), missing, "put it next to the spec or install it")
+
     def prepare(self, options: dict[str, Any], spec_dir: Path) -> dict[str, Any]:
         prepared = dict(options)
         for name in ("system", "user"):
@@ -143,25 +182,80 @@ class PromptStep(ModelStep):
         messages.append({"role": "user", "content": user})
         return messages
 
+    def links(self, options: dict[str, Any], models: dict[str, Any]) -> list[Link]:
+        """The fallback chain: the model, then the step's fallback, else the model's own."""
+        from ..spec.validate import parse_fallback
+
+        model = models.get(options["model"])
+        fallback = parse_fallback(options["fallback"]) if "fallback" in options else (
+            model.fallback if model is not None else ())
+        return [Link("model", options["model"]), *fallback]
+
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
-        from jsonschema import Draft202012Validator
-
         from ..backends.base import ChatRequest
+        from ..resilience import Answer, Resilience
+        from ..spec.model import Breaker, Policy
+        from .python import call_function
 
-        backend, model = ctx.backend_for(options["model"])
         schema = options.get("response_schema")
-        request = ChatRequest(
-            model=model, messages=self.messages(options, ctx.spec_dir),
-            sampling={k: options.get(k) for k in SAMPLING}, response_schema=schema,
-            timeout=ctx.timeout,
-        )
-        response = backend.chat(request)
-        meta = {"model": response.model, "finish_reason": response.finish_reason,
-                "prompt_tokens": response.prompt_tokens,
-                "completion_tokens": response.completion_tokens,
-                "seconds": round(response.seconds, 3)}
+        messages = self.messages(options, ctx.spec_dir)
+        sampling = {k: options.get(k) for k in SAMPLING}
+        policy = ctx.policy or Policy(timeout=ctx.timeout)
+        resilience = ctx.resilience or Resilience(Breaker(), None, None)
+
+        def ask(alias: str, timeout: float) -> Answer:
+            backend, model = ctx.backend_for(alias)
+            response = backend.chat(ChatRequest(model=model, messages=messages, sampling=sampling,
+                                                response_schema=schema, timeout=timeout))
+            meta = {"model": response.model, "finish_reason": response.finish_reason,
+                    "prompt_tokens": response.prompt_tokens,
+                    "completion_tokens": response.completion_tokens,
+                    "seconds": round(response.seconds, 3)}
+            return Answer(self.parse(response, schema, options), meta)
+
+        def request(errors: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"step": ctx.step_id, "messages": messages, "options": options, "errors": errors}
+
+        def compute(link: Link, errors: list[dict[str, Any]]) -> Any:
+            value = (link.target if link.kind == "value"
+                     else call_function(link.target, {"request": request(errors)}, ctx.spec_dir))
+            if schema is not None:
+                self.check_answer(value, schema, f"the {link.describe()} fallback's answer")
+            return value
+
+        setting = options.get("response_cache")
+        config = ctx.response_cache
+        cached = setting is not False and (config is not None or bool(setting))
+        ttl = config.ttl if config is not None else None
+        key_function = None
+        if isinstance(setting, dict):
+            ttl = parse_duration(setting["ttl"]) if "ttl" in setting else ttl
+            key_function = setting.get("key")
+
+        def cache_key(alias: str) -> str | None:
+            from ..cache import response_key
+
+            if not cached:
+                return None
+            # "similar enough" inputs share an answer: the user's key replaces the messages
+            asked = (call_function(key_function, {"request": request([])}, ctx.spec_dir)
+                     if key_function else messages)
+            return response_key({"model": ctx.model_identity(alias), "messages": asked,
+                                 "user_key": bool(key_function), "sampling": sampling, "schema": schema})
+
+        links = self.links(options, ctx.models)
+        models = dict(ctx.models)
+        for link in links:  # a context built by hand (tests, embedding) may not list every model
+            if link.kind == "model" and link.target not in models:
+                models[link.target] = ctx.backend_for(link.target)[1]
+        answer = resilience.run_chain(links, models, policy, ask=ask,
+                                      compute=compute, cache_key=cache_key, cache_ttl=ttl)
+        return StepResult(answer.value, answer.meta)
+
+    def parse(self, response: Any, schema: dict[str, Any] | None, options: dict[str, Any]) -> Any:
+        """The answer's text, or its JSON checked against the schema."""
         if schema is None:
-            return StepResult(response.text, meta)
+            return response.text
         try:
             value = json.loads(response.text)
         except ValueError:
@@ -172,9 +266,14 @@ class PromptStep(ModelStep):
             raise InvalidResponse(
                 f"the answer is not valid JSON: {response.text[:200]!r}; does the server "
                 "support response_format json_schema?") from None
+        self.check_answer(value, schema, "the answer")
+        return value
+
+    @staticmethod
+    def check_answer(value: Any, schema: dict[str, Any], what: str) -> None:
+        from jsonschema import Draft202012Validator
+
         error = next(iter(Draft202012Validator(schema).iter_errors(value)), None)
         if error is not None:
             where = ".".join(map(str, error.absolute_path)) or "top level"
-            raise InvalidResponse(f"the answer does not match response_schema at {where}: "
-                                  f"{error.message}")
-        return StepResult(value, meta)
+            raise InvalidResponse(f"{what} does not match response_schema at {where}: {error.message}")

@@ -14,9 +14,9 @@ from typing import Any
 
 from ..errors import LmflowError, Problem
 from . import register
-from .base import CheckContext, Step, StepContext, StepResult
+from .base import FUNCTION_PATTERN, CheckContext, Step, StepContext, StepResult
 
-FUNCTION = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"
+FUNCTION = FUNCTION_PATTERN
 
 
 @contextmanager
@@ -46,6 +46,12 @@ class UserCodeError(LmflowError):
     """The user's function raised; its message says where."""
 
 
+class UserCodeFailed(UserCodeError):
+    """The function itself raised: retried like any failure that may heal (a flaky call inside)."""
+
+    retryable = True
+
+
 @register
 class PythonStep(Step):
     kind = "python"
@@ -68,12 +74,9 @@ class PythonStep(Step):
         function = options.get("function")
         if not isinstance(function, str) or not re.fullmatch(FUNCTION, function):
             return  # the schema reports it
-        top = function.partition(":")[0].split(".")[0]
-        with importable_from(ctx.spec_dir):
-            found = importlib.util.find_spec(top)
-        if found is None:
-            yield ctx.problem(("function",), f"module '{top}' not found",
-                              "put it next to the spec or install it")
+        missing = missing_module(function, ctx.spec_dir)
+        if missing:
+            yield ctx.problem(("function",), missing, "put it next to the spec or install it")
 
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         # a changed function body is a changed step
@@ -81,30 +84,48 @@ class PythonStep(Step):
         return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
-        module_name, _, name = options["function"].partition(":")
-        with importable_from(ctx.spec_dir):
-            try:
-                module = importlib.import_module(module_name)
-            except Exception as exc:  # user code: report it, whatever it is
-                raise UserCodeError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
-        top = module_name.split(".")[0]
-        local = ctx.spec_dir / f"{top}.py"
-        if (local.exists() or (ctx.spec_dir / top).is_dir()) and not str(
-            getattr(module, "__file__", "") or ""
-        ).startswith(str(ctx.spec_dir)):
-            raise UserCodeError(
-                f"module '{module_name}' resolved to {getattr(module, '__file__', 'a built-in')}, "
-                f"not to {local}: its name is taken (standard library or installed); rename it")
-        function = getattr(module, name, None)
-        if not callable(function):
-            raise UserCodeError(f"{module_name} has no function '{name}'")
+        return StepResult(call_function(options["function"], options.get("args") or {}, ctx.spec_dir))
+
+
+def missing_module(ref: str, spec_dir: Path) -> str | None:
+    """Why `module:function` cannot be imported from the spec's folder (None when it can)."""
+    top = ref.partition(":")[0].split(".")[0]
+    with importable_from(spec_dir):
+        found = importlib.util.find_spec(top)
+    return None if found is not None else f"module '{top}' not found"
+
+
+def load_function(ref: str, spec_dir: Path) -> Any:
+    """The function `module:function` names, imported with the spec's folder importable."""
+    module_name, _, name = ref.partition(":")
+    with importable_from(spec_dir):
         try:
-            value = function(**(options.get("args") or {}))
-        except Exception as exc:  # user code: report it with its location
-            tb = exc.__traceback__
-            where = ""
-            while tb is not None:
-                where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
-                tb = tb.tb_next
-            raise UserCodeError(f"{options['function']} raised {type(exc).__name__}: {exc}{where}") from exc
-        return StepResult(value)
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # user code: report it, whatever it is
+            raise UserCodeError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+    top = module_name.split(".")[0]
+    local = spec_dir / f"{top}.py"
+    if (local.exists() or (spec_dir / top).is_dir()) and not str(
+        getattr(module, "__file__", "") or ""
+    ).startswith(str(spec_dir)):
+        raise UserCodeError(
+            f"module '{module_name}' resolved to {getattr(module, '__file__', 'a built-in')}, "
+            f"not to {local}: its name is taken (standard library or installed); rename it")
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise UserCodeError(f"{module_name} has no function '{name}'")
+    return function
+
+
+def call_function(ref: str, kwargs: dict[str, Any], spec_dir: Path) -> Any:
+    """Call user code; whatever it raises becomes a UserCodeError that says where."""
+    function = load_function(ref, spec_dir)
+    try:
+        return function(**kwargs)
+    except Exception as exc:  # user code: report it with its location
+        tb = exc.__traceback__
+        where = ""
+        while tb is not None:
+            where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        raise UserCodeFailed(f"{ref} raised {type(exc).__name__}: {exc}{where}") from exc

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,11 @@ class Behaviour:
     ignore_model_field: bool = False  # answer with the loaded model, whatever was asked
     crash_on_request: int | None = None  # exit the process during the Nth chat request
     ttl_seconds: float | None = None  # unload instances idle for that long
+    #: answer this share of chat requests with `error_status` instead (seeded: the same requests
+    #: fail in every run), e.g. 0.3 for a server that fails 30% of the time
+    error_rate: float = 0.0
+    error_status: int = 503
+    error_seed: int = 0
 
 
 @dataclass
@@ -127,12 +133,19 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message}}, status_code=status)
 
 
+def quantization(file_name: str) -> str | None:
+    """The quantization a GGUF file name states (`...-Q4_1.gguf`), as LM Studio lists it."""
+    found = re.search(r"(I?Q\d\w*?|BF16|F16|F32)(?:\.gguf)?$", Path(file_name).stem, re.IGNORECASE)
+    return found.group(1).upper() if found else None
+
+
 class LMStudioTestServer:
     """The ASGI app and the instances it has loaded."""
 
     def __init__(self, behaviour: Behaviour):
         self.behaviour = behaviour
         self.models = {m.key: m for m in behaviour.models}
+        self._faults = random.Random(behaviour.error_seed)
         self.instances: dict[str, Instance] = {}
         self.chat_requests = 0
         self._load_lock = asyncio.Lock()
@@ -146,6 +159,7 @@ class LMStudioTestServer:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/lmstudio-greeting", self.greeting),
             WebSocketRoute("/llm", self.sdk),
+            WebSocketRoute("/system", self.sdk),
         ], lifespan=self._lifespan)
         self.app.add_middleware(_TokenMiddleware, token=behaviour.api_token)
 
@@ -169,7 +183,8 @@ class LMStudioTestServer:
         await self._expire()
         return JSONResponse({"models": [{
             "type": "llm", "key": m.key, "display_name": m.key, "format": "gguf",
-            "max_context_length": m.max_context_length,
+            "max_context_length": m.max_context_length, "size_bytes": m.path.stat().st_size,
+            "quantization": {"name": quantization(m.path.name)},
             "loaded_instances": [{"id": i.id, "config": {"context_length": i.context_length}}
                                  for i in self._loaded(m.key)],
         } for m in self.models.values()]})
@@ -270,6 +285,8 @@ class LMStudioTestServer:
         self.chat_requests += 1
         if self.behaviour.crash_on_request == self.chat_requests:
             os._exit(70)  # a crash in the middle of a request, like a real one
+        if self.behaviour.error_rate and self._faults.random() < self.behaviour.error_rate:
+            return _error(self.behaviour.error_status, "injected fault (error_rate)")
         body = await request.json()
         asked = body.get("model")
         if self.behaviour.ignore_model_field and self.instances:
