@@ -6,6 +6,7 @@
     ├── StepFailed                   exit 1: a step failed after its retries
     ├── BackendError                 exit 3: talking to a model server failed
     │   ├── BackendUnreachable       retryable: connection refused/reset
+    │   │   └── ConnectionRefused    nothing listens (a fallback is tried at once)
     │   ├── BackendTimeout           retryable: no answer within the timeout
     │   ├── BackendHTTPError         retryable only for 5xx
     │   │   └── ModelNotFound        the server does not know the model key
@@ -98,6 +99,10 @@ class BackendError(LmflowError):
 
 class BackendUnreachable(BackendError):
     retryable = True
+
+
+class ConnectionRefused(BackendUnreachable):
+    """Nothing listens at the address (the server is not running)."""
 
 
 class BackendTimeout(BackendError):

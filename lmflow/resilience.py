@@ -5,7 +5,7 @@ models, plain code, a static value) until one answers. On each model link:
 
 - the response cache answers first when it holds a valid answer;
 - an open breaker skips the link at once (after `breaker.failures` consecutive
-  failures, for `breaker.cooldown`; then one call tests it again);
+  calls that failed for good, for `breaker.cooldown`; then one call tests it);
 - the resource guard skips it (or waits, or fails) when memory or CPU is short;
 - a link known to hold fewer tokens than a context overflow needed is skipped;
 - failures that can heal (timeout, 5xx, a server still loading) are retried
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import MISSING, ResponseCache
-from .errors import BackendError, BackendUnreachable, ContextOverflow, LmflowError
+from .errors import BackendError, ConnectionRefused, ContextOverflow, LmflowError
 from .spec.model import Breaker, Guard, Link, ModelConfig, Policy
 
 
@@ -210,16 +210,16 @@ class Resilience:
                     skip(index, link, "ResourceGuard", decision[1])
                     continue
             try:
-                answer = self._attempts(name, link, index, policy, ask, errors, fail_fast=has_next)
-            except ContextOverflow as exc:
-                needed = exc.n_prompt or needed
-                if not has_next:
-                    raise self._final(exc, errors, links) from None
-                continue
+                answer = self._attempts(link, index, policy, ask, errors, fail_fast=has_next)
             except LmflowError as exc:
+                if _heals(exc):  # the breaker counts calls that gave up, not each attempt
+                    self.breakers.failure(name)
+                if isinstance(exc, ContextOverflow):
+                    needed = exc.n_prompt or needed
                 if not has_next:
                     raise self._final(exc, errors, links) from None
                 continue
+            self.breakers.success(name)
             if key is not None:
                 self.cache.set(key, {"output": answer.value, "meta": answer.meta}, cache_ttl)  # type: ignore[union-attr]
                 answer.meta["cache"] = "miss"
@@ -240,16 +240,16 @@ class Resilience:
         answer.meta.update(answered_by={"link": index, "target": link.describe()}, errors=errors)
         return answer
 
-    def _attempts(self, name: str, link: Link, index: int, policy: Policy,
+    def _attempts(self, link: Link, index: int, policy: Policy,
                   ask: Callable[[str, float], Answer], errors: list[dict[str, Any]],
                   fail_fast: bool) -> Answer:
         """Call one model link with retries (tenacity) for failures that can heal."""
         from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
         def worth_retrying(exc: BaseException) -> bool:
-            if fail_fast and isinstance(exc, BackendUnreachable):
+            if fail_fast and isinstance(exc, ConnectionRefused):
                 return False  # nothing listens: fall back now, the breaker retests it later
-            return _heals(exc) and self.breakers.open_reason(name) is None
+            return _heals(exc)
 
         retrying = Retrying(
             stop=stop_after_attempt(policy.retries + 1),
@@ -271,10 +271,7 @@ class Resilience:
                     errors.append({"link": index, "target": link.describe(), "error_type": type(exc).__name__,
                                    "message": str(exc), "attempt": number,
                                    "seconds": round(time.perf_counter() - started, 3)})
-                    if _heals(exc):
-                        self.breakers.failure(name)
                     raise
         assert answer is not None
-        self.breakers.success(name)
         answer.meta["attempts"] = number
         return answer

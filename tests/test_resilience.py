@@ -98,7 +98,7 @@ def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tm
         assert isinstance(steps[sid]["output"], str) and steps[sid]["output"]
     # a refused connection with a fallback next is not retried: one attempt, then the fallback
     first = steps["a"]["meta"]["errors"]
-    assert [(e["error_type"], e["attempt"]) for e in first] == [("BackendUnreachable", 1)]
+    assert [(e["error_type"], e["attempt"]) for e in first] == [("ConnectionRefused", 1)]
     assert f"cannot reach http://127.0.0.1:{port}" in first[0]["message"]
     # two failures opened the breaker: later steps skip the dead server without calling it
     assert steps["c"]["meta"]["errors"][0]["error_type"] == "CircuitOpen"
@@ -143,7 +143,7 @@ def test_the_summary_lists_errors_and_a_chain_without_an_answer_says_why(prefect
         "match response_schema at topic: 42 is not of type 'string' (add a python or value link at the "
         "end to always answer)")
     assert "errors (2):" in out.stdout
-    assert "  ask model big attempt 1: BackendUnreachable: cannot reach" in out.stdout
+    assert "  ask model big attempt 1: ConnectionRefused: cannot reach" in out.stdout
 
 
 def test_a_server_killed_mid_request_falls_back(prefect_api: str, tmp_path: Path) -> None:
@@ -170,9 +170,9 @@ def test_a_server_killed_mid_request_falls_back(prefect_api: str, tmp_path: Path
         stop_server(proc)
     ask = result["steps"][0]
     assert ask["output"]["source"] == "heuristic"
+    # the connection broke mid-answer (may heal: retried), then nothing listened (fall back at once)
     types = [e["error_type"] for e in ask["meta"]["errors"]]
-    assert types[0] in ("BackendUnreachable", "BackendError")  # the connection broke mid-answer
-    assert len(types) == 1  # nothing listens afterwards: no retry with a fallback next
+    assert types == ["BackendUnreachable", "ConnectionRefused"]
 
 
 def test_slow_answers_get_a_longer_timeout_and_5xx_are_retried(prefect_api: str, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from ..errors import (
     BackendHTTPError,
     BackendTimeout,
     BackendUnreachable,
+    ConnectionRefused,
     ContextOverflow,
     ModelNotFound,
 )
@@ -60,6 +61,10 @@ class OpenAIClient:
             raise BackendTimeout(
                 f"no answer from {self.url}{path} within {timeout:g}s: raise the step's timeout "
                 "or use a smaller max_tokens", url=self.url) from None
+        except httpx.ConnectError as exc:
+            raise ConnectionRefused(
+                f"cannot reach {self.url} ({type(exc).__name__}: {exc}): {self.start_hint}",
+                url=self.url) from None
         except httpx.TransportError as exc:
             raise BackendUnreachable(
                 f"cannot reach {self.url} ({type(exc).__name__}: {exc}): {self.start_hint}",
