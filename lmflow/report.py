@@ -17,6 +17,14 @@ def short(value: Any, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def seconds(value: float) -> str:
+    """600 -> 10m, 604800 -> 7d, 2.5 -> 2.5s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{value / size:g}{unit}"
+    return f"{value:g}s"
+
+
 def progress_line(record: StepRecord) -> str:
     if record.status == "running":
         return f"  … {record.id} ({record.kind})"
@@ -84,17 +92,32 @@ def plan(spec: Spec) -> str:
         lines.append(f"server {name}: {server.backend} ({where})")
     for alias, model in spec.models.items():
         ctx = f", context {model.context_length}" if model.context_length else ""
-        lines.append(f"model {alias}: {model.key} on {model.server}{ctx}")
+        chain = "".join(f", then {link.describe()}" for link in model.fallback)
+        lines.append(f"model {alias}: {model.key} on {model.server}{ctx}{chain}")
+    lines.append(f"breaker: skip a model for {seconds(spec.breaker.cooldown)} after {spec.breaker.failures} "
+                 "failed calls in a row")
+    if spec.guard:
+        g = spec.guard
+        short_of = [f"free memory < {g.min_free_memory / 2**30:.1f} GiB" if g.min_free_memory else "",
+                    f"idle CPU < {g.min_cpu_idle:.0%}" if g.min_cpu_idle is not None else ""]
+        lines.append(f"guard: {g.action} when {' or '.join(x for x in short_of if x)}")
+    if spec.response_cache:
+        c = spec.response_cache
+        ttl = f"ttl {seconds(c.ttl)}, " if c.ttl else ""
+        lines.append(f"response cache: {ttl}at most {c.size_limit / 1e6:g} MB"
+                     + (f" in {c.directory}" if c.directory else ""))
     lines.append("")
     for i, step in enumerate(spec.steps, 1):
         p = step.policy
         after = f" after {', '.join(step.depends_on)}" if step.depends_on else ""
-        cache = ("cache " + (f"ttl {p.cache_ttl:g}s" if p.cache_ttl else "on")) if p.cache else "no cache"
+        cache = ("step cache " + (f"ttl {seconds(p.cache_ttl)}" if p.cache_ttl else "on")) if p.cache \
+            else "step cache off"
         uses = ""
         if "model" in step.options:
             uses = f" model={step.options['model']}"
         elif "function" in step.options:
             uses = f" {step.options['function']}"
         lines.append(f"{i:>3}. {step.id} [{step.kind}]{uses}{after}")
-        lines.append(f"     retries {p.retries}, timeout {p.timeout:g}s, {cache}")
+        growth = f" (x{p.timeout_growth:g} per attempt)" if p.timeout_growth != 1 else ""
+        lines.append(f"     retries {p.retries}, timeout {p.timeout:g}s{growth}, {cache}")
     return "\n".join(lines)

@@ -58,7 +58,7 @@ def test_plan_shows_order_dependencies_and_policies(capsys) -> None:
     lines = out.splitlines()
     assert lines[1] == "params: topic='sea'"
     assert "  3. stats [python] helpers:text_stats after fact, classify" in lines
-    assert "     retries 1, timeout 60s, cache on" in lines
+    assert "     retries 1, timeout 60s, step cache on" in lines
 
 
 def test_schema_is_valid_json_schema_and_matches_the_shipped_copy(capsys) -> None:

@@ -8,8 +8,9 @@ import json
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import lmflow_cmd, start_server, stop_server
+from conftest import lmflow_cmd, start_server, stop_server, wait_for
 
 from lmflow.backends.local import free_port
 from lmflow.resilience import BreakerBoard
@@ -112,9 +113,14 @@ def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tm
     assert steps["schema"]["meta"]["answered_by"]["target"] == "python fallbacks:guess"
     assert steps["static"]["output"] == "no answer today"
     assert result["stats"]["fallback_answers"] == 5
-    # every error is listed in the run's result
+    # every error is listed in the run's result, and in Prefect's history (the task runs' logs)
     assert {e["step"] for e in result["errors"]} == {"a", "b", "c", "schema", "static"}
     assert "Traceback" not in stderr
+    logs = wait_for(lambda: [entry["message"] for entry in httpx.post(
+        f"{prefect_api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [result["flow_run_id"]]}}}
+    ).json() if "answered by" in entry["message"] or "ConnectionRefused" in entry["message"]])
+    assert any(m.startswith("model big (attempt 1): ConnectionRefused: cannot reach") for m in logs)
+    assert "answered by model smol" in logs
 
 
 def test_the_summary_lists_errors_and_a_chain_without_an_answer_says_why(prefect_api: str,
@@ -358,3 +364,26 @@ def test_an_answer_from_a_fallback_is_not_reused_by_the_next_run(prefect_api: st
     # the step cache keeps the plain step, but asks the model again instead of reusing "later"
     assert [s["status"] for s in second["steps"]] == ["completed", "cached"]
     assert second["steps"][0]["meta"]["answered_by"]["link"] == 1
+
+
+def test_the_coach_spec_answers_from_lm_studio_else_locally_and_caches(prefect_api: str, lmstudio: str,
+                                                                        tmp_path: Path) -> None:
+    from conftest import ROOT
+
+    spec = ROOT / "specs" / "coach-with-fallbacks.yaml"
+    state = "state=best fitness 0.41, diversity 0.31"  # the cache lives in this test session's home
+    up, _ = run_json(spec, "-p", f"lmstudio_url={lmstudio}", "-p", state)
+    advice = up["steps"][0]
+    assert advice["meta"]["answered_by"] == {"link": 0, "target": "model coach"}, advice["meta"]["errors"]
+    assert advice["output"]["mutation"] in ("raise", "lower", "keep")
+    again, _ = run_json(spec, "-p", f"lmstudio_url={lmstudio}", "-p", state)
+    assert again["steps"][0]["meta"]["cache"] == "hit"
+    assert again["steps"][0]["output"] == advice["output"]
+
+    down, _ = run_json(spec, "-p", f"lmstudio_url=http://127.0.0.1:{free_port()}", "-p", state)
+    local = down["steps"][0]
+    errors = local["meta"]["errors"]
+    assert errors[0]["error_type"] == "ConnectionRefused"  # LM Studio is down: straight to the next link
+    # the local model answers, or (a 135M model may ramble past max_tokens) the heuristic does
+    assert local["meta"]["answered_by"]["link"] == 1 or errors[1]["error_type"] == "InvalidResponse"
+    assert set(local["output"]) == {"mutation", "advice"}
