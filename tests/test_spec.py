@@ -241,3 +241,58 @@ def test_every_shipped_spec_is_valid(folder: str) -> None:
     paths = sorted((Path(__file__).parent.parent / folder).glob("*.yaml"))
     assert paths, f"no specs in {folder}/"
     assert validate_files(paths) == []
+
+
+def test_fallback_chains_guard_and_cache_are_checked(tmp_path: Path) -> None:
+    found = problems(tmp_path, """\
+        version: 1
+        name: chains
+        models:
+          big: {key: smollm2-135m-instruct, fallback: [smal, {python: "nowhere:f"}, big, {value: 1, x: 2}]}
+          small: {key: smollm2-135m-instruct}
+        guard: {min_free_memory: lots, action: panic}
+        response_cache: {size_limit: 10XB}
+        steps:
+          - id: ask
+            prompt: {model: big, user: hi, fallback: [huge], response_cache: {key: "gone:k"}}
+        """)
+    assert found == [
+        "spec.yaml:4:48: models.big.fallback[0]: unknown model 'smal' (did you mean 'small'?)",
+        "spec.yaml:4:54: models.big.fallback[1]: module 'nowhere' not found (put it next to the spec or "
+        "install it)",
+        "spec.yaml:4:77: models.big.fallback[2]: model 'big' cannot be its own fallback",
+        "spec.yaml:4:82: models.big.fallback[3]: invalid value {'value': 1, 'x': 2} (A model alias, "
+        "{python: module:function} or {value: ...}.)",
+        "spec.yaml:6:26: guard.min_free_memory: invalid value 'lots' (Bytes as a number, or a string such "
+        "as 500MB, 2GB, 1GiB.)",
+        "spec.yaml:6:40: guard.action: 'panic' is not one of: fallback, wait, fail",
+        "spec.yaml:7:30: response_cache.size_limit: invalid value '10XB' (Bytes as a number, or a string "
+        "such as 500MB, 2GB, 1GiB.)",
+        "spec.yaml:10:47: steps[0].prompt.fallback[0]: unknown model 'huge' (expected one of: big, small)",
+        "spec.yaml:10:76: steps[0].prompt.response_cache.key: module 'gone' not found (put it next to the "
+        "spec or install it)",
+    ]
+
+
+def test_a_valid_chain_and_its_settings_load(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, """\
+        version: 1
+        name: chains
+        models:
+          big: {key: smollm2-135m-instruct, fallback: [small, {python: "helpers:count"}, {value: {a: 1}}]}
+          small: {key: smollm2-135m-instruct}
+        breaker: {failures: 5, cooldown: 2m}
+        guard: {min_free_memory: 2GiB, min_cpu_idle: 15%, action: wait, wait: 10s}
+        response_cache: {ttl: 1d, size_limit: 500MB}
+        defaults: {timeout: 30s, timeout_growth: 1.5, retries: 2}
+        steps:
+          - id: ask
+            prompt: {model: big, user: hi}
+        """))
+    assert [(link.kind, link.target) for link in spec.models["big"].fallback] == [
+        ("model", "small"), ("python", "helpers:count"), ("value", {"a": 1})]
+    assert (spec.breaker.failures, spec.breaker.cooldown) == (5, 120.0)
+    assert (spec.guard.min_free_memory, spec.guard.min_cpu_idle, spec.guard.action, spec.guard.wait) == (
+        2 * 2**30, 0.15, "wait", 10.0)
+    assert (spec.response_cache.ttl, spec.response_cache.size_limit) == (86400.0, 500_000_000)
+    assert [spec.step("ask").policy.attempt_timeout(n) for n in (1, 2, 3)] == [30.0, 45.0, 67.5]

@@ -89,7 +89,9 @@ def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Proble
         yield doc.problem(path, f"expected {expected}, got {_type_name(value)} {value!r}")
     elif kind == "enum":
         choices = ", ".join(map(str, err.validator_value))
-        yield doc.problem(path, f"{value!r} is not one of: {choices}", _suggest(value, err.validator_value))
+        hint = _suggest(value, err.validator_value)
+        yield doc.problem(path, f"{value!r} is not one of: {choices}",
+                          hint if hint and hint.startswith("did you mean") else None)
     elif kind == "const" and path == ("version",):
         yield doc.problem(path, f"unsupported spec version {value!r}", "this lmflow reads version: 1")
     elif kind == "pattern":

@@ -112,7 +112,7 @@ FALLBACK_OPTION: dict[str, Any] = {
     "type": "array",
     "description": "What answers when the model cannot, tried in order: a model alias, "
                    "{python: module:function} (plain code, called with the request) or {value: ...}.",
-    "items": {"oneOf": [
+    "items": {"description": "A model alias, {python: module:function} or {value: ...}.", "oneOf": [
         {"type": "string", "description": "A model alias from `models`."},
         {"type": "object", "required": ["python"], "additionalProperties": False,
          "properties": {"python": {"type": "string", "pattern": f"^{FUNCTION_PATTERN}$"}}},
