@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import MISSING, ResponseCache
-from .errors import BackendError, ConnectionRefused, ContextOverflow, LmflowError
+from .errors import BackendError, BackendUnreachable, ConnectionRefused, ContextOverflow, LmflowError
 from .spec.model import Breaker, Guard, Link, ModelConfig, Policy
 
 
@@ -58,7 +58,8 @@ class _BreakerState:
 
 
 class BreakerBoard:
-    """One circuit breaker per model (server + key), for the run."""
+    """Circuit breakers for the run: one per server (it does not answer) and one per model on it
+    (it times out or fails with 5xx)."""
 
     def __init__(self, config: Breaker, clock: Callable[[], float] = time.monotonic):
         self.config = config
@@ -195,8 +196,9 @@ class Resilience:
                 if cached is not MISSING:
                     answer = Answer(cached["output"], {**cached["meta"], "cache": "hit"})
                     return self._answered(answer, index, link, errors)
-            name = f"{model.server}/{model.key}"
-            reason = self.breakers.open_reason(name)
+            # a server that does not answer trips every model on it; a model that fails trips itself
+            server, name = f"server {model.server}", f"{model.server}/{model.key}"
+            reason = self.breakers.open_reason(server) or self.breakers.open_reason(name)
             if reason:
                 skip(index, link, "CircuitOpen", reason)
                 continue
@@ -213,12 +215,13 @@ class Resilience:
                 answer = self._attempts(link, index, policy, ask, errors, fail_fast=has_next)
             except LmflowError as exc:
                 if _heals(exc):  # the breaker counts calls that gave up, not each attempt
-                    self.breakers.failure(name)
+                    self.breakers.failure(server if isinstance(exc, BackendUnreachable) else name)
                 if isinstance(exc, ContextOverflow):
                     needed = exc.n_prompt or needed
                 if not has_next:
                     raise self._final(exc, errors, links) from None
                 continue
+            self.breakers.success(server)
             self.breakers.success(name)
             if key is not None:
                 self.cache.set(key, {"output": answer.value, "meta": answer.meta}, cache_ttl)  # type: ignore[union-attr]

@@ -74,6 +74,7 @@ def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tm
         models:
           big: {{key: some-big-model, server: down, fallback: [smol, {{python: "fallbacks:guess"}}]}}
           smol: {{key: smollm2-135m-instruct, context_length: 1024}}
+          sibling: {{key: other-model, server: down, fallback: [{{value: sibling}}]}}
         defaults: {{retries: 2, retry_delay: 0.2s, cache: false}}
         breaker: {{failures: 2, cooldown: 1h}}
         steps:
@@ -91,6 +92,8 @@ def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tm
               fallback: [{{python: "fallbacks:broken"}}, {{python: "fallbacks:guess"}}]
           - id: static
             prompt: {{model: big, user: "Anything.", fallback: [{{value: "no answer today"}}]}}
+          - id: sibling
+            prompt: {{model: sibling, user: "Anything."}}
         """, "dead-primary")
     result, stderr = run_json(spec)
     steps = {s["id"]: s for s in result["steps"]}
@@ -112,9 +115,11 @@ def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tm
     assert steps["schema"]["output"] == {"topic": "unknown", "source": "heuristic", "failed": 2}
     assert steps["schema"]["meta"]["answered_by"]["target"] == "python fallbacks:guess"
     assert steps["static"]["output"] == "no answer today"
-    assert result["stats"]["fallback_answers"] == 5
+    # the server does not answer: its other models are skipped too, without a call
+    assert steps["sibling"]["meta"]["errors"][0]["error_type"] == "CircuitOpen"
+    assert result["stats"]["fallback_answers"] == 6
     # every error is listed in the run's result, and in Prefect's history (the task runs' logs)
-    assert {e["step"] for e in result["errors"]} == {"a", "b", "c", "schema", "static"}
+    assert {e["step"] for e in result["errors"]} == {"a", "b", "c", "schema", "static", "sibling"}
     assert "Traceback" not in stderr
     logs = wait_for(lambda: [entry["message"] for entry in httpx.post(
         f"{prefect_api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [result["flow_run_id"]]}}}
