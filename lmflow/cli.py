@@ -198,8 +198,9 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
         if as_json:
             click.echo(json.dumps(entries, indent=2))
         for e in entries if not as_json else []:
+            about = ", ".join(str(e[k]) for k in ("variant", "version") if e.get(k))
             click.echo(f"{e['model']}  {e['server']}  loadable max {e['loadable_max']}  "
-                       f"working max {e.get('working_max')}")
+                       f"working max {e.get('working_max')}" + (f"  ({about})" if about else ""))
         return
     if not model:
         raise click.UsageError("give a MODEL key, or --list")

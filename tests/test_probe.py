@@ -132,7 +132,9 @@ def test_probe_command(lmstudio: str) -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["loadable_max"] == 2048
     listed = lmflow_cmd("probe", "--list")
-    assert f"small-strict  {lmstudio}  loadable max 2048  working max None" in listed.stdout
+    line = next(x for x in listed.stdout.splitlines() if x.startswith(f"small-strict  {lmstudio}  "))
+    assert line.startswith(f"small-strict  {lmstudio}  loadable max 2048  working max None  (gguf Q")
+    assert line.endswith(", 0.4.0-lmflow-test build 1)")  # the variant and the server's version
     missing = lmflow_cmd("probe")
     assert missing.returncode == 2 and "give a MODEL key, or --list" in missing.stderr
 
