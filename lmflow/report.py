@@ -28,7 +28,11 @@ def seconds(value: float) -> str:
 def progress_line(record: StepRecord) -> str:
     if record.status == "running":
         return f"  … {record.id} ({record.kind})"
-    cached = " (cached)" if record.status == "cached" else ""
+    cached = " (cached)" if record.status == "cached" else (
+        " (cached answer)" if record.meta.get("cache") == "hit" else "")
+    answered = record.meta.get("answered_by") or {}
+    if answered.get("link"):
+        cached += f" (answered by {answered['target']})"
     detail = short(record.output) if record.error is None else record.error.message
     if record.status == "skipped":
         detail = "not run: an earlier step failed"
@@ -40,8 +44,8 @@ def table(result: RunResult) -> str:
     for s in result.steps:
         outcome = short(s.output) if s.status in ("completed", "cached") else (
             short(s.error.message, 60) if s.error else "")
-        rows.append((s.id, s.kind, s.status, f"{s.seconds:.2f}s",
-                     "yes" if s.status == "cached" else "no", outcome))
+        cached = "step" if s.status == "cached" else "answer" if s.meta.get("cache") == "hit" else "no"
+        rows.append((s.id, s.kind, s.status, f"{s.seconds:.2f}s", cached, outcome))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
