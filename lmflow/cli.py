@@ -282,8 +282,8 @@ def cache_stats(spec: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    limit = f" of {info['size_limit'] / 2**20:.0f} MiB" if info.get("size_limit") else ""
-    click.echo(f"{info['directory']}: {info['entries']} answers, {info['bytes'] / 2**20:.2f} MiB{limit}")
+    limit = f" of {info['size_limit'] / 1e6:g} MB" if info.get("size_limit") else ""
+    click.echo(f"{info['directory']}: {info['entries']} answers, {info['bytes'] / 1e6:.2f} MB{limit}")
 
 
 @cache.command("clear")
