@@ -65,6 +65,21 @@ def test_breaker_opens_after_k_failures_and_half_opens_after_the_cooldown() -> N
     assert board.open_reason("m") is None
 
 
+def test_the_guard_reads_real_memory_and_cpu() -> None:
+    import psutil
+
+    from lmflow.resilience import ResourceGuard
+    from lmflow.spec.model import Guard
+
+    free = psutil.virtual_memory().available
+    assert ResourceGuard(Guard(min_free_memory=free // 2)).shortage() is None
+    short = ResourceGuard(Guard(min_free_memory=free * 4)).shortage()
+    assert short.startswith("free memory ") and "is below guard.min_free_memory" in short
+    cpu = ResourceGuard(Guard(min_cpu_idle=1.01))  # more idle than a CPU can be: always short
+    assert "is below guard.min_cpu_idle 101%" in cpu.shortage()
+    assert ResourceGuard(Guard(min_cpu_idle=0.0)).shortage() is None
+
+
 def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tmp_path: Path) -> None:
     port = free_port()  # nothing listens there: connection refused
     spec = write_spec(tmp_path, f"""\
