@@ -38,8 +38,11 @@ class ChainExhausted(BackendError):
         for error in errors:
             last[error["link"]] = error
         reasons = "; ".join(f"{e['target']}: {e['message']}" for e in last.values())
-        super().__init__(f"all {links} links of the fallback chain failed: {reasons} "
-                         "(add a python or value link at the end to always answer)")
+        if links == 1:
+            super().__init__(f"{reasons} (declare a fallback to answer anyway)")
+        else:
+            super().__init__(f"all {links} links of the fallback chain failed: {reasons} "
+                             "(add a python or value link at the end to always answer)")
 
 
 class ResourceShortage(LmflowError):

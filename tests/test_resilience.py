@@ -407,3 +407,26 @@ def test_the_coach_spec_answers_from_lm_studio_else_locally_and_caches(prefect_a
     # the local model answers, or (a 135M model may ramble past max_tokens) the heuristic does
     assert local["meta"]["answered_by"]["link"] == 1 or errors[1]["error_type"] == "InvalidResponse"
     assert set(local["output"]) == {"mutation", "advice"}
+
+
+def test_an_open_breaker_fails_a_model_without_fallback_at_once(prefect_api: str, tmp_path: Path) -> None:
+    port = free_port()
+    spec = write_spec(tmp_path, f"""\
+        servers:
+          default: {{backend: local}}
+          down: {{backend: openai, url: "http://127.0.0.1:{port}"}}
+        models:
+          big: {{key: some-big-model, server: down}}
+        breaker: {{failures: 1, cooldown: 10m}}
+        steps:
+          - id: first
+            prompt: {{model: big, user: "Say hi.", fallback: [{{value: later}}]}}
+          - id: alone
+            prompt: {{model: big, user: "Say hi again."}}
+        """, "open-alone")
+    out = lmflow_cmd("run", str(spec))
+    assert out.returncode == 1
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("error: step 'alone' failed: model big: circuit open after 1 consecutive "
+                           "failures; skipped for ")
+    assert last.endswith("s more (breaker.cooldown) (declare a fallback to answer anyway)")
