@@ -273,6 +273,7 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
         _append(journal, {"trial": asdict(trial), "at_context": context_length})
         return trial
 
+    backend.unload(loaded)  # what a killed earlier run left loaded goes first
     backend.load(loaded)
     try:
         working, trials = _search_working(backend, ask, journaled, trials, on_trial,
