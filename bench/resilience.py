@@ -58,8 +58,7 @@ def main() -> None:
         from lmflow.backends.openai import OpenAIBackend
         from lmflow.cache import ResponseCache
         from lmflow.resilience import Resilience
-        from lmflow.spec.model import Breaker, Link, ModelConfig, Policy, ServerConfig
-        from lmflow.spec.model import ResponseCache as CacheConfig
+        from lmflow.spec.model import Breaker, Link, ModelConfig, Policy, ResponseCacheConfig, ServerConfig
         from lmflow.steps.base import StepContext
         from lmflow.steps.prompt import PromptStep
 
@@ -74,7 +73,7 @@ def main() -> None:
         policy = Policy(retries=2, retry_delay=0.05, timeout=60)
 
         def context(models: dict[str, ModelConfig], backends: dict[str, Any], resilience: Resilience,
-                    cache: CacheConfig | None = None) -> StepContext:
+                    cache: ResponseCacheConfig | None = None) -> StepContext:
             return StepContext(
                 step_id="bench", spec_dir=spec_dir, timeout=60,
                 backend_for=lambda alias: (backends[alias], models[alias]), policy=policy,
@@ -132,7 +131,7 @@ def main() -> None:
                   f"{median_ms(closed_v):.2f} ms, open {median_ms(opened_v):.3f} ms")
 
             # (2) the response cache
-            cache_config = CacheConfig(directory=str(spec_dir / "cache"))
+            cache_config = ResponseCacheConfig(directory=str(spec_dir / "cache"))
             cached = Resilience(Breaker(), None, ResponseCache(cache_config.directory))
             questions = [f"Say the number {i}." for i in range(20)]
             ctx_on = context({"smol": smol}, {"smol": local}, cached, cache_config)

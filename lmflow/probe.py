@@ -260,23 +260,23 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
             sampling={"temperature": 0, "seed": 7, "max_tokens": 16}, timeout=600, stream=True))
         return response.text, response.prompt_tokens, response.seconds, response.first_token_seconds
 
-    def journaled(trial: Trial | None, fill: int, position: str, key: str) -> Trial | None:
-        """The replayed trial, or None after noting that this one starts; `trial` is its outcome."""
-        if journal is None:
-            return None
-        if trial is None:
-            if (fill, position, key) in done:
-                return done[(fill, position, key)]
+    def starting(fill: int, position: str, key: str) -> Trial | None:
+        """The answered trial of an earlier run, else None once this one is noted as started."""
+        if (fill, position, key) in done:
+            return done[(fill, position, key)]
+        if journal is not None:
             _append(journal, {"trial_start": {"fill": fill, "position": position, "key": key},
                               "at_context": context_length})
-            return None
-        _append(journal, {"trial": asdict(trial), "at_context": context_length})
-        return trial
+        return None
+
+    def answered(trial: Trial) -> None:
+        if journal is not None:
+            _append(journal, {"trial": asdict(trial), "at_context": context_length})
 
     backend.unload(loaded)  # what a killed earlier run left loaded goes first
     backend.load(loaded)
     try:
-        working, trials = _search_working(backend, ask, journaled, trials, on_trial,
+        working, trials = _search_working(backend, ask, starting, answered, trials, on_trial,
                                           context_length=context_length, granularity=granularity,
                                           confirmations=confirmations)
     finally:
@@ -312,7 +312,8 @@ def _replay_trials(journal: Path | None, context_length: int
 
 
 def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, float, float | None]],
-                    journaled: Callable[..., Trial | None], trials: list[Trial],
+                    starting: Callable[[int, str, str], Trial | None], answered: Callable[[Trial], None],
+                    trials: list[Trial],
                     on_trial: Callable[[Trial], None], *, context_length: int,
                     granularity: int, confirmations: int) -> tuple[int | None, list[Trial]]:
     from .errors import ContextOverflow
@@ -345,10 +346,10 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
         ok = True
         for position in POSITIONS:
             key = _key(fill, position, trial)
-            result = journaled(None, fill, position, key)
+            result = starting(fill, position, key)
             if result is None:
                 result = run_trial(fill, sentences, position, key)
-                journaled(result, fill, position, key)
+                answered(result)
             trials.append(result)
             on_trial(result)
             ok = ok and result.outcome == "ok"

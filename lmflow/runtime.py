@@ -24,8 +24,7 @@ from .errors import LmflowError, StepFailure, describe
 from .home import subdir
 from .resilience import Resilience
 from .spec import templates
-from .spec.model import ModelConfig, Spec, StepSpec
-from .spec.model import ResponseCache as ResponseCacheConfig
+from .spec.model import ModelConfig, ResponseCacheConfig, Spec, StepSpec
 from .steps import StepContext, StepResult, get_kind
 
 #: bump when the meaning of cached results changes

@@ -140,7 +140,7 @@ class Guard:
 
 
 @dataclass(frozen=True)
-class ResponseCache:
+class ResponseCacheConfig:
     """The response cache (diskcache): answers keyed by everything that changes them."""
 
     ttl: float | None = None
@@ -161,7 +161,7 @@ class Spec:
     steps: list[StepSpec]  # in execution order (dependencies first)
     breaker: Breaker = field(default_factory=Breaker)
     guard: Guard | None = None
-    response_cache: ResponseCache | None = None  # None: off unless a step turns it on
+    response_cache: ResponseCacheConfig | None = None  # None: off unless a step turns it on
 
     @property
     def dir(self) -> Path:

@@ -23,7 +23,7 @@ from .model import (
     Link,
     ModelConfig,
     Policy,
-    ResponseCache,
+    ResponseCacheConfig,
     ServerConfig,
     Spec,
     StepSpec,
@@ -273,7 +273,7 @@ def link_problem(link: Link, models: dict[str, ModelConfig], spec_dir: Path) -> 
     return None
 
 
-def _resilience(doc: Document) -> tuple[Breaker, Guard | None, ResponseCache | None]:
+def _resilience(doc: Document) -> tuple[Breaker, Guard | None, ResponseCacheConfig | None]:
     """The top-level breaker, guard and response_cache blocks (their forms are schema-checked)."""
     data = doc.data
 
@@ -301,10 +301,12 @@ def _resilience(doc: Document) -> tuple[Breaker, Guard | None, ResponseCache | N
                       wait=safe(parse_duration, raw.get("wait"), 60.0))
     cache = None
     if (raw := block("response_cache")) is not None:
-        cache = ResponseCache(ttl=safe(parse_duration, raw.get("ttl"), None),
-                              size_limit=safe(parse_size, raw.get("size_limit"), ResponseCache.size_limit),
-                              directory=str(Path(doc.file).resolve().parent / Path(raw["dir"]).expanduser())
-                              if isinstance(raw.get("dir"), str) else None)
+        folder = raw.get("dir")
+        cache = ResponseCacheConfig(
+            ttl=safe(parse_duration, raw.get("ttl"), None),
+            size_limit=safe(parse_size, raw.get("size_limit"), ResponseCacheConfig.size_limit),
+            directory=str(Path(doc.file).resolve().parent / Path(folder).expanduser())
+            if isinstance(folder, str) else None)
     return breaker, guard, cache
 
 

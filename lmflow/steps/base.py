@@ -17,8 +17,7 @@ if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..errors import Problem
     from ..resilience import Resilience
-    from ..spec.model import ModelConfig, Policy
-    from ..spec.model import ResponseCache as ResponseCacheConfig
+    from ..spec.model import ModelConfig, Policy, ResponseCacheConfig
 
 
 @dataclass
