@@ -69,45 +69,41 @@ def schema() -> None:
 @click.option("--refresh", is_flag=True, help="Recompute cached steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run result as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own log lines.")
-def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbose: bool) -> None:
+@click.option("--max-parallel", type=click.IntRange(1, 256), default=None, metavar="N",
+              help="Steps and map items running at once (default: the spec's defaults.max_parallel, else 4).")
+def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbose: bool,
+        max_parallel: int | None) -> None:
     """Compile SPEC into a Prefect flow and run it."""
     from . import report
     from . import run as run_spec
 
+    progress = report.Progress(sys.stderr) if not as_json else None
+
     def listen(event: str, data: dict[str, Any]) -> None:
-        if event in ("warning", "cache_error"):  # on stderr also with --json: stdout stays pure JSON
+        if progress is not None:
+            progress.event(event, data)
+        elif event in ("warning", "cache_error"):  # on stderr also with --json: stdout stays pure JSON
             where = f"{data['step']}: " if data.get("step") else ""
             click.echo(f"  warning: {where}{data['message']}", err=True)
-        if as_json:
-            return
-        if event == "temporary_server_starting":
-            click.echo("lmflow: starting a temporary Prefect server for this run (10-20 s; "
-                       "`lmflow server start` keeps one running)", err=True)
-        elif event == "run_starting":
-            api = data["api"]
-            where = {"temporary": "the temporary Prefect server",
-                     "lmflow server": f"Prefect server {api.url}",
-                     "PREFECT_API_URL": f"Prefect API {api.url}"}[api.source]
-            click.echo(f"lmflow: running {data['spec'].name} ({len(data['spec'].steps)} steps) on {where}",
-                       err=True)
-        elif event == "backend_starting" and data["backend"] == "local":
-            click.echo("  starting the local llama.cpp engine…", err=True)
-        elif event in ("step_started", "step_finished"):
-            click.echo(report.progress_line(data["step"]), err=True)
 
-    result = run_spec(spec, _params(params), refresh_cache=refresh, listener=listen,
-                      verbose=verbose)
+    try:
+        result = run_spec(spec, _params(params), refresh_cache=refresh, listener=listen,
+                          verbose=verbose, max_parallel=max_parallel)
+    finally:
+        if progress is not None:
+            progress.close()
     if as_json:
         click.echo(json.dumps({**asdict(result), "errors": result.errors()}, indent=2, default=str))
     else:
         click.echo(report.table(result))
         click.echo(report.footer(result))
     if not result.ok:
-        failure = result.failure
-        message = (f"step '{failure.step}' failed"
-                   + (f" after {failure.attempts} attempts" if failure.attempts > 1 else "")
-                   + f": {failure.message}") if failure else f"run failed: {result.error}"
-        click.echo(f"error: {message}", err=True)
+        for failure in result.failures:  # every failed step, in the spec's order
+            click.echo(f"error: step '{failure.step}' failed"
+                       + (f" after {failure.attempts} attempts" if failure.attempts > 1 else "")
+                       + f": {failure.message}", err=True)
+        if not result.failures:
+            click.echo(f"error: run failed: {result.error}", err=True)
         sys.exit(1)
 
 

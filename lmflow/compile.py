@@ -2,16 +2,21 @@
 
 `lmflow_flow` is one top-level, importable flow that takes the spec's path, so
 a deployment can re-import it by name; `run()` gives it the spec's name for
-the UI. Each step is one task run named by its id, with the step's retries,
-backoff, timeout and a cache key made of the step id and its resolved config.
+the UI. A scheduler in the flow's thread starts every step whose dependencies
+have finished, at most `max_parallel` task runs at once (Prefect's
+ThreadPoolTaskRunner); a map step's items are task runs `step[i]` in a sliding
+window. Each task run waits for (`wait_for`) the task runs of the steps it
+depends on, so Prefect's graph is the spec's graph. See docs/dataflow.md.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextvars
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,33 +24,38 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from .errors import StepFailed, StepFailure
 from .prefect_server import configure_environment
 from .runtime import Listener, RunRecorder, RunResult, Runtime
 from .spec import load_spec
-from .spec.templates import TemplateError
-from .steps import get_kind
+from .spec.model import StepSpec
+from .steps import StepResult, get_kind
 
 _RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar("lmflow_runtime")
 _RECORDER: contextvars.ContextVar[RunRecorder] = contextvars.ContextVar("lmflow_recorder")
+#: the pool's ceiling; the scheduler keeps at most the spec's max_parallel task runs in flight,
+#: so only that many threads are ever created
+POOL_SIZE = 256
 
 
 @task(persist_result=True)
-def run_step(step_id: str, kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """One step of a spec (its task run is named after the step id)."""
+def run_step(step_id: str, kind: str, options: dict[str, Any], index: int | None = None,
+             cache_key: str | None = None) -> StepResult:
+    """One step of a spec, or one item of a map step (task runs `step` / `step[i]`)."""
     runtime = _RUNTIME.get()
-    result = runtime.execute(runtime.spec.step(step_id), options)
-    errors = result.meta.get("errors") or []
-    if errors:  # in Prefect's history too: what failed before an answer came
+    result = runtime.execute(runtime.spec.step(step_id), options, index)
+    if result.errors:  # in Prefect's history too: what failed before an answer came
         from prefect.logging import get_run_logger
 
         logger = get_run_logger()
-        for error in errors:
+        for error in result.errors:
             attempt = f" (attempt {error['attempt']})" if error.get("attempt") else ""
             logger.warning(f"{error['target']}{attempt}: {error['error_type']}: {error['message']}")
-        logger.warning(f"answered by {result.meta['answered_by']['target']}")
-    return {"output": result.output, "meta": result.meta}
+        if result.answered_by:
+            logger.warning(f"answered by {result.answered_by['target']}")
+    return result
 
 
 def _retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -54,9 +64,14 @@ def _retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
     return bool(getattr(exc, "retryable", False))
 
 
-@flow(name="lmflow", persist_result=False, validate_parameters=False)
+def _key_from_parameters(_ctx: Any, parameters: dict[str, Any]) -> str | None:
+    return parameters.get("cache_key")
+
+
+@flow(name="lmflow", persist_result=False, validate_parameters=False,
+      task_runner=ThreadPoolTaskRunner(max_workers=POOL_SIZE))
 def lmflow_flow(spec_path: str, params: dict[str, Any] | None = None,
-                refresh_cache: bool = False) -> dict[str, Any]:
+                refresh_cache: bool = False, max_parallel: int | None = None) -> dict[str, Any]:
     """Run the pipeline described by the spec at `spec_path`."""
     spec = load_spec(spec_path, params)
     owned = _RECORDER.get(None) is None  # run by a deployment, not by `run()`
@@ -64,83 +79,350 @@ def lmflow_flow(spec_path: str, params: dict[str, Any] | None = None,
     recorder.result.flow_run_id = str(get_run_context().flow_run.id)
     runtime = Runtime(spec, recorder)
     token = _RUNTIME.set(runtime)
-    failure: StepFailure | None = None
     try:
         with runtime:
-            for step in spec.steps:
-                if failure is not None:
-                    recorder.update(step.id, status="skipped")
-                    continue
-                failure = _run_one(runtime, recorder, step, refresh_cache)
+            try:
+                Scheduler(runtime, refresh_cache, max_parallel or spec.max_parallel).run()
+            finally:
+                runtime.stopping.set()  # user code still running stops being waited for
     finally:
         _RUNTIME.reset(token)
         if owned:
             recorder.save()
-    if failure is not None:
-        raise StepFailed(failure)
+    failures = recorder.result.failures
+    if failures:
+        raise StepFailed(failures[0])
     return recorder.result.outputs()
 
 
-def _run_one(runtime: Runtime, recorder: RunRecorder, step: Any,
-             refresh_cache: bool) -> StepFailure | None:
-    started = time.perf_counter()
-    recorder.update(step.id, status="running")
-    try:
-        options = runtime.resolve(step)
-    except TemplateError as exc:
-        failure = StepFailure(step.id, "TemplateError", str(exc))
-        recorder.update(step.id, status="failed", error=failure,
-                        seconds=round(time.perf_counter() - started, 3))
-        return failure
-    policy = step.policy
-    kind = get_kind(step.kind)
-    # kinds that retry their model calls per link (with fallbacks) are not retried again as a whole
-    retries = 0 if kind.retries_inside else policy.retries
-    settings: dict[str, Any] = {
-        "name": step.id,
-        "retries": retries,
-        "retry_delay_seconds": policy.retry_delays() if retries else 0,
-        "retry_condition_fn": _retry_condition,
-        # the HTTP call enforces each attempt's timeout itself; this backstop catches
-        # user code and anything else that hangs
-        "timeout_seconds": _backstop(runtime, step, options) + 5,
-    }
-    key: str | None = None
-    if policy.cache and get_kind(step.kind).cacheable:
-        key = runtime.cache_key(step, options)
-        settings.update(
-            cache_key_fn=lambda _ctx, _params: key, persist_result=True,
-            # an answer that came from a fallback is not reused: the next run asks again
-            refresh_cache=refresh_cache or _degraded(key).exists(),
-            cache_expiration=timedelta(seconds=policy.cache_ttl) if policy.cache_ttl else None,
-        )
-    else:
-        settings.update(cache_policy=NO_CACHE, persist_result=False)
-    state = run_step.with_options(**settings)(step.id, step.kind, options, return_state=True)
-    seconds = round(time.perf_counter() - started, 3)
-    if state.is_completed():
-        value = state.result()
-        runtime.outputs[step.id] = value["output"]
-        markdown = value["meta"].pop("artifact", None)
-        if markdown:  # a report for the UI (a probe's table)
-            from prefect.artifacts import create_markdown_artifact
+_SKIPPED = object()  # an item whose condition was false, or that failed with on_item_error: skip
 
-            create_markdown_artifact(markdown, key=_artifact_key(step.id), description=step.id)
-        if key is not None and state.name != "Cached":
-            answered = value["meta"].get("answered_by") or {}
-            if answered.get("link"):
-                _degraded(key).touch()
+
+@dataclass
+class _Map:
+    """A map step in progress: its items, the window of items in flight, their outcomes."""
+
+    step: StepSpec
+    items: list[Any]
+    window: int
+    started: float
+    outputs: list[Any] = field(default_factory=list)
+    next: int = 0
+    in_flight: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("completed", "cached", "failed", "skipped"), 0))
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    first_failure: StepFailure | None = None
+    artifact_id: Any = None
+    reported: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def progress(self) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - self.started, 1e-6)
+        rate = self.done / elapsed
+        left = len(self.items) - self.done
+        return {"total": len(self.items), "done": self.done, **self.counts,
+                "rate": round(rate, 2), "eta": round(left / rate, 1) if rate else None}
+
+
+@dataclass
+class _Unit:
+    step: StepSpec
+    index: int | None
+    key: str | None  # its cache key (None: not cached)
+    started: float
+
+
+class Scheduler:
+    """Starts ready steps and map items, at most `max_parallel` task runs at once; records outcomes.
+
+    Runs in the flow's thread only: its own state needs no lock. Readiness is counted
+    (each step knows how many of its dependencies are unfinished), so a 1,000-step
+    spec costs O(steps + edges), not a scan of every waiting step per event.
+    """
+
+    def __init__(self, runtime: Runtime, refresh_cache: bool, max_parallel: int):
+        self.runtime = runtime
+        self.recorder = runtime.recorder
+        self.refresh = refresh_cache
+        self.max_parallel = max_parallel
+        steps = runtime.spec.steps  # dependencies first
+        self.unfinished = {s.id: len(s.depends_on) for s in steps}
+        self.dependents: dict[str, list[StepSpec]] = {}
+        for s in steps:
+            for dep in s.depends_on:
+                self.dependents.setdefault(dep, []).append(s)
+        self.ready: list[StepSpec] = [s for s in steps if not s.depends_on]
+        self.status: dict[str, str] = {}  # done | failed | skipped (condition) | blocked (upstream)
+        #: started steps with units left to submit, in the order they became ready
+        self.queue: dict[str, StepSpec] = {}
+        self.singles: dict[str, dict[str, Any]] = {}  # resolved options of steps waiting for a slot
+        self.maps: dict[str, _Map] = {}
+        self.futures: dict[str, list[Any]] = {}  # each step's task runs: the edges of its dependents
+        self.running: dict[concurrent.futures.Future, tuple[_Unit, Any]] = {}
+        self.tasks: dict[str, Any] = {}
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            while self.ready:
+                ready, self.ready = self.ready, []
+                for step in ready:
+                    self._start(step)
+            self._fill()
+            if not self.running:
+                if len(self.status) < len(self.unfinished):  # cannot happen: validation rejects cycles
+                    raise RuntimeError("lmflow scheduler stalled: "
+                                       + ", ".join(s for s in self.unfinished if s not in self.status))
+                return
+            done, _ = concurrent.futures.wait(list(self.running),
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for wrapped in done:
+                unit, future = self.running.pop(wrapped)
+                self._finished(unit, future)
+
+    def _settle(self, step: StepSpec, status: str) -> None:
+        """A step is over (done, failed, skipped or blocked): its dependents may become ready."""
+        self.status[step.id] = status
+        for dependent in self.dependents.get(step.id, ()):
+            self.unfinished[dependent.id] -= 1
+            if self.unfinished[dependent.id] == 0:
+                self.ready.append(dependent)
+
+    def _start(self, step: StepSpec) -> None:
+        blocked = next((d for d in step.depends_on if self.status[d] in ("failed", "blocked")), None)
+        if blocked is not None:
+            reason = self.recorder.record(blocked).reason or ""
+            cause = reason.removeprefix("upstream failed: ") if reason.startswith("upstream") else blocked
+            self.recorder.update(step.id, status="skipped", reason=f"upstream failed: {cause}")
+            self._settle(step, "blocked")
+            return
+        started = time.perf_counter()
+        runtime = self.runtime
+        try:
+            if not runtime.item_condition(step) and not runtime.condition(step):
+                runtime.set_output(step.id, None)
+                self.recorder.update(step.id, status="skipped", reason="condition false")
+                self._settle(step, "skipped")
+                return
+            if step.foreach is None:
+                self.singles[step.id] = runtime.resolve(step)
             else:
-                _degraded(key).unlink(missing_ok=True)
-        recorder.update(step.id, status="cached" if state.name == "Cached" else "completed",
-                        output=value["output"], meta=value["meta"], seconds=seconds)
-        return None
-    exc = state.result(raise_on_failure=False)
-    if not isinstance(exc, BaseException):
-        exc = RuntimeError(state.message or state.name)
-    failure = runtime.failure(step, exc)
-    recorder.update(step.id, status="failed", error=failure, seconds=seconds)
-    return failure
+                items = runtime.items(step)
+                self.recorder.update(step.id, status="running")
+                if not items:
+                    self.recorder.emit("warning", step=step.id,
+                                       message="foreach has no items: the output is an empty list")
+                    self._complete(step, [], seconds=0.0, items={"total": 0})
+                    return
+                self.maps[step.id] = _Map(step, items, step.parallel or self.max_parallel, started,
+                                          outputs=[_SKIPPED] * len(items))
+                self._progress_artifact(self.maps[step.id])
+        except Exception as exc:  # noqa: BLE001 - a template, condition or dataset error fails the step
+            self._fail(step, runtime.failure(step, exc), time.perf_counter() - started)
+            return
+        self.queue[step.id] = step
+
+    def _fill(self) -> None:
+        """Submit units, earlier steps first, while fewer than max_parallel run."""
+        for step in list(self.queue.values()):
+            if len(self.running) >= self.max_parallel:
+                return
+            if step.id in self.singles:
+                del self.queue[step.id]
+                self.recorder.update(step.id, status="running")
+                self._submit(step, None, self.singles.pop(step.id))
+                continue
+            batch = self.maps[step.id]
+            while (len(self.running) < self.max_parallel and batch.in_flight < batch.window
+                   and batch.next < len(batch.items) and batch.first_failure is None):
+                index = batch.next
+                batch.next += 1
+                self._submit_item(batch, index)
+            if batch.next >= len(batch.items) or batch.first_failure is not None:
+                del self.queue[step.id]
+                if batch.in_flight == 0:
+                    self._finish_map(batch)
+
+    def _submit_item(self, batch: _Map, index: int) -> None:
+        step, item = batch.step, batch.items[index]
+        try:
+            if self.runtime.item_condition(step) and not self.runtime.condition(step, item, index):
+                self._item_done(batch, index, "skipped", reason="condition false")
+                return
+            options = self.runtime.resolve(step, item, index)
+        except Exception as exc:  # noqa: BLE001 - a bad item fails alone (on_item_error decides)
+            self._item_failed(batch, index, self.runtime.failure(step, exc, index), 0.0)
+            return
+        batch.in_flight += 1
+        self._submit(step, index, options)
+
+    def _submit(self, step: StepSpec, index: int | None, options: dict[str, Any]) -> None:
+        kind = get_kind(step.kind)
+        key = self.runtime.cache_key(step, options) if step.policy.cache and kind.cacheable else None
+        task_ = self._task(step)
+        if key is not None and (self.refresh or _degraded(key).exists()):
+            # an answer that came from a fallback is not reused: the next run asks again
+            task_ = task_.with_options(refresh_cache=True)
+        upstream = [f for dep in step.depends_on for f in self.futures.get(dep, ())]
+        future = task_.submit(step.id, step.kind, options, index, key, wait_for=upstream)
+        self.futures.setdefault(step.id, []).append(future)
+        self.running[future.wrapped_future] = (_Unit(step, index, key, time.perf_counter()), future)
+
+    def _task(self, step: StepSpec) -> Any:
+        """The step's task, made once: retries, cache and the name of its task runs."""
+        if step.id not in self.tasks:
+            policy = step.policy
+            kind = get_kind(step.kind)
+            # kinds that retry their model calls per link (with fallbacks) are not retried again as a whole
+            retries = 0 if kind.retries_inside else policy.retries
+            settings: dict[str, Any] = {
+                "name": step.id,
+                "task_run_name": step.id if step.foreach is None else step.id + "[{index}]",
+                "retries": retries,
+                "retry_delay_seconds": policy.retry_delays() if retries else 0,
+                "retry_condition_fn": _retry_condition,
+            }
+            if policy.cache and kind.cacheable:
+                settings.update(cache_key_fn=_key_from_parameters, persist_result=True,
+                                cache_expiration=timedelta(seconds=policy.cache_ttl) if policy.cache_ttl
+                                else None)
+            else:
+                settings.update(cache_policy=NO_CACHE, persist_result=False)
+            self.tasks[step.id] = run_step.with_options(**settings)
+        return self.tasks[step.id]
+
+    # -- outcomes ---------------------------------------------------------
+
+    def _finished(self, unit: _Unit, future: Any) -> None:
+        state = future.wrapped_future.result()  # the final State (asking the API could lag behind)
+        seconds = round(time.perf_counter() - unit.started, 3)
+        step = unit.step
+        batch = self.maps.get(step.id) if unit.index is not None else None
+        if batch is not None:
+            batch.in_flight -= 1
+        if state.is_completed():
+            result: StepResult = state.result()
+            cached = state.name == "Cached"
+            if unit.key is not None and not cached:
+                if result.degraded:
+                    _degraded(unit.key).touch()
+                else:
+                    _degraded(unit.key).unlink(missing_ok=True)
+            if batch is None:
+                self._complete(step, result.output, seconds=seconds, result=result, cached=cached)
+            else:
+                self._item_done(batch, unit.index, "cached" if cached else "completed",  # type: ignore[arg-type]
+                                output=result.output, seconds=seconds)
+            return
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, BaseException):
+            exc = RuntimeError(state.message or state.name)
+        failure = self.runtime.failure(step, exc, unit.index)
+        if batch is None:
+            self._fail(step, failure, seconds)
+        else:
+            self._item_failed(batch, unit.index, failure, seconds)  # type: ignore[arg-type]
+
+    def _complete(self, step: StepSpec, output: Any, *, seconds: float, result: StepResult | None = None,
+                  cached: bool = False, items: dict[str, int] | None = None,
+                  problems: list[dict[str, Any]] | None = None) -> None:
+        self.runtime.set_output(step.id, output)
+        changes: dict[str, Any] = {"status": "cached" if cached else "completed", "output": output,
+                                   "seconds": seconds}
+        if result is not None:
+            changes.update(meta=result.meta, answered_by=result.answered_by, errors=result.errors)
+            if result.artifact:  # a report for the UI (a probe's table)
+                from prefect.artifacts import create_markdown_artifact
+
+                create_markdown_artifact(result.artifact, key=_artifact_key(step.id), description=step.id)
+        if items is not None:
+            changes.update(items=items, item_problems=problems or [])
+        self.recorder.update(step.id, **changes)
+        self._settle(step, "done")
+
+    def _fail(self, step: StepSpec, failure: StepFailure, seconds: float,
+              items: dict[str, int] | None = None, problems: list[dict[str, Any]] | None = None) -> None:
+        changes: dict[str, Any] = {"status": "failed", "error": failure, "seconds": round(seconds, 3)}
+        if items is not None:
+            changes.update(items=items, item_problems=problems or [])
+        self.recorder.update(step.id, **changes)
+        self._settle(step, "failed")
+
+    def _item_done(self, batch: _Map, index: int, status: str, *, output: Any = _SKIPPED,
+                   seconds: float = 0.0, reason: str | None = None) -> None:
+        batch.counts[status] += 1
+        if status in ("completed", "cached"):
+            batch.outputs[index] = output
+        else:
+            batch.problems.append({"index": index, "status": status, "reason": reason})
+        self.recorder.item(batch.step.id, index, status, output=None if output is _SKIPPED else output,
+                           reason=reason, seconds=seconds, progress=batch.progress())
+        self._report_progress(batch)
+        if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
+            self._finish_map(batch)
+
+    def _item_failed(self, batch: _Map, index: int, failure: StepFailure, seconds: float) -> None:
+        mode = batch.step.on_item_error
+        batch.counts["failed"] += 1
+        batch.problems.append({"index": index, "status": "failed", "error_type": failure.error_type,
+                               "reason": failure.message, "attempts": failure.attempts})
+        if mode == "collect":
+            batch.outputs[index] = None
+        elif mode == "fail" and batch.first_failure is None:
+            batch.first_failure = failure
+        self.recorder.item(batch.step.id, index, "failed", error=failure, seconds=seconds,
+                           progress=batch.progress())
+        self._report_progress(batch)
+        if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
+            self._finish_map(batch)
+
+    def _finish_map(self, batch: _Map) -> None:
+        step = batch.step
+        if step.id in self.status:
+            return
+        self.maps.pop(step.id, None)  # its items are no longer needed
+        seconds = time.perf_counter() - batch.started
+        counts = {"total": len(batch.items), **batch.counts}
+        self._report_progress(batch, final=True)
+        if batch.first_failure is not None:
+            first = batch.first_failure
+            not_run = len(batch.items) - batch.done
+            message = (f"item {first.step.removeprefix(step.id).strip('[]')} failed: {first.message} "
+                       f"({batch.counts['failed']} of {len(batch.items)} items failed"
+                       + (f", {not_run} not started" if not_run else "")
+                       + "; on_item_error: skip or collect keeps going)")
+            failure = StepFailure(step=step.id, error_type=first.error_type, message=message,
+                                  attempts=first.attempts, retryable=first.retryable, extra=first.extra)
+            self._fail(step, failure, seconds, counts, batch.problems)
+            return
+        output = [o for o in batch.outputs if o is not _SKIPPED]
+        self._complete(step, output, seconds=round(seconds, 3), items=counts, problems=batch.problems,
+                       cached=batch.counts["cached"] == len(batch.items))
+
+    # -- progress in Prefect's UI ------------------------------------------
+
+    def _progress_artifact(self, batch: _Map) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        batch.artifact_id = create_progress_artifact(
+            0.0, key=_artifact_key(batch.step.id) + "-progress",
+            description=f"{batch.step.id}: {len(batch.items)} items")
+        batch.reported = time.perf_counter()
+
+    def _report_progress(self, batch: _Map, final: bool = False) -> None:
+        """At most once a second (and at the end): each update is an API call."""
+        now = time.perf_counter()
+        if batch.artifact_id is None or (not final and now - batch.reported < 1.0):
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        batch.reported = now
+        update_progress_artifact(batch.artifact_id, 100.0 * batch.done / max(len(batch.items), 1))
 
 
 def _degraded(key: str) -> Path:
@@ -148,18 +430,6 @@ def _degraded(key: str) -> Path:
     from .home import subdir
 
     return subdir("degraded") / key
-
-
-def _backstop(runtime: Runtime, step: Any, options: dict[str, Any]) -> float:
-    """The longest a step may take: every attempt of every link of its chain, with their waits."""
-    policy = step.policy
-    kind = get_kind(step.kind)
-    if not kind.retries_inside:
-        return policy.timeout
-    links = kind.links(options, runtime.spec.models)  # type: ignore[attr-defined]
-    per_model = sum(policy.attempt_timeout(n) for n in range(1, policy.retries + 2)) + sum(
-        d * 1.5 for d in policy.retry_delays())
-    return sum(per_model if link.kind == "model" else policy.timeout for link in links)
 
 
 def _artifact_key(step_id: str) -> str:
@@ -193,18 +463,18 @@ def _drain(timeout: float = 10.0) -> None:
 
 def run(spec_path: str | Path, params: dict[str, Any] | None = None, *,
         refresh_cache: bool = False, listener: Listener | None = None,
-        verbose: bool = False) -> RunResult:
+        verbose: bool = False, max_parallel: int | None = None) -> RunResult:
     """Validate, compile and run a spec; returns every step's record (never raises StepFailed)."""
     spec = load_spec(spec_path, params)  # before Prefect: spec errors cost nothing
     choice = configure_environment(verbose)
     recorder = RunRecorder(spec, listener)
     recorder.result.api_url = choice.url
-    recorder.emit("run_starting", spec=spec, api=choice)
+    recorder.emit("run_starting", spec=spec, api=choice, max_parallel=max_parallel or spec.max_parallel)
     token = _RECORDER.set(recorder)
     try:
         named = lmflow_flow.with_options(name=spec.name, flow_run_name=recorder.result.run_id)
         with _no_heartbeat_wait():
-            state = named(str(spec.file), params, refresh_cache, return_state=True)
+            state = named(str(spec.file), params, refresh_cache, max_parallel, return_state=True)
         if not state.is_completed() and recorder.result.failure is None:
             recorder.result.error = state.message or state.name
     finally:

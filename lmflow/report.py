@@ -30,20 +30,40 @@ def progress_line(record: StepRecord) -> str:
         return f"  … {record.id} ({record.kind})"
     cached = " (cached)" if record.status == "cached" else (
         " (cached answer)" if record.meta.get("cache") == "hit" else "")
-    answered = record.meta.get("answered_by") or {}
+    answered = record.answered_by or {}
     if answered.get("link"):
         cached += f" (answered by {answered['target']})"
     detail = short(record.output) if record.error is None else record.error.message
     if record.status == "skipped":
-        detail = "not run: an earlier step failed"
+        detail = f"not run: {record.reason or 'an earlier step failed'}"
+    elif record.items is not None:
+        detail = f"{item_summary(record)}: {detail}"
     return f"  {MARK.get(record.status, record.status)} {record.id} {record.seconds:.2f}s{cached}: {detail}"
+
+
+def item_summary(record: StepRecord) -> str:
+    """`12 items: 10 completed, 2 cached` for a map step."""
+    counts = record.items or {}
+    parts = [f"{counts[k]} {k}" for k in ("completed", "cached", "failed", "skipped") if counts.get(k)]
+    return f"{counts.get('total', 0)} items" + (f": {', '.join(parts)}" if parts else "")
+
+
+def item_progress(step: str, progress: dict[str, Any]) -> str:
+    """One plain progress line of a map (for logs and pipes; a terminal gets a bar)."""
+    eta = progress.get("eta")
+    left = f", ~{eta:.0f}s left" if eta else ""
+    failed = f", {progress['failed']} failed" if progress.get("failed") else ""
+    return (f"  {step}: {progress['done']}/{progress['total']} items{failed} "
+            f"({progress.get('rate', 0):.1f}/s{left})")
 
 
 def table(result: RunResult) -> str:
     rows = [("step", "kind", "status", "time", "cached", "result")]
     for s in result.steps:
         outcome = short(s.output) if s.status in ("completed", "cached") else (
-            short(s.error.message, 60) if s.error else "")
+            short(s.error.message, 60) if s.error else s.reason or "")
+        if s.items is not None and s.status != "skipped":
+            outcome = f"[{item_summary(s)}] {outcome}"
         cached = "step" if s.status == "cached" else "answer" if s.meta.get("cache") == "hit" else "no"
         rows.append((s.id, s.kind, s.status, f"{s.seconds:.2f}s", cached, outcome))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -52,21 +72,23 @@ def table(result: RunResult) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def errors(result: RunResult) -> str:
-    """Every failed attempt and skipped link, also of steps that answered in the end."""
-    found = result.errors()
-    if not found:
-        return ""
-    lines = [f"errors ({len(found)}):"]
-    for e in found:
+def errors(result: RunResult, limit: int = 30) -> str:
+    """Every failed attempt and skipped link (also of steps that answered in the end), and every
+    map item that failed."""
+    lines = []
+    for e in result.errors():
         attempt = f" attempt {e['attempt']}" if e.get("attempt") else ""
         target = f" {e['target']}" if e.get("target") else ""
         lines.append(f"  {e['step']}{target}{attempt}: {e['error_type']}: {short(e['message'], 100)}")
     for s in result.steps:
-        answered = s.meta.get("answered_by")
+        answered = s.answered_by
         if answered and answered["link"]:
             lines.append(f"  {s.id}: answered by {answered['target']} (fallback link {answered['link']})")
-    return "\n".join(lines)
+    if not lines:
+        return ""
+    more = (f"\n  ... and {len(lines) - limit} more (the run record lists them all)"
+            if len(lines) > limit else "")
+    return f"errors ({len(lines)}):\n" + "\n".join(lines[:limit]) + more
 
 
 def footer(result: RunResult) -> str:
@@ -110,6 +132,7 @@ def plan(spec: Spec) -> str:
         ttl = f"ttl {seconds(c.ttl)}, " if c.ttl else ""
         lines.append(f"response cache: {ttl}at most {c.size_limit / 1e6:g} MB"
                      + (f" in {c.directory}" if c.directory else ""))
+    lines.append(f"at most {spec.max_parallel} steps or items at once (defaults.max_parallel)")
     lines.append("")
     for i, step in enumerate(spec.steps, 1):
         p = step.policy
@@ -122,6 +145,101 @@ def plan(spec: Spec) -> str:
         elif "function" in step.options:
             uses = f" {step.options['function']}"
         lines.append(f"{i:>3}. {step.id} [{step.kind}]{uses}{after}")
+        if step.foreach is not None:
+            source = step.foreach.value if step.foreach.source == "value" else \
+                f"{step.foreach.source} {step.foreach.value}"
+            lines.append(f"     foreach {short(source, 60)}, {step.parallel or spec.max_parallel} at once, "
+                         f"on_item_error {step.on_item_error}")
+        if step.when is not None:
+            lines.append(f"     when {getattr(step.when, 'text', step.when)}")
         growth = f" (x{p.timeout_growth:g} per attempt)" if p.timeout_growth != 1 else ""
         lines.append(f"     retries {p.retries}, timeout {p.timeout:g}s{growth}, {cache}")
     return "\n".join(lines)
+
+
+class Progress:
+    """What `lmflow run` prints while a run goes: a line per step, and for maps a live bar on a
+    terminal (plain progress lines every few seconds when stderr is a file or a pipe).
+
+    Called under the run recorder's lock, so lines from worker threads never interleave.
+    """
+
+    PLAIN_EVERY = 5.0  # seconds between plain progress lines of a map
+
+    def __init__(self, stream: Any):
+        import time
+
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.maps: dict[str, dict[str, Any]] = {}  # active maps: their last progress
+        self.printed: dict[str, float] = {}
+        self.clock = time.monotonic
+        self.bar_shown = False
+
+    def line(self, text: str) -> None:
+        self._clear_bar()
+        self.stream.write(text + "\n")
+        self._draw_bar()
+        self.stream.flush()
+
+    def event(self, event: str, data: dict[str, Any]) -> None:
+        if event in ("warning", "cache_error"):
+            where = f"{data['step']}: " if data.get("step") else ""
+            self.line(f"  warning: {where}{data['message']}")
+        elif event == "temporary_server_starting":
+            self.line("lmflow: starting a temporary Prefect server for this run (10-20 s; "
+                      "`lmflow server start` keeps one running)")
+        elif event == "run_starting":
+            api, spec = data["api"], data["spec"]
+            where = {"temporary": "the temporary Prefect server",
+                     "lmflow server": f"Prefect server {api.url}",
+                     "PREFECT_API_URL": f"Prefect API {api.url}"}[api.source]
+            self.line(f"lmflow: running {spec.name} ({len(spec.steps)} steps, {data['max_parallel']} at "
+                      f"once) on {where}")
+        elif event == "backend_starting" and data["backend"] == "local":
+            self.line("  starting the local llama.cpp engine…")
+        elif event in ("step_started", "step_finished"):
+            record = data["step"]
+            if event == "step_finished":
+                self.maps.pop(record.id, None)
+            self.line(progress_line(record))
+        elif event == "item_finished":
+            self._item(data["step"].id, data["progress"])
+
+    def _item(self, step: str, progress: dict[str, Any]) -> None:
+        if not progress:
+            return
+        self.maps[step] = progress
+        if self.tty:
+            self._clear_bar()
+            self._draw_bar()
+            self.stream.flush()
+            return
+        now = self.clock()
+        if progress["done"] == progress["total"] or now - self.printed.get(step, 0.0) >= self.PLAIN_EVERY:
+            self.printed[step] = now
+            self.line(item_progress(step, progress))
+
+    def _bar(self, step: str, progress: dict[str, Any], width: int = 24) -> str:
+        total = max(progress["total"], 1)
+        filled = int(width * progress["done"] / total)
+        eta = progress.get("eta")
+        failed = f" {progress['failed']} failed" if progress.get("failed") else ""
+        left = f" ~{eta:.0f}s" if eta else ""
+        return (f"  {step} [{'#' * filled}{'.' * (width - filled)}] {progress['done']}/{progress['total']}"
+                f"{failed} {progress.get('rate', 0):.1f}/s{left}")
+
+    def _draw_bar(self) -> None:
+        if self.tty and self.maps:
+            self.stream.write(" |".join(self._bar(s, p) for s, p in self.maps.items()))
+            self.bar_shown = True
+
+    def _clear_bar(self) -> None:
+        if self.bar_shown:
+            self.stream.write("\r\x1b[K")
+            self.bar_shown = False
+
+    def close(self) -> None:
+        self.maps.clear()
+        self._clear_bar()
+        self.stream.flush()

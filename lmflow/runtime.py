@@ -6,10 +6,12 @@ at run time lives here, so steps stay plain callables that tests can drive.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,8 +29,8 @@ from .spec import templates
 from .spec.model import ModelConfig, ResponseCacheConfig, Spec, StepSpec
 from .steps import StepContext, StepResult, get_kind
 
-#: bump when the meaning of cached results changes
-CACHE_VERSION = 1
+#: bump when the meaning of cached results changes (2: a step's result is a StepResult)
+CACHE_VERSION = 2
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -43,12 +45,22 @@ class StepRecord:
 
     id: str
     kind: str
-    status: str = "pending"  # pending | running | completed | cached | failed | skipped
+    #: pending | running | completed | cached | failed | skipped
+    status: str = "pending"
     seconds: float = 0.0
     attempts: int = 0
     output: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: StepFailure | None = None
+    #: why a step was skipped: "condition false" or "upstream failed: ID"
+    reason: str | None = None
+    #: which link of a fallback chain answered, and what failed before it
+    answered_by: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    #: a map's items: total, completed, cached, failed, skipped
+    items: dict[str, int] | None = None
+    #: a map's items that failed or were skipped: index, status, reason
+    item_problems: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -73,20 +85,28 @@ class RunResult:
         """Every failed attempt and skipped link, by step (also of steps that answered in the end)."""
         found = []
         for s in self.steps:
-            listed = s.meta.get("errors") or (s.error.extra.get("errors") if s.error else None) or []
+            listed = s.errors or (s.error.extra.get("errors") if s.error else None) or []
             found += [{"step": s.id, **e} for e in listed]
-            if s.error and not listed:
+            found += [{"step": f"{s.id}[{p['index']}]", "target": "", "error_type": p.get("error_type"),
+                       "message": p["reason"], "attempt": p.get("attempts")}
+                      for p in s.item_problems if p["status"] == "failed"]
+            if s.error and not listed and s.items is None:  # a map's failed items are listed instead
                 found.append({"step": s.id, "target": "", "error_type": s.error.error_type,
                               "message": s.error.message, "attempt": s.error.attempts})
         return found
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(s.status in ("completed", "cached") for s in self.steps)
+        return self.error is None and not self.failures
+
+    @property
+    def failures(self) -> list[StepFailure]:
+        """Every step that failed, in the spec's order."""
+        return [s.error for s in self.steps if s.error is not None]
 
     @property
     def failure(self) -> StepFailure | None:
-        return next((s.error for s in self.steps if s.error), None)
+        return next(iter(self.failures), None)
 
     def outputs(self) -> dict[str, Any]:
         return {s.id: s.output for s in self.steps if s.status in ("completed", "cached")}
@@ -95,38 +115,43 @@ class RunResult:
 class RunRecorder:
     """Collects step records; every change is appended to the run's journal at once.
 
-    `runs/<run_id>.jsonl` gets one line per step event, flushed immediately
-    (O(1) per step, and a kill loses nothing already computed); the full
-    record `runs/<run_id>.json` is written atomically when the run ends.
+    `runs/<run_id>.jsonl` gets one line per step event and per finished map item,
+    flushed immediately (O(1) per step, and a kill loses nothing already computed);
+    the full record `runs/<run_id>.json` is written atomically when the run ends.
     `read_record()` rebuilds a record from a journal whose run was killed.
+    Thread-safe: steps and items finish in worker threads; one lock orders the
+    record, the journal and the listener, so lines never interleave.
     """
 
     def __init__(self, spec: Spec, listener: Listener | None = None):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.result = RunResult(
             spec=str(spec.file), name=spec.name, run_id=f"{spec.name}-{stamp}-{os.getpid()}",
-            steps=[StepRecord(s.id, s.kind) for s in spec.steps],
+            steps=[StepRecord(s.id, s.kind) for s in sorted(spec.steps, key=lambda s: s.index)],
         )
+        self._records = {r.id: r for r in self.result.steps}
         runs = subdir("runs")
         self.path = runs / f"{self.result.run_id}.json"
         self.journal_path = runs / f"{self.result.run_id}.jsonl"
         self.result.record_path = str(self.path)
         self.listener = listener
         self.started = time.perf_counter()
+        self._lock = threading.RLock()
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()
         self._append({"run": self.result.run_id, "spec": self.result.spec, "name": spec.name,
                       "steps": [[s.id, s.kind] for s in self.result.steps]})
 
     def record(self, step_id: str) -> StepRecord:
-        return next(s for s in self.result.steps if s.id == step_id)
+        return self._records[step_id]
 
     def emit(self, event: str, **data: Any) -> None:
-        if event in ("warning", "server_restarted", "cache_error"):
-            entry = {"event": event, **{k: v for k, v in data.items() if k != "spec"}}
-            self.result.events.append(entry)
-            self._append(entry)
-        if self.listener:
-            self.listener(event, data)
+        with self._lock:
+            if event in ("warning", "server_restarted", "cache_error"):
+                entry = {"event": event, **{k: v for k, v in data.items() if k != "spec"}}
+                self.result.events.append(entry)
+                self._append(entry)
+            if self.listener:
+                self.listener(event, data)
 
     def _append(self, entry: dict[str, Any]) -> None:
         if not self._journal.closed:
@@ -134,23 +159,40 @@ class RunRecorder:
             self._journal.flush()
 
     def update(self, step_id: str, **changes: Any) -> None:
-        record = self.record(step_id)
-        for key, value in changes.items():
-            setattr(record, key, value)
-        entry = {"step": step_id, "status": record.status}
-        if record.status != "running":
-            entry.update(seconds=record.seconds, attempts=record.attempts, output=record.output,
-                         meta=record.meta, error=asdict(record.error) if record.error else None)
-        self._append(entry)
-        self.emit("step_started" if record.status == "running" else "step_finished", step=record)
+        with self._lock:
+            record = self.record(step_id)
+            for key, value in changes.items():
+                setattr(record, key, value)
+            entry = {"step": step_id, "status": record.status}
+            if record.status != "running":
+                entry.update({k: v for k, v in asdict(record).items() if k not in ("id", "kind", "status")})
+            self._append(entry)
+            self.emit("step_started" if record.status == "running" else "step_finished", step=record)
+
+    def item(self, step_id: str, index: int, status: str, *, output: Any = None,
+             error: StepFailure | None = None, reason: str | None = None, seconds: float = 0.0,
+             progress: dict[str, Any] | None = None) -> None:
+        """One map item finished (completed, cached, failed or skipped): journaled at once."""
+        with self._lock:
+            entry: dict[str, Any] = {"step": step_id, "item": index, "status": status, "seconds": seconds}
+            if status in ("completed", "cached"):
+                entry["output"] = output
+            if error is not None:
+                entry["error"] = asdict(error)
+            if reason:
+                entry["reason"] = reason
+            self._append(entry)
+            self.emit("item_finished", step=self.record(step_id), index=index, status=status,
+                      progress=progress or {})
 
     def save(self) -> None:
         """Write the whole record (atomically) and close the journal."""
-        self.result.seconds = round(time.perf_counter() - self.started, 3)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
-        tmp.replace(self.path)
-        self._journal.close()
+        with self._lock:
+            self.result.seconds = round(time.perf_counter() - self.started, 3)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
+            tmp.replace(self.path)
+            self._journal.close()
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
@@ -161,6 +203,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
         return json.loads(final.read_text())
     steps: dict[str, dict[str, Any]] = {}
     header: dict[str, Any] = {}
+    items: dict[str, dict[int, dict[str, Any]]] = {}
     for line in path.with_suffix(".jsonl").read_text().splitlines():
         try:
             entry = json.loads(line)
@@ -169,9 +212,14 @@ def read_record(path: str | Path) -> dict[str, Any]:
         if "run" in entry:
             header = entry
             steps = {sid: {"id": sid, "kind": kind, "status": "pending"} for sid, kind in entry["steps"]}
+        elif "item" in entry and entry.get("step") in steps:
+            items.setdefault(entry["step"], {})[entry["item"]] = entry
         elif entry.get("step") in steps:
             steps[entry["step"]].update({k: v for k, v in entry.items() if k != "step"})
             steps[entry["step"]]["id"] = entry["step"]
+    for step_id, finished in items.items():  # a map the kill interrupted: the items it finished
+        if steps[step_id]["status"] == "running":
+            steps[step_id]["finished_items"] = [finished[i] for i in sorted(finished)]
     return {"run_id": header.get("run"), "spec": header.get("spec"), "name": header.get("name"),
             "steps": list(steps.values()), "interrupted": True}
 
@@ -183,32 +231,51 @@ def _options_validator(kind: str) -> Any:
     return Draft202012Validator(get_kind(kind).options_schema)
 
 
+#: the step (or item, `step[3]`) the current thread runs: backend events and cache warnings name it
+CURRENT_STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmflow_step", default=None)
+
+
 class Runtime:
-    """Backends and outputs of one run; executes steps with resolved options."""
+    """Backends and outputs of one run; executes steps with resolved options.
+
+    Shared by every worker thread of a run: backends are created once under a lock,
+    a model's effective settings (a probed context length) are resolved once, and the
+    models the run loaded are tracked under the same lock. Outputs are written by the
+    scheduler (one thread) before any dependent starts.
+    """
 
     def __init__(self, spec: Spec, recorder: RunRecorder):
         self.spec = spec
         self.recorder = recorder
         self.backends: dict[str, Backend] = {}
         self.outputs: dict[str, Any] = {}
+        self._steps: dict[str, dict[str, Any]] = {}  # the `steps` of templates: id -> {"output": ...}
         #: models this run loaded and has not unloaded, by alias
         self.loaded: dict[str, ModelConfig] = {}
-        self.current_step: str | None = None
+        self._resolved: dict[str, ModelConfig] = {}
+        self._lock = threading.RLock()
+        #: set when the run ends or is interrupted: user code still running is no longer waited for
+        self.stopping = threading.Event()
         config = spec.response_cache or ResponseCacheConfig()
         cache = ResponseCache(config.directory, size_limit=config.size_limit,
-                              warn=lambda message: recorder.emit("cache_error", step=self.current_step,
+                              warn=lambda message: recorder.emit("cache_error", step=CURRENT_STEP.get(),
                                                                  message=message))
         self.resilience = Resilience(spec.breaker, spec.guard, cache)
 
     # -- backends ---------------------------------------------------------
 
     def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
-        model = self.spec.models[alias]
-        backend = self.server_backend(model.server)
-        if isinstance(model.context_length, str):  # "probed": the registry's measured size
-            from .probe import probed_size
+        """The model's server and its effective settings (a probed size read once per run)."""
+        backend = self.server_backend(self.spec.models[alias].server)
+        with self._lock:
+            model = self._resolved.get(alias)
+            if model is None:
+                model = self.spec.models[alias]
+                if isinstance(model.context_length, str):  # "probed": the registry's measured size
+                    from .probe import probed_size
 
-            model = dataclasses.replace(model, context_length=probed_size(backend, model))
+                    model = dataclasses.replace(model, context_length=probed_size(backend, model))
+                self._resolved[alias] = model
         return backend, model
 
     def raw_model(self, alias: str) -> tuple[Backend, ModelConfig]:
@@ -217,28 +284,38 @@ class Runtime:
         return self.server_backend(model.server), model
 
     def server_backend(self, name: str) -> Backend:
-        if name not in self.backends:
-            config = self.spec.servers[name]
-            self.recorder.emit("backend_starting", server=name, backend=config.backend)
-            backend = create_backend(config, self.spec.dir)
-            backend.set_listener(
-                lambda event, data: self.recorder.emit(event, step=self.current_step, **data))
-            self.backends[name] = backend
-        return self.backends[name]
+        with self._lock:
+            if name not in self.backends:
+                config = self.spec.servers[name]
+                self.recorder.emit("backend_starting", server=name, backend=config.backend)
+                backend = create_backend(config, self.spec.dir)
+                backend.set_listener(
+                    lambda event, data: self.recorder.emit(event, step=CURRENT_STEP.get(), **data))
+                self.backends[name] = backend
+            return self.backends[name]
+
+    def model_loaded(self, alias: str, model: ModelConfig) -> None:
+        with self._lock:
+            self.loaded[alias] = model
+
+    def model_unloaded(self, alias: str) -> None:
+        with self._lock:
+            self.loaded.pop(alias, None)
 
     def close(self) -> None:
         """Unload what this run loaded (unless kept) and stop its engines, also after a failure."""
-        for model in list(self.loaded.values()):
-            if model.keep_loaded or model.server not in self.backends:
-                continue
-            try:
-                self.backends[model.server].unload(model)
-            except LmflowError as exc:
-                self.recorder.emit("warning", message=f"could not unload {model.key}: {exc}")
-        self.loaded.clear()
-        while self.backends:
-            _, backend = self.backends.popitem()
-            backend.close()
+        with self._lock:
+            for model in list(self.loaded.values()):
+                if model.keep_loaded or model.server not in self.backends:
+                    continue
+                try:
+                    self.backends[model.server].unload(model)
+                except LmflowError as exc:
+                    self.recorder.emit("warning", message=f"could not unload {model.key}: {exc}")
+            self.loaded.clear()
+            while self.backends:
+                _, backend = self.backends.popitem()
+                backend.close()
         cache = self.resilience.cache
         if cache is not None:
             self.recorder.result.stats.update(response_cache=cache.stats.summary(),
@@ -251,13 +328,48 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- steps ------------------------------------------------------------
+    # -- values -----------------------------------------------------------
 
-    def resolve(self, step: StepSpec) -> dict[str, Any]:
+    def set_output(self, step_id: str, output: Any) -> None:
+        """A finished step's output, visible to the steps that depend on it."""
+        self.outputs[step_id] = output
+        self._steps[step_id] = {"output": output}
+
+    def names(self, step: StepSpec, item: Any = None, index: int | None = None) -> dict[str, Any]:
+        """What templates and conditions of `step` (or one of its items) can refer to."""
+        names = {"params": self.spec.params, "steps": self._steps}
+        if step.foreach is not None and index is not None:
+            names.update(item=item, index=index)
+        return names
+
+    def items(self, step: StepSpec) -> list[Any]:
+        """The items of a map step (its foreach resolved)."""
+        from .datasets import items
+
+        foreach = step.foreach
+        assert foreach is not None
+        value = templates.render(foreach.value, self.names(step)) if foreach.source == "value" else None
+        return items(foreach, self.spec.dir, value)
+
+    def condition(self, step: StepSpec, item: Any = None, index: int | None = None) -> bool:
+        """Whether `when` lets the step (or item) run; True without a condition."""
+        from .spec.expressions import ExpressionError
+
+        if step.when is None or isinstance(step.when, bool):
+            return step.when is not False
+        try:
+            return step.when.test(self.names(step, item, index))
+        except ExpressionError as exc:
+            raise templates.TemplateError(f"when: {exc.message}") from None
+
+    def item_condition(self, step: StepSpec) -> bool:
+        """True when `when` refers to the item, so it is decided per item, not for the step."""
+        return step.foreach is not None and step.when is not None and not isinstance(step.when, bool) \
+            and any(ref.root in ("item", "index") for ref in step.when.references)
+
+    def resolve(self, step: StepSpec, item: Any = None, index: int | None = None) -> dict[str, Any]:
         """The step's options with every reference replaced, checked against the kind's schema."""
-        context = {"params": self.spec.params,
-                   "steps": {sid: {"output": out} for sid, out in self.outputs.items()}}
-        options = templates.render(step.options, context)
+        options = templates.render(step.options, self.names(step, item, index))
         error = next(iter(_options_validator(step.kind).iter_errors(options)), None)
         if error is not None:
             where = ".".join([step.kind, *map(str, error.absolute_path)])
@@ -267,7 +379,11 @@ class Runtime:
         return options
 
     def cache_key(self, step: StepSpec, resolved: dict[str, Any]) -> str:
-        """Hash of everything that changes the step's answer, never of a timestamp."""
+        """Hash of everything that changes the step's answer, never of a timestamp.
+
+        A map item's key is its step's key with the item's resolved options: the same
+        item gives the same key in the next run, wherever it stands in the list.
+        """
         kind = get_kind(step.kind)
         models = {alias: self.model_identity(alias) for alias in kind.models(resolved)}
         material = {
@@ -285,22 +401,28 @@ class Runtime:
         url = None if server.backend == "local" else server.url
         return {**model.identity(), "backend": server.backend, "url": url}
 
-    def execute(self, step: StepSpec, options: dict[str, Any]) -> StepResult:
-        """Run one step with resolved options (one attempt)."""
-        record = self.recorder.record(step.id)
-        record.attempts += 1
-        self.current_step = step.id
-        ctx = StepContext(step_id=step.id, spec_dir=self.spec.dir, timeout=step.policy.timeout,
-                          backend_for=self.backend_for, server_backend=self.server_backend,
-                          raw_model=self.raw_model,
-                          emit=lambda event, data: self.recorder.emit(event, step=step.id, **data),
-                          loaded=self.loaded.__setitem__,
-                          unloaded=lambda alias: self.loaded.pop(alias, None),
-                          policy=step.policy, models=self.spec.models, resilience=self.resilience,
-                          model_identity=self.model_identity, response_cache=self.spec.response_cache)
-        return get_kind(step.kind).run(options, ctx)
+    # -- steps ------------------------------------------------------------
 
-    def failure(self, step: StepSpec, exc: BaseException) -> StepFailure:
+    def execute(self, step: StepSpec, options: dict[str, Any], index: int | None = None) -> StepResult:
+        """Run one step (or one item of a map) with resolved options: one attempt."""
+        name = step.id if index is None else f"{step.id}[{index}]"
+        token = CURRENT_STEP.set(name)
+        try:
+            if index is None:
+                with self._lock:
+                    self.recorder.record(step.id).attempts += 1
+            ctx = StepContext(step_id=name, spec_dir=self.spec.dir, timeout=step.policy.timeout,
+                              backend_for=self.backend_for, server_backend=self.server_backend,
+                              raw_model=self.raw_model,
+                              emit=lambda event, data: self.recorder.emit(event, step=name, **data),
+                              loaded=self.model_loaded, unloaded=self.model_unloaded,
+                              policy=step.policy, models=self.spec.models, resilience=self.resilience,
+                              model_identity=self.model_identity, response_cache=self.spec.response_cache)
+            return get_kind(step.kind).run(options, ctx)
+        finally:
+            CURRENT_STEP.reset(token)
+
+    def failure(self, step: StepSpec, exc: BaseException, index: int | None = None) -> StepFailure:
         record = self.recorder.record(step.id)
         extra = {}
         if getattr(exc, "url", None):
@@ -308,7 +430,9 @@ class Runtime:
         for name in ("status", "n_prompt", "n_ctx", "errors"):
             if getattr(exc, name, None) is not None:
                 extra[name] = getattr(exc, name)
-        message = str(exc) if isinstance(exc, LmflowError) else describe(exc)
-        return StepFailure(step=step.id, error_type=type(exc).__name__, message=message,
-                           attempts=max(getattr(exc, "attempts", None) or record.attempts, 1),
+        message = str(exc) if isinstance(exc, (LmflowError, templates.TemplateError)) else describe(exc)
+        attempts = getattr(exc, "attempts", None) or (record.attempts if index is None else 1)
+        return StepFailure(step=step.id if index is None else f"{step.id}[{index}]",
+                           error_type=type(exc).__name__, message=message,
+                           attempts=max(attempts, 1),
                            retryable=bool(getattr(exc, "retryable", False)), extra=extra)

@@ -41,6 +41,7 @@ class Document:
     data: Any
     values: dict[PathT, tuple[int, int]] = field(default_factory=dict)
     keys: dict[PathT, tuple[int, int]] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list, repr=False)  # the source, for columns inside values
 
     def position(self, path: PathT, *, key: bool = False) -> tuple[int | None, int | None]:
         """Line and column (1-based) of `path`, or of its nearest known ancestor."""
@@ -101,7 +102,7 @@ class _Builder:
 
 def parse_yaml(text: str, file: str) -> Document:
     """Parse YAML text; raise SpecError with positions on syntax errors or duplicate keys."""
-    doc = Document(file=file, data=None)
+    doc = Document(file=file, data=None, lines=text.splitlines())
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:

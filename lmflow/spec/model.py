@@ -75,6 +75,8 @@ class ModelConfig:
     ttl: float | None = None  # lmstudio: idle seconds before the server unloads it
     gpu: str | float | None = None  # lmstudio: "max", "off" or a 0..1 offload ratio
     identifier: str | None = None  # lmstudio: the instance's name on the server
+    #: requests in flight to this model at once (local: llama-server -np; lmstudio: maxParallelPredictions)
+    parallel: int | None = None
     #: what answers when this model cannot, in order (not followed further: chains do not nest)
     fallback: tuple[Link, ...] = field(default=(), hash=False)
 
@@ -111,6 +113,14 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Foreach:
+    """What a map step runs over: a list (literal or one reference), a dataset file or a glob."""
+
+    source: str  # value | file | glob
+    value: Any  # the list or reference; the path or pattern relative to the spec
+
+
+@dataclass(frozen=True)
 class StepSpec:
     id: str
     kind: str
@@ -119,6 +129,12 @@ class StepSpec:
     index: int
     description: str | None = None
     depends_on: tuple[str, ...] = ()
+    foreach: Foreach | None = None
+    #: a parsed `when` expression (lmflow.spec.expressions.Expression), or a constant bool
+    when: Any = None
+    #: map items in flight at once (default: the run's max_parallel)
+    parallel: int | None = None
+    on_item_error: str = "fail"  # fail | skip | collect
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,7 @@ class Spec:
     steps: list[StepSpec]  # in execution order (dependencies first)
     breaker: Breaker = field(default_factory=Breaker)
     guard: Guard | None = None
+    max_parallel: int = 4  # task runs (steps and map items) in flight at once
     response_cache: ResponseCacheConfig | None = None  # None: off unless a step turns it on
 
     @property
@@ -168,4 +185,11 @@ class Spec:
         return self.file.parent
 
     def step(self, step_id: str) -> StepSpec:
-        return next(s for s in self.steps if s.id == step_id)
+        return self.by_id[step_id]
+
+    @property
+    def by_id(self) -> dict[str, StepSpec]:
+        found = self.__dict__.get("_by_id")
+        if found is None or len(found) != len(self.steps):
+            found = self.__dict__["_by_id"] = {s.id: s for s in self.steps}
+        return found

@@ -1,4 +1,5 @@
-"""The safe template syntax: `${{ params.name }}` and `${{ steps.ID.output.field }}`.
+"""The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}`, and in a
+step with `foreach`, `${{ item.field }}` and `${{ index }}`.
 
 A reference is a dotted path, never evaluated Python. A string that is exactly
 one reference takes the referenced value with its type (a number stays a
@@ -16,7 +17,7 @@ from typing import Any
 
 _TEMPLATE = re.compile(r"(?<!\$)\$\{\{(.*?)\}\}", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
-ROOTS = ("params", "steps")
+ROOTS = ("params", "steps", "item", "index")
 
 
 class TemplateError(ValueError):
@@ -62,8 +63,10 @@ def parse_ref(expr: str) -> Ref:
             )
         parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
         pos = match.end()
-    if not parts:
+    if not parts and root not in ("item", "index"):
         raise TemplateError(f"incomplete reference '{text}'")
+    if root == "index" and parts:
+        raise TemplateError(f"'{text}': the item's position is just `index`")
     if root == "params" and len(parts) != 1:
         raise TemplateError(f"'{text}': a parameter reference is params.NAME")
     if root == "steps" and (len(parts) < 2 or parts[1] != "output"):
@@ -90,10 +93,18 @@ def iter_templates(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
 
 
 def lookup(ref: Ref, context: dict[str, Any]) -> Any:
-    """Resolve one reference in {"params": ..., "steps": {id: {"output": ...}}}."""
-    current: Any = context.get(ref.root, {})
+    """Resolve one reference in {"params": ..., "steps": {id: {"output": ...}}, "item": ..., "index": ...}.
+
+    A step skipped because its condition was false has the output null, and so has every
+    field of a null output: its dependents can test for it instead of failing.
+    """
+    if ref.root not in context:
+        raise TemplateError(f"{ref.text}: '{ref.root}' is only defined in a step with foreach")
+    current: Any = context[ref.root]
     walked = ref.root
-    for part in ref.parts:
+    for n, part in enumerate(ref.parts):
+        if current is None and ref.root == "steps" and n >= 2:
+            return None
         if isinstance(part, int):
             if not isinstance(current, list) or part >= len(current):
                 size = len(current) if isinstance(current, list) else "not a list"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,7 @@ from .loader import Document, PathT, format_path, load_yaml
 from .model import (
     DEFAULT_SERVER,
     Breaker,
+    Foreach,
     Guard,
     Link,
     ModelConfig,
@@ -234,6 +236,7 @@ def _models(doc: Document, servers: dict[str, ServerConfig],
             keep_loaded=bool(cfg.get("keep_loaded", False)),
             ttl=_duration_or_none(cfg.get("ttl")), gpu=cfg.get("gpu"),
             identifier=cfg.get("identifier"),
+            parallel=cfg.get("parallel") if isinstance(cfg.get("parallel"), int) else None,
             fallback=parse_fallback(cfg.get("fallback")),
         )
     for alias, model in models.items():
@@ -429,35 +432,67 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
         if kind_problems or not schema_ok(i, kind_name):
             continue
         prepared[raw["id"]] = kind.prepare(options, spec_dir)
-        output_schemas[raw["id"]] = kind.output_schema(prepared[raw["id"]], spec_dir)
+        output = kind.output_schema(prepared[raw["id"]], spec_dir)
+        output_schemas[raw["id"]] = {"type": "array", "items": output} if "foreach" in raw else output
 
     deps: dict[str, list[str]] = {}
+    controls: dict[str, dict[str, Any]] = {}
     for i, raw, kind_name, _options in parsed:
         step_id = raw["id"]
         deps[step_id] = []
-        for sub, expr in templates.iter_templates(prepared.get(step_id, {})):
-            path = ("steps", i, kind_name) + sub
-            try:
-                ref = templates.parse_ref(expr)
-            except templates.TemplateError as exc:
-                problems.append(doc.problem(path, str(exc)))
-                continue
-            if ref.root == "params" and ref.parts[0] not in params:
-                problems.append(doc.problem(path, f"unknown parameter '{ref.parts[0]}'",
-                                            _suggest(ref.parts[0], params) or "declare it under params"))
-            elif ref.root == "steps":
-                target = ref.step
-                if target == step_id:
-                    problems.append(doc.problem(path, f"step '{step_id}' refers to its own output"))
+        mapped = "foreach" in raw
+
+        def depend(path: PathT, root: str, parts: tuple, text: str, offset: int | None = None,
+                   _id: str = step_id, _mapped: bool = mapped) -> None:
+            """Check one reference found at `path` and record the dependency it makes."""
+            where = _at(doc, path, offset)
+            if root in ("item", "index") and not _mapped:
+                problems.append(where(f"'{text}': {root} is only defined in a step with foreach",
+                                      "add foreach: to this step, or refer to params or steps"))
+            elif root == "params" and parts and parts[0] not in params:
+                problems.append(where(f"unknown parameter '{parts[0]}'",
+                                      _suggest(parts[0], params) or "declare it under params"))
+            elif root == "steps" and (len(parts) < 2 or parts[1] != "output"):
+                problems.append(where(f"'{text}': a step reference is steps.ID.output[.field...]"))
+            elif root == "steps":
+                target = str(parts[0])
+                if target == _id:
+                    problems.append(where(f"step '{_id}' refers to its own output"))
                 elif target not in spec_ids:
-                    problems.append(doc.problem(path, f"unknown step '{target}'",
-                                                _suggest(target, spec_ids - {step_id})))
+                    problems.append(where(f"unknown step '{target}'", _suggest(target, spec_ids - {_id})))
                 else:
-                    if target not in deps[step_id]:
-                        deps[step_id].append(target)
-                    why = _field_problem(output_schemas.get(target), ref.field_path)
+                    if target not in deps[_id]:
+                        deps[_id].append(target)
+                    why = _field_problem(output_schemas.get(target), tuple(parts[2:]))
                     if why:
-                        problems.append(doc.problem(path, f"{ref.text}: {why}"))
+                        problems.append(where(f"{text}: {why}"))
+
+        def template_refs(value: Any, base: PathT, *, item_allowed: bool) -> None:
+            for sub, expr in templates.iter_templates(value):
+                try:
+                    ref = templates.parse_ref(expr)
+                except templates.TemplateError as exc:
+                    problems.append(doc.problem(base + sub, str(exc)))
+                    continue
+                if not item_allowed and ref.root in ("item", "index"):
+                    problems.append(doc.problem(base + sub, f"'{ref.text}': foreach cannot refer to "
+                                                "its own items", "refer to params or steps"))
+                    continue
+                depend(base + sub, ref.root, ref.parts, ref.text)
+
+        template_refs(prepared.get(step_id, {}), ("steps", i, kind_name), item_allowed=True)
+        control: dict[str, Any] = {}
+        if mapped:
+            control["foreach"] = _foreach(doc, i, raw["foreach"], spec_dir, problems)
+            if control["foreach"] is not None and control["foreach"].source == "value":
+                template_refs(raw["foreach"], ("steps", i, "foreach"), item_allowed=False)
+        elif "parallel" in raw or "on_item_error" in raw:
+            key = "parallel" if "parallel" in raw else "on_item_error"
+            problems.append(doc.problem(("steps", i, key), f"'{key}' applies to the items of a foreach",
+                                        "add foreach: to this step, or remove it", key=True))
+        if "when" in raw:
+            control["when"] = _when(doc, i, raw["when"], mapped, depend, problems)
+        controls[step_id] = control
 
     order = _order(doc, parsed, deps, problems)
     steps = []
@@ -468,9 +503,73 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
             id=raw["id"], kind=kind_name, options=prepared[raw["id"]],
             policy=_policy(raw, defaults), index=i, description=raw.get("description"),
             depends_on=tuple(deps.get(raw["id"], ())),
+            foreach=controls.get(raw["id"], {}).get("foreach"),
+            when=controls.get(raw["id"], {}).get("when"),
+            parallel=raw.get("parallel") if isinstance(raw.get("parallel"), int) else None,
+            on_item_error=raw.get("on_item_error", "fail"),
         ))
     by_id = {s.id: s for s in steps}
     return [by_id[s] for s in order if s in by_id]
+
+
+def _at(doc: Document, path: PathT, offset: int | None) -> Any:
+    """problem(message, hint) at `path`, moved `offset` characters into its value when known."""
+    def problem(message: str, hint: str | None = None) -> Problem:
+        found = doc.problem(path, message, hint)
+        if offset is None or found.line is None:
+            return found
+        line = doc.lines[found.line - 1] if found.line <= len(doc.lines) else ""
+        quoted = 1 if line[found.col - 1:found.col] in ("'", '"') else 0
+        return dataclasses.replace(found, col=(found.col or 1) + quoted + offset)
+    return problem
+
+
+def _foreach(doc: Document, i: int, raw: Any, spec_dir: Path, problems: list[Problem]) -> Foreach | None:
+    """The source of a map; a dataset file must exist and be JSONL, JSON or CSV."""
+    path = ("steps", i, "foreach")
+    if isinstance(raw, list):
+        return Foreach("value", raw)
+    if isinstance(raw, str):
+        if not templates.is_whole_reference(raw):
+            problems.append(doc.problem(path, f"foreach {raw!r} is neither a list nor one reference",
+                                        "e.g. foreach: ${{ steps.split.output }} or {file: data.jsonl}"))
+            return None
+        return Foreach("value", raw)
+    if isinstance(raw, dict) and isinstance(raw.get("file"), str):
+        from ..datasets import FORMATS
+
+        name = raw["file"]
+        if Path(name).suffix.lower() not in FORMATS:
+            problems.append(doc.problem(path + ("file",), f"cannot read {name} as a dataset",
+                                        f"use one of: {', '.join(FORMATS)} (one object per row)"))
+        elif not (spec_dir / name).is_file():
+            problems.append(doc.problem(path + ("file",), f"file not found: {name}",
+                                        "paths are relative to the spec's folder"))
+        return Foreach("file", name)
+    if isinstance(raw, dict) and isinstance(raw.get("glob"), str):
+        return Foreach("glob", raw["glob"])
+    return None  # the schema reports it
+
+
+def _when(doc: Document, i: int, raw: Any, mapped: bool, depend: Any, problems: list[Problem]) -> Any:
+    """A parsed condition (its references become dependencies), or a constant bool."""
+    from .expressions import ExpressionError, parse_expression
+
+    if isinstance(raw, bool) or not isinstance(raw, str):
+        return raw if isinstance(raw, bool) else None
+    path = ("steps", i, "when")
+    roots = ("params", "steps", "item", "index") if mapped else ("params", "steps")
+    try:
+        expression = parse_expression(raw, roots)
+    except ExpressionError as exc:
+        hint = None if mapped or "item" not in str(exc) and "index" not in str(exc) else (
+            "item and index are only defined in a step with foreach")
+        problems.append(_at(doc, path, exc.offset)(f"invalid condition: {exc.message}", hint))
+        return None
+    for ref in expression.references:
+        text = ".".join([ref.root, *map(str, ref.path)])
+        depend(path, ref.root, ref.path, text, ref.offset)
+    return expression
 
 
 def _order(doc: Document, parsed: list, deps: dict[str, list[str]],
@@ -530,8 +629,14 @@ def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
         file=path.resolve(), name=doc.data["name"], version=doc.data["version"],
         description=doc.data.get("description"), params=params_values, servers=servers,
         models=models, defaults=defaults, steps=steps, breaker=breaker, guard=guard,
-        response_cache=response_cache,
+        response_cache=response_cache, max_parallel=_max_parallel(doc),
     )
+
+
+def _max_parallel(doc: Document) -> int:
+    defaults = doc.data.get("defaults")
+    value = defaults.get("max_parallel") if isinstance(defaults, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 4
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

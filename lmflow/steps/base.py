@@ -32,10 +32,25 @@ class CheckContext:
 
 @dataclass
 class StepResult:
-    """A step's output and what is worth knowing about how it was produced."""
+    """A step's output and what is worth knowing about how it was produced.
+
+    The typed fields are what any executor (a top-level step, a map item) reports
+    without knowing the kind; `meta` holds the kind's own facts (tokens, timings).
+    """
 
     output: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    #: which link of a fallback chain answered ({"link": index, "target": "model x"}); None: no chain
+    answered_by: dict[str, Any] | None = None
+    #: every failed attempt and skipped link before the answer (link, error_type, message, attempt)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    #: a markdown report for Prefect's UI (a probe's table and chart)
+    artifact: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        """True when a fallback link answered, not the first one: the answer is not reused next run."""
+        return bool(self.answered_by and self.answered_by.get("link"))
 
 
 @dataclass

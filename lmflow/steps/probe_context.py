@@ -50,4 +50,4 @@ class ProbeContextStep(ModelStep):
         output = {"model": model.key, "declared_max": report.declared_max,
                   "loadable_max": report.loadable_max, "working_max": report.working_max,
                   "loads": report.loads, "chart": str(probe.save_chart(report) or "") or None}
-        return StepResult(output, {"artifact": probe.report_markdown(report)})
+        return StepResult(output, artifact=probe.report_markdown(report))

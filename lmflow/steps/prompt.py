@@ -250,7 +250,9 @@ class PromptStep(ModelStep):
                 models[link.target] = ctx.backend_for(link.target)[1]
         answer = resilience.run_chain(links, models, policy, ask=ask,
                                       compute=compute, cache_key=cache_key, cache_ttl=ttl)
-        return StepResult(answer.value, answer.meta)
+        meta = dict(answer.meta)
+        return StepResult(answer.value, meta, answered_by=meta.pop("answered_by", None),
+                          errors=meta.pop("errors", []))
 
     def parse(self, response: Any, schema: dict[str, Any] | None, options: dict[str, Any]) -> Any:
         """The answer's text, or its JSON checked against the schema."""
