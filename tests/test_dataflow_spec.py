@@ -1,0 +1,173 @@
+"""foreach, when, parallel and on_item_error in specs: validation with positions, the graph, datasets."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lmflow import SpecError, load_spec
+from lmflow.datasets import DatasetError, items, read_dataset, read_glob
+from lmflow.spec.model import Foreach
+
+
+def write(tmp_path: Path, body: str, name: str = "s.yaml") -> Path:
+    (tmp_path / "helpers.py").write_text("def f(**kw):\n    return kw\n")
+    path = tmp_path / name
+    path.write_text("version: 1\nname: t\n" + textwrap.dedent(body))
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    return [p.render() for p in caught.value.problems]
+
+
+def test_foreach_when_and_their_references_make_the_graph(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, """\
+        params: {docs: [a, b], limit: 3}
+        steps:
+          - id: split
+            python: {function: "helpers:f", args: {x: 1}}
+          - id: gate
+            python: {function: "helpers:f"}
+          - id: each
+            foreach: ${{ steps.split.output.parts }}
+            when: item.size > params.limit and steps.gate.output.ok
+            parallel: 2
+            on_item_error: collect
+            python: {function: "helpers:f", args: {text: "${{ item.text }}", at: "${{ index }}"}}
+          - id: literal
+            foreach: ["${{ params.limit }}", 2]
+            python: {function: "helpers:f", args: {n: "${{ item }}"}}
+    """))
+    each = spec.step("each")
+    assert set(each.depends_on) == {"split", "gate"}
+    assert each.foreach == Foreach("value", "${{ steps.split.output.parts }}")
+    assert (each.parallel, each.on_item_error) == (2, "collect")
+    assert each.when.test({"params": {"limit": 3}, "item": {"size": 4},
+                           "steps": {"gate": {"output": {"ok": True}}}, "index": 0})
+    assert spec.step("literal").foreach.value == ["${{ params.limit }}", 2]
+    assert spec.max_parallel == 4
+
+
+def test_max_parallel_in_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, """\
+        defaults: {max_parallel: 7}
+        steps: [{id: a, python: {function: "helpers:f"}}]
+    """))
+    assert spec.max_parallel == 7
+
+
+def test_item_outside_a_map_and_bad_conditions_are_errors_with_positions(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        params: {n: 1}
+        steps:
+          - id: a
+            python: {function: "helpers:f", args: {x: "${{ item.x }}"}}
+          - id: b
+            when: params.n >
+            python: {function: "helpers:f"}
+          - id: c
+            when: "item.ok"
+            python: {function: "helpers:f"}
+          - id: d
+            when: params.m == 1 and steps.nope.output
+            python: {function: "helpers:f"}
+          - id: e
+            parallel: 2
+            python: {function: "helpers:f"}
+          - id: f
+            when: "__import__('os')"
+            python: {function: "helpers:f"}
+    """)
+    found = problems(path)
+    assert any(p.startswith(f"{path}:6:") and "steps[0].python.args.x: 'item.x': item is only defined "
+               "in a step with foreach" in p for p in found), found
+    assert any(p.startswith(f"{path}:8:") and "invalid condition" in p for p in found), found
+    # the column points inside the quoted expression: `when: "item.ok"` -> the i of item
+    assert any(p.startswith(f"{path}:11:12:") and "invalid condition" in p for p in found), found
+    assert any(p.startswith(f"{path}:14:11:") and "unknown parameter 'm'" in p for p in found), found
+    assert any(p.startswith(f"{path}:14:") and "unknown step 'nope'" in p for p in found), found
+    assert any("steps[4].parallel: 'parallel' applies to the items of a foreach" in p for p in found), found
+    assert any(p.startswith(f"{path}:20:") and "invalid condition" in p for p in found), found
+
+
+def test_foreach_sources_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("x")
+    path = write(tmp_path, """\
+        steps:
+          - id: a
+            foreach: {file: missing.jsonl}
+            python: {function: "helpers:f"}
+          - id: b
+            foreach: {file: data.txt}
+            python: {function: "helpers:f"}
+          - id: c
+            foreach: "not a reference"
+            python: {function: "helpers:f"}
+          - id: d
+            foreach: ["${{ item }}"]
+            python: {function: "helpers:f"}
+          - id: e
+            foreach: 3
+            python: {function: "helpers:f"}
+    """)
+    found = problems(path)
+    assert any(":5:" in p and "file not found: missing.jsonl" in p for p in found), found
+    assert any(":8:" in p and "cannot read data.txt as a dataset" in p and ".jsonl" in p for p in found), found
+    assert [p for p in found if ":11:" in p] == [
+        f"{path}:11:14: steps[2].foreach: foreach 'not a reference' is neither a list nor one reference "
+        "(e.g. foreach: ${{ steps.split.output }} or {file: data.jsonl})"]
+    assert any(":14:" in p and "foreach cannot refer to its own items" in p for p in found), found
+    assert any(":17:" in p and "steps[4].foreach: invalid value 3" in p for p in found), found
+
+
+def test_references_into_a_map_output_are_lists(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        steps:
+          - id: m
+            foreach: [1, 2]
+            prompt: {model: x, user: "${{ item }}", response_schema: {type: object, properties: {a: {}}}}
+          - id: ok
+            python: {function: "helpers:f", args: {first: "${{ steps.m.output[0].a }}"}}
+          - id: bad
+            python: {function: "helpers:f", args: {a: "${{ steps.m.output.a }}"}}
+        models: {x: {key: smollm2-135m-instruct}}
+    """)
+    found = problems(path)
+    assert len(found) == 1 and "steps.m.output.a: output is array, it has no field 'a'" in found[0], found
+
+
+def test_datasets_jsonl_json_csv_and_glob(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
+    (tmp_path / "d.json").write_text('[{"a": 1}, 2]')
+    (tmp_path / "d.csv").write_text("a,b\n1,x\n2,y\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "2.txt").write_text("two")
+    (tmp_path / "docs" / "1.txt").write_text("one")
+    assert read_dataset(tmp_path / "d.jsonl", "d.jsonl") == [{"a": 1}, {"a": 2}]
+    assert read_dataset(tmp_path / "d.json", "d.json") == [{"a": 1}, 2]
+    assert read_dataset(tmp_path / "d.csv", "d.csv") == [{"a": "1", "b": "x"}, {"a": "2", "b": "y"}]
+    assert read_glob(tmp_path, "docs/*.txt") == [
+        {"path": "docs/1.txt", "name": "1.txt", "text": "one"},
+        {"path": "docs/2.txt", "name": "2.txt", "text": "two"}]
+    assert read_glob(tmp_path, "nothing/*.txt") == []
+
+
+def test_dataset_errors_say_where(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
+    (tmp_path / "obj.json").write_text('{"a": 1}')
+    (tmp_path / "wide.csv").write_text("a\n1,2\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2: not a JSON value"):
+        read_dataset(tmp_path / "bad.jsonl", "bad.jsonl")
+    with pytest.raises(DatasetError, match=r"obj.json holds a dict, not a list"):
+        read_dataset(tmp_path / "obj.json", "obj.json")
+    with pytest.raises(DatasetError, match=r"wide.csv:2: the row has more fields than the header"):
+        read_dataset(tmp_path / "wide.csv", "wide.csv")
+    with pytest.raises(DatasetError, match=r"foreach needs a list, got dict"):
+        items(Foreach("value", "${{ params.x }}"), tmp_path, {"a": 1})
+    with pytest.raises(DatasetError, match=r"dataset not found: gone.csv"):
+        items(Foreach("file", "gone.csv"), tmp_path)
