@@ -34,3 +34,11 @@ def test_missing_field_says_what_exists() -> None:
 def test_anything_but_a_dotted_reference_is_rejected(expr: str) -> None:
     with pytest.raises(TemplateError):
         parse_ref(expr)
+
+
+def test_two_references_in_one_string_are_two() -> None:
+    from lmflow.spec.templates import is_whole_reference, render
+
+    assert not is_whole_reference("${{ item.a }}-${{ item.b }}")
+    assert render("${{ item.a }}-${{ item.b }}", {"item": {"a": 1, "b": "x"}}) == "1-x"
+    assert render("${{ item }}", {"item": {"a": 1}}) == {"a": 1}

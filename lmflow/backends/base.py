@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,28 @@ class ModelInfo:
     load_seconds: float | None = None
 
 
+class Slots:
+    """Requests in flight to one server, and to each model on it, at most (`parallel`).
+
+    Every chat of a backend holds a server slot and a slot of its model, so
+    `servers.X.parallel: 4` is a bound across all steps and items of a run.
+    """
+
+    def __init__(self, server_limit: int | None):
+        self.server = threading.BoundedSemaphore(server_limit) if server_limit else None
+        self.models: dict[str, threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, model: ModelConfig) -> Iterator[None]:
+        limit = None
+        if model.parallel:
+            with self._lock:
+                limit = self.models.setdefault(model.alias, threading.BoundedSemaphore(model.parallel))
+        with self.server or nullcontext(), limit or nullcontext():
+            yield
+
+
 class Backend(ABC):
     """A model server. Capabilities are class attributes; steps check them."""
 
@@ -50,6 +75,7 @@ class Backend(ABC):
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.slots = Slots(config.parallel)
 
     @property
     def url(self) -> str | None:
@@ -63,7 +89,8 @@ class Backend(ABC):
     def list_models(self) -> list[ModelInfo]: ...
 
     @abstractmethod
-    def chat(self, request: ChatRequest) -> ChatResponse: ...
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        """Answer one request; implementations hold `self.slots.hold(request.model)` while they ask."""
 
     def ensure(self) -> dict[str, Any]:
         """Make sure the server is up (start it if the config says how); say what was done."""

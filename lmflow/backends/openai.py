@@ -249,7 +249,8 @@ class OpenAIBackend(Backend):
         return {"version": self.client.build_info()}
 
     def chat(self, request: ChatRequest) -> ChatResponse:
-        return self.supervisor.call(lambda: self.client.chat(request))
+        with self.slots.hold(request.model):
+            return self.supervisor.call(lambda: self.client.chat(request))
 
     def close(self) -> None:
         self.client.close()

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-_TEMPLATE = re.compile(r"(?<!\$)\$\{\{(.*?)\}\}", re.S)
+# the expression never spans a `}}`: "${{ a }}-${{ b }}" is two references, not one
+_TEMPLATE = re.compile(r"(?<!\$)\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 ROOTS = ("params", "steps", "item", "index")
 

@@ -1,0 +1,325 @@
+"""The dataflow end to end: real `lmflow run` processes, a real Prefect server, real kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import BIN, ROOT, lmflow_cmd, wait_for
+
+from lmflow.runtime import read_record
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+HELPERS = """\
+import json
+import os
+import random
+import time
+
+
+def span(seconds, tag=None):
+    started = time.time()
+    time.sleep(seconds)
+    return {"tag": tag, "start": started, "end": time.time()}
+
+
+def echo(value, at=None, jitter=0.0):
+    time.sleep(random.random() * jitter)  # finish out of order
+    return {"value": value, "at": at}
+
+
+def boom(x=None):
+    raise ValueError(f"bad input {x}")
+
+
+def picky(x):
+    if x % 3 == 0:
+        raise ValueError(f"{x} is a multiple of 3")
+    return x * 10
+
+
+def flaky(x, log):
+    # fails the first attempt of every item, then answers
+    path = f"{log}.{x}"
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise RuntimeError("first attempt fails")
+    return x
+
+
+def logged(x, log, slow_from=99, seconds=0.0):
+    with open(log, "a") as f:
+        f.write(json.dumps(x) + "\\n")
+    if x >= slow_from:
+        time.sleep(seconds)
+    return x * x
+"""
+
+
+def write_spec(folder: Path, body: str, name: str) -> Path:
+    (folder / "flowhelp.py").write_text(HELPERS)
+    path = folder / f"{name}.yaml"
+    path.write_text(f"version: 1\nname: {name}\n" + textwrap.dedent(body))
+    return path
+
+
+def run_json(spec: Path, *args: str, ok: bool = True) -> tuple[dict, subprocess.CompletedProcess[str]]:
+    out = lmflow_cmd("run", str(spec), "--json", *args)
+    assert (out.returncode == 0) is ok, out.stderr
+    return json.loads(out.stdout), out
+
+
+def test_independent_steps_overlap_and_a_failure_skips_only_its_dependents(
+        prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        defaults: {cache: false}
+        steps:
+          - id: a
+            python: {function: "flowhelp:span", args: {seconds: 1.5, tag: a}}
+          - id: b
+            python: {function: "flowhelp:span", args: {seconds: 1.5, tag: b}}
+          - id: bad
+            python: {function: "flowhelp:boom", args: {x: 1}}
+          - id: after_bad
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.bad.output }}"}}
+          - id: after_after
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.after_bad.output }}"}}
+          - id: after_a
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.a.output.tag }}"}}
+          - id: bad2
+            python: {function: "flowhelp:boom", args: {x: 2}}
+    """, name="branches")
+    result, out = run_json(spec, ok=False)
+    assert out.returncode == 1
+    steps = {s["id"]: s for s in result["steps"]}
+    assert [s["id"] for s in result["steps"]] == ["a", "b", "bad", "after_bad", "after_after", "after_a", "bad2"]
+    a, b = steps["a"]["output"], steps["b"]["output"]
+    assert a["start"] < b["end"] and b["start"] < a["end"], "a and b did not run at the same time"
+    assert steps["after_a"]["output"]["value"] == "a"
+    assert (steps["after_bad"]["status"], steps["after_bad"]["reason"]) == ("skipped", "upstream failed: bad")
+    assert (steps["after_after"]["status"], steps["after_after"]["reason"]) == ("skipped",
+                                                                                 "upstream failed: bad")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: step 'bad' failed: flowhelp:boom raised ValueError: bad input 1 at "
+                      f"{tmp_path / 'flowhelp.py'}:19",
+                      "error: step 'bad2' failed: flowhelp:boom raised ValueError: bad input 2 at "
+                      f"{tmp_path / 'flowhelp.py'}:19"]
+
+
+def test_max_parallel_one_runs_one_at_a_time(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        defaults: {cache: false}
+        steps:
+          - id: a
+            python: {function: "flowhelp:span", args: {seconds: 0.5}}
+          - id: b
+            python: {function: "flowhelp:span", args: {seconds: 0.5}}
+    """, name="serial")
+    result, _ = run_json(spec, "--max-parallel", "1")
+    a, b = (s["output"] for s in result["steps"])
+    assert a["end"] <= b["start"] or b["end"] <= a["start"]
+
+
+def test_map_over_a_list_jsonl_csv_and_glob_keeps_input_order(prefect_api: str, tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"n": i}) + "\n" for i in range(8)))
+    (tmp_path / "rows.csv").write_text("name,size\nx,1\ny,2\nz,3\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "docs").mkdir()
+    for name, text in (("b.txt", "bee"), ("a.txt", "ay")):
+        (tmp_path / "docs" / name).write_text(text)
+    spec = write_spec(tmp_path, """\
+        params: {words: [one, two, three, four, five]}
+        defaults: {cache: false}
+        steps:
+          - id: listed
+            foreach: ${{ params.words }}
+            parallel: 3
+            python: {function: "flowhelp:echo", args: {value: "${{ item }}", at: "${{ index }}", jitter: 0.3}}
+          - id: jsonl
+            foreach: {file: rows.jsonl}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.n }}", jitter: 0.2}}
+          - id: csv
+            foreach: {file: rows.csv}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.name }}-${{ item.size }}"}}
+          - id: files
+            foreach: {glob: "docs/*.txt"}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.name }}:${{ item.text }}"}}
+          - id: chained
+            foreach: ${{ steps.listed.output }}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.value }}!"}}
+          - id: second
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.jsonl.output[1].value }}"}}
+          - id: nothing
+            foreach: {file: empty.jsonl}
+            python: {function: "flowhelp:echo", args: {value: "${{ item }}"}}
+    """, name="maps")
+    result, out = run_json(spec)
+    steps = {s["id"]: s for s in result["steps"]}
+    assert steps["listed"]["output"] == [{"value": w, "at": i} for i, w in
+                                         enumerate(["one", "two", "three", "four", "five"])]
+    assert [o["value"] for o in steps["jsonl"]["output"]] == list(range(8))
+    assert [o["value"] for o in steps["csv"]["output"]] == ["x-1", "y-2", "z-3"]
+    assert [o["value"] for o in steps["files"]["output"]] == ["a.txt:ay", "b.txt:bee"]
+    assert [o["value"] for o in steps["chained"]["output"]] == ["one!", "two!", "three!", "four!", "five!"]
+    assert steps["second"]["output"]["value"] == 1
+    assert steps["jsonl"]["items"] == {"total": 8, "completed": 8, "cached": 0, "failed": 0, "skipped": 0}
+    assert steps["nothing"]["output"] == [] and steps["nothing"]["status"] == "completed"
+    assert "warning: nothing: foreach has no items: the output is an empty list" in out.stderr
+
+    # the graph in Prefect: items are task runs step[i] that wait for what the step depends on
+    runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", json={
+        "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=20)
+    assert runs, "task runs did not reach the Prefect server"
+    by_name = {r["name"]: r for r in runs}
+    assert {f"listed[{i}]" for i in range(5)} <= set(by_name)
+    listed = {by_name[f"listed[{i}]"]["id"] for i in range(5)}
+    for i in range(5):
+        edges = {e["id"] for e in by_name[f"chained[{i}]"]["task_inputs"]["wait_for"]}
+        assert edges == listed
+    assert {e["id"] for e in by_name["second"]["task_inputs"]["wait_for"]} == {
+        by_name[f"jsonl[{i}]"]["id"] for i in range(8)}
+
+
+def test_item_errors_fail_skip_or_collect_and_items_retry(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        params: {xs: [1, 2, 3, 4, 5, 6, 7], log: ""}
+        defaults: {cache: false}
+        steps:
+          - id: failing
+            foreach: ${{ params.xs }}
+            parallel: 1
+            python: {function: "flowhelp:picky", args: {x: "${{ item }}"}}
+          - id: skipping
+            foreach: ${{ params.xs }}
+            on_item_error: skip
+            python: {function: "flowhelp:picky", args: {x: "${{ item }}"}}
+          - id: collecting
+            foreach: ${{ params.xs }}
+            on_item_error: collect
+            python: {function: "flowhelp:picky", args: {x: "${{ item }}"}}
+          - id: retried
+            foreach: [1, 2, 3]
+            retries: 1
+            retry_delay: 0.1s
+            python: {function: "flowhelp:flaky", args: {x: "${{ item }}", log: "${{ params.log }}"}}
+          - id: uses_failing
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.failing.output }}"}}
+    """, name="itemerrors")
+    result, out = run_json(spec, "-p", f"log={tmp_path / 'flaky'}", ok=False)
+    steps = {s["id"]: s for s in result["steps"]}
+    failing = steps["failing"]
+    assert failing["status"] == "failed"
+    assert failing["error"]["message"].startswith("item 2 failed: flowhelp:picky raised ValueError: "
+                                                  "3 is a multiple of 3")
+    # parallel 1: the first failure stops the map before items 3..6 start
+    assert failing["items"]["completed"] == 2 and failing["items"]["failed"] == 1
+    assert "4 not started" in failing["error"]["message"]
+    assert steps["uses_failing"]["reason"] == "upstream failed: failing"
+    assert steps["skipping"]["output"] == [10, 20, 40, 50, 70]
+    assert [(p["index"], p["status"]) for p in steps["skipping"]["item_problems"]] == [(2, "failed"), (5, "failed")]
+    assert steps["collecting"]["output"] == [10, 20, None, 40, 50, None, 70]
+    assert steps["retried"]["output"] == [1, 2, 3]
+    failed_items = {e["step"] for e in result["errors"]}
+    assert {"failing[2]", "skipping[2]", "skipping[5]", "collecting[2]", "collecting[5]"} <= failed_items
+    assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: step 'failing' failed: " + failing["error"]["message"]]
+
+
+def test_when_skips_steps_and_filters_items(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        params: {notify: false, xs: [{n: 1, tag: keep}, {n: 2, tag: drop}, {n: 3, tag: KEEP}]}
+        defaults: {cache: false}
+        steps:
+          - id: triage
+            python: {function: "flowhelp:echo", args: {value: {urgent: true, score: 7}}}
+          - id: escalate
+            when: steps.triage.output.value.urgent and params.notify
+            python: {function: "flowhelp:echo", args: {value: escalated}}
+          - id: report
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.escalate.output.value }}"}}
+          - id: high
+            when: ${{ steps.triage.output.value.score >= 5 }}
+            python: {function: "flowhelp:echo", args: {value: high}}
+          - id: kept
+            foreach: ${{ params.xs }}
+            when: lower(item.tag) == 'keep' and index < 10
+            python: {function: "flowhelp:echo", args: {value: "${{ item.n }}"}}
+    """, name="conditions")
+    result, out = run_json(spec)
+    steps = {s["id"]: s for s in result["steps"]}
+    assert (steps["escalate"]["status"], steps["escalate"]["reason"]) == ("skipped", "condition false")
+    assert steps["escalate"]["output"] is None
+    assert steps["report"]["status"] == "completed" and steps["report"]["output"]["value"] is None
+    assert steps["high"]["output"]["value"] == "high"
+    assert [o["value"] for o in steps["kept"]["output"]] == [1, 3]
+    assert steps["kept"]["items"]["skipped"] == 1
+    assert steps["kept"]["item_problems"] == [{"index": 1, "status": "skipped", "reason": "condition false"}]
+
+    notified, _ = run_json(spec, "-p", "notify=true")
+    assert {s["id"]: s["status"] for s in notified["steps"]}["escalate"] == "completed"
+
+
+def test_bad_foreach_values_fail_the_step_with_a_clear_message(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        params: {notalist: {a: 1}}
+        defaults: {cache: false}
+        steps:
+          - id: each
+            foreach: ${{ params.notalist }}
+            python: {function: "flowhelp:echo", args: {value: "${{ item }}"}}
+          - id: fine
+            python: {function: "flowhelp:echo", args: {value: 1}}
+    """, name="badforeach")
+    result, out = run_json(spec, ok=False)
+    assert "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == ("error: step 'each' failed: foreach needs a list, got dict: "
+                                           "\"{'a': 1}\" (refer to a list, e.g. a param holding one or a step "
+                                           "whose output is one)")
+    assert result["steps"][1]["status"] == "completed"
+
+
+def test_a_killed_map_resumes_with_only_unfinished_items(prefect_api: str, tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    spec = write_spec(tmp_path, f"""\
+        params: {{xs: [0, 1, 2, 3, 4, 5, 6, 7]}}
+        steps:
+          - id: square
+            foreach: ${{{{ params.xs }}}}
+            parallel: 2
+            python: {{function: "flowhelp:logged", args: {{x: "${{{{ item }}}}", log: "{log}",
+                      slow_from: 4, seconds: 60}}}}
+    """, name="resume")
+    home = Path(os.environ["LMFLOW_HOME"])
+    proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        journals = lambda: list((home / "runs").glob("resume-*.jsonl"))  # noqa: E731
+        finished = lambda: sum(1 for j in journals() for line in j.read_text().splitlines()  # noqa: E731
+                               if '"item"' in line and '"completed"' in line)
+        # items 0-3 finish; 4 and 5 then sleep in flight
+        assert wait_for(lambda: finished() >= 4 and log.exists() and len(log.read_text().split()) >= 6,
+                        timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    record = read_record(journals()[0])
+    assert record["interrupted"] is True
+    assert [i["output"] for i in record["steps"][0]["finished_items"]] == [0, 1, 4, 9]
+    first_calls = [int(x) for x in log.read_text().split()]
+    assert sorted(first_calls) == [0, 1, 2, 3, 4, 5]
+    log.unlink()
+
+    result, _ = run_json(spec, "-p", "xs=[0, 1, 2, 3, 4, 5, 6, 7]")
+    # the spec's slow items are fast on the re-run only because they are not cached: recomputed
+    steps = result["steps"][0]
+    assert steps["items"]["cached"] == 4 and steps["items"]["completed"] == 4
+    assert sorted(int(x) for x in log.read_text().split()) == [4, 5, 6, 7]
