@@ -143,7 +143,7 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "spec.yaml:23:13: steps[4].prompt.user: unknown parameter 'nope' "
         "(declare it under params)",
         "spec.yaml:23:13: steps[4].prompt.user: unknown reference 'foo.bar': "
-        "a reference starts with 'params.' or 'steps.'",
+        "a reference starts with 'params.', 'steps.', or in a step with foreach 'item' or 'index'",
         "spec.yaml:23:13: steps[4].prompt.user: unknown step 'ghost' "
         "(expected one of: 3bad, ask, both)",
     ]

@@ -48,10 +48,8 @@ def parse_ref(expr: str) -> Ref:
     root, _, rest = text.partition(".")
     root_match = re.fullmatch(r"[A-Za-z_]\w*", root)
     if not root_match or root not in ROOTS:
-        raise TemplateError(
-            f"unknown reference '{text}': a reference starts with "
-            + " or ".join(f"'{r}.'" for r in ROOTS)
-        )
+        raise TemplateError(f"unknown reference '{text}': a reference starts with 'params.', "
+                            "'steps.', or in a step with foreach 'item' or 'index'")
     parts: list[str | int] = []
     tail = "." + rest if rest else ""
     pos = 0
