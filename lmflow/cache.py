@@ -3,12 +3,18 @@
 Only answers that came back valid are stored. A cache that cannot be opened,
 read or written (a corrupt database, a folder that is not one, a full disk) is
 reported once and bypassed: a run never fails because of its cache.
+
+Worker threads share one ResponseCache. diskcache.Cache is thread-safe (one sqlite
+connection per thread, kept in a threading.local), so reads and writes run
+without lmflow's lock; the lock guards only what is lmflow's: opening the one
+Cache object, marking it broken, and the counters.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,8 @@ def response_key(material: Any) -> str:
 
 @dataclass
 class CacheStats:
+    """What the cache did for a run; changed only under the owning ResponseCache's lock."""
+
     hits: int = 0
     misses: int = 0
     stores: int = 0
@@ -41,7 +49,7 @@ class CacheStats:
     hit_seconds: list[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
-        return {"hits": self.hits, "misses": self.misses, "stores": self.stores, "errors": self.errors}
+        return {"hits": self.hits, "misses": self.misses, "stores": self.stores, "errors": list(self.errors)}
 
 
 class ResponseCache:
@@ -55,31 +63,49 @@ class ResponseCache:
         self._warn = warn
         self._cache: Any = None
         self.broken: str | None = None
+        self._lock = threading.Lock()
 
     def _open(self) -> Any:
-        if self._cache is None and self.broken is None:
-            try:
-                import diskcache
+        cache = self._cache
+        if cache is not None or self.broken is not None:
+            return cache
+        warning = None
+        with self._lock:  # held while opening: threads asking at once get the same one
+            if self._cache is None and self.broken is None:
+                try:
+                    import diskcache
 
-                self._cache = diskcache.Cache(str(self.directory), size_limit=self.size_limit,
-                                              eviction_policy="least-recently-stored")
-            except Exception as exc:  # noqa: BLE001 - any failure to open means: run without it
-                self._fail("open", exc)
-        return self._cache
+                    self._cache = diskcache.Cache(str(self.directory), size_limit=self.size_limit,
+                                                  eviction_policy="least-recently-stored")
+                except Exception as exc:  # noqa: BLE001 - any failure to open means: run without it
+                    warning = self._mark_broken("open", exc)
+            cache = self._cache
+        if warning:
+            self._warn(warning)
+        return cache
 
     def _fail(self, what: str, exc: BaseException) -> None:
+        with self._lock:
+            warning = self._mark_broken(what, exc)
+        if warning:
+            self._warn(warning)  # outside the lock: the callback may take its own
+
+    def _mark_broken(self, what: str, exc: BaseException) -> str | None:
+        """Record the failure (lock held); the message to warn with when it is the first."""
         message = (f"response cache at {self.directory} could not {what} ({type(exc).__name__}: "
                    f"{exc}); running without it: `lmflow cache clear` removes it")
         self.stats.errors.append(message)
-        if self.broken is None:
-            self._warn(message)
+        first = self.broken is None
         self.broken = message
         if self._cache is not None:
+            # closes this thread's connection; diskcache keeps one per thread, and the others
+            # close with their threads, after the call each is in ends
             try:
                 self._cache.close()
             except Exception:  # noqa: BLE001 - it is already broken
                 pass
             self._cache = None
+        return message if first else None
 
     def get(self, key: str) -> Any:
         """The cached value, or `MISSING`."""
@@ -92,11 +118,12 @@ class ResponseCache:
         except Exception as exc:  # noqa: BLE001 - a corrupt entry or database
             self._fail("be read", exc)
             return _MISSING
-        if value is _MISSING:
-            self.stats.misses += 1
-        else:
-            self.stats.hits += 1
-            self.stats.hit_seconds.append(time.perf_counter() - started)
+        with self._lock:
+            if value is _MISSING:
+                self.stats.misses += 1
+            else:
+                self.stats.hits += 1
+                self.stats.hit_seconds.append(time.perf_counter() - started)
         return value
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
@@ -105,14 +132,18 @@ class ResponseCache:
             return
         try:
             cache.set(key, value, expire=ttl, retry=True)
-            self.stats.stores += 1
         except Exception as exc:  # noqa: BLE001 - full disk, corrupt database
             self._fail("be written", exc)
+            return
+        with self._lock:
+            self.stats.stores += 1
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
+        """Close the cache (this thread's connection; worker threads' close when they end)."""
+        with self._lock:
+            cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()
 
 
 MISSING = _MISSING

@@ -19,6 +19,7 @@ message, attempt, seconds) in the step's result.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,43 +59,94 @@ class ResourceShortage(LmflowError):
 class _BreakerState:
     failures: int = 0
     opened_at: float | None = None
+    tester: int | None = None  # the thread making the half-open test call
 
 
 class BreakerBoard:
     """Circuit breakers for the run: one per server (it does not answer) and one per model on it
-    (it times out or fails with 5xx)."""
+    (it times out or fails with 5xx).
+
+    Shared by the run's worker threads, so every read and change holds one lock. Half-open means
+    one test call, not one per thread: the first caller after the cool-down holds the test (it is
+    told the breaker is closed), every other caller is told it is still open until the tester
+    reports `success`, `failure`, or `release` (it gave up without a verdict). Ten threads retesting
+    a dead server at once would cost ten timeouts for the one answer a single call gives.
+    """
 
     def __init__(self, config: Breaker, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.clock = clock
         self.states: dict[str, _BreakerState] = {}
+        self._lock = threading.Lock()
 
     def open_reason(self, name: str) -> str | None:
-        """Why calls to `name` are skipped now (None: closed, or half-open for one test call)."""
-        state = self.states.get(name)
-        if state is None or state.opened_at is None:
-            return None
-        left = self.config.cooldown - (self.clock() - state.opened_at)
-        if left <= 0:
-            return None  # half-open: the next call tests it
-        return (f"circuit open after {state.failures} consecutive failures; skipped for "
-                f"{left:.1f}s more (breaker.cooldown)")
+        """Why calls to `name` are skipped now; None: call it (when half-open, this caller holds
+        the one test call, and must end it with success, failure or release)."""
+        me = threading.get_ident()
+        with self._lock:
+            state = self.states.get(name)
+            if state is None or state.opened_at is None:
+                return None
+            left = self.config.cooldown - (self.clock() - state.opened_at)
+            if left > 0:
+                return (f"circuit open after {state.failures} consecutive failures; skipped for "
+                        f"{left:.1f}s more (breaker.cooldown)")
+            if state.tester is None or state.tester == me:
+                state.tester = me  # half-open: this call tests it
+                return None
+            return (f"circuit half-open after {state.failures} consecutive failures; another call "
+                    "is testing it, skipped until that call ends (breaker.cooldown)")
 
     def failure(self, name: str) -> None:
-        state = self.states.setdefault(name, _BreakerState())
-        state.failures += 1
-        if state.failures >= self.config.failures:
-            state.opened_at = self.clock()
+        with self._lock:
+            state = self.states.setdefault(name, _BreakerState())
+            state.failures += 1
+            if state.failures >= self.config.failures:
+                state.opened_at = self.clock()
+            if state.tester == threading.get_ident():
+                state.tester = None
 
     def success(self, name: str) -> None:
-        self.states[name] = _BreakerState()
+        with self._lock:
+            self.states[name] = _BreakerState()
+
+    def release(self, name: str) -> None:
+        """End this thread's half-open test of `name` without a verdict (the call was skipped,
+        or failed in a way the breaker does not count): the next caller tests it."""
+        with self._lock:
+            state = self.states.get(name)
+            if state is not None and state.tester == threading.get_ident():
+                state.tester = None
 
 
 # ---------------------------------------------------------------- guard
 
 
+def _idle_share(before: Any, after: Any) -> float | None:
+    """Idle share of all CPUs between two `psutil.cpu_times()` readings (None: no tick between).
+
+    The same arithmetic as psutil's cpu_percent: guest time is already in user time, and iowait
+    is idle."""
+    delta = {name: max(0.0, getattr(after, name) - getattr(before, name)) for name in after._fields}
+    total = sum(delta.values()) - delta.get("guest", 0.0) - delta.get("guest_nice", 0.0)
+    if total <= 0:
+        return None
+    return min(1.0, (delta["idle"] + delta.get("iowait", 0.0)) / total)
+
+
 class ResourceGuard:
-    """Free memory and idle CPU against the spec's thresholds (psutil)."""
+    """Free memory and idle CPU against the spec's thresholds (psutil).
+
+    Idle CPU is measured since the guard's previous measure, whichever thread took it. Not with
+    `psutil.cpu_percent(interval=None)`: it is safe from several threads, but psutil (7.x) keeps
+    its previous reading per thread id, so a worker thread's first call compares two readings
+    taken a microsecond apart and says 100% idle (or uses a stale one of a reused thread id).
+    The guard keeps one baseline under a lock instead, and takes a new measure only after
+    `MIN_WINDOW` seconds (shorter windows are jiffy noise): readings closer together than that
+    get the previous measure.
+    """
+
+    MIN_WINDOW = 0.1
 
     def __init__(self, config: Guard, sleep: Callable[[float], None] = time.sleep):
         import psutil
@@ -102,8 +154,21 @@ class ResourceGuard:
         self.config = config
         self.sleep = sleep
         self._psutil = psutil
-        if config.min_cpu_idle is not None:
-            psutil.cpu_percent(interval=None)  # the first reading only starts the measure
+        self._lock = threading.Lock()
+        self._cpu_before = psutil.cpu_times()  # the first reading only starts the measure
+        self._cpu_read_at = time.monotonic()
+        self._idle: float | None = None  # the last full window's measure
+
+    def _cpu_idle(self) -> float:
+        with self._lock:
+            now, after = time.monotonic(), self._psutil.cpu_times()
+            idle = _idle_share(self._cpu_before, after)
+            if now - self._cpu_read_at >= self.MIN_WINDOW:
+                self._cpu_before, self._cpu_read_at = after, now
+                self._idle = self._idle if idle is None else idle
+            elif self._idle is None:  # before the first full window: what there is
+                return 1.0 if idle is None else idle  # no tick yet: nothing says it is busy
+            return 1.0 if self._idle is None else self._idle
 
     def shortage(self) -> str | None:
         """What is short now, or None."""
@@ -115,7 +180,7 @@ class ResourceGuard:
                         f"{limit / 2**30:.1f} GiB")
         idle_limit = self.config.min_cpu_idle
         if idle_limit is not None:
-            idle = 1 - self._psutil.cpu_percent(interval=None) / 100
+            idle = self._cpu_idle()
             if idle < idle_limit:
                 return f"idle CPU {idle:.0%} is below guard.min_cpu_idle {idle_limit:.0%}"
         return None
@@ -153,7 +218,11 @@ def _heals(exc: BaseException) -> bool:
 
 
 class Resilience:
-    """What a run shares between its steps: breakers, the guard and the response cache."""
+    """What a run shares between its steps: breakers, the guard and the response cache.
+
+    Steps and map items call `run_chain` from several worker threads at once: the breakers,
+    the guard and the cache lock their own state, and the fallback count has its lock here.
+    """
 
     def __init__(self, breaker: Breaker, guard: Guard | None, cache: ResponseCache | None,
                  sleep: Callable[[float], None] = time.sleep):
@@ -162,6 +231,7 @@ class Resilience:
         self.cache = cache
         self.sleep = sleep
         self.fallbacks = 0  # answers that did not come from the first link
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         if self.cache is not None:
@@ -202,30 +272,36 @@ class Resilience:
             # a server that does not answer trips every model on it; a model that fails trips itself
             server, name = f"server {model.server}", f"{model.server}/{model.key}"
             reason = self.breakers.open_reason(server) or self.breakers.open_reason(name)
-            if reason:
-                skip(index, link, "CircuitOpen", reason)
-                continue
-            if needed and isinstance(model.context_length, int) and model.context_length < needed:
-                skip(index, link, "ContextOverflow", f"holds {model.context_length} tokens, "
-                     f"the prompt needs {needed}")
-                continue
-            if self.guard is not None and has_next:
-                decision = self.guard.check(link.describe())
-                if decision:
-                    skip(index, link, "ResourceGuard", decision[1])
-                    continue
             try:
-                answer = self._attempts(link, index, policy, ask, errors, fail_fast=has_next)
-            except LmflowError as exc:
-                if _heals(exc):  # the breaker counts calls that gave up, not each attempt
-                    self.breakers.failure(server if isinstance(exc, BackendUnreachable) else name)
-                if isinstance(exc, ContextOverflow):
-                    needed = exc.n_prompt or needed
-                if not has_next:
-                    raise self._final(exc, errors, links) from None
-                continue
-            self.breakers.success(server)
-            self.breakers.success(name)
+                if reason:
+                    skip(index, link, "CircuitOpen", reason)
+                    continue
+                if needed and isinstance(model.context_length, int) and model.context_length < needed:
+                    skip(index, link, "ContextOverflow", f"holds {model.context_length} tokens, "
+                         f"the prompt needs {needed}")
+                    continue
+                if self.guard is not None and has_next:
+                    decision = self.guard.check(link.describe())
+                    if decision:
+                        skip(index, link, "ResourceGuard", decision[1])
+                        continue
+                try:
+                    answer = self._attempts(link, index, policy, ask, errors, fail_fast=has_next)
+                except LmflowError as exc:
+                    if _heals(exc):  # the breaker counts calls that gave up, not each attempt
+                        self.breakers.failure(server if isinstance(exc, BackendUnreachable) else name)
+                    if isinstance(exc, ContextOverflow):
+                        needed = exc.n_prompt or needed
+                    if not has_next:
+                        raise self._final(exc, errors, links) from None
+                    continue
+                self.breakers.success(server)
+                self.breakers.success(name)
+            finally:
+                # a half-open test this call held without a verdict (it skipped the link, or failed
+                # in a way the breaker does not count) passes to the next caller
+                self.breakers.release(server)
+                self.breakers.release(name)
             if key is not None:
                 self.cache.set(key, {"output": answer.value, "meta": answer.meta}, cache_ttl)  # type: ignore[union-attr]
                 answer.meta["cache"] = "miss"
@@ -242,7 +318,8 @@ class Resilience:
 
     def _answered(self, answer: Answer, index: int, link: Link, errors: list[dict[str, Any]]) -> Answer:
         if index:
-            self.fallbacks += 1
+            with self._lock:  # `+=` is a read and a write: two threads could count one
+                self.fallbacks += 1
         answer.meta.update(answered_by={"link": index, "target": link.describe()}, errors=errors)
         return answer
 

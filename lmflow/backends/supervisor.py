@@ -2,12 +2,19 @@
 
 A server lmflow starts (with `server.start`) is lmflow's child: it is stopped
 by PID when the run ends, like the managed engine.
+
+Steps call it from several worker threads. When the server dies, every call in
+flight fails at about the same time; one of them restarts it (the others wait
+on the lock for that restart, then retry on the new server), so one crash costs
+one restart. A count of starts, read before each call, tells a failed call
+whether the server was (re)started since it began.
 """
 
 from __future__ import annotations
 
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,16 +43,44 @@ class Supervisor:
         self.proc: subprocess.Popen | None = None
         self.restarts: list[dict[str, Any]] = []
         self.listener: Listener = lambda event, data: None
+        # held for a whole start or restart (seconds): callers that need one wait for it here.
+        # `after_restart` runs under it, so it must not call back into the supervisor, nor wait
+        # for a lock that a thread holds while it calls `call` (a model lock around a load).
+        self._lock = threading.Lock()
+        self._starts = 0  # starts and restarts so far, failed ones too
+        self._failure: str | None = None  # why the last one failed (None: it worked)
 
     def ensure(self) -> dict[str, Any]:
         """Make sure the server answers; start it when it does not and a start command is set."""
         if self.health():
             return {"url": self.config.url, "was_running": True, "started": False, "seconds": 0.0}
-        if not self.config.start:
-            raise ServerDown(f"no server answers at {self.config.url}: start it, or set server.start "
-                             "(e.g. `lms server start`) so lmflow can")
-        seconds = self._start()
+        with self._lock:
+            if self.health():  # another thread started it while this one waited
+                return {"url": self.config.url, "was_running": True, "started": False, "seconds": 0.0}
+            if not self.config.start:
+                raise ServerDown(f"no server answers at {self.config.url}: start it, or set server.start "
+                                 "(e.g. `lms server start`) so lmflow can")
+            seconds = self._attempt(restart=False)
         return {"url": self.config.url, "was_running": False, "started": True, "seconds": seconds}
+
+    def _attempt(self, *, restart: bool) -> float:
+        """Start the server (lock held), counted and its failure remembered, for `_recover`."""
+        try:
+            seconds = self._start()
+            if restart:
+                self.after_restart()  # under the lock too: the others retry once models are back
+        except ServerDown as down:
+            self._failure = str(down)
+            raise
+        except BaseException as error:
+            self._failure = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            # counted once the start is over: a call that began during it (and failed, the
+            # server being still down) must not start it again
+            self._starts += 1
+        self._failure = None
+        return seconds
 
     def _start(self) -> float:
         started = time.monotonic()
@@ -72,29 +107,40 @@ class Supervisor:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn`; if the server is unreachable and can be restarted, restart it and retry once."""
+        seen = self._starts
         try:
             return fn()
         except BackendUnreachable as exc:
+            self._recover(seen, exc)
+        return fn()
+
+    def _recover(self, seen: int, exc: BackendUnreachable) -> None:
+        """Restart the server for a call that began after start number `seen` and found it down;
+        if another thread (re)started it since, use that start instead (or fail as it did)."""
+        with self._lock:
+            if self._starts != seen:
+                if self._failure is not None:
+                    raise ServerDown(f"{exc}; restarting it failed: {self._failure}") from None
+                return
             if not self.config.start or len(self.restarts) >= self.config.max_restarts:
-                raise
+                raise exc
             noticed = time.monotonic()
             try:
-                seconds = self._start()
+                seconds = self._attempt(restart=True)
             except ServerDown as down:
                 raise ServerDown(f"{exc}; restarting it failed: {down}") from None
-            self.after_restart()
             record = {"url": self.config.url, "restart": len(self.restarts) + 1,
                       "of": self.config.max_restarts, "seconds": seconds,
                       "recovered_in": round(time.monotonic() - noticed, 3), "error": str(exc)}
             self.restarts.append(record)
-            self.listener("server_restarted", record)
-            self.listener("warning", {"message": (
-                f"{self.config.url} was down; restarted it with `{self.config.start}` "
-                f"(restart {record['restart']} of {record['of']}) and continued after "
-                f"{record['recovered_in']:.1f}s")})
-            return fn()
+        self.listener("server_restarted", record)
+        self.listener("warning", {"message": (
+            f"{self.config.url} was down; restarted it with `{self.config.start}` "
+            f"(restart {record['restart']} of {record['of']}) and continued after "
+            f"{record['recovered_in']:.1f}s")})
 
     def close(self) -> None:
-        if self.proc is not None:
-            processes.stop(self.proc)
-            self.proc = None
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc is not None:
+            processes.stop(proc)

@@ -1,12 +1,22 @@
-"""`python`: call `module:function` with resolved arguments; its return value is the output."""
+"""`python`: call `module:function` with resolved arguments; its return value is the output.
+
+Steps run in worker threads. `sys.path` and the import system are process-wide, so
+every lookup or import that puts a spec's folder on `sys.path` holds one process-wide
+lock (`_IMPORTS`) for as long as the folder is there; the user's function is then
+called outside it. With a timeout, the function runs in a thread of its own that the
+caller stops waiting for: Python cannot kill a thread, so a function past its time
+is left running in the background (and whatever it raises later is dropped).
+"""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import importlib
 import importlib.util
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,18 +29,25 @@ from .base import FUNCTION_PATTERN, CheckContext, Step, StepContext, StepResult
 FUNCTION = FUNCTION_PATTERN
 
 
+# Reentrant: a spec module that, while it is imported, imports another through lmflow.
+# Held through the import itself, so a module that runs for long at import time
+# delays the other steps' imports (never their calls).
+_IMPORTS = threading.RLock()
+
+
 @contextmanager
 def importable_from(folder: Path) -> Iterator[None]:
-    """Let the spec's own folder hold the modules it names."""
+    """Let the spec's own folder hold the modules it names (one thread at a time: see above)."""
     entry = str(folder)
-    added = entry not in sys.path
-    if added:
-        sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if added and entry in sys.path:
-            sys.path.remove(entry)
+    with _IMPORTS:
+        added = entry not in sys.path
+        if added:
+            sys.path.insert(0, entry)
+        try:
+            yield
+        finally:
+            if added and entry in sys.path:
+                sys.path.remove(entry)
 
 
 def _module_file(module: str, spec_dir: Path) -> Path | None:
@@ -48,6 +65,12 @@ class UserCodeError(LmflowError):
 
 class UserCodeFailed(UserCodeError):
     """The function itself raised: retried like any failure that may heal (a flaky call inside)."""
+
+    retryable = True
+
+
+class UserCodeTimeout(UserCodeError):
+    """The function did not return within the step's timeout: retried, like a backend timeout."""
 
     retryable = True
 
@@ -84,7 +107,8 @@ class PythonStep(Step):
         return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
-        return StepResult(call_function(options["function"], options.get("args") or {}, ctx.spec_dir))
+        return StepResult(call_function(options["function"], options.get("args") or {}, ctx.spec_dir,
+                                        timeout=ctx.timeout))
 
 
 def missing_module(ref: str, spec_dir: Path) -> str | None:
@@ -117,15 +141,55 @@ def load_function(ref: str, spec_dir: Path) -> Any:
     return function
 
 
-def call_function(ref: str, kwargs: dict[str, Any], spec_dir: Path) -> Any:
-    """Call user code; whatever it raises becomes a UserCodeError that says where."""
+def call_function(ref: str, kwargs: dict[str, Any], spec_dir: Path, timeout: float | None = None) -> Any:
+    """Call user code, waiting at most `timeout` seconds (None: as long as it takes); whatever it
+    raises becomes a UserCodeError that says where."""
     function = load_function(ref, spec_dir)
+    if timeout is None:
+        try:
+            return function(**kwargs)
+        except Exception as exc:  # user code: report it with its location
+            raise _failed(ref, exc) from exc
+    return _call_with_timeout(ref, function, kwargs, timeout)
+
+
+def _call_with_timeout(ref: str, function: Any, kwargs: dict[str, Any], timeout: float) -> Any:
+    # The caller's context goes along (Prefect's run context lives in contextvars: a function
+    # that calls get_run_logger() must still find its task run).
+    context = contextvars.copy_context()
+    done = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = context.run(function, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it once
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, name=f"lmflow python {ref}", daemon=True)
+    worker.start()
+    if not done.wait(timeout):
+        raise UserCodeTimeout(
+            f"{ref} did not return within {timeout:g}s: raise the step's `timeout:` if it needs "
+            "longer; it was left running in the background (Python cannot kill a thread)")
+    error = outcome.pop("error", None)
+    if error is None:
+        return outcome["value"]
     try:
-        return function(**kwargs)
-    except Exception as exc:  # user code: report it with its location
-        tb = exc.__traceback__
-        where = ""
-        while tb is not None:
-            where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
-            tb = tb.tb_next
-        raise UserCodeFailed(f"{ref} raised {type(exc).__name__}: {exc}{where}") from exc
+        if isinstance(error, Exception):
+            raise _failed(ref, error) from error
+        raise error  # SystemExit, KeyboardInterrupt: as if the function ran here
+    finally:
+        del error  # the traceback holds the worker's frames
+
+
+def _failed(ref: str, exc: Exception) -> UserCodeFailed:
+    """`exc` as a UserCodeFailed naming the innermost file:line it came from."""
+    tb = exc.__traceback__
+    where = ""
+    while tb is not None:
+        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return UserCodeFailed(f"{ref} raised {type(exc).__name__}: {exc}{where}")
