@@ -38,7 +38,8 @@ def plain(url: str, texts: list[str], parallel: int) -> float:
     body = {"model": "smol", "temperature": 0, "max_tokens": MAX_TOKENS}
     with httpx.Client(base_url=url, timeout=120) as http:
         def ask(text: str) -> str:
-            r = http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": text}]})
+            messages = [{"role": "user", "content": text}]
+            r = http.post("/v1/chat/completions", json={**body, "messages": messages})
             r.raise_for_status()
             return r.json()["choices"][0]["message"]["content"]
 
@@ -111,7 +112,8 @@ def main() -> None:
             print(f"speed-up of parallel {high} over {low}: plain {rows[low][0] / rows[high][0]:.2f}x, "
                   f"lmflow {rows[low][1] / rows[high][1]:.2f}x")
             worst = min(a / b for a, b in rows.values())
-            print(f"lowest throughput share {worst:.1%} (target >= 90%: {'met' if worst >= 0.9 else 'MISSED'})")
+            verdict = "met" if worst >= 0.9 else "MISSED"
+            print(f"lowest throughput share {worst:.1%} (target >= 90%: {verdict})")
         finally:
             prefect_server.stop()
             engine.stop()

@@ -59,7 +59,7 @@ def main() -> None:
         from lmflow.cache import ResponseCache
         from lmflow.resilience import Resilience
         from lmflow.spec.model import Breaker, Link, ModelConfig, Policy, ResponseCacheConfig, ServerConfig
-        from lmflow.steps.base import StepContext
+        from lmflow.steps.base import FixedModels, StepContext
         from lmflow.steps.prompt import PromptStep
 
         spec_dir = Path(tmp)
@@ -74,11 +74,9 @@ def main() -> None:
 
         def context(models: dict[str, ModelConfig], backends: dict[str, Any], resilience: Resilience,
                     cache: ResponseCacheConfig | None = None) -> StepContext:
-            return StepContext(
-                step_id="bench", spec_dir=spec_dir, timeout=60,
-                backend_for=lambda alias: (backends[alias], models[alias]), policy=policy,
-                models=models, resilience=resilience, response_cache=cache,
-                model_identity=lambda alias: {"key": models[alias].key, "server": models[alias].server})
+            session = FixedModels({alias: (backends[alias], model) for alias, model in models.items()},
+                                  resilience=resilience, response_cache=cache)
+            return StepContext(step_id="bench", spec_dir=spec_dir, session=session, policy=policy)
 
         def ask(ctx: StepContext, alias: str, text: str = "Say yes.", **extra: Any) -> Any:
             return step.run({"model": alias, "user": text, "max_tokens": 2, "temperature": 0, **extra}, ctx)

@@ -262,6 +262,16 @@ class Runtime:
                                                                  message=message))
         self.resilience = Resilience(spec.breaker, spec.guard, cache)
 
+    # -- the Session a step sees --------------------------------------------
+
+    @property
+    def models(self) -> dict[str, ModelConfig]:
+        return self.spec.models
+
+    @property
+    def response_cache(self) -> ResponseCacheConfig | None:
+        return self.spec.response_cache
+
     # -- backends ---------------------------------------------------------
 
     def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
@@ -411,13 +421,9 @@ class Runtime:
             if index is None:
                 with self._lock:
                     self.recorder.record(step.id).attempts += 1
-            ctx = StepContext(step_id=name, spec_dir=self.spec.dir, timeout=step.policy.timeout,
-                              backend_for=self.backend_for, server_backend=self.server_backend,
-                              raw_model=self.raw_model,
+            ctx = StepContext(step_id=name, spec_dir=self.spec.dir, session=self, policy=step.policy,
                               emit=lambda event, data: self.recorder.emit(event, step=name, **data),
-                              loaded=self.model_loaded, unloaded=self.model_unloaded,
-                              policy=step.policy, models=self.spec.models, resilience=self.resilience,
-                              model_identity=self.model_identity, response_cache=self.spec.response_cache)
+                              stopping=self.stopping)
             return get_kind(step.kind).run(options, ctx)
         finally:
             CURRENT_STEP.reset(token)

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import BIN, ROOT, lmflow_cmd, wait_for
+from test_run import engines_with_alias
 
 from lmflow.runtime import read_record
 
@@ -99,7 +100,8 @@ def test_independent_steps_overlap_and_a_failure_skips_only_its_dependents(
     result, out = run_json(spec, ok=False)
     assert out.returncode == 1
     steps = {s["id"]: s for s in result["steps"]}
-    assert [s["id"] for s in result["steps"]] == ["a", "b", "bad", "after_bad", "after_after", "after_a", "bad2"]
+    assert [s["id"] for s in result["steps"]] == ["a", "b", "bad", "after_bad", "after_after", "after_a",
+                                                  "bad2"]
     a, b = steps["a"]["output"], steps["b"]["output"]
     assert a["start"] < b["end"] and b["start"] < a["end"], "a and b did not run at the same time"
     assert steps["after_a"]["output"]["value"] == "a"
@@ -223,7 +225,8 @@ def test_item_errors_fail_skip_or_collect_and_items_retry(prefect_api: str, tmp_
     assert "4 not started" in failing["error"]["message"]
     assert steps["uses_failing"]["reason"] == "upstream failed: failing"
     assert steps["skipping"]["output"] == [10, 20, 40, 50, 70]
-    assert [(p["index"], p["status"]) for p in steps["skipping"]["item_problems"]] == [(2, "failed"), (5, "failed")]
+    assert [(p["index"], p["status"]) for p in steps["skipping"]["item_problems"]] == [
+        (2, "failed"), (5, "failed")]
     assert steps["collecting"]["output"] == [10, 20, None, 40, 50, None, 70]
     assert steps["retried"]["output"] == [1, 2, 3]
     failed_items = {e["step"] for e in result["errors"]}
@@ -279,17 +282,22 @@ def test_bad_foreach_values_fail_the_step_with_a_clear_message(prefect_api: str,
     """, name="badforeach")
     result, out = run_json(spec, ok=False)
     assert "Traceback" not in out.stderr
-    assert out.stderr.splitlines()[-1] == ("error: step 'each' failed: foreach needs a list, got dict: "
-                                           "\"{'a': 1}\" (refer to a list, e.g. a param holding one or a step "
-                                           "whose output is one)")
+    assert out.stderr.splitlines()[-1] == (
+        "error: step 'each' failed: foreach needs a list, got dict: \"{'a': 1}\" (refer to a list, e.g. "
+        "a param holding one or a step whose output is one)")
     assert result["steps"][1]["status"] == "completed"
 
 
-def test_a_killed_map_resumes_with_only_unfinished_items(prefect_api: str, tmp_path: Path) -> None:
+@pytest.mark.engine
+def test_a_killed_map_leaves_no_engine_and_resumes_with_only_unfinished_items(
+        prefect_api: str, tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     spec = write_spec(tmp_path, f"""\
         params: {{xs: [0, 1, 2, 3, 4, 5, 6, 7]}}
+        models: {{resumeeng: {{key: smollm2-135m-instruct, context_length: 512}}}}
         steps:
+          - id: warm                    # the run owns an engine while the map runs
+            prompt: {{model: resumeeng, user: "Say hi.", max_tokens: 2}}
           - id: square
             foreach: ${{{{ params.xs }}}}
             parallel: 2
@@ -306,20 +314,26 @@ def test_a_killed_map_resumes_with_only_unfinished_items(prefect_api: str, tmp_p
         # items 0-3 finish; 4 and 5 then sleep in flight
         assert wait_for(lambda: finished() >= 4 and log.exists() and len(log.read_text().split()) >= 6,
                         timeout=60)
+        assert engines_with_alias("resumeeng"), "the engine is not running"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        assert wait_for(lambda: not engines_with_alias("resumeeng"), timeout=10), \
+            "llama-server outlived lmflow"
     finally:
         if proc.poll() is None:
             proc.kill()
+        for orphan in engines_with_alias("resumeeng"):
+            orphan.kill()
     record = read_record(journals()[0])
     assert record["interrupted"] is True
-    assert [i["output"] for i in record["steps"][0]["finished_items"]] == [0, 1, 4, 9]
+    assert [i["output"] for i in record["steps"][1]["finished_items"]] == [0, 1, 4, 9]
     first_calls = [int(x) for x in log.read_text().split()]
     assert sorted(first_calls) == [0, 1, 2, 3, 4, 5]
     log.unlink()
 
     result, _ = run_json(spec, "-p", "xs=[0, 1, 2, 3, 4, 5, 6, 7]")
     # the spec's slow items are fast on the re-run only because they are not cached: recomputed
-    steps = result["steps"][0]
+    steps = result["steps"][1]
     assert steps["items"]["cached"] == 4 and steps["items"]["completed"] == 4
+    assert steps["output"] == [x * x for x in range(8)]
     assert sorted(int(x) for x in log.read_text().split()) == [4, 5, 6, 7]

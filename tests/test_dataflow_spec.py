@@ -117,7 +117,8 @@ def test_foreach_sources_are_checked(tmp_path: Path) -> None:
     """)
     found = problems(path)
     assert any(":5:" in p and "file not found: missing.jsonl" in p for p in found), found
-    assert any(":8:" in p and "cannot read data.txt as a dataset" in p and ".jsonl" in p for p in found), found
+    assert any(":8:" in p and "cannot read data.txt as a dataset" in p and ".jsonl" in p
+               for p in found), found
     assert [p for p in found if ":11:" in p] == [
         f"{path}:11:14: steps[2].foreach: foreach 'not a reference' is neither a list nor one reference "
         "(e.g. foreach: ${{ steps.split.output }} or {file: data.jsonl})"]
@@ -171,3 +172,40 @@ def test_dataset_errors_say_where(tmp_path: Path) -> None:
         items(Foreach("value", "${{ params.x }}"), tmp_path, {"a": 1})
     with pytest.raises(DatasetError, match=r"dataset not found: gone.csv"):
         items(Foreach("file", "gone.csv"), tmp_path)
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
+    from lmflow.report import Progress
+    from lmflow.runtime import StepRecord
+
+    record = StepRecord("each", "prompt", status="running")
+    events = [{"step": record, "progress": {"total": 4, "done": n, "completed": n, "failed": 0,
+                                            "rate": 2.0, "eta": (4 - n) / 2}} for n in (1, 2, 3, 4)]
+    tty = Progress(_Stream(tty=True))
+    for data in events[:2]:
+        tty.event("item_finished", data)
+    assert tty.stream.text.endswith("  each [############............] 2/4 2.0/s ~1s")
+    tty.event("warning", {"step": "each", "message": "careful"})
+    # a line printed while the bar shows: the bar is cleared, the line printed, the bar drawn again
+    assert "\r\x1b[K  warning: each: careful\n  each [####" in tty.stream.text
+
+    plain = Progress(_Stream(tty=False))
+    for data in events:
+        plain.event("item_finished", data)
+    lines = plain.stream.text.splitlines()
+    assert lines == ["  each: 1/4 items (2.0/s, ~2s left)", "  each: 4/4 items (2.0/s)"]
+    assert "\r" not in plain.stream.text

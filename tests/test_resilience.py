@@ -90,7 +90,7 @@ def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tm
           big: {{key: some-big-model, server: down, fallback: [smol, {{python: "fallbacks:guess"}}]}}
           smol: {{key: smollm2-135m-instruct, context_length: 1024}}
           sibling: {{key: other-model, server: down, fallback: [{{value: sibling}}]}}
-        defaults: {{retries: 2, retry_delay: 0.2s, cache: false}}
+        defaults: {{retries: 2, retry_delay: 0.2s, cache: false, max_parallel: 1}}
         breaker: {{failures: 2, cooldown: 1h}}
         steps:
           - id: a
@@ -113,25 +113,25 @@ def test_a_dead_primary_falls_back_and_the_breaker_skips_it(prefect_api: str, tm
     result, stderr = run_json(spec)
     steps = {s["id"]: s for s in result["steps"]}
     for sid in "abc":
-        assert steps[sid]["meta"]["answered_by"] == {"link": 1, "target": "model smol"}
+        assert steps[sid]["answered_by"] == {"link": 1, "target": "model smol"}
         assert isinstance(steps[sid]["output"], str) and steps[sid]["output"]
     # a refused connection with a fallback next is not retried: one attempt, then the fallback
-    first = steps["a"]["meta"]["errors"]
+    first = steps["a"]["errors"]
     assert [(e["error_type"], e["attempt"]) for e in first] == [("ConnectionRefused", 1)]
     assert f"cannot reach http://127.0.0.1:{port}" in first[0]["message"]
     # two failures opened the breaker: later steps skip the dead server without calling it
-    assert steps["c"]["meta"]["errors"][0]["error_type"] == "CircuitOpen"
-    assert steps["c"]["meta"]["errors"][0]["seconds"] == 0.0
+    assert steps["c"]["errors"][0]["error_type"] == "CircuitOpen"
+    assert steps["c"]["errors"][0]["seconds"] == 0.0
     # plain code answers when no model can; an answer that breaks the schema moves on
-    schema_errors = steps["schema"]["meta"]["errors"]
+    schema_errors = steps["schema"]["errors"]
     assert schema_errors[-1]["error_type"] == "InvalidResponse"
     assert "python fallbacks:broken fallback's answer does not match response_schema at topic" in (
         schema_errors[-1]["message"])
     assert steps["schema"]["output"] == {"topic": "unknown", "source": "heuristic", "failed": 2}
-    assert steps["schema"]["meta"]["answered_by"]["target"] == "python fallbacks:guess"
+    assert steps["schema"]["answered_by"]["target"] == "python fallbacks:guess"
     assert steps["static"]["output"] == "no answer today"
     # the server does not answer: its other models are skipped too, without a call
-    assert steps["sibling"]["meta"]["errors"][0]["error_type"] == "CircuitOpen"
+    assert steps["sibling"]["errors"][0]["error_type"] == "CircuitOpen"
     assert result["stats"]["fallback_answers"] == 6
     # every error is listed in the run's result, and in Prefect's history (the task runs' logs)
     assert {e["step"] for e in result["errors"]} == {"a", "b", "c", "schema", "static", "sibling"}
@@ -157,7 +157,7 @@ def test_the_summary_lists_errors_and_a_chain_without_an_answer_says_why(prefect
           - id: ask
             prompt: {{model: big, user: "Name a topic.", response_schema: {SCHEMA}}}
           - id: after
-            prompt: {{model: big, user: "Never asked."}}
+            prompt: {{model: big, user: "Never asked: ${{{{ steps.ask.output.topic }}}}"}}
         """, "no-answer")
     out = lmflow_cmd("run", str(spec))
     assert out.returncode == 1
@@ -197,7 +197,7 @@ def test_a_server_killed_mid_request_falls_back(prefect_api: str, tmp_path: Path
     ask = result["steps"][0]
     assert ask["output"]["source"] == "heuristic"
     # the connection broke mid-answer (may heal: retried), then nothing listened (fall back at once)
-    types = [e["error_type"] for e in ask["meta"]["errors"]]
+    types = [e["error_type"] for e in ask["errors"]]
     assert types == ["BackendUnreachable", "ConnectionRefused"]
 
 
@@ -223,7 +223,7 @@ def test_slow_answers_get_a_longer_timeout_and_5xx_are_retried(prefect_api: str,
               slow: {{key: smollm2-135m-instruct, server: slow}}
               flaky: {{key: smollm2-135m-instruct, server: flaky}}
               missing: {{key: not-on-this-server, server: slow, fallback: [{{value: fallback}}]}}
-            defaults: {{retries: 3, retry_delay: 0.1s, cache: false}}
+            defaults: {{retries: 3, retry_delay: 0.1s, cache: false, max_parallel: 1}}
             steps:
               - id: slow
                 prompt: {{model: slow, user: "Say hi.", max_tokens: 5}}
@@ -240,16 +240,16 @@ def test_slow_answers_get_a_longer_timeout_and_5xx_are_retried(prefect_api: str,
         stop_server(flaky)
     steps = {s["id"]: s for s in result["steps"]}
     # attempt 1 timed out at 0.4 s; attempt 2 had 2 s and got the answer
-    slow = steps["slow"]["meta"]
+    slow = steps["slow"]
     assert [(e["error_type"], e["attempt"]) for e in slow["errors"]] == [("BackendTimeout", 1)]
-    assert slow["answered_by"]["link"] == 0 and slow["attempts"] == 2
+    assert slow["answered_by"]["link"] == 0 and slow["meta"]["attempts"] == 2
     # 503s are retried until one gets through (seeded: the same requests fail every time)
-    flaky_meta = steps["flaky"]["meta"]
-    assert flaky_meta["answered_by"]["link"] == 0
-    assert flaky_meta["errors"] and {e["error_type"] for e in flaky_meta["errors"]} == {"BackendHTTPError"}
-    assert flaky_meta["attempts"] == len(flaky_meta["errors"]) + 1
+    flaky = steps["flaky"]
+    assert flaky["answered_by"]["link"] == 0
+    assert flaky["errors"] and {e["error_type"] for e in flaky["errors"]} == {"BackendHTTPError"}
+    assert flaky["meta"]["attempts"] == len(flaky["errors"]) + 1
     # a 404 will fail again: no retry, straight to the fallback
-    missing = steps["missing"]["meta"]["errors"]
+    missing = steps["missing"]["errors"]
     assert [(e["error_type"], e["attempt"]) for e in missing] == [("ModelNotFound", 1)]
     assert steps["missing"]["output"] == "fallback"
 
@@ -267,7 +267,7 @@ def test_context_overflow_moves_to_a_larger_context(prefect_api: str, tmp_path: 
             prompt: {model: tiny, user: "${{ params.text }} Summarise.", max_tokens: 5}
         """, "overflow")
     result, _ = run_json(spec, "-p", "text=" + "word " * 400)
-    meta = result["steps"][0]["meta"]
+    meta = result["steps"][0]
     assert meta["answered_by"] == {"link": 2, "target": "model roomy"}
     first, skipped = meta["errors"]
     assert first["error_type"] == "ContextOverflow" and first["attempt"] == 1  # not retried
@@ -281,7 +281,7 @@ def test_the_response_cache_hits_groups_similar_inputs_and_survives_corruption(
     cache_dir = tmp_path / "answers"
     spec = write_spec(tmp_path, """\
         models: {smol: {key: smollm2-135m-instruct, context_length: 1024}}
-        defaults: {cache: false}
+        defaults: {cache: false, max_parallel: 1}
         response_cache: {ttl: 1h, size_limit: 50MB, dir: answers}
         steps:
           - id: one
@@ -356,7 +356,7 @@ def test_the_resource_guard_routes_waits_or_fails(prefect_api: str, tmp_path: Pa
         assert "below guard.min_free_memory 93132.3 GiB" in out.stderr.splitlines()[-1]
         return
     assert out.returncode == 0, out.stderr
-    meta = json.loads(out.stdout)["steps"][0]["meta"]
+    meta = json.loads(out.stdout)["steps"][0]
     assert meta["answered_by"] == {"link": 1, "target": "model small"}  # the smaller model answered
     (decision,) = meta["errors"]
     assert decision["error_type"] == "ResourceGuard"
@@ -383,7 +383,7 @@ def test_an_answer_from_a_fallback_is_not_reused_by_the_next_run(prefect_api: st
     assert [s["status"] for s in first["steps"]] == ["completed", "completed"]
     # the step cache keeps the plain step, but asks the model again instead of reusing "later"
     assert [s["status"] for s in second["steps"]] == ["completed", "cached"]
-    assert second["steps"][0]["meta"]["answered_by"]["link"] == 1
+    assert second["steps"][0]["answered_by"]["link"] == 1
 
 
 def test_the_coach_spec_answers_from_lm_studio_else_locally_and_caches(prefect_api: str, lmstudio: str,
@@ -394,7 +394,7 @@ def test_the_coach_spec_answers_from_lm_studio_else_locally_and_caches(prefect_a
     state = "state=best fitness 0.41, diversity 0.31"  # the cache lives in this test session's home
     up, _ = run_json(spec, "-p", f"lmstudio_url={lmstudio}", "-p", state)
     advice = up["steps"][0]
-    assert advice["meta"]["answered_by"] == {"link": 0, "target": "model coach"}, advice["meta"]["errors"]
+    assert advice["answered_by"] == {"link": 0, "target": "model coach"}, advice["errors"]
     assert advice["output"]["mutation"] in ("raise", "lower", "keep")
     again, _ = run_json(spec, "-p", f"lmstudio_url={lmstudio}", "-p", state)
     assert again["steps"][0]["meta"]["cache"] == "hit"
@@ -402,10 +402,10 @@ def test_the_coach_spec_answers_from_lm_studio_else_locally_and_caches(prefect_a
 
     down, _ = run_json(spec, "-p", f"lmstudio_url=http://127.0.0.1:{free_port()}", "-p", state)
     local = down["steps"][0]
-    errors = local["meta"]["errors"]
+    errors = local["errors"]
     assert errors[0]["error_type"] == "ConnectionRefused"  # LM Studio is down: straight to the next link
     # the local model answers, or (a 135M model may ramble past max_tokens) the heuristic does
-    assert local["meta"]["answered_by"]["link"] == 1 or errors[1]["error_type"] == "InvalidResponse"
+    assert local["answered_by"]["link"] == 1 or errors[1]["error_type"] == "InvalidResponse"
     assert set(local["output"]) == {"mutation", "advice"}
 
 
@@ -418,6 +418,7 @@ def test_an_open_breaker_fails_a_model_without_fallback_at_once(prefect_api: str
         models:
           big: {{key: some-big-model, server: down}}
         breaker: {{failures: 1, cooldown: 10m}}
+        defaults: {{max_parallel: 1}}
         steps:
           - id: first
             prompt: {{model: big, user: "Say hi.", fallback: [{{value: later}}]}}

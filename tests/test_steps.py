@@ -9,8 +9,8 @@ import pytest
 
 from lmflow.backends.base import Backend, ChatRequest, ChatResponse, ModelInfo
 from lmflow.errors import InvalidResponse
-from lmflow.spec.model import ModelConfig, ServerConfig
-from lmflow.steps import StepContext, get_kind
+from lmflow.spec.model import ModelConfig, Policy, ServerConfig
+from lmflow.steps import FixedModels, StepContext, get_kind
 from lmflow.steps.python import UserCodeError
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -39,8 +39,8 @@ class Scripted(Backend):
 
 def context(backend: Backend, spec_dir: Path) -> StepContext:
     model = ModelConfig(alias="m", key="k")
-    return StepContext(step_id="s", spec_dir=spec_dir, timeout=7.0,
-                       backend_for=lambda alias: (backend, model))
+    return StepContext(step_id="s", spec_dir=spec_dir, session=FixedModels({"m": (backend, model)}),
+                       policy=Policy(timeout=7.0))
 
 
 def test_prompt_with_schema_returns_parsed_json(tmp_path: Path) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from .base import CheckContext, Step, StepContext, StepResult
+from .base import CheckContext, FixedModels, Session, Step, StepContext, StepResult
 
-__all__ = ["CheckContext", "Step", "StepContext", "StepResult", "get_kind", "kinds", "register"]
+__all__ = ["CheckContext", "FixedModels", "Session", "Step", "StepContext", "StepResult", "get_kind",
+           "kinds", "register"]
 
 _KINDS: dict[str, Step] = {}
 _loaded_entry_points = False

@@ -7,11 +7,12 @@ or by calling `register()` before a spec is loaded.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -53,29 +54,87 @@ class StepResult:
         return bool(self.answered_by and self.answered_by.get("link"))
 
 
+class Session(Protocol):
+    """The run a step belongs to: its models and servers, and what its steps share."""
+
+    #: every model alias of the spec, as declared
+    models: dict[str, ModelConfig]
+    #: breakers, resource guard and response cache, shared by the run's steps
+    resilience: Resilience | None
+    #: the spec's response_cache block (None: off unless the step turns it on)
+    response_cache: ResponseCacheConfig | None
+
+    def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
+        """The model's server and its effective settings (a probed context length resolved)."""
+
+    def raw_model(self, alias: str) -> tuple[Backend, ModelConfig]:
+        """The model as declared (a probe must not need its own result)."""
+
+    def server_backend(self, name: str) -> Backend:
+        """A server by name."""
+
+    def model_loaded(self, alias: str, model: ModelConfig) -> None:
+        """The step loaded this model: the run unloads it at its end unless kept."""
+
+    def model_unloaded(self, alias: str) -> None:
+        """The step unloaded this model."""
+
+    def model_identity(self, alias: str) -> dict[str, Any]:
+        """What about a model changes its answers (response cache keys)."""
+
+
+class FixedModels:
+    """A `Session` of fixed models on fixed backends: a kind run outside a spec (tests, embedding)."""
+
+    def __init__(self, models: dict[str, tuple[Backend, ModelConfig]], *,
+                 resilience: Resilience | None = None,
+                 response_cache: ResponseCacheConfig | None = None):
+        self._models = models
+        self.models = {alias: model for alias, (_backend, model) in models.items()}
+        self.resilience = resilience
+        self.response_cache = response_cache
+        self.loaded: dict[str, ModelConfig] = {}
+
+    def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
+        return self._models[alias]
+
+    raw_model = backend_for
+
+    def server_backend(self, name: str) -> Backend:
+        return next(backend for backend, model in self._models.values() if model.server == name)
+
+    def model_loaded(self, alias: str, model: ModelConfig) -> None:
+        self.loaded[alias] = model
+
+    def model_unloaded(self, alias: str) -> None:
+        self.loaded.pop(alias, None)
+
+    def model_identity(self, alias: str) -> dict[str, Any]:
+        return self._models[alias][1].identity()
+
+
 @dataclass
 class StepContext:
-    """What a running step gets: its id, its timeout and access to backends."""
+    """What a running step gets: who it is, its policy, the run's models and servers, a way to report."""
 
     step_id: str
     spec_dir: Path
-    timeout: float
-    backend_for: Callable[[str], tuple[Backend, ModelConfig]]
-    server_backend: Callable[[str], Backend] = lambda name: None  # type: ignore[assignment,return-value]
-    raw_model: Callable[[str], tuple[Backend, ModelConfig]] | None = None
+    session: Session
+    #: retries, backoff and timeouts (kinds that retry their model calls themselves use it)
+    policy: Policy = field(default_factory=lambda: _default_policy())
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
-    #: tell the run a model was loaded (it is unloaded at the end unless kept) / unloaded
-    loaded: Callable[[str, ModelConfig], None] = lambda alias, model: None
-    unloaded: Callable[[str], None] = lambda alias: None
-    #: the step's retries, backoff and timeouts (kinds that retry model calls themselves use it)
-    policy: Policy | None = None
-    models: dict[str, ModelConfig] = field(default_factory=dict)
-    #: breakers, resource guard and response cache, shared by the run's steps
-    resilience: Resilience | None = None
-    #: what about a model changes its answers (response cache keys)
-    model_identity: Callable[[str], dict[str, Any]] = lambda alias: {"alias": alias}
-    #: the spec's response_cache block (None: off unless the step turns it on)
-    response_cache: ResponseCacheConfig | None = None
+    #: set when the run is being stopped: long waits (user code) end early
+    stopping: threading.Event | None = None
+
+    @property
+    def timeout(self) -> float:
+        return self.policy.timeout
+
+
+def _default_policy() -> Policy:
+    from ..spec.model import Policy
+
+    return Policy()
 
 
 class Step(ABC):

@@ -31,4 +31,4 @@ class EnsureServerStep(Step):
         return {"type": "object", "properties": {k: {} for k in ("url", "was_running", "started", "seconds")}}
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
-        return StepResult(ctx.server_backend(options.get("server", "default")).ensure())
+        return StepResult(ctx.session.server_backend(options.get("server", "default")).ensure())

@@ -17,7 +17,7 @@ class ContextMismatch(LmflowError):
 
 def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
     """Shared by load_model and reload_model."""
-    backend, model = ctx.backend_for(options["model"])
+    backend, model = ctx.session.backend_for(options["model"])
     overrides = {k: options[k] for k in ("context_length", "gpu", "ttl", "identifier") if k in options}
     if "ttl" in overrides:
         overrides["ttl"] = parse_duration(overrides["ttl"])
@@ -30,7 +30,7 @@ def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
         raise LmflowError(f"the {backend.kind} backend cannot load models: use backend: lmstudio or "
                           "local, or drop the load_model step")
     info = backend.load(model)
-    ctx.loaded(options["model"], model)
+    ctx.session.model_loaded(options["model"], model)
     asked, actual = model.context_length, info.loaded_context_length
     output = {"model": model.key, "instance": info.instance_id, "context_length": actual,
               "requested_context_length": asked, "load_seconds": info.load_seconds}

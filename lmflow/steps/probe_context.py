@@ -35,8 +35,7 @@ class ProbeContextStep(ModelStep):
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         from .. import probe
 
-        assert ctx.raw_model is not None
-        backend, model = ctx.raw_model(options["model"])
+        backend, model = ctx.session.raw_model(options["model"])
         granularity = options.get("granularity", 1024)
         report = probe.probe_loadable(
             backend, model, minimum=options.get("min", 1024), maximum=options.get("max"),

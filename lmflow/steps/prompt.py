@@ -194,17 +194,17 @@ class PromptStep(ModelStep):
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         from ..backends.base import ChatRequest
         from ..resilience import Answer, Resilience
-        from ..spec.model import Breaker, Policy
+        from ..spec.model import Breaker
         from .python import call_function
 
         schema = options.get("response_schema")
         messages = self.messages(options, ctx.spec_dir)
         sampling = {k: options.get(k) for k in SAMPLING}
-        policy = ctx.policy or Policy(timeout=ctx.timeout)
-        resilience = ctx.resilience or Resilience(Breaker(), None, None)
+        policy = ctx.policy
+        resilience = ctx.session.resilience or Resilience(Breaker(), None, None)
 
         def ask(alias: str, timeout: float) -> Answer:
-            backend, model = ctx.backend_for(alias)
+            backend, model = ctx.session.backend_for(alias)
             response = backend.chat(ChatRequest(model=model, messages=messages, sampling=sampling,
                                                 response_schema=schema, timeout=timeout))
             meta = {"model": response.model, "finish_reason": response.finish_reason,
@@ -218,13 +218,14 @@ class PromptStep(ModelStep):
 
         def compute(link: Link, errors: list[dict[str, Any]]) -> Any:
             value = (link.target if link.kind == "value"
-                     else call_function(link.target, {"request": request(errors)}, ctx.spec_dir))
+                     else call_function(link.target, {"request": request(errors)}, ctx.spec_dir,
+                                     timeout=policy.timeout, cancel=ctx.stopping))
             if schema is not None:
                 self.check_answer(value, schema, f"the {link.describe()} fallback's answer")
             return value
 
         setting = options.get("response_cache")
-        config = ctx.response_cache
+        config = ctx.session.response_cache
         cached = setting is not False and (config is not None or bool(setting))
         ttl = config.ttl if config is not None else None
         key_function = None
@@ -238,16 +239,17 @@ class PromptStep(ModelStep):
             if not cached:
                 return None
             # "similar enough" inputs share an answer: the user's key replaces the messages
-            asked = (call_function(key_function, {"request": request([])}, ctx.spec_dir)
+            asked = (call_function(key_function, {"request": request([])}, ctx.spec_dir,
+                                   timeout=policy.timeout, cancel=ctx.stopping)
                      if key_function else messages)
-            return response_key({"model": ctx.model_identity(alias), "messages": asked,
+            return response_key({"model": ctx.session.model_identity(alias), "messages": asked,
                                  "user_key": bool(key_function), "sampling": sampling, "schema": schema})
 
-        links = self.links(options, ctx.models)
-        models = dict(ctx.models)
+        links = self.links(options, ctx.session.models)
+        models = dict(ctx.session.models)
         for link in links:  # a context built by hand (tests, embedding) may not list every model
             if link.kind == "model" and link.target not in models:
-                models[link.target] = ctx.backend_for(link.target)[1]
+                models[link.target] = ctx.session.backend_for(link.target)[1]
         answer = resilience.run_chain(links, models, policy, ask=ask,
                                       compute=compute, cache_key=cache_key, cache_ttl=ttl)
         meta = dict(answer.meta)

@@ -17,6 +17,7 @@ import importlib.util
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,7 +109,7 @@ class PythonStep(Step):
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         return StepResult(call_function(options["function"], options.get("args") or {}, ctx.spec_dir,
-                                        timeout=ctx.timeout))
+                                        timeout=ctx.timeout, cancel=ctx.stopping))
 
 
 def missing_module(ref: str, spec_dir: Path) -> str | None:
@@ -141,19 +142,39 @@ def load_function(ref: str, spec_dir: Path) -> Any:
     return function
 
 
-def call_function(ref: str, kwargs: dict[str, Any], spec_dir: Path, timeout: float | None = None) -> Any:
-    """Call user code, waiting at most `timeout` seconds (None: as long as it takes); whatever it
-    raises becomes a UserCodeError that says where."""
+class UserCodeCancelled(UserCodeError):
+    """The run ended (a failure elsewhere, Ctrl-C, SIGTERM) while the function still ran."""
+
+
+def call_function(ref: str, kwargs: dict[str, Any], spec_dir: Path, timeout: float | None = None,
+                  cancel: threading.Event | None = None) -> Any:
+    """Call user code, waiting at most `timeout` seconds (None: as long as it takes) and no longer
+    than until `cancel` is set; whatever it raises becomes a UserCodeError that says where."""
     function = load_function(ref, spec_dir)
-    if timeout is None:
+    if timeout is None and cancel is None:
         try:
             return function(**kwargs)
         except Exception as exc:  # user code: report it with its location
             raise _failed(ref, exc) from exc
-    return _call_with_timeout(ref, function, kwargs, timeout)
+    return _call_with_timeout(ref, function, kwargs, timeout, cancel)
 
 
-def _call_with_timeout(ref: str, function: Any, kwargs: dict[str, Any], timeout: float) -> Any:
+def _finished_in_time(done: threading.Event, timeout: float | None, cancel: threading.Event | None) -> bool:
+    """Wait for `done`; False after `timeout`; raises when the run is being stopped."""
+    if cancel is None:
+        return done.wait(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done.wait(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))):
+        if cancel.is_set():
+            raise UserCodeCancelled("the run was stopped while the function ran; it was left running "
+                                    "in the background")
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+    return True
+
+
+def _call_with_timeout(ref: str, function: Any, kwargs: dict[str, Any], timeout: float | None,
+                       cancel: threading.Event | None = None) -> Any:
     # The caller's context goes along (Prefect's run context lives in contextvars: a function
     # that calls get_run_logger() must still find its task run).
     context = contextvars.copy_context()
@@ -170,7 +191,7 @@ def _call_with_timeout(ref: str, function: Any, kwargs: dict[str, Any], timeout:
 
     worker = threading.Thread(target=run, name=f"lmflow python {ref}", daemon=True)
     worker.start()
-    if not done.wait(timeout):
+    if not _finished_in_time(done, timeout, cancel):
         raise UserCodeTimeout(
             f"{ref} did not return within {timeout:g}s: raise the step's `timeout:` if it needs "
             "longer; it was left running in the background (Python cannot kill a thread)")

@@ -15,8 +15,8 @@ class ReloadModelStep(LoadModelStep):
     summary = "Unload then load a model with the same settings (frees its context)."
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
-        backend, model = ctx.backend_for(options["model"])
+        backend, model = ctx.session.backend_for(options["model"])
         if backend.manages_models:
             backend.unload(model)
-            ctx.unloaded(options["model"])
+            ctx.session.model_unloaded(options["model"])
         return load(options, ctx)

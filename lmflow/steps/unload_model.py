@@ -22,9 +22,9 @@ class UnloadModelStep(ModelStep):
     }
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
-        backend, model = ctx.backend_for(options["model"])
+        backend, model = ctx.session.backend_for(options["model"])
         if not backend.manages_models:
             raise LmflowError(f"the {backend.kind} backend cannot unload models")
         backend.unload(model)
-        ctx.unloaded(options["model"])
+        ctx.session.model_unloaded(options["model"])
         return StepResult({"model": model.key, "unloaded": True})
