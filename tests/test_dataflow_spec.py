@@ -209,3 +209,49 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     lines = plain.stream.text.splitlines()
     assert lines == ["  each: 1/4 items (2.0/s, ~2s left)", "  each: 4/4 items (2.0/s)"]
     assert "\r" not in plain.stream.text
+
+
+def test_written_order_holds_around_lifecycle_steps_and_after(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, """\
+        servers:
+          studio: {backend: lmstudio, url: "http://127.0.0.1:1"}
+        models:
+          coach: {key: c, server: studio}
+          other: {key: o, server: studio}
+        steps:
+          - id: up
+            ensure_server: {server: studio}
+          - id: load
+            load_model: {model: coach}
+          - id: ask
+            prompt: {model: coach, user: hi}
+          - id: side
+            prompt: {model: other, user: hi}
+          - id: fresh
+            reload_model: {model: coach}
+          - id: ask2
+            prompt: {model: coach, user: hi}
+          - id: note
+            after: [side]
+            python: {function: "helpers:f"}
+          - id: bye
+            unload_model: {model: coach}
+    """))
+    deps = {s.id: set(s.depends_on) for s in spec.steps}
+    assert deps["up"] == set()
+    assert deps["load"] == {"up"}
+    assert deps["ask"] == {"load", "up"}
+    assert deps["side"] == {"up"}  # another model: not ordered after coach's load
+    assert deps["fresh"] == {"load", "ask", "up"}
+    assert deps["ask2"] == {"fresh", "up"}
+    assert deps["note"] == {"side"}
+    assert deps["bye"] == {"fresh", "ask2", "up"}
+    bad = write(tmp_path, """\
+        steps:
+          - id: a
+            after: [a, nope]
+            python: {function: "helpers:f"}
+    """, name="bad.yaml")
+    assert [p.split(": ", 1)[1] for p in problems(bad)] == [
+        "steps[0].after[0]: step 'a' cannot come after itself",
+        "steps[0].after[1]: unknown step 'nope'"]

@@ -6,14 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from conftest import wait_for
 
 from lmflow import processes
 from lmflow.backends.base import ChatRequest
-from lmflow.errors import ContextOverflow
+from lmflow.backends.local import LocalBackend
+from lmflow.errors import ContextOverflow, EngineError
+from lmflow.spec.model import ModelConfig, ServerConfig
 
 pytestmark = pytest.mark.engine
 
@@ -96,3 +101,112 @@ def test_reaper_kills_a_child_whose_owner_is_gone(tmp_path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+SMOL = "smollm2-135m-instruct"
+
+
+def engines_of(alias: str) -> list[psutil.Process]:
+    """The live llama-servers this test process started for a model alias."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = child.cmdline()
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        if "--alias" in cmd and cmd[cmd.index("--alias") + 1] == alias:
+            found.append(child)
+    return found
+
+
+def flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def ask(backend: LocalBackend, model: ModelConfig, text: str = "What is 2+2?", max_tokens: int = 4):
+    return backend.chat(ChatRequest(model=model, messages=[{"role": "user", "content": text}],
+                                    sampling={"temperature": 0, "max_tokens": max_tokens}))
+
+
+def test_threads_racing_to_a_first_chat_start_one_engine_with_its_slots() -> None:
+    backend = LocalBackend(ServerConfig(name="default"))
+    model = ModelConfig(alias="race", key=SMOL, context_length=1024, parallel=2)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: ask(backend, model), range(4)))
+        assert all(a.completion_tokens for a in answers)
+        [engine] = engines_of("race")
+        cmd = engine.cmdline()
+        # two slots of 1024 tokens each: a pool of 2048, unified, capped per slot
+        assert (flag(cmd, "-np"), flag(cmd, "-c")) == ("2", "2048")
+        assert "-kvu" in cmd and flag(cmd, "--kv-unified-per-slot") == "1024"
+        # the pool's threads have ended; the engine must not have died with the one that started it
+        time.sleep(0.5)
+        assert engines_of("race") == [engine]
+        assert ask(backend, model).completion_tokens
+    finally:
+        backend.close()
+    assert engines_of("race") == []
+
+
+def test_every_slot_holds_the_whole_context() -> None:
+    backend = LocalBackend(ServerConfig(name="default"))
+    model = ModelConfig(alias="slots", key=SMOL, context_length=1024, parallel=4)
+    near_full = "apple banana cherry " * 290  # about 900 tokens
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: ask(backend, model, near_full), range(4)))
+        assert all(850 < a.prompt_tokens < 1024 for a in answers), [a.prompt_tokens for a in answers]
+        with pytest.raises(ContextOverflow) as info:
+            ask(backend, model, "apple banana cherry " * 360)
+        assert info.value.n_ctx == 1024  # what one request may use, not the pool
+    finally:
+        backend.close()
+
+
+def load_in_thread(backend: LocalBackend, model: ModelConfig) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def load() -> None:
+        try:
+            outcome["info"] = backend.load(model)
+        except EngineError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    assert wait_for(lambda: engines_of(model.alias), timeout=30, interval=0.01), "no engine started"
+    return thread, outcome
+
+
+def test_close_while_an_engine_starts_leaves_none_running() -> None:
+    backend = LocalBackend(ServerConfig(name="default"))
+    model = ModelConfig(alias="closing", key=SMOL, context_length=512)
+    thread, outcome = load_in_thread(backend, model)
+    try:
+        backend.close()
+        thread.join(60)
+        assert engines_of("closing") == []
+        assert set(outcome) in ({"info"}, {"error"})  # finished before the close, or refused
+        with pytest.raises(EngineError, match="its backend is closed"):
+            backend.load(model)
+    finally:
+        backend.close()
+        thread.join(60)
+
+
+def test_unload_while_an_engine_starts_stops_it() -> None:
+    backend = LocalBackend(ServerConfig(name="default"))
+    model = ModelConfig(alias="unloading", key=SMOL, context_length=512)
+    thread, outcome = load_in_thread(backend, model)
+    try:
+        backend.unload(model)  # waits for the start, then stops it
+        thread.join(60)
+        assert "info" in outcome
+        assert engines_of("unloading") == []
+        assert backend.engines == {}
+    finally:
+        backend.close()
+        thread.join(60)

@@ -17,8 +17,8 @@ from conftest import BIN, CONFIG, ROOT, lmflow_cmd, start_server, stop_server
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
 from lmflow.errors import BackendHTTPError
-from lmflow.spec.model import ModelConfig, ServerConfig
-from lmflow.steps import StepContext, get_kind
+from lmflow.spec.model import ModelConfig, Policy, ServerConfig
+from lmflow.steps import FixedModels, StepContext, get_kind
 from lmflow.steps.load_model import ContextMismatch
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -77,8 +77,8 @@ def test_silent_clamp_is_read_back(lmstudio: str) -> None:
 
 
 def step_context(b: LMStudioBackend, model: ModelConfig, events: list) -> StepContext:
-    return StepContext(step_id="load", spec_dir=ROOT, timeout=60, backend_for=lambda alias: (b, model),
-                       emit=lambda kind, data: events.append((kind, data)))
+    return StepContext(step_id="load", spec_dir=ROOT, session=FixedModels({model.alias: (b, model)}),
+                       policy=Policy(timeout=60), emit=lambda kind, data: events.append((kind, data)))
 
 
 def test_load_model_step_warns_or_fails_on_clamping(lmstudio: str) -> None:

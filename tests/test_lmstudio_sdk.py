@@ -21,7 +21,10 @@ def client(lmstudio: str):
     client.close()
 
 
-def test_sdk_load_predict_unload_reload_with_one_client(client: lms.Client) -> None:
+def test_sdk_load_predict_unload_reload_with_one_client(client: lms.Client, lmstudio: str) -> None:
+    import httpx
+
+    httpx.post(f"{lmstudio}/lmflow/stats/reset").raise_for_status()
     assert client.llm.list_loaded() == []
     model = client.llm.load_new_instance(KEY, "coach", config={"contextLength": 2048})
     assert model.get_context_length() == 2048
@@ -34,6 +37,9 @@ def test_sdk_load_predict_unload_reload_with_one_client(client: lms.Client) -> N
     again = client.llm.load_new_instance(KEY, "coach", config={"contextLength": 1024})
     assert again.get_context_length() == 1024
     assert again.respond("Say hi.", config={"maxTokens": 4}).content
+    stats = httpx.get(f"{lmstudio}/lmflow/stats").json()
+    assert stats["sdk_clients"] == 1  # one client, kept across the unload and reload
+    assert (stats["chat_requests"], stats["max_in_flight_by_instance"]) == (2, {"coach": 1})
 
 
 def test_sdk_sees_the_clamped_context(client: lms.Client) -> None:
@@ -72,13 +78,13 @@ def test_lmflow_loads_through_the_sdk_for_ttl_and_identifier(lmstudio: str) -> N
 
 def test_load_model_step_passes_gpu_ttl_and_identifier(lmstudio: str) -> None:
     from lmflow.backends.lmstudio import LMStudioBackend
-    from lmflow.spec.model import ModelConfig, ServerConfig
-    from lmflow.steps import StepContext, get_kind
+    from lmflow.spec.model import ModelConfig, Policy, ServerConfig
+    from lmflow.steps import FixedModels, StepContext, get_kind
 
     backend = LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=lmstudio))
     model = ModelConfig(alias="c", key=KEY)
-    ctx = StepContext(step_id="load", spec_dir=Path("."), timeout=60,
-                      backend_for=lambda alias: (backend, model))
+    ctx = StepContext(step_id="load", spec_dir=Path("."), session=FixedModels({"c": (backend, model)}),
+                      policy=Policy(timeout=60))
     try:
         result = get_kind("load_model").run(
             {"model": "c", "identifier": "via-step", "gpu": "max", "ttl": "10m", "context_length": 1024},

@@ -1,13 +1,16 @@
 """LM Studio through its REST API v1 (models, load, unload) and its OpenAI-compatible chat.
 
 One client per server for the life of the backend, kept across unload and
-reload. After every load the context length the server actually applied is
-read back; answers are checked to come from the requested model.
+reload (one HTTP client, and one SDK client for what REST cannot do: ttl, gpu,
+identifier, parallel predictions). After every load the context length the
+server actually applied is read back; answers are checked to come from the
+requested model. Safe to call from several threads.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 from urllib.parse import urlparse
@@ -21,6 +24,9 @@ from .openai import OpenAIClient
 from .supervisor import Supervisor
 
 LOAD_TIMEOUT = 600.0
+#: the load-config field behind the SDK's `maxParallelPredictions` (LM Studio's "Max Concurrent
+#: Predictions"); the Python SDK 1.5 does not know that name and drops it without a word
+PARALLEL_FIELD = "llm.load.numParallelSessions"
 
 
 class WrongModel(BackendError):
@@ -41,9 +47,15 @@ class LMStudioBackend(Backend):
         #: instance ids this backend loaded, by model alias, and how they were loaded
         self.instances: dict[str, str] = {}
         self.loaded_models: dict[str, ModelConfig] = {}
+        #: parallel predictions the server applied, by model alias (None: it does not say)
+        self.loaded_parallel: dict[str, int | None] = {}
         self.supervisor = Supervisor(config, self.health, after_restart=self._reload_after_restart)
         self._sdk_client: Any = None
+        self._sdk_sessions: set[str] = set()  # SDK namespaces connected (the SDK connects lazily, racily)
         self._version: str | None = None
+        self._lock = threading.Lock()  # the dicts above, briefly
+        self._sdk_lock = threading.Lock()  # creating the SDK client and connecting its sessions
+        self._model_locks: dict[str, threading.Lock] = {}  # one load/unload of a model at a time
 
     def ensure(self) -> dict[str, Any]:
         return self.supervisor.ensure()
@@ -53,12 +65,20 @@ class LMStudioBackend(Backend):
 
     def _reload_after_restart(self) -> None:
         # a restarted LM Studio has nothing loaded: bring back what the run had loaded
-        self.instances.clear()
-        if self._sdk_client is not None:  # its websocket died with the server
-            self._sdk_client.close()
-            self._sdk_client = None
-        for model in list(self.loaded_models.values()):
+        with self._lock:
+            self.instances.clear()
+            models = list(self.loaded_models.values())
+        with self._sdk_lock:
+            if self._sdk_client is not None:  # its websockets died with the server
+                self._sdk_client.close()
+                self._sdk_client = None
+                self._sdk_sessions.clear()
+        for model in models:  # no model locks here: the thread that saw the crash may hold one
             self._load(model)
+
+    def _model_lock(self, alias: str) -> threading.Lock:
+        with self._lock:
+            return self._model_locks.setdefault(alias, threading.Lock())
 
     @property
     def url(self) -> str:
@@ -111,7 +131,7 @@ class LMStudioBackend(Backend):
         """LM Studio's version (the SDK's `system` namespace); None when it does not say."""
         if self._version is None:
             try:
-                found = self._sdk().system.remote_call("version")
+                found = self._sdk("system").system.remote_call("version")
                 self._version = f"{found['version']} build {found.get('build')}"
             except Exception:  # noqa: BLE001 - an old or token-protected server: no version, no key part
                 self._version = ""
@@ -119,28 +139,39 @@ class LMStudioBackend(Backend):
 
     def loaded_context(self, instance_id: str) -> int | None:
         """The context length the server reports for a loaded instance."""
+        return self.loaded_config(instance_id).get("context_length")
+
+    def loaded_config(self, instance_id: str) -> dict[str, Any]:
+        """The load config the server reports for a loaded instance (`context_length`, `parallel`...)."""
         for entry in self._models_v1():
             for instance in entry.get("loaded_instances") or []:
                 if instance.get("id") == instance_id:
-                    return (instance.get("config") or {}).get("context_length")
-        return None
+                    return instance.get("config") or {}
+        return {}
 
     def load(self, model: ModelConfig) -> ModelInfo:
-        info = self.supervisor.call(lambda: self._load(model))
-        self.loaded_models[model.alias] = model
+        with self._model_lock(model.alias):
+            info = self.supervisor.call(lambda: self._load(model))
+            with self._lock:
+                self.loaded_models[model.alias] = model
         return info
 
-    def _sdk(self) -> Any:
-        """One explicit SDK client per server, kept for the backend's life (never the default one)."""
-        if self._sdk_client is None:
-            import lmstudio as lms
+    def _sdk(self, namespace: str = "llm") -> Any:
+        """One explicit SDK client per server, kept for the backend's life (never the default one),
+        with the namespace's websocket connected (the SDK's lazy connect is not thread-safe)."""
+        with self._sdk_lock:
+            if self._sdk_client is None:
+                import lmstudio as lms
 
-            self._sdk_client = lms.Client(urlparse(self.url).netloc)
-        return self._sdk_client
+                self._sdk_client = lms.Client(urlparse(self.url).netloc)
+            if namespace not in self._sdk_sessions:
+                getattr(self._sdk_client, namespace).connect()
+                self._sdk_sessions.add(namespace)
+            return self._sdk_client
 
     def _load(self, model: ModelConfig) -> ModelInfo:
-        if model.ttl is not None or model.gpu is not None or model.identifier:
-            return self._load_sdk(model)  # REST v1 has no ttl, gpu or identifier
+        if model.ttl is not None or model.gpu is not None or model.identifier or model.parallel:
+            return self._load_sdk(model)  # REST v1 has no ttl, gpu, identifier or parallel
         return self._load_rest(model)
 
     def _load_sdk(self, model: ModelConfig) -> ModelInfo:
@@ -154,8 +185,7 @@ class LMStudioBackend(Backend):
             config["gpu"] = {"ratio": float(ratio)}
         started = time.monotonic()
         try:
-            handle = self._sdk().llm.load_new_instance(
-                model.key, model.identifier, ttl=int(model.ttl) if model.ttl else None, config=config)
+            handle = self._load_new_instance(model, config)
             actual = handle.get_context_length()
         except lms.LMStudioModelNotFoundError:
             raise self._not_found(model) from None
@@ -164,9 +194,48 @@ class LMStudioBackend(Backend):
                 raise self._not_found(model) from None
             raise BackendError(f"LM Studio at {self.url} could not load '{model.key}': {exc}",
                                url=self.url) from None
-        self.instances[model.alias] = handle.identifier
+        seconds = round(time.monotonic() - started, 3)
+        parallel = self._applied_parallel(model, handle.identifier) if model.parallel else None
+        with self._lock:
+            self.instances[model.alias] = handle.identifier
+            self.loaded_parallel[model.alias] = parallel
         return ModelInfo(key=model.key, loaded=True, loaded_context_length=actual,
-                         instance_id=handle.identifier, load_seconds=round(time.monotonic() - started, 3))
+                         instance_id=handle.identifier, load_seconds=seconds)
+
+    def _load_new_instance(self, model: ModelConfig, config: dict[str, Any]) -> Any:
+        """`llm.load_new_instance`, with `maxParallelPredictions` even where the SDK drops it."""
+        import lmstudio as lms
+
+        llm = self._sdk().llm
+        ttl = int(model.ttl) if model.ttl else None
+        if not model.parallel or "max_parallel_predictions" in lms.LlmLoadModelConfig.__struct_fields__:
+            if model.parallel:
+                config = {**config, "maxParallelPredictions": model.parallel}
+            return llm.load_new_instance(model.key, model.identifier, ttl=ttl, config=config)
+        # SDK 1.5 predates the field: open the same loadModel channel load_new_instance opens,
+        # with the server's field added to the load config it sends
+        from lmstudio.json_api import LoadModelEndpoint
+
+        types = llm._API_TYPES
+        endpoint = LoadModelEndpoint(model.key, model.identifier, ttl, types.REQUEST_NEW_INSTANCE,
+                                     types.MODEL_LOAD_CONFIG, config, None)
+        layer = endpoint.creation_params["loadConfigStack"]["layers"][0]
+        layer["config"]["fields"].append({"key": PARALLEL_FIELD, "value": model.parallel})
+        with llm._create_channel(endpoint) as channel:
+            result = channel.wait_for_result()
+        return llm._create_handle(result.identifier)
+
+    def _applied_parallel(self, model: ModelConfig, instance_id: str) -> int | None:
+        """Read back the parallel predictions the server applied; warn when it is not what was asked."""
+        try:
+            applied = self.loaded_config(instance_id).get("parallel")
+        except BackendHTTPError:
+            return None  # LM Studio before 0.4 does not report it
+        if applied is not None and applied != model.parallel:
+            self.supervisor.listener("warning", {"message": (
+                f"{self.url} loaded '{model.key}' for {applied} parallel predictions, not the "
+                f"{model.parallel} asked for (models.{model.alias}.parallel)")})
+        return applied
 
     def _load_rest(self, model: ModelConfig) -> ModelInfo:
         body: dict[str, Any] = {"model": model.key, "echo_load_config": True}
@@ -182,7 +251,8 @@ class LMStudioBackend(Backend):
                 raise self._not_found(model) from None
             raise
         instance_id = answer.get("instance_id") or model.key
-        self.instances[model.alias] = instance_id
+        with self._lock:
+            self.instances[model.alias] = instance_id
         # never trust the request: LM Studio may auto-fit or ignore the context length
         actual = (answer.get("load_config") or {}).get("context_length")
         if actual is None:
@@ -200,8 +270,14 @@ class LMStudioBackend(Backend):
             f"it has: {keys}", url=self.url, status=404)
 
     def unload(self, model: ModelConfig) -> None:
-        self.loaded_models.pop(model.alias, None)
-        instance_id = self.instances.pop(model.alias, None)
+        with self._model_lock(model.alias):
+            self._unload(model)
+
+    def _unload(self, model: ModelConfig) -> None:
+        with self._lock:
+            self.loaded_models.pop(model.alias, None)
+            self.loaded_parallel.pop(model.alias, None)
+            instance_id = self.instances.pop(model.alias, None)
         targets = [instance_id] if instance_id else [
             instance.get("id") for entry in self._models_v1() if entry.get("key") == model.key
             for instance in entry.get("loaded_instances") or []]
@@ -213,10 +289,12 @@ class LMStudioBackend(Backend):
                     raise
 
     def chat(self, request: ChatRequest) -> ChatResponse:
-        return self.supervisor.call(lambda: self._chat(request))
+        with self.slots.hold(request.model):
+            return self.supervisor.call(lambda: self._chat(request))
 
     def _chat(self, request: ChatRequest) -> ChatResponse:
-        instance_id = self.instances.get(request.model.alias)
+        with self._lock:
+            instance_id = self.instances.get(request.model.alias)
         target = request.model if instance_id is None else ModelConfig(
             alias=request.model.alias, key=instance_id)
         response = self.client.chat(ChatRequest(
@@ -234,7 +312,9 @@ class LMStudioBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
-        if self._sdk_client is not None:
-            self._sdk_client.close()
-            self._sdk_client = None
+        with self._sdk_lock:
+            if self._sdk_client is not None:
+                self._sdk_client.close()
+                self._sdk_client = None
+                self._sdk_sessions.clear()
         self.supervisor.close()

@@ -1,14 +1,20 @@
 """The managed local engine: lmflow runs llama.cpp's `llama-server` itself.
 
 One llama-server per model (at the model's context length), started on first
-use on a free port of 127.0.0.1, stopped by PID when the backend closes.
+use on a free port of 127.0.0.1, stopped by PID when the backend closes. With
+`parallel: N` it gets N slots, each holding the model's whole context length.
+The backend may be called from several threads: each model's engine is
+started once, and a close or unload racing a start leaves no process behind.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +22,7 @@ from typing import Any
 import httpx
 
 from .. import processes
-from ..errors import EngineError, LmflowError
+from ..errors import BackendUnreachable, EngineError, LmflowError
 from ..home import subdir
 from ..spec.model import ModelConfig, ServerConfig
 from .base import Backend, ChatRequest, ChatResponse, ModelInfo
@@ -30,6 +36,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@functools.lru_cache(maxsize=4)
+def _help_text(binary: Path) -> str:
+    try:
+        done = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout + done.stderr
+
+
+def supports(binary: Path, flag: str) -> bool:
+    """Whether this llama-server build knows a command-line flag (its --help lists it)."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", _help_text(binary)) is not None
 
 
 class LlamaServer:
@@ -57,20 +77,38 @@ class LlamaServer:
 
     def args(self) -> list[str]:
         args = [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port),
-                "-m", str(self.model_path), "-c", str(self.context_length),
+                "-m", str(self.model_path), *self.context_args(),
                 "--alias", self.alias, "--no-webui"]
         if self.threads:
             args += ["-t", str(self.threads)]
-        if self.parallel:
-            args += ["-np", str(self.parallel)]
         return args + list(self.extra_args)
+
+    def context_args(self) -> list[str]:
+        """`-c` and `-np` such that each of the `parallel` slots holds `context_length` tokens.
+
+        llama-server splits `-c` across its slots unless the KV cache is unified, and a
+        unified cache of `-c` tokens lets one request use them all but fails (HTTP 500)
+        every request that no longer fits once several long ones run at once (measured:
+        -np 4 -kvu -c 1024, four 900-token prompts, three failed). So the pool is sized
+        to parallel x context_length, and each slot is capped at context_length.
+        """
+        # unset: one slot. llama-server's own default (4 slots sharing one -c cache) fails
+        # concurrent long prompts with HTTP 500, and lmflow now sends requests concurrently
+        context, slots = self.context_length, self.parallel or 1
+        if slots == 1:
+            return ["-c", str(context), "-np", "1"]
+        pool = ["-np", str(slots), "-c", str(context * slots)]
+        if supports(self.binary, "--kv-unified-per-slot"):
+            return [*pool, "-kvu", "--kv-unified-per-slot", str(context)]
+        # an older build: the split cache gives each slot exactly -c / parallel
+        return pool
 
     def start(self) -> None:
         self.launch()
         self.wait_ready()
 
     def launch(self) -> None:
-        """Start the process (call from a long-lived thread: PDEATHSIG follows the calling thread)."""
+        """Start the process without waiting for it to answer."""
         self.port = free_port()
         self.log_path.write_bytes(b"")
         self.proc = processes.spawn(self.args(), log_path=self.log_path, label=f"llama-server {self.alias}")
@@ -118,7 +156,7 @@ class LlamaServer:
 
 
 class LocalBackend(Backend):
-    """llama-server processes that lmflow starts and stops itself."""
+    """llama-server processes that lmflow starts and stops itself (safe to call from several threads)."""
 
     kind = "local"
     manages_models = True
@@ -128,11 +166,24 @@ class LocalBackend(Backend):
         self.spec_dir = spec_dir or Path.cwd()
         self.engines: dict[str, LlamaServer] = {}
         self.clients: dict[str, OpenAIClient] = {}
+        # _lock guards the dicts and _closed, briefly; a model's lock is held while its engine
+        # starts or stops (so it starts once), never during a chat
+        self._lock = threading.Lock()
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._closed = False
         processes.reap_orphans()
 
     @property
     def url(self) -> str | None:
-        return next((e.url for e in self.engines.values() if e.alive()), None)
+        return next((e.url for e in self._engines() if e.alive()), None)
+
+    def _engines(self) -> list[LlamaServer]:
+        with self._lock:
+            return list(self.engines.values())
+
+    def _model_lock(self, alias: str) -> threading.Lock:
+        with self._lock:
+            return self._model_locks.setdefault(alias, threading.Lock())
 
     def _model_path(self, model: ModelConfig) -> Path:
         if model.path:
@@ -141,32 +192,56 @@ class LocalBackend(Backend):
 
     def load(self, model: ModelConfig) -> ModelInfo:
         """Start (or reuse) the engine for this model."""
-        engine = self.engines.get(model.alias)
         started = time.monotonic()
-        if engine is None or not engine.alive():
-            if engine is not None:
-                engine.stop()
-            binary = llama_server_binary()
-            engine = LlamaServer(
-                binary, self._model_path(model), key=model.key,
-                context_length=model.context_length or DEFAULT_CONTEXT, alias=model.alias,
-                threads=self.config.threads, parallel=self.config.parallel,
-                extra_args=self.config.args, startup_timeout=self.config.startup_timeout,
-            )
-            engine.start()
-            self.engines[model.alias] = engine
-            self.clients[model.alias] = OpenAIClient(
-                engine.url, start_hint=f"the local engine died; see {engine.log_path}")
+        engine, _ = self._ensure(model)
         return ModelInfo(key=model.key, loaded=True, loaded_context_length=engine.context_length,
                          instance_id=model.alias, load_seconds=round(time.monotonic() - started, 3))
 
-    def unload(self, model: ModelConfig) -> None:
-        engine = self.engines.pop(model.alias, None)
-        client = self.clients.pop(model.alias, None)
+    def _ensure(self, model: ModelConfig) -> tuple[LlamaServer, OpenAIClient]:
+        """The running engine for this model and its client, started if needed (once)."""
+        with self._model_lock(model.alias):
+            with self._lock:
+                self._refuse_if_closed(model)
+                engine, client = self.engines.get(model.alias), self.clients.get(model.alias)
+            if engine is not None and client is not None and engine.alive():
+                return engine, client
+            self._drop(model.alias)  # it died: start it again
+            engine = LlamaServer(
+                llama_server_binary(), self._model_path(model), key=model.key,
+                context_length=model.context_length or DEFAULT_CONTEXT, alias=model.alias,
+                threads=self.config.threads, parallel=model.parallel or self.config.parallel,
+                extra_args=self.config.args, startup_timeout=self.config.startup_timeout,
+            )
+            engine.launch()
+            try:
+                engine.wait_ready()
+                with self._lock:
+                    self._refuse_if_closed(model)  # closed while it started: it must not outlive close()
+                    client = OpenAIClient(engine.url,
+                                          start_hint=f"the local engine died; see {engine.log_path}")
+                    self.engines[model.alias], self.clients[model.alias] = engine, client
+            except BaseException:
+                engine.stop()
+                raise
+            return engine, client
+
+    def _refuse_if_closed(self, model: ModelConfig) -> None:
+        if self._closed:
+            raise EngineError(f"the local engine for '{model.alias}' was not started: its backend "
+                              "is closed (the run has ended)")
+
+    def _drop(self, alias: str) -> None:
+        """Stop the engine of this model and close its client (the caller holds the model's lock)."""
+        with self._lock:
+            engine, client = self.engines.pop(alias, None), self.clients.pop(alias, None)
         if client:
             client.close()
         if engine:
             engine.stop()
+
+    def unload(self, model: ModelConfig) -> None:
+        with self._model_lock(model.alias):
+            self._drop(model.alias)
 
     def fingerprint(self, model: ModelConfig) -> dict[str, Any]:
         import importlib.metadata
@@ -183,21 +258,31 @@ class LocalBackend(Backend):
         return {"version": version, "variant": variant, "args": self.config.args}
 
     def health(self) -> bool:
-        return all(engine.alive() for engine in self.engines.values())
+        return all(engine.alive() for engine in self._engines())
 
     def list_models(self) -> list[ModelInfo]:
-        running = {e.key: e for e in self.engines.values() if e.alive()}
+        running = {e.key: e for e in self._engines() if e.alive()}
         return [ModelInfo(key=key, loaded=key in running,
                           loaded_context_length=running[key].context_length if key in running else None)
                 for key in BUNDLED]
 
     def chat(self, request: ChatRequest) -> ChatResponse:
-        self.load(request.model)
-        return self.clients[request.model.alias].chat(request)
+        _, client = self._ensure(request.model)
+        try:
+            with self.slots.hold(request.model):
+                return client.chat(request)
+        except RuntimeError:
+            if not client.http.is_closed:
+                raise
+            # unloaded by another thread between our load and our request
+            raise BackendUnreachable(
+                f"the local engine for '{request.model.alias}' was unloaded while a request to it "
+                "was being sent: unload a model only after the steps that use it", url=client.url) from None
 
     def close(self) -> None:
-        for alias in list(self.engines):
-            client = self.clients.pop(alias, None)
-            if client:
-                client.close()
-            self.engines.pop(alias).stop()
+        with self._lock:
+            self._closed = True
+            locks = list(self._model_locks.items())
+        for alias, lock in locks:
+            with lock:  # waits for a start in progress, which then stops its engine itself
+                self._drop(alias)

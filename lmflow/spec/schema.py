@@ -11,7 +11,7 @@ from typing import Any
 from ..steps import kinds
 
 COMMON_STEP_KEYS = ("id", "description", "retries", "retry_delay", "backoff", "timeout", "timeout_growth",
-                    "cache", "foreach", "when", "parallel", "on_item_error")
+                    "cache", "foreach", "when", "parallel", "on_item_error", "after")
 
 
 @lru_cache(maxsize=1)

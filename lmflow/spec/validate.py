@@ -494,6 +494,7 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
             control["when"] = _when(doc, i, raw["when"], mapped, depend, problems)
         controls[step_id] = control
 
+    _explicit_and_state_order(doc, parsed, prepared, models, registered, spec_ids, deps, problems)
     order = _order(doc, parsed, deps, problems)
     steps = []
     for i, raw, kind_name, _options in parsed:
@@ -510,6 +511,47 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
         ))
     by_id = {s.id: s for s in steps}
     return [by_id[s] for s in order if s in by_id]
+
+
+def _explicit_and_state_order(doc: Document, parsed: list, prepared: dict[str, dict],
+                              models: dict[str, ModelConfig], registered: dict[str, Any], spec_ids: set[str],
+                              deps: dict[str, list[str]], problems: list[Problem]) -> None:
+    """Dependencies beyond data references: `after: [ids]`, and the written order around steps
+    that change a model's or a server's state (a prompt written after `load_model` runs after it;
+    an `unload_model` runs after the prompts written before it)."""
+    last_change: dict[tuple[str, str], str] = {}
+    users_since: dict[tuple[str, str], list[str]] = {}
+    for i, raw, kind_name, _options in parsed:
+        step_id = raw["id"]
+        after = raw.get("after")
+        for j, target in enumerate(after if isinstance(after, list) else []):
+            if target == step_id:
+                problems.append(doc.problem(("steps", i, "after", j),
+                                            f"step '{step_id}' cannot come after itself"))
+            elif target not in spec_ids:
+                problems.append(doc.problem(("steps", i, "after", j), f"unknown step '{target}'",
+                                            _suggest(target, spec_ids - {step_id})))
+            elif target not in deps[step_id]:
+                deps[step_id].append(target)
+        kind = registered[kind_name]
+        options = prepared.get(step_id)
+        if options is None:
+            continue
+        aliases = [a for a in kind.models(options) if isinstance(a, str)]
+        changed = {("model", a) for a in aliases} | {("server", s) for s in kind.servers(options)}
+        used = changed | {("server", models[a].server) for a in aliases if a in models}
+        for resource in used:
+            earlier = last_change.get(resource)
+            if earlier is not None and earlier not in deps[step_id] and earlier != step_id:
+                deps[step_id].append(earlier)
+        if kind.changes_state:
+            for resource in changed:
+                for user in users_since.pop(resource, []):
+                    if user not in deps[step_id] and user != step_id:
+                        deps[step_id].append(user)
+                last_change[resource] = step_id
+        for resource in used - (changed if kind.changes_state else set()):
+            users_since.setdefault(resource, []).append(step_id)
 
 
 def _at(doc: Document, path: PathT, offset: int | None) -> Any:

@@ -144,6 +144,9 @@ class Step(ABC):
     summary: ClassVar[str] = ""
     #: False for steps with side effects (loading a model): never answered from the cache
     cacheable: ClassVar[bool] = True
+    #: True for kinds that change a model's or a server's state (load, unload, start): steps that
+    #: use that model or server keep their written order around them (see `servers()`)
+    changes_state: ClassVar[bool] = False
     #: True for kinds that retry their model calls themselves (per link of a fallback chain):
     #: the flow then does not retry the whole step on top of that
     retries_inside: ClassVar[bool] = False
@@ -163,6 +166,10 @@ class Step(ABC):
 
     def models(self, options: dict[str, Any]) -> list[str]:
         """Model aliases the step uses."""
+        return []
+
+    def servers(self, options: dict[str, Any]) -> list[str]:
+        """Server names the step uses directly (beyond its models' servers)."""
         return []
 
     def output_schema(self, options: dict[str, Any], spec_dir: Path) -> dict[str, Any] | None:

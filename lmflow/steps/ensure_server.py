@@ -16,6 +16,7 @@ class EnsureServerStep(Step):
     kind = "ensure_server"
     summary = "Check a server's health and start it when it is down (server.start)."
     cacheable = False
+    changes_state = True
     options_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -26,6 +27,9 @@ class EnsureServerStep(Step):
         name = options.get("server", "default")
         if name not in ctx.server_names:
             yield ctx.problem(("server",), f"unknown server '{name}'", suggest(name, ctx.server_names))
+
+    def servers(self, options: dict[str, Any]) -> list[str]:
+        return [options.get("server", "default")]
 
     def output_schema(self, options: dict[str, Any], spec_dir: Any) -> dict[str, Any]:
         return {"type": "object", "properties": {k: {} for k in ("url", "was_running", "started", "seconds")}}

@@ -57,6 +57,7 @@ class LoadModelStep(ModelStep):
     kind = "load_model"
     summary = "Load a model; the context length the server applied is read back and checked."
     cacheable = False
+    changes_state = True
     options_schema = {
         "type": "object",
         "required": ["model"],

@@ -14,6 +14,7 @@ class ProbeContextStep(ModelStep):
     kind = "probe_context"
     summary = "Measure the largest context a model loads at and the largest at which it still works."
     cacheable = False  # the registry is the cache: a finished probe replays without loading
+    changes_state = True
     options_schema = {
         "type": "object",
         "required": ["model"],

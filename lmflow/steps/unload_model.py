@@ -14,6 +14,7 @@ class UnloadModelStep(ModelStep):
     kind = "unload_model"
     summary = "Unload a model (the instance this run loaded, else every instance of its key)."
     cacheable = False
+    changes_state = True
     options_schema = {
         "type": "object",
         "required": ["model"],

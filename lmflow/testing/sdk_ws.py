@@ -6,7 +6,10 @@ The client connects to `ws://HOST/llm`, authenticates, then makes RPC calls
 and a `creationParameter`, answered by `channelSend` messages and a
 `channelClose`). Served here: listLoaded, getModelInfo, getLoadConfig,
 unloadModel (RPC) and loadModel, predict (channels), with real inference; on
-`ws://HOST/system`, version.
+`ws://HOST/system`, version. A load's config may set the context length and the
+parallel predictions (`maxParallelPredictions` in the SDKs, PARALLEL_KEY on the
+wire); getLoadConfig reports both. Every client that authenticates is counted
+by its `clientIdentifier` (one per SDK client, shared by its namespaces).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
     from .server import Instance, LMStudioTestServer
 
 CONTEXT_KEY = "llm.load.contextLength"
+PARALLEL_KEY = "llm.load.numParallelSessions"
 TEST_SERVER_VERSION = "0.4.0-lmflow-test"
 
 
@@ -35,7 +39,8 @@ def instance_info(instance: Instance) -> dict[str, Any]:
 
 
 def _load_config(instance: Instance) -> dict[str, Any]:
-    return {"fields": [{"key": CONTEXT_KEY, "value": instance.context_length}]}
+    return {"fields": [{"key": CONTEXT_KEY, "value": instance.context_length},
+                       {"key": PARALLEL_KEY, "value": instance.parallel}]}
 
 
 class RpcError(Exception):
@@ -61,6 +66,7 @@ class SdkSession:
                 await self.ws.close()
                 return
             await self.ws.send_json({"success": True})
+            self.server.stats.sdk_clients.add(str(auth.get("clientIdentifier") or id(self)))
             while True:
                 message = await self.ws.receive_json()
                 if message.get("type") == "rpcCall":
@@ -134,16 +140,18 @@ class SdkSession:
     async def _load(self, channel_id: int, parameter: dict[str, Any]) -> None:
         from starlette.responses import Response
 
-        context_length = None
+        context_length = parallel = None
         for layer in (parameter.get("loadConfigStack") or {}).get("layers", []):
             for kv in (layer.get("config") or {}).get("fields", []):
                 if kv.get("key") == CONTEXT_KEY:
                     context_length = kv.get("value")
+                elif kv.get("key") == PARALLEL_KEY:
+                    parallel = kv.get("value")
         await self._send(channel_id, {"type": "resolved", "info": {"modelKey": parameter.get("modelKey")}})
         await self._send(channel_id, {"type": "startLoading"})
         result = await self.server.load_instance(parameter.get("modelKey", ""), context_length,
                                                  identifier=parameter.get("identifier"),
-                                                 ttl_ms=parameter.get("ttlMs"))
+                                                 ttl_ms=parameter.get("ttlMs"), parallel=parallel)
         if isinstance(result, Response):
             import json
 
@@ -175,7 +183,9 @@ class SdkSession:
                 elif kv.get("key") == "llm.prediction.temperature":
                     body["temperature"] = kv.get("value")
         started = time.monotonic()
-        status, payload = await self.server.complete(instance, body)
+        self.server.stats.chat_requests += 1
+        with self.server.stats.answering(instance.id):
+            status, payload = await self.server.complete(instance, body)
         if status != 200:
             await self._fail(channel_id, str((payload.get("error") or {}).get("message", payload)))
             return

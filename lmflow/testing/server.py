@@ -7,6 +7,18 @@ llama-server child at the context length the load ends up with, so answers
 are real. It can behave like a troublesome LM Studio: a declared maximum
 context larger than what loads, silent clamping, JIT loading, slow answers,
 ignoring the request's model field, crashing mid-request, requiring a token.
+
+Each instance's llama-server has as many slots as the instance's parallel
+predictions: what an SDK load asks for (`maxParallelPredictions`), else 4, LM
+Studio 0.4's default (REST and JIT loads), reported as
+`loaded_instances[].config.parallel`. For tests of lmflow's concurrency:
+
+- `GET /lmflow/stats` -> `{"chat_requests", "in_flight", "max_in_flight",
+  "max_in_flight_by_instance": {id: N}, "sdk_clients"}`: chat requests received
+  (OpenAI-compatible and SDK predictions), those being answered now and the most
+  ever at once, overall and per instance, and the distinct SDK clients that
+  connected (by the `clientIdentifier` they authenticate with);
+- `POST /lmflow/stats/reset` zeroes them (maxima restart from what is in flight).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from ..home import subdir
 from ..spec.loader import load_yaml
 
 DEFAULT_CONTEXT = 4096
+DEFAULT_PARALLEL = 4  # LM Studio 0.4's "Max Concurrent Predictions"
 
 
 @dataclass
@@ -81,6 +94,50 @@ class Instance:
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
     ttl_seconds: float | None = None  # set per load by the SDK (ttl)
+    parallel: int = DEFAULT_PARALLEL  # llama-server slots (-np)
+
+
+@dataclass
+class Stats:
+    """What the server has been asked, for tests of concurrency (all touched in the event loop only)."""
+
+    chat_requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    in_flight_by_instance: dict[str, int] = field(default_factory=dict)
+    max_in_flight_by_instance: dict[str, int] = field(default_factory=dict)
+    sdk_clients: set[str] = field(default_factory=set)
+
+    def started(self, instance_id: str) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        now = self.in_flight_by_instance[instance_id] = self.in_flight_by_instance.get(instance_id, 0) + 1
+        self.max_in_flight_by_instance[instance_id] = max(
+            self.max_in_flight_by_instance.get(instance_id, 0), now)
+
+    def finished(self, instance_id: str) -> None:
+        self.in_flight -= 1
+        self.in_flight_by_instance[instance_id] -= 1
+
+    @contextlib.contextmanager
+    def answering(self, instance_id: str) -> Any:
+        self.started(instance_id)
+        try:
+            yield
+        finally:
+            self.finished(instance_id)
+
+    def reset(self) -> None:
+        self.chat_requests = 0
+        self.max_in_flight = self.in_flight
+        self.max_in_flight_by_instance = {i: n for i, n in self.in_flight_by_instance.items() if n}
+        self.sdk_clients.clear()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"chat_requests": self.chat_requests, "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "max_in_flight_by_instance": dict(self.max_in_flight_by_instance),
+                "sdk_clients": len(self.sdk_clients)}
 
 
 def installed_models() -> list[TestModel]:
@@ -147,8 +204,9 @@ class LMStudioTestServer:
         self.models = {m.key: m for m in behaviour.models}
         self._faults = random.Random(behaviour.error_seed)
         self.instances: dict[str, Instance] = {}
-        self.chat_requests = 0
+        self.stats = Stats()
         self._load_lock = asyncio.Lock()
+        self._jit_lock = asyncio.Lock()  # concurrent first requests load a model once
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
         self.app = Starlette(routes=[
             Route("/api/v1/models", self.v1_models),
@@ -158,6 +216,8 @@ class LMStudioTestServer:
             Route("/v1/models", self.openai_models),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/lmstudio-greeting", self.greeting),
+            Route("/lmflow/stats", self.stats_get),
+            Route("/lmflow/stats/reset", self.stats_reset, methods=["POST"]),
             WebSocketRoute("/llm", self.sdk),
             WebSocketRoute("/system", self.sdk),
         ], lifespan=self._lifespan)
@@ -185,7 +245,8 @@ class LMStudioTestServer:
             "type": "llm", "key": m.key, "display_name": m.key, "format": "gguf",
             "max_context_length": m.max_context_length, "size_bytes": m.path.stat().st_size,
             "quantization": {"name": quantization(m.path.name)},
-            "loaded_instances": [{"id": i.id, "config": {"context_length": i.context_length}}
+            "loaded_instances": [{"id": i.id, "config": {"context_length": i.context_length,
+                                                         "parallel": i.parallel}}
                                  for i in self._loaded(m.key)],
         } for m in self.models.values()]})
 
@@ -208,8 +269,8 @@ class LMStudioTestServer:
             {"id": k, "object": "model", "owned_by": "organization_owner"} for k in keys]})
 
     async def load_instance(self, key: str, context_length: int | None, *,
-                            identifier: str | None = None,
-                            ttl_ms: int | None = None) -> Instance | Response:
+                            identifier: str | None = None, ttl_ms: int | None = None,
+                            parallel: int | None = None) -> Instance | Response:
         model = self.models.get(key)
         if model is None:
             return _error(404, f"Model not found: {key}")
@@ -232,8 +293,9 @@ class LMStudioTestServer:
             while instance_id in self.instances:
                 count += 1
                 instance_id = f"{key}:{count + 1}"
+            parallel = parallel or DEFAULT_PARALLEL
             engine = LlamaServer(llama_server_binary(), model.path, key=key, context_length=actual,
-                                 alias=instance_id.replace(":", "-"), parallel=1)
+                                 alias=instance_id.replace(":", "-"), parallel=parallel)
             started = time.monotonic()
             engine.launch()  # in the event loop's thread, which lives as long as the server
             try:
@@ -241,7 +303,8 @@ class LMStudioTestServer:
             except LmflowError as exc:
                 return _error(500, f"Failed to load model {key}: {exc}")
             instance = Instance(instance_id, model, actual, engine, time.monotonic() - started,
-                                ttl_seconds=ttl_ms / 1000 if ttl_ms else self.behaviour.ttl_seconds)
+                                ttl_seconds=ttl_ms / 1000 if ttl_ms else self.behaviour.ttl_seconds,
+                                parallel=parallel)
             self.instances[instance_id] = instance
             return instance
 
@@ -282,31 +345,54 @@ class LMStudioTestServer:
 
     async def chat(self, request: Request) -> Response:
         await self._expire()
-        self.chat_requests += 1
-        if self.behaviour.crash_on_request == self.chat_requests:
+        self.stats.chat_requests += 1
+        if self.behaviour.crash_on_request == self.stats.chat_requests:
             os._exit(70)  # a crash in the middle of a request, like a real one
         if self.behaviour.error_rate and self._faults.random() < self.behaviour.error_rate:
             return _error(self.behaviour.error_status, "injected fault (error_rate)")
         body = await request.json()
         asked = body.get("model")
-        if self.behaviour.ignore_model_field and self.instances:
-            instance = next(iter(self.instances.values()))
-        else:
-            instance = self.instances.get(asked) or next(iter(self._loaded(asked)), None)
+        instance = self._answering(asked)
         if instance is None:
             if not self.behaviour.jit:
                 return _error(404, f"Model {asked!r} is not loaded and JIT loading is off")
-            result = await self.load_instance(asked, None)
-            if isinstance(result, Response):
-                return result
-            instance = result
+            async with self._jit_lock:
+                instance = self._answering(asked)
+                if instance is None:
+                    result = await self.load_instance(asked, None)
+                    if isinstance(result, Response):
+                        return result
+                    instance = result
         instance.last_used = time.monotonic()
-        if self.behaviour.delay_seconds:
-            await asyncio.sleep(self.behaviour.delay_seconds)
-        if body.get("stream"):
-            return await self._stream(instance, body)
-        status, payload = await self.complete(instance, body)
-        return JSONResponse(payload, status_code=status)
+        self.stats.started(instance.id)
+        handed_over = False
+        try:
+            if self.behaviour.delay_seconds:
+                await asyncio.sleep(self.behaviour.delay_seconds)  # concurrent requests wait together
+            if body.get("stream"):
+                response = await self._stream(instance, body)
+                if isinstance(response, StreamingResponse):  # in flight until its last event
+                    response.body_iterator = self._counted(response.body_iterator, instance.id)
+                    handed_over = True
+                return response
+            status, payload = await self.complete(instance, body)
+            return JSONResponse(payload, status_code=status)
+        finally:
+            if not handed_over:
+                self.stats.finished(instance.id)
+
+    def _answering(self, asked: Any) -> Instance | None:
+        """The instance that answers a request for `asked` (an instance id or a model key)."""
+        if self.behaviour.ignore_model_field and self.instances:
+            return next(iter(self.instances.values()))
+        return self.instances.get(asked) or next(iter(self._loaded(asked)), None)
+
+    async def _counted(self, events: Any, instance_id: str) -> Any:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.stats.finished(instance_id)
 
     async def _stream(self, instance: Instance, body: dict[str, Any]) -> Response:
         """A streamed answer (server-sent events): relayed from llama-server, model relabelled."""
@@ -385,6 +471,13 @@ class LMStudioTestServer:
 
     async def greeting(self, request: Request) -> Response:
         return JSONResponse({"lmstudio": True})
+
+    async def stats_get(self, request: Request) -> Response:
+        return JSONResponse(self.stats.as_json())
+
+    async def stats_reset(self, request: Request) -> Response:
+        self.stats.reset()
+        return JSONResponse(self.stats.as_json())
 
     async def sdk(self, websocket: WebSocket) -> None:
         from .sdk_ws import SdkSession
