@@ -253,8 +253,10 @@ def test_server_started_by_lmflow_and_restarted_after_a_crash(prefect_api: str, 
           - id: before
             prompt: {{model: smol, user: "Say hi.", max_tokens: 4}}
           - id: crash
+            after: [before]
             python: {{function: "killer:kill_server", args: {{port: {port}}}}}
           - id: after
+            after: [crash]
             prompt: {{model: smol, user: "Say hi again.", max_tokens: 4}}
         """))
     out = lmflow_cmd("run", str(spec), "--json")

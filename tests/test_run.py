@@ -111,6 +111,7 @@ def test_unreachable_server_that_cannot_be_started(prefect_api: str, tmp_path: P
           - id: ask
             prompt: {{model: m, user: hi}}
           - id: after
+            after: [ask]
             python: {{function: "helpers:add", args: {{a: 1, b: 1}}}}
     """, name="down")
     out = lmflow_cmd("run", str(spec))
@@ -181,6 +182,7 @@ SLOW = """\
       - id: warm
         prompt: {{model: {alias}, user: "Say hi.", max_tokens: 4}}
       - id: wait
+        after: [warm]
         python: {{function: "helpers:wait", args: {{seconds: 120}}}}
 """
 
