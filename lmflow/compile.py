@@ -174,6 +174,8 @@ class Scheduler:
                 for step in ready:
                     self._start(step)
             self._fill()
+            if self.ready:  # a map whose items were all skipped finished while filling
+                continue
             if not self.running:
                 if len(self.status) < len(self.unfinished):  # cannot happen: validation rejects cycles
                     raise RuntimeError("lmflow scheduler stalled: "

@@ -337,3 +337,75 @@ def test_a_killed_map_leaves_no_engine_and_resumes_with_only_unfinished_items(
     assert steps["items"]["cached"] == 4 and steps["items"]["completed"] == 4
     assert steps["output"] == [x * x for x in range(8)]
     assert sorted(int(x) for x in log.read_text().split()) == [4, 5, 6, 7]
+
+
+@pytest.mark.engine
+def test_a_map_never_has_more_requests_in_flight_than_the_server_allows(
+        prefect_api: str, tmp_path: Path) -> None:
+    from conftest import start_server, stop_server
+
+    server, url = start_server(tmp_path, """\
+        models: [{key: smollm2-135m-instruct, max_context_length: 4096}]
+        delay_seconds: 0.05
+        """)
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(400)))
+
+    def spec(name: str, server_parallel: str) -> Path:
+        return write_spec(tmp_path, f"""\
+            server: {{backend: lmstudio, url: "{url}"{server_parallel}}}
+            models: {{smol: {{key: smollm2-135m-instruct, context_length: 1024}}}}
+            defaults: {{cache: false, max_parallel: 16}}
+            steps:
+              - id: ask
+                foreach: {{file: {items.name}}}
+                parallel: 16
+                prompt: {{model: smol, user: "Number ${{{{ item.n }}}}: say ok.", max_tokens: 1}}
+            """, name=name)
+
+    try:
+        bounded, _ = run_json(spec("bounded", ", parallel: 4"))
+        seen = httpx.get(f"{url}/lmflow/stats").json()
+        assert bounded["steps"][0]["items"]["completed"] == 400
+        assert seen["chat_requests"] == 400
+        assert seen["max_in_flight"] == 4, seen
+        # the same map without the bound does send more at once: the check above can fail
+        httpx.post(f"{url}/lmflow/stats/reset")
+        items.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(40)))
+        run_json(spec("unbounded", ""))
+        assert httpx.get(f"{url}/lmflow/stats").json()["max_in_flight"] > 4
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.engine
+def test_the_triage_spec_on_the_test_server(lmstudio: str, prefect_api: str) -> None:
+    # the command in the spec's comment, as quoted there
+    out = lmflow_cmd("run", "specs/triage-tickets.yaml", "-p", f"lmstudio_url={lmstudio}", "--json")
+    assert out.returncode == 0, out.stderr
+    steps = {s["id"]: s for s in json.loads(out.stdout)["steps"]}
+    extracted = steps["extract"]["output"]
+    assert len(extracted) == 6 and steps["extract"]["items"]["total"] == 6
+    assert all(t is None or set(t) == {"customer", "problem", "urgency"} for t in extracted)
+    urgent = [t for t in extracted if t and t["urgency"] in ("high", "medium")]
+    assert len(steps["reply"]["output"]) == len(urgent)
+    assert steps["reply"]["items"]["skipped"] == 6 - len(urgent)
+    assert steps["summary"]["output"]["tickets"] == 6
+    # every item is cached: a second run asks the model nothing
+    again = json.loads(lmflow_cmd("run", "specs/triage-tickets.yaml", "-p", f"lmstudio_url={lmstudio}",
+                                  "--json").stdout)
+    assert again["steps"][0]["items"]["cached"] == 6
+    assert again["steps"][1]["items"]["cached"] == len(urgent)
+    assert again["steps"][0]["output"] == extracted
+
+
+@pytest.mark.engine
+def test_the_classify_example_runs_as_the_readme_says(prefect_api: str) -> None:
+    out = lmflow_cmd("run", "examples/classify.yaml", "--json", "--refresh")
+    assert out.returncode == 0, out.stderr
+    classify, tally = json.loads(out.stdout)["steps"]
+    assert classify["items"]["total"] == 12
+    labels = [x for x in classify["output"] if x is not None]
+    assert len(classify["output"]) == 12
+    assert all(x["sentiment"] in ("positive", "neutral", "negative") for x in labels)
+    assert sum(tally["output"]["sentiment"].values()) + tally["output"]["unanswered"] == 12
