@@ -379,7 +379,18 @@ def test_a_map_never_has_more_requests_in_flight_than_the_server_allows(
 
 
 @pytest.mark.engine
-def test_the_triage_spec_on_the_test_server(lmstudio: str, prefect_api: str) -> None:
+def test_the_triage_spec_on_the_test_server(prefect_api: str, tmp_path: Path) -> None:
+    from conftest import CONFIG, start_server, stop_server
+
+    # its own test server: the spec's prompts JIT-load a model that stays loaded, as in LM Studio
+    server, lmstudio = start_server(tmp_path, CONFIG)
+    try:
+        _triage(lmstudio)
+    finally:
+        stop_server(server)
+
+
+def _triage(lmstudio: str) -> None:
     # the command in the spec's comment, as quoted there
     out = lmflow_cmd("run", "specs/triage-tickets.yaml", "-p", f"lmstudio_url={lmstudio}", "--json")
     assert out.returncode == 0, out.stderr
