@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -14,13 +13,12 @@ from jsonschema.exceptions import ValidationError
 
 from ..errors import Problem, SpecError
 from ..steps import CheckContext, kinds
-from . import templates
+from . import graph, templates
 from .hints import suggest as _suggest
 from .loader import Document, PathT, format_path, load_yaml
 from .model import (
     DEFAULT_SERVER,
     Breaker,
-    Foreach,
     Guard,
     Link,
     ModelConfig,
@@ -445,7 +443,7 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
         def depend(path: PathT, root: str, parts: tuple, text: str, offset: int | None = None,
                    _id: str = step_id, _mapped: bool = mapped) -> None:
             """Check one reference found at `path` and record the dependency it makes."""
-            where = _at(doc, path, offset)
+            where = graph.at(doc, path, offset)
             if root in ("item", "index") and not _mapped:
                 problems.append(where(f"'{text}': {root} is only defined in a step with foreach",
                                       "add foreach: to this step, or refer to params or steps"))
@@ -483,7 +481,7 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
         template_refs(prepared.get(step_id, {}), ("steps", i, kind_name), item_allowed=True)
         control: dict[str, Any] = {}
         if mapped:
-            control["foreach"] = _foreach(doc, i, raw["foreach"], spec_dir, problems)
+            control["foreach"] = graph.foreach_source(doc, i, raw["foreach"], spec_dir, problems)
             if control["foreach"] is not None and control["foreach"].source == "value":
                 template_refs(raw["foreach"], ("steps", i, "foreach"), item_allowed=False)
         elif "parallel" in raw or "on_item_error" in raw:
@@ -491,11 +489,11 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
             problems.append(doc.problem(("steps", i, key), f"'{key}' applies to the items of a foreach",
                                         "add foreach: to this step, or remove it", key=True))
         if "when" in raw:
-            control["when"] = _when(doc, i, raw["when"], mapped, depend, problems)
+            control["when"] = graph.condition(doc, i, raw["when"], mapped, depend, problems)
         controls[step_id] = control
 
-    _explicit_and_state_order(doc, parsed, prepared, models, registered, spec_ids, deps, problems)
-    order = _order(doc, parsed, deps, problems)
+    graph.explicit_and_state_order(doc, parsed, prepared, models, registered, spec_ids, deps, problems)
+    order = graph.order(doc, parsed, deps, problems)
     steps = []
     for i, raw, kind_name, _options in parsed:
         if raw["id"] not in prepared:
@@ -511,139 +509,6 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
         ))
     by_id = {s.id: s for s in steps}
     return [by_id[s] for s in order if s in by_id]
-
-
-def _explicit_and_state_order(doc: Document, parsed: list, prepared: dict[str, dict],
-                              models: dict[str, ModelConfig], registered: dict[str, Any], spec_ids: set[str],
-                              deps: dict[str, list[str]], problems: list[Problem]) -> None:
-    """Dependencies beyond data references: `after: [ids]`, and the written order around steps
-    that change a model's or a server's state (a prompt written after `load_model` runs after it;
-    an `unload_model` runs after the prompts written before it)."""
-    last_change: dict[tuple[str, str], str] = {}
-    users_since: dict[tuple[str, str], list[str]] = {}
-    for i, raw, kind_name, _options in parsed:
-        step_id = raw["id"]
-        after = raw.get("after")
-        for j, target in enumerate(after if isinstance(after, list) else []):
-            if target == step_id:
-                problems.append(doc.problem(("steps", i, "after", j),
-                                            f"step '{step_id}' cannot come after itself"))
-            elif target not in spec_ids:
-                problems.append(doc.problem(("steps", i, "after", j), f"unknown step '{target}'",
-                                            _suggest(target, spec_ids - {step_id})))
-            elif target not in deps[step_id]:
-                deps[step_id].append(target)
-        kind = registered[kind_name]
-        options = prepared.get(step_id)
-        if options is None:
-            continue
-        aliases = [a for a in kind.models(options) if isinstance(a, str)]
-        changed = {("model", a) for a in aliases} | {("server", s) for s in kind.servers(options)}
-        used = changed | {("server", models[a].server) for a in aliases if a in models}
-        for resource in used:
-            earlier = last_change.get(resource)
-            if earlier is not None and earlier not in deps[step_id] and earlier != step_id:
-                deps[step_id].append(earlier)
-        if kind.changes_state:
-            for resource in changed:
-                for user in users_since.pop(resource, []):
-                    if user not in deps[step_id] and user != step_id:
-                        deps[step_id].append(user)
-                last_change[resource] = step_id
-        for resource in used - (changed if kind.changes_state else set()):
-            users_since.setdefault(resource, []).append(step_id)
-
-
-def _at(doc: Document, path: PathT, offset: int | None) -> Any:
-    """problem(message, hint) at `path`, moved `offset` characters into its value when known."""
-    def problem(message: str, hint: str | None = None) -> Problem:
-        found = doc.problem(path, message, hint)
-        if offset is None or found.line is None:
-            return found
-        line = doc.lines[found.line - 1] if found.line <= len(doc.lines) else ""
-        quoted = 1 if line[found.col - 1:found.col] in ("'", '"') else 0
-        return dataclasses.replace(found, col=(found.col or 1) + quoted + offset)
-    return problem
-
-
-def _foreach(doc: Document, i: int, raw: Any, spec_dir: Path, problems: list[Problem]) -> Foreach | None:
-    """The source of a map; a dataset file must exist and be JSONL, JSON or CSV."""
-    path = ("steps", i, "foreach")
-    if isinstance(raw, list):
-        return Foreach("value", raw)
-    if isinstance(raw, str):
-        if not templates.is_whole_reference(raw):
-            problems.append(doc.problem(path, f"foreach {raw!r} is neither a list nor one reference",
-                                        "e.g. foreach: ${{ steps.split.output }} or {file: data.jsonl}"))
-            return None
-        return Foreach("value", raw)
-    if isinstance(raw, dict) and isinstance(raw.get("file"), str):
-        from ..datasets import FORMATS
-
-        name = raw["file"]
-        if Path(name).suffix.lower() not in FORMATS:
-            problems.append(doc.problem(path + ("file",), f"cannot read {name} as a dataset",
-                                        f"use one of: {', '.join(FORMATS)} (one object per row)"))
-        elif not (spec_dir / name).is_file():
-            problems.append(doc.problem(path + ("file",), f"file not found: {name}",
-                                        "paths are relative to the spec's folder"))
-        return Foreach("file", name)
-    if isinstance(raw, dict) and isinstance(raw.get("glob"), str):
-        return Foreach("glob", raw["glob"])
-    return None  # the schema reports it
-
-
-def _when(doc: Document, i: int, raw: Any, mapped: bool, depend: Any, problems: list[Problem]) -> Any:
-    """A parsed condition (its references become dependencies), or a constant bool."""
-    from .expressions import ExpressionError, parse_expression
-
-    if isinstance(raw, bool) or not isinstance(raw, str):
-        return raw if isinstance(raw, bool) else None
-    path = ("steps", i, "when")
-    roots = ("params", "steps", "item", "index") if mapped else ("params", "steps")
-    try:
-        expression = parse_expression(raw, roots)
-    except ExpressionError as exc:
-        hint = None if mapped or "item" not in str(exc) and "index" not in str(exc) else (
-            "item and index are only defined in a step with foreach")
-        problems.append(_at(doc, path, exc.offset)(f"invalid condition: {exc.message}", hint))
-        return None
-    for ref in expression.references:
-        text = ".".join([ref.root, *map(str, ref.path)])
-        depend(path, ref.root, ref.path, text, ref.offset)
-    return expression
-
-
-def _order(doc: Document, parsed: list, deps: dict[str, list[str]],
-           problems: list[Problem]) -> list[str]:
-    """Topological order that keeps the written order where dependencies allow; finds cycles."""
-    index = {raw["id"]: i for i, raw, _k, _o in parsed}
-    state: dict[str, int] = {}  # 1 = visiting, 2 = done
-    order: list[str] = []
-    reported: set[frozenset] = set()
-
-    def visit(node: str, stack: list[str]) -> None:
-        if state.get(node) == 2:
-            return
-        if state.get(node) == 1:
-            cycle = stack[stack.index(node):] + [node]
-            key = frozenset(cycle)
-            if key not in reported:
-                reported.add(key)
-                problems.append(doc.problem(("steps", index[node], "id"),
-                                            "dependency cycle: " + " -> ".join(cycle),
-                                            "each step uses the output of the next one: break the cycle"))
-            return
-        state[node] = 1
-        for dep in deps.get(node, ()):
-            if dep in index:
-                visit(dep, stack + [node])
-        state[node] = 2
-        order.append(node)
-
-    for _i, raw, _k, _o in parsed:
-        visit(raw["id"], [])
-    return order
 
 
 # ---------------------------------------------------------------- entry points
