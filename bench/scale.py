@@ -47,22 +47,22 @@ def steps_spec(n: int) -> str:
 def run(spec: Path) -> tuple[dict, float, int]:
     """The run's JSON result, wall seconds and peak RSS in bytes."""
     lmflow = Path(sys.executable).parent / "lmflow"
+    out, err = spec.with_suffix(".out"), spec.with_suffix(".err")
     started = time.perf_counter()
-    proc = subprocess.Popen([str(lmflow), "run", str(spec), "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    peak = 0
-    watched = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss)
-        except psutil.Error:
-            break
-        time.sleep(0.02)
-    out, err = proc.communicate()
+    with out.open("w") as stdout, err.open("w") as stderr:  # files: a pipe would fill up and block
+        proc = subprocess.Popen([str(lmflow), "run", str(spec), "--json"], stdout=stdout, stderr=stderr)
+        peak = 0
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.Error:
+                break
+            time.sleep(0.02)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"lmflow run failed:\n{err[-3000:]}")
-    return json.loads(out), wall, peak
+        raise SystemExit(f"lmflow run failed:\n{err.read_text()[-3000:]}")
+    return json.loads(out.read_text()), wall, peak
 
 
 def main() -> None:
