@@ -43,12 +43,17 @@ def instances(url: str) -> dict[str, dict]:
     return {i["id"]: i["config"] for m in models for i in m["loaded_instances"]}
 
 
-def engine_cmdline(instance_id: str) -> list[str]:
-    """The command line of the llama-server serving an instance (the test server names it so)."""
+def engine_cmdline(instance_id: str, server_pid: int | None = None) -> list[str]:
+    """The command line of the llama-server serving an instance (the test server names it so);
+    with `server_pid`, only that test server's children (others may serve the same key)."""
     alias = instance_id.replace(":", "-")
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
+    procs = psutil.Process(server_pid).children(recursive=True) if server_pid else psutil.process_iter()
+    for proc in procs:
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
         if "--alias" in cmd and cmd[cmd.index("--alias") + 1] == alias:
             found.append(cmd)
     assert len(found) == 1, found
@@ -72,7 +77,8 @@ def test_the_server_counts_requests_in_flight_and_loads_once_under_jit(tmp_path:
             codes = list(pool.map(lambda _: chat(url), range(6)))
         assert codes == [200] * 6
         assert instances(url) == {KEY: {"context_length": 3072, "parallel": 4}}
-        assert (flag(engine_cmdline(KEY), "-np"), flag(engine_cmdline(KEY), "-c")) == ("4", str(4 * 3072))
+        cmd = engine_cmdline(KEY, proc.pid)
+        assert (flag(cmd, "-np"), flag(cmd, "-c")) == ("4", str(4 * 3072))
         assert stats(url) == {"chat_requests": 6, "in_flight": 0, "max_in_flight": 6,
                               "max_in_flight_by_instance": {KEY: 6}, "sdk_clients": 0}
         assert reset(url) == ZEROED
