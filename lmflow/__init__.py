@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import LmflowError, Problem, SpecError, StepFailed
 from .spec import Spec, load_spec, spec_schema, validate_files
-from .steps import Step, StepContext, StepResult, register
+from .steps import FixedModels, Session, Step, StepContext, StepResult, register
 
 if TYPE_CHECKING:
     from .runtime import RunResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "LmflowError", "Problem", "RunResult", "Spec", "SpecError", "Step", "StepContext",
+    "FixedModels", "LmflowError", "Problem", "RunResult", "Session", "Spec", "SpecError", "Step",
+    "StepContext",
     "StepFailed", "StepResult", "load_spec", "register", "run", "spec_schema", "validate_files",
 ]
 

@@ -42,7 +42,8 @@ def test_public_api() -> None:
     import lmflow
 
     assert sorted(lmflow.__all__) == [
-        "LmflowError", "Problem", "RunResult", "Spec", "SpecError", "Step", "StepContext",
+        "FixedModels", "LmflowError", "Problem", "RunResult", "Session", "Spec", "SpecError", "Step",
+        "StepContext",
         "StepFailed", "StepResult", "load_spec", "register", "run", "spec_schema",
         "validate_files"]
     for name in lmflow.__all__:
