@@ -78,6 +78,9 @@ def lmflow_flow(spec_path: str, params: dict[str, Any] | None = None,
     recorder = _RECORDER.get(None) or RunRecorder(spec)
     recorder.result.flow_run_id = str(get_run_context().flow_run.id)
     runtime = Runtime(spec, recorder)
+    runtime.refresh = refresh_cache
+    runtime.nested = _nested_runner(runtime, refresh_cache)
+    runtime.publish = _publish
     token = _RUNTIME.set(runtime)
     try:
         with runtime:
@@ -278,24 +281,7 @@ class Scheduler:
     def _task(self, step: StepSpec) -> Any:
         """The step's task, made once: retries, cache and the name of its task runs."""
         if step.id not in self.tasks:
-            policy = step.policy
-            kind = get_kind(step.kind)
-            # kinds that retry their model calls per link (with fallbacks) are not retried again as a whole
-            retries = 0 if kind.retries_inside else policy.retries
-            settings: dict[str, Any] = {
-                "name": step.id,
-                "task_run_name": step.id if step.foreach is None else step.id + "[{index}]",
-                "retries": retries,
-                "retry_delay_seconds": policy.retry_delays() if retries else 0,
-                "retry_condition_fn": _retry_condition,
-            }
-            if policy.cache and kind.cacheable:
-                settings.update(cache_key_fn=_key_from_parameters, persist_result=True,
-                                cache_expiration=timedelta(seconds=policy.cache_ttl) if policy.cache_ttl
-                                else None)
-            else:
-                settings.update(cache_policy=NO_CACHE, persist_result=False)
-            self.tasks[step.id] = run_step.with_options(**settings)
+            self.tasks[step.id] = _step_task(step, step.id if step.foreach is None else step.id + "[{index}]")
         return self.tasks[step.id]
 
     # -- outcomes ---------------------------------------------------------
@@ -425,6 +411,52 @@ class Scheduler:
 
         batch.reported = now
         update_progress_artifact(batch.artifact_id, 100.0 * batch.done / max(len(batch.items), 1))
+
+
+def _step_task(step: StepSpec, run_name: str) -> Any:
+    """`run_step` with the step's retries, cache and the name of its task runs."""
+    policy = step.policy
+    kind = get_kind(step.kind)
+    # kinds that retry their model calls per link (with fallbacks) are not retried again as a whole
+    retries = 0 if kind.retries_inside else policy.retries
+    settings: dict[str, Any] = {
+        "name": step.id,
+        "task_run_name": run_name,
+        "retries": retries,
+        "retry_delay_seconds": policy.retry_delays() if retries else 0,
+        "retry_condition_fn": _retry_condition,
+    }
+    if policy.cache and kind.cacheable:
+        settings.update(cache_key_fn=_key_from_parameters, persist_result=True,
+                        cache_expiration=timedelta(seconds=policy.cache_ttl) if policy.cache_ttl else None)
+    else:
+        settings.update(cache_policy=NO_CACHE, persist_result=False)
+    return run_step.with_options(**settings)
+
+
+def _nested_runner(runtime: Runtime, refresh: bool) -> Any:
+    """Runs a loop checkpoint's step as a task run of its own (`evolve@5.advise`) inside the loop's."""
+
+    def run(step: StepSpec, options: dict[str, Any], name: str) -> StepResult:
+        kind = get_kind(step.kind)
+        key = runtime.cache_key(step, options) if step.policy.cache and kind.cacheable else None
+        task_ = _step_task(step, name)
+        if refresh and key is not None:
+            task_ = task_.with_options(refresh_cache=True)
+        state = task_(step.id, step.kind, options, None, key, return_state=True)
+        if state.is_completed():
+            return state.result()
+        exc = state.result(raise_on_failure=False)
+        raise exc if isinstance(exc, BaseException) else RuntimeError(state.message or state.name)
+
+    return run
+
+
+def _publish(step_id: str, markdown: str) -> None:
+    """A step's report in Prefect's UI (a new version of the artifact each time)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown, key=_artifact_key(step_id), description=step_id)
 
 
 def _degraded(key: str) -> Path:

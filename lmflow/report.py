@@ -49,12 +49,36 @@ def item_summary(record: StepRecord) -> str:
 
 
 def item_progress(step: str, progress: dict[str, Any]) -> str:
-    """One plain progress line of a map (for logs and pipes; a terminal gets a bar)."""
+    """One plain progress line of a map or a loop (for logs and pipes; a terminal gets a bar)."""
     eta = progress.get("eta")
     left = f", ~{eta:.0f}s left" if eta else ""
     failed = f", {progress['failed']} failed" if progress.get("failed") else ""
-    return (f"  {step}: {progress['done']}/{progress['total']} items{failed} "
+    unit = "generations" if "label" in progress else "items"
+    label = f" {progress['label']}" if progress.get("label") else ""
+    return (f"  {step}: {progress['done']}/{progress['total'] or '?'} {unit}{failed}{label} "
             f"({progress.get('rate', 0):.1f}/s{left})")
+
+
+def analysis_line(step: str, analysis: dict[str, Any]) -> str:
+    """`evolve@5: applied at 5 by model coach: mutation_rate 0.05 -> 0.2` for a loop's analysis."""
+    where = f"{step}@{analysis['asked_at']}"
+    answered = ", ".join(s["answered_by"]["target"] for s in analysis.get("steps", {}).values()
+                         if s.get("answered_by"))
+    by = f" (answered by {answered})" if answered else ""
+    status = analysis["status"]
+    if analysis.get("applied_at") is not None:
+        status = f"applied at {analysis['applied_at']}"
+    changes = []
+    for c in analysis.get("changes", []):
+        if "function" in c:
+            changes.append(f"by {c['function']}")
+        elif c["status"] == "rejected":
+            changes.append(f"{c['field']} rejected ({c.get('note')})")
+        elif c["status"] != "absent":
+            note = f" ({c['note']})" if c.get("note") else ""
+            changes.append(f"{c['field']} {short(c.get('previous'), 12)} -> {short(c.get('value'), 12)}{note}")
+    detail = "; ".join(changes) or (analysis.get("error") or "")
+    return f"  {where}: {status}{by}" + (f": {detail}" if detail else "") + f" [{analysis.get('seconds') or 0:.1f}s]"
 
 
 def table(result: RunResult) -> str:
@@ -205,6 +229,10 @@ class Progress:
             self.line(progress_line(record))
         elif event == "item_finished":
             self._item(data["step"].id, data["progress"])
+        elif event == "generation":
+            self._item(data["step"], data["progress"])
+        elif event == "analysis":
+            self.line(analysis_line(data["step"], data["analysis"]))
 
     def _item(self, step: str, progress: dict[str, Any]) -> None:
         if not progress:
@@ -221,13 +249,14 @@ class Progress:
             self.line(item_progress(step, progress))
 
     def _bar(self, step: str, progress: dict[str, Any], width: int = 24) -> str:
-        total = max(progress["total"], 1)
-        filled = int(width * progress["done"] / total)
+        total = progress["total"]
+        filled = int(width * progress["done"] / max(total, 1)) if total else 0
         eta = progress.get("eta")
         failed = f" {progress['failed']} failed" if progress.get("failed") else ""
+        label = f" {progress['label']}" if progress.get("label") else ""
         left = f" ~{eta:.0f}s" if eta else ""
-        return (f"  {step} [{'#' * filled}{'.' * (width - filled)}] {progress['done']}/{progress['total']}"
-                f"{failed} {progress.get('rate', 0):.1f}/s{left}")
+        return (f"  {step} [{'#' * filled}{'.' * (width - filled)}] {progress['done']}/{total or '?'}"
+                f"{failed}{label} {progress.get('rate', 0):.1f}/s{left}")
 
     def _draw_bar(self) -> None:
         if self.tty and self.maps:

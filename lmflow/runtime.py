@@ -146,7 +146,7 @@ class RunRecorder:
 
     def emit(self, event: str, **data: Any) -> None:
         with self._lock:
-            if event in ("warning", "server_restarted", "cache_error"):
+            if event in ("warning", "server_restarted", "cache_error", "analysis"):
                 entry = {"event": event, **{k: v for k, v in data.items() if k != "spec"}}
                 self.result.events.append(entry)
                 self._append(entry)
@@ -228,7 +228,10 @@ def read_record(path: str | Path) -> dict[str, Any]:
 def _options_validator(kind: str) -> Any:
     from jsonschema import Draft202012Validator
 
-    return Draft202012Validator(get_kind(kind).options_schema)
+    from .spec.schema import spec_schema
+
+    # a kind's schema may refer to the spec's definitions (a loop's checkpoints hold steps)
+    return Draft202012Validator({**get_kind(kind).options_schema, "$defs": spec_schema()["$defs"]})
 
 
 #: the step (or item, `step[3]`) the current thread runs: backend events and cache warnings name it
@@ -256,6 +259,12 @@ class Runtime:
         self._lock = threading.RLock()
         #: set when the run ends or is interrupted: user code still running is no longer waited for
         self.stopping = threading.Event()
+        #: recompute cached steps, and start loops afresh instead of resuming them
+        self.refresh = False
+        #: runs a checkpoint's step as a task run of its own (set by the compiler; None: call it here)
+        self.nested: Callable[[StepSpec, dict[str, Any], str], StepResult] | None = None
+        #: shows a step's markdown report in the run's UI (set by the compiler)
+        self.publish: Callable[[str, str], None] | None = None
         config = spec.response_cache or ResponseCacheConfig()
         cache = ResponseCache(config.directory, size_limit=config.size_limit,
                               warn=lambda message: recorder.emit("cache_error", step=CURRENT_STEP.get(),
@@ -352,6 +361,25 @@ class Runtime:
             names.update(item=item, index=index)
         return names
 
+    def loop_names(self, loop: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint's steps (and a loop's until) can refer to: the loop, and the outputs of
+        the top-level steps and of the checkpoint's steps that ran before."""
+        steps = {**self._steps, **{k: {"output": v} for k, v in outputs.items()}} if outputs else self._steps
+        return {"params": self.spec.params, "steps": steps, "loop": loop}
+
+    def run_loop(self, ctx: StepContext, options: dict[str, Any]) -> StepResult:
+        """Run a loop step (see lmflow.loop)."""
+        from .loop import LoopRunner
+
+        step = self.spec.step(ctx.step_id)
+        return LoopRunner(self, step, options, ctx).run()
+
+    def run_nested(self, step: StepSpec, options: dict[str, Any], name: str) -> StepResult:
+        """One step of a checkpoint: a task run of its own under `lmflow run`."""
+        if self.nested is not None:
+            return self.nested(step, options, name)
+        return self.execute(step, options, name=name)
+
     def items(self, step: StepSpec) -> list[Any]:
         """The items of a map step (its foreach resolved)."""
         from .datasets import items
@@ -377,9 +405,10 @@ class Runtime:
         return step.foreach is not None and step.when is not None and not isinstance(step.when, bool) \
             and any(ref.root in ("item", "index") for ref in step.when.references)
 
-    def resolve(self, step: StepSpec, item: Any = None, index: int | None = None) -> dict[str, Any]:
+    def resolve(self, step: StepSpec, item: Any = None, index: int | None = None,
+                names: dict[str, Any] | None = None) -> dict[str, Any]:
         """The step's options with every reference replaced, checked against the kind's schema."""
-        options = templates.render(step.options, self.names(step, item, index))
+        options = templates.render(step.options, names or self.names(step, item, index))
         error = next(iter(_options_validator(step.kind).iter_errors(options)), None)
         if error is not None:
             where = ".".join([step.kind, *map(str, error.absolute_path)])
@@ -400,8 +429,26 @@ class Runtime:
             "v": CACHE_VERSION, "step": step.id, "kind": step.kind, "options": resolved,
             "models": models, "extra": kind.cache_material(resolved, self.spec.dir),
         }
+        if step.loop is not None:  # what its checkpoints ask, and of which models
+            material["loop"] = self._loop_material(step)
         digest = hashlib.sha256(canonical_json(material).encode()).hexdigest()
         return f"lmflow-{step.id}-{digest[:40]}"
+
+    def _loop_material(self, step: StepSpec) -> Any:
+        from .steps.python import source_hash
+
+        assert step.loop is not None
+        checkpoints = []
+        for c in step.loop.checkpoints:
+            steps = [[s.id, s.kind, s.options, dataclasses.asdict(s.policy),
+                      getattr(s.when, "text", s.when),
+                      {a: self.model_identity(a) for a in get_kind(s.kind).models(s.options)},
+                      get_kind(s.kind).cache_material(s.options, self.spec.dir)] for s in c.steps]
+            apply = c.apply if isinstance(c.apply, str) or c.apply is None else [
+                dataclasses.asdict(f) for f in c.apply]
+            source = source_hash(c.apply, self.spec.dir) if isinstance(c.apply, str) else None
+            checkpoints.append([c.at, c.every, c.history, c.mode, steps, apply, source])
+        return {"until": getattr(step.loop.until, "text", None), "checkpoints": checkpoints}
 
     def model_identity(self, alias: str) -> dict[str, Any]:
         """What about a model changes its answers (cache keys)."""
@@ -413,12 +460,13 @@ class Runtime:
 
     # -- steps ------------------------------------------------------------
 
-    def execute(self, step: StepSpec, options: dict[str, Any], index: int | None = None) -> StepResult:
-        """Run one step (or one item of a map) with resolved options: one attempt."""
-        name = step.id if index is None else f"{step.id}[{index}]"
+    def execute(self, step: StepSpec, options: dict[str, Any], index: int | None = None,
+                name: str | None = None) -> StepResult:
+        """Run one step (or one item of a map, or a checkpoint's step) with resolved options: one attempt."""
+        name = name or (step.id if index is None else f"{step.id}[{index}]")
         token = CURRENT_STEP.set(name)
         try:
-            if index is None:
+            if index is None and step.parent is None:
                 with self._lock:
                     self.recorder.record(step.id).attempts += 1
             ctx = StepContext(step_id=name, spec_dir=self.spec.dir, session=self, policy=step.policy,
@@ -428,8 +476,9 @@ class Runtime:
         finally:
             CURRENT_STEP.reset(token)
 
-    def failure(self, step: StepSpec, exc: BaseException, index: int | None = None) -> StepFailure:
-        record = self.recorder.record(step.id)
+    def failure(self, step: StepSpec, exc: BaseException, index: int | None = None,
+                name: str | None = None) -> StepFailure:
+        record = self.recorder.record(step.parent or step.id)
         extra = {}
         if getattr(exc, "url", None):
             extra["url"] = exc.url
@@ -438,7 +487,7 @@ class Runtime:
                 extra[name] = getattr(exc, name)
         message = str(exc) if isinstance(exc, (LmflowError, templates.TemplateError)) else describe(exc)
         attempts = getattr(exc, "attempts", None) or (record.attempts if index is None else 1)
-        return StepFailure(step=step.id if index is None else f"{step.id}[{index}]",
+        return StepFailure(step=name or (step.id if index is None else f"{step.id}[{index}]"),
                            error_type=type(exc).__name__, message=message,
                            attempts=max(attempts, 1),
                            retryable=bool(getattr(exc, "retryable", False)), extra=extra)

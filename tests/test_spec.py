@@ -130,7 +130,7 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "spec.yaml:12:20: steps[0].prompt.temperature: 9 is greater than the maximum of 2",
         "spec.yaml:13:9: steps[1].id: duplicate step id 'ask' (step ids must be unique)",
         "spec.yaml:14:5: steps[1].promt: unknown key 'promt' (did you mean 'prompt'?; "
-        "step kinds: ensure_server, load_model, probe_context, prompt, python, reload_model, "
+        "step kinds: ensure_server, load_model, loop, probe_context, prompt, python, reload_model, "
         "unload_model)",
         "spec.yaml:17:5: steps[2].python: a step has one kind, found prompt, python "
         "(split it into several steps)",
@@ -143,7 +143,8 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "spec.yaml:23:13: steps[4].prompt.user: unknown parameter 'nope' "
         "(declare it under params)",
         "spec.yaml:23:13: steps[4].prompt.user: unknown reference 'foo.bar': "
-        "a reference starts with 'params.', 'steps.', or in a step with foreach 'item' or 'index'",
+        "a reference starts with 'params.', 'steps.', in a step with foreach 'item' or 'index', "
+            "in a loop's checkpoint 'loop.'",
         "spec.yaml:23:13: steps[4].prompt.user: unknown step 'ghost' "
         "(expected one of: 3bad, ask, both)",
     ]

@@ -19,10 +19,12 @@ from .model import Foreach, ModelConfig
 
 def explicit_and_state_order(doc: Document, parsed: list, prepared: dict[str, dict],
                               models: dict[str, ModelConfig], registered: dict[str, Any], spec_ids: set[str],
-                              deps: dict[str, list[str]], problems: list[Problem]) -> None:
+                              deps: dict[str, list[str]], problems: list[Problem],
+                              nested: dict[str, tuple[list[str], list[str], bool]] | None = None) -> None:
     """Dependencies beyond data references: `after: [ids]`, and the written order around steps
     that change a model's or a server's state (a prompt written after `load_model` runs after it;
-    an `unload_model` runs after the prompts written before it)."""
+    an `unload_model` runs after the prompts written before it). A loop uses what the steps of
+    its checkpoints use (`nested`: loop id -> model aliases, servers, whether they change them)."""
     last_change: dict[tuple[str, str], str] = {}
     users_since: dict[tuple[str, str], list[str]] = {}
     for i, raw, kind_name, _options in parsed:
@@ -41,20 +43,24 @@ def explicit_and_state_order(doc: Document, parsed: list, prepared: dict[str, di
         options = prepared.get(step_id)
         if options is None:
             continue
-        aliases = [a for a in kind.models(options) if isinstance(a, str)]
-        changed = {("model", a) for a in aliases} | {("server", s) for s in kind.servers(options)}
+        if nested and step_id in nested:
+            aliases, servers, changes_state = nested[step_id]
+        else:
+            aliases = [a for a in kind.models(options) if isinstance(a, str)]
+            servers, changes_state = kind.servers(options), kind.changes_state
+        changed = {("model", a) for a in aliases} | {("server", s) for s in servers}
         used = changed | {("server", models[a].server) for a in aliases if a in models}
         for resource in used:
             earlier = last_change.get(resource)
             if earlier is not None and earlier not in deps[step_id] and earlier != step_id:
                 deps[step_id].append(earlier)
-        if kind.changes_state:
+        if changes_state:
             for resource in changed:
                 for user in users_since.pop(resource, []):
                     if user not in deps[step_id] and user != step_id:
                         deps[step_id].append(user)
                 last_change[resource] = step_id
-        for resource in used - (changed if kind.changes_state else set()):
+        for resource in used - (changed if changes_state else set()):
             users_since.setdefault(resource, []).append(step_id)
 
 
@@ -98,19 +104,21 @@ def foreach_source(doc: Document, i: int, raw: Any, spec_dir: Path,
     return None  # the schema reports it
 
 
-def condition(doc: Document, i: int, raw: Any, mapped: bool, depend: Any, problems: list[Problem]) -> Any:
+def condition(doc: Document, path: PathT, raw: Any, roots: tuple[str, ...], depend: Any,
+              problems: list[Problem]) -> Any:
     """A parsed condition (its references become dependencies), or a constant bool."""
     from .expressions import ExpressionError, parse_expression
 
     if isinstance(raw, bool) or not isinstance(raw, str):
         return raw if isinstance(raw, bool) else None
-    path = ("steps", i, "when")
-    roots = ("params", "steps", "item", "index") if mapped else ("params", "steps")
     try:
         expression = parse_expression(raw, roots)
     except ExpressionError as exc:
-        hint = None if mapped or "item" not in str(exc) and "index" not in str(exc) else (
-            "item and index are only defined in a step with foreach")
+        hint = None
+        if "item" not in roots and ("item" in str(exc) or "index" in str(exc)):
+            hint = "item and index are only defined in a step with foreach"
+        elif "loop" not in roots and "loop" in str(exc):
+            hint = "loop is only defined in a loop's checkpoint and until"
         problems.append(at(doc, path, exc.offset)(f"invalid condition: {exc.message}", hint))
         return None
     for ref in expression.references:

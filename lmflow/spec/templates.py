@@ -1,5 +1,6 @@
-"""The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}`, and in a
-step with `foreach`, `${{ item.field }}` and `${{ index }}`.
+"""The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}`, in a
+step with `foreach` `${{ item.field }}` and `${{ index }}`, and in a loop's checkpoint
+`${{ loop.generation }}`, `${{ loop.state.X }}`, `${{ loop.history }}`...
 
 A reference is a dotted path, never evaluated Python. A string that is exactly
 one reference takes the referenced value with its type (a number stays a
@@ -18,7 +19,9 @@ from typing import Any
 # the expression never spans a `}}`: "${{ a }}-${{ b }}" is two references, not one
 _TEMPLATE = re.compile(r"(?<!\$)\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
-ROOTS = ("params", "steps", "item", "index")
+ROOTS = ("params", "steps", "item", "index", "loop")
+#: what `loop.` offers in a checkpoint's steps and in `until`
+LOOP_FIELDS = ("generation", "generations", "state", "stats", "history", "previous", "asked_at")
 
 
 class TemplateError(ValueError):
@@ -49,7 +52,8 @@ def parse_ref(expr: str) -> Ref:
     root_match = re.fullmatch(r"[A-Za-z_]\w*", root)
     if not root_match or root not in ROOTS:
         raise TemplateError(f"unknown reference '{text}': a reference starts with 'params.', "
-                            "'steps.', or in a step with foreach 'item' or 'index'")
+                            "'steps.', in a step with foreach 'item' or 'index', in a loop's "
+                            "checkpoint 'loop.'")
     parts: list[str | int] = []
     tail = "." + rest if rest else ""
     pos = 0
@@ -66,6 +70,9 @@ def parse_ref(expr: str) -> Ref:
         raise TemplateError(f"incomplete reference '{text}'")
     if root == "index" and parts:
         raise TemplateError(f"'{text}': the item's position is just `index`")
+    if root == "loop" and (not parts or parts[0] not in LOOP_FIELDS):
+        raise TemplateError(f"'{text}': a loop reference is loop.FIELD, FIELD one of "
+                            + ", ".join(LOOP_FIELDS))
     if root == "params" and len(parts) != 1:
         raise TemplateError(f"'{text}': a parameter reference is params.NAME")
     if root == "steps" and (len(parts) < 2 or parts[1] != "output"):
@@ -98,11 +105,12 @@ def lookup(ref: Ref, context: dict[str, Any]) -> Any:
     field of a null output: its dependents can test for it instead of failing.
     """
     if ref.root not in context:
-        raise TemplateError(f"{ref.text}: '{ref.root}' is only defined in a step with foreach")
+        where = "a loop's checkpoint" if ref.root == "loop" else "a step with foreach"
+        raise TemplateError(f"{ref.text}: '{ref.root}' is only defined in {where}")
     current: Any = context[ref.root]
     walked = ref.root
     for n, part in enumerate(ref.parts):
-        if current is None and ref.root == "steps" and n >= 2:
+        if current is None and (ref.root == "steps" and n >= 2 or ref.root == "loop" and n >= 1):
             return None
         if isinstance(part, int):
             if not isinstance(current, list) or part >= len(current):

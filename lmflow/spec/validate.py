@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,12 @@ from .hints import suggest as _suggest
 from .loader import Document, PathT, format_path, load_yaml
 from .model import (
     DEFAULT_SERVER,
+    ApplyField,
     Breaker,
+    Checkpoint,
     Guard,
     Link,
+    LoopSpec,
     ModelConfig,
     Policy,
     ResponseCacheConfig,
@@ -371,37 +375,69 @@ def _field_problem(schema: dict[str, Any] | None, field_path: tuple) -> str | No
     return None
 
 
-def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
-                 models: dict[str, ModelConfig], defaults: Policy,
-                 problems: list[Problem], server_names: Iterable[str] = ("default",)) -> list[StepSpec]:
+@dataclass
+class _Scope:
+    """Where a list of steps sits: the spec's top level, or the steps of a loop's checkpoint."""
+
+    base: PathT = ("steps",)
+    #: the loop whose checkpoint this is (None: the top level)
+    loop: str | None = None
+    #: top-level steps a checkpoint's steps may refer to, and their output schemas
+    outer: dict[str, dict | None] = field(default_factory=dict)
+    #: where a checkpoint's references to top-level steps go: the loop's own dependencies
+    outer_deps: list[str] = field(default_factory=list)
+    #: every id given so far, anywhere in the spec (ids are unique across checkpoints too)
+    taken: dict[str, PathT] = field(default_factory=dict)
+    #: per loop step: the models and servers its checkpoints use, and whether they change them
+    resources: dict[str, tuple[list[str], list[str], bool]] = field(default_factory=dict)
+    #: a checkpoint's step id -> its loop's id
+    parents: dict[str, str] = field(default_factory=dict)
+
+
+def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str, Any],
+                 models: dict[str, ModelConfig], defaults: Policy, problems: list[Problem],
+                 server_names: Iterable[str] = ("default",), scope: _Scope | None = None) -> list[StepSpec]:
+    scope = scope or _Scope()
+    base = scope.base
+    nested = scope.loop is not None
     registered = kinds()
-    raw_steps = doc.data.get("steps")
     if not isinstance(raw_steps, list):
         return []
     ids = [s.get("id") for s in raw_steps if isinstance(s, dict)]
-    seen: set[str] = set()
     parsed: list[tuple[int, dict, str, dict]] = []
     for i, raw in enumerate(raw_steps):
         if not isinstance(raw, dict):
             continue
         step_id = raw.get("id")
         if isinstance(step_id, str):
-            if step_id in seen:
-                problems.append(doc.problem(("steps", i, "id"), f"duplicate step id '{step_id}'",
+            if step_id in scope.taken:
+                earlier = scope.taken[step_id]
+                where = "" if earlier[:-2] == base else f" (also at {format_path(earlier[:-1])})"
+                problems.append(doc.problem(base + (i, "id"), f"duplicate step id '{step_id}'{where}",
                                             "step ids must be unique"))
-            seen.add(step_id)
+            scope.taken.setdefault(step_id, base + (i, "id"))
         present = [k for k in raw if k in registered]
         if len(present) != 1:
             if len(present) > 1:
-                problems.append(doc.problem(("steps", i, present[1]),
+                problems.append(doc.problem(base + (i, present[1]),
                                             f"a step has one kind, found {', '.join(present)}",
                                             "split it into several steps", key=True))
             elif not [k for k in raw if k not in COMMON_STEP_KEYS]:
-                problems.append(doc.problem(("steps", i), "step has no kind",
+                problems.append(doc.problem(base + (i,), "step has no kind",
                                             f"add one of: {', '.join(registered)}"))
             continue
         kind = present[0]
         options = raw[kind]
+        if nested:
+            for key in ("foreach", "parallel", "on_item_error", "after"):
+                if key in raw:
+                    problems.append(doc.problem(base + (i, key), f"'{key}' is not available in a checkpoint",
+                                                "a checkpoint's steps run one after another, in the order "
+                                                "written", key=True))
+            if kind == "loop":
+                problems.append(doc.problem(base + (i, kind), "a loop cannot run inside a checkpoint",
+                                            "put the inner loop's work in its body function", key=True))
+                continue
         if not isinstance(options, dict) or not isinstance(step_id, str):
             continue
         parsed.append((i, raw, kind, options))
@@ -410,10 +446,11 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
     broken = {p.path for p in problems}
 
     def schema_ok(i: int, kind: str) -> bool:
-        prefix = f"steps[{i}].{kind}"
+        prefix = format_path(base + (i, kind))
         return not any(b == prefix or b.startswith(prefix + ".") for b in broken)
 
     spec_ids = {s for s in ids if isinstance(s, str)}
+    position = {raw["id"]: n for n, (_i, raw, _k, _o) in enumerate(parsed)}
     output_schemas: dict[str, dict | None] = {}
     prepared: dict[str, dict] = {}
     for i, raw, kind_name, options in parsed:
@@ -421,7 +458,7 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
 
         def problem(sub: PathT, message: str, hint: str | None = None, *, key: bool = False,
                     _i: int = i, _k: str = kind_name) -> Problem:
-            return doc.problem(("steps", _i, _k) + tuple(sub), message, hint, key=key)
+            return doc.problem(base + (_i, _k) + tuple(sub), message, hint, key=key)
 
         ctx = CheckContext(spec_dir=spec_dir, model_aliases=tuple(models), problem=problem,
                            server_names=tuple(server_names))
@@ -429,6 +466,8 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
         problems.extend(kind_problems)
         if kind_problems or not schema_ok(i, kind_name):
             continue
+        if kind_name == "loop":  # its checkpoints and `until` are parsed below, not resolved as options
+            options = {k: v for k, v in options.items() if k not in ("checkpoints", "until")}
         prepared[raw["id"]] = kind.prepare(options, spec_dir)
         output = kind.output_schema(prepared[raw["id"]], spec_dir)
         output_schemas[raw["id"]] = {"type": "array", "items": output} if "foreach" in raw else output
@@ -441,12 +480,15 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
         mapped = "foreach" in raw
 
         def depend(path: PathT, root: str, parts: tuple, text: str, offset: int | None = None,
-                   _id: str = step_id, _mapped: bool = mapped) -> None:
+                   _id: str = step_id, _mapped: bool = mapped, _loop: bool = nested) -> None:
             """Check one reference found at `path` and record the dependency it makes."""
             where = graph.at(doc, path, offset)
             if root in ("item", "index") and not _mapped:
                 problems.append(where(f"'{text}': {root} is only defined in a step with foreach",
                                       "add foreach: to this step, or refer to params or steps"))
+            elif root == "loop" and not _loop:
+                problems.append(where(f"'{text}': loop is only defined in a loop's checkpoint and until",
+                                      "refer to params or steps"))
             elif root == "params" and parts and parts[0] not in params:
                 problems.append(where(f"unknown parameter '{parts[0]}'",
                                       _suggest(parts[0], params) or "declare it under params"))
@@ -454,61 +496,172 @@ def _check_steps(doc: Document, spec_dir: Path, params: dict[str, Any],
                 problems.append(where(f"'{text}': a step reference is steps.ID.output[.field...]"))
             elif root == "steps":
                 target = str(parts[0])
+                schemas = output_schemas
                 if target == _id:
                     problems.append(where(f"step '{_id}' refers to its own output"))
-                elif target not in spec_ids:
-                    problems.append(where(f"unknown step '{target}'", _suggest(target, spec_ids - {_id})))
-                else:
-                    if target not in deps[_id]:
+                    return
+                if target in spec_ids:
+                    if nested and position.get(target, -1) > position[_id]:
+                        problems.append(where(f"step '{target}' runs later in this checkpoint",
+                                              "a checkpoint's steps run in the order written"))
+                        return
+                    if not nested and target not in deps[_id]:
                         deps[_id].append(target)
-                    why = _field_problem(output_schemas.get(target), tuple(parts[2:]))
-                    if why:
-                        problems.append(where(f"{text}: {why}"))
+                elif target in scope.outer:
+                    schemas = scope.outer
+                    if target not in scope.outer_deps:
+                        scope.outer_deps.append(target)
+                else:
+                    known = spec_ids | set(scope.outer)
+                    problems.append(where(f"unknown step '{target}'", _suggest(target, known - {_id})
+                                          or _inside_checkpoint(target, scope)))
+                    return
+                why = _field_problem(schemas.get(target), tuple(parts[2:]))
+                if why:
+                    problems.append(where(f"{text}: {why}"))
 
-        def template_refs(value: Any, base: PathT, *, item_allowed: bool) -> None:
+        def template_refs(value: Any, path: PathT, *, item_allowed: bool, _depend: Any = depend) -> None:
             for sub, expr in templates.iter_templates(value):
                 try:
                     ref = templates.parse_ref(expr)
                 except templates.TemplateError as exc:
-                    problems.append(doc.problem(base + sub, str(exc)))
+                    problems.append(doc.problem(path + sub, str(exc)))
                     continue
                 if not item_allowed and ref.root in ("item", "index"):
-                    problems.append(doc.problem(base + sub, f"'{ref.text}': foreach cannot refer to "
+                    problems.append(doc.problem(path + sub, f"'{ref.text}': foreach cannot refer to "
                                                 "its own items", "refer to params or steps"))
                     continue
-                depend(base + sub, ref.root, ref.parts, ref.text)
+                _depend(path + sub, ref.root, ref.parts, ref.text)
 
-        template_refs(prepared.get(step_id, {}), ("steps", i, kind_name), item_allowed=True)
+        template_refs(prepared.get(step_id, {}), base + (i, kind_name), item_allowed=True)
         control: dict[str, Any] = {}
-        if mapped:
+        if mapped and not nested:
             control["foreach"] = graph.foreach_source(doc, i, raw["foreach"], spec_dir, problems)
             if control["foreach"] is not None and control["foreach"].source == "value":
                 template_refs(raw["foreach"], ("steps", i, "foreach"), item_allowed=False)
-        elif "parallel" in raw or "on_item_error" in raw:
+        elif not nested and ("parallel" in raw or "on_item_error" in raw):
             key = "parallel" if "parallel" in raw else "on_item_error"
             problems.append(doc.problem(("steps", i, key), f"'{key}' applies to the items of a foreach",
                                         "add foreach: to this step, or remove it", key=True))
         if "when" in raw:
-            control["when"] = graph.condition(doc, i, raw["when"], mapped, depend, problems)
+            roots = ("params", "steps") + (("item", "index") if mapped else ()) + (("loop",) if nested else ())
+            control["when"] = graph.condition(doc, base + (i, "when"), raw["when"], roots, depend, problems)
+        if kind_name == "loop" and step_id in prepared:
+            control["loop"] = _loop(doc, i, raw["loop"], step_id, spec_dir, params, models, defaults,
+                                    problems, server_names, scope, deps[step_id], output_schemas,
+                                    spec_ids, template_refs)
         controls[step_id] = control
 
-    graph.explicit_and_state_order(doc, parsed, prepared, models, registered, spec_ids, deps, problems)
-    order = graph.order(doc, parsed, deps, problems)
+    if nested:
+        order = [raw["id"] for _i, raw, _k, _o in parsed]
+    else:
+        graph.explicit_and_state_order(doc, parsed, prepared, models, registered, spec_ids, deps, problems,
+                                       scope.resources)
+        order = graph.order(doc, parsed, deps, problems)
     steps = []
     for i, raw, kind_name, _options in parsed:
         if raw["id"] not in prepared:
             continue
+        control = controls.get(raw["id"], {})
         steps.append(StepSpec(
             id=raw["id"], kind=kind_name, options=prepared[raw["id"]],
             policy=_policy(raw, defaults), index=i, description=raw.get("description"),
             depends_on=tuple(deps.get(raw["id"], ())),
-            foreach=controls.get(raw["id"], {}).get("foreach"),
-            when=controls.get(raw["id"], {}).get("when"),
+            foreach=control.get("foreach"), when=control.get("when"),
             parallel=raw.get("parallel") if isinstance(raw.get("parallel"), int) else None,
             on_item_error=raw.get("on_item_error", "fail"),
+            loop=control.get("loop"), parent=scope.loop,
         ))
     by_id = {s.id: s for s in steps}
     return [by_id[s] for s in order if s in by_id]
+
+
+def _inside_checkpoint(target: str, scope: _Scope) -> str | None:
+    """A hint for a top-level reference to a checkpoint's step."""
+    loop = scope.parents.get(target)
+    if loop is None:
+        return None
+    return (f"'{target}' is a step of loop '{loop}''s checkpoint: refer to the loop's output instead, "
+            f"e.g. steps.{loop}.output.analyses")
+
+
+def _loop(doc: Document, i: int, raw: dict[str, Any], step_id: str, spec_dir: Path, params: dict[str, Any],
+          models: dict[str, ModelConfig], defaults: Policy, problems: list[Problem],
+          server_names: Iterable[str], scope: _Scope, loop_deps: list[str],
+          output_schemas: dict[str, dict | None], spec_ids: set[str], template_refs: Any) -> LoopSpec:
+    """A loop step's `until` and checkpoints; what their steps refer to becomes the loop's dependencies."""
+    from .expressions import ExpressionError, parse_expression
+
+    path: PathT = ("steps", i, "loop")
+    until = None
+    if isinstance(raw.get("until"), str):
+        try:
+            until = parse_expression(raw["until"], ("params", "steps", "loop"))
+        except ExpressionError as exc:
+            problems.append(graph.at(doc, path + ("until",), exc.offset)(f"invalid condition: {exc.message}"))
+        else:
+            for ref in until.references:
+                if ref.root == "steps" and ref.path and ref.path[0] not in spec_ids:
+                    problems.append(doc.problem(path + ("until",), f"unknown step '{ref.path[0]}'"))
+                elif ref.root == "steps" and ref.path and ref.path[0] != step_id \
+                        and ref.path[0] not in loop_deps:
+                    loop_deps.append(str(ref.path[0]))
+    outer = {s: output_schemas.get(s) for s in spec_ids if s != step_id}
+    aliases: list[str] = []
+    servers: list[str] = []
+    changes = False
+    checkpoints = []
+    for c, cp in enumerate(raw.get("checkpoints") or []):
+        if not isinstance(cp, dict):
+            continue
+        at = cp.get("at", [])
+        inner = _Scope(base=path + ("checkpoints", c, "steps"), loop=step_id, outer=outer,
+                       outer_deps=loop_deps, taken=scope.taken, parents=scope.parents)
+        steps = _check_steps(doc, cp.get("steps"), spec_dir, params, models, defaults, problems,
+                             server_names, inner)
+        registered = kinds()
+        for s in steps:
+            scope.parents[s.id] = step_id
+            kind = registered[s.kind]
+            aliases += [a for a in kind.models(s.options) if a not in aliases]
+            servers += [x for x in kind.servers(s.options) if x not in servers]
+            changes = changes or kind.changes_state
+        checkpoints.append(Checkpoint(
+            index=c, at=tuple([at] if isinstance(at, int) else at if isinstance(at, list) else []),
+            every=cp.get("every") if isinstance(cp.get("every"), int) else None,
+            history=cp.get("history") or raw.get("history") or 5,
+            mode=cp.get("mode", "blocking"), steps=tuple(steps),
+            apply=_apply(doc, path + ("checkpoints", c, "apply"), cp.get("apply"), spec_dir, problems)))
+    scope.resources[step_id] = (aliases, servers, changes)
+    return LoopSpec(until=until, checkpoints=tuple(checkpoints))
+
+
+def _apply(doc: Document, path: PathT, raw: Any, spec_dir: Path,
+           problems: list[Problem]) -> str | tuple[ApplyField, ...] | None:
+    """A checkpoint's `apply`: a function (it must import) or the fields it sets."""
+    if isinstance(raw, str):
+        from ..steps.python import missing_module
+
+        missing = missing_module(raw, spec_dir)
+        if missing:
+            problems.append(doc.problem(path, missing, "put it next to the spec or install it"))
+        return raw
+    if not isinstance(raw, dict):
+        return None
+    fields = []
+    for target, rule in raw.items():
+        rule = rule if isinstance(rule, dict) else {}
+        low, high = rule.get("min"), rule.get("max")
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
+            problems.append(doc.problem(path + (target, "min"), f"min {low} is above max {high}"))
+        enum = rule.get("enum")
+        fields.append(ApplyField(
+            target=str(target), source=str(rule.get("from", target)),
+            minimum=low if isinstance(low, (int, float)) else None,
+            maximum=high if isinstance(high, (int, float)) else None,
+            enum=tuple(enum) if isinstance(enum, list) else dict(enum) if isinstance(enum, dict) else None,
+            bounds=rule.get("bounds", "clamp")))
+    return tuple(fields)
 
 
 # ---------------------------------------------------------------- entry points
@@ -527,8 +680,8 @@ def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
     models = _models(doc, servers, problems)
     defaults = _policy(doc.data.get("defaults") if isinstance(doc.data.get("defaults"), dict) else {},
                        Policy())
-    steps = _check_steps(doc, path.resolve().parent, params_values, models, defaults, problems,
-                         servers)
+    steps = _check_steps(doc, doc.data.get("steps"), path.resolve().parent, params_values, models,
+                         defaults, problems, servers)
     breaker, guard, response_cache = _resilience(doc)
     if problems:
         raise SpecError(_dedupe(problems))

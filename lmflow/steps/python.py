@@ -103,13 +103,17 @@ class PythonStep(Step):
             yield ctx.problem(("function",), missing, "put it next to the spec or install it")
 
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
-        # a changed function body is a changed step
-        path = _module_file(options["function"].partition(":")[0], spec_dir)
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+        return source_hash(options["function"], spec_dir)  # a changed function body is a changed step
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         return StepResult(call_function(options["function"], options.get("args") or {}, ctx.spec_dir,
                                         timeout=ctx.timeout, cancel=ctx.stopping))
+
+
+def source_hash(ref: str, spec_dir: Path) -> str | None:
+    """SHA-256 of the file of the module `module:function` names (None: not a file)."""
+    path = _module_file(ref.partition(":")[0], spec_dir)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
 
 
 def missing_module(ref: str, spec_dir: Path) -> str | None:
@@ -150,7 +154,12 @@ def call_function(ref: str, kwargs: dict[str, Any], spec_dir: Path, timeout: flo
                   cancel: threading.Event | None = None) -> Any:
     """Call user code, waiting at most `timeout` seconds (None: as long as it takes) and no longer
     than until `cancel` is set; whatever it raises becomes a UserCodeError that says where."""
-    function = load_function(ref, spec_dir)
+    return call(ref, load_function(ref, spec_dir), kwargs, timeout, cancel)
+
+
+def call(ref: str, function: Any, kwargs: dict[str, Any], timeout: float | None = None,
+         cancel: threading.Event | None = None) -> Any:
+    """`call_function` for a function already loaded (a loop calls its body every generation)."""
     if timeout is None and cancel is None:
         try:
             return function(**kwargs)

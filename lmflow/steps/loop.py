@@ -1,0 +1,126 @@
+"""`loop`: the user's optimiser, one generation at a time, with checkpoints that ask a coach.
+
+The options here are what is resolved once when the loop starts (how many generations,
+the init and body functions). `until` and the checkpoints' steps are parsed by the
+validator into `StepSpec.loop`, and the runtime runs them (`lmflow.loop`), because a
+checkpoint's steps are ordinary steps that run as task runs of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import Problem
+from . import register
+from .base import FUNCTION_PATTERN, CheckContext, Step, StepContext, StepResult
+
+_FUNCTION = {"type": "string", "pattern": f"^{FUNCTION_PATTERN}$", "description": "module:function"}
+_COUNT = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\$\{\{"}],
+          "description": "A positive integer, or a reference such as ${{ params.generations }}."}
+
+APPLY_FIELD = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "How one field of the advice sets the state field named by the key.",
+    "properties": {
+        "from": {"type": "string", "description": "Dotted path in the advice (default: the key)."},
+        "min": {"type": "number"},
+        "max": {"type": "number"},
+        "enum": {"description": "Allowed values: a list, or a mapping of names to values (the coach "
+                                "may answer either; case, '-', '_' and spaces are ignored).",
+                 "oneOf": [{"type": "array", "minItems": 1}, {"type": "object", "minProperties": 1}]},
+        "bounds": {"enum": ["clamp", "reject"],
+                   "description": "A value outside min..max is clamped (default) or rejected."},
+    },
+}
+
+CHECKPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["steps"],
+    "properties": {
+        "at": {"description": "Generations to run at (a number or a list).",
+               "oneOf": [{"type": "integer", "minimum": 1},
+                         {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1}]},
+        "every": {"type": "integer", "minimum": 1,
+                  "description": "Run every N generations, the first time at generation N."},
+        "history": {"type": "integer", "minimum": 1,
+                    "description": "Generations of stats the steps see as loop.history (default: the loop's)."},
+        "mode": {"enum": ["blocking", "background"],
+                 "description": "blocking: the loop waits for the advice; background: it goes on and the "
+                                "advice is applied at the first generation after it arrives."},
+        "steps": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/step"},
+                  "description": "Ordinary steps, run in the order written; the last one's output is "
+                                 "the advice."},
+        "apply": {"description": "module:function(state, advice) -> state, or state fields set from the "
+                                 "advice: {field: {from, min, max, enum, bounds}}.",
+                  "oneOf": [_FUNCTION, {"type": "object", "minProperties": 1,
+                                        "additionalProperties": {"oneOf": [APPLY_FIELD, {"type": "null"}]}}]},
+    },
+}
+
+
+@register
+class LoopStep(Step):
+    kind = "loop"
+    summary = ("Run module:function once per generation; checkpoints ask a coach at generation N and "
+               "every K after and apply its advice. Resumes after a crash.")
+    options_schema = {
+        "type": "object",
+        "required": ["init", "body"],
+        "additionalProperties": False,
+        "properties": {
+            "generations": _COUNT,
+            "until": {"type": "string", "description": "Stop when this condition holds after a generation "
+                                                      "(e.g. loop.stats.best < 0.01)."},
+            "max_seconds": {"type": ["number", "string"],
+                            "description": "Stop after this long (e.g. 2h); a resumed run counts on."},
+            "init": {"description": "module:function that returns the first state, or {function, args}.",
+                     "oneOf": [_FUNCTION, {"type": "object", "required": ["function"],
+                                           "additionalProperties": False,
+                                           "properties": {"function": _FUNCTION, "args": {"type": "object"}}}]},
+            "body": {**_FUNCTION, "description": "module:function(state, generation) -> stats: one generation."},
+            "history": {"type": "integer", "minimum": 1,
+                        "description": "Generations of stats a checkpoint sees (default 5)."},
+            "chart": {"type": "array", "items": {"type": "string"},
+                      "description": "Stats fields to chart (default: the numeric ones, at most 4)."},
+            "checkpoints": {"type": "array", "items": CHECKPOINT},
+        },
+    }
+
+    def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
+        from .python import missing_module
+
+        if not any(k in options for k in ("generations", "until", "max_seconds")):
+            yield ctx.problem((), "a loop needs generations, until or max_seconds (else it never ends)",
+                              "e.g. generations: 200")
+        for key in ("init", "body"):
+            ref = options.get(key)
+            ref = ref.get("function") if isinstance(ref, dict) else ref
+            if isinstance(ref, str) and re.fullmatch(FUNCTION_PATTERN, ref):
+                missing = missing_module(ref, ctx.spec_dir)
+                if missing:
+                    yield ctx.problem((key,), missing, "put it next to the spec or install it")
+        for i, checkpoint in enumerate(options.get("checkpoints") or []):
+            if isinstance(checkpoint, dict) and "at" not in checkpoint and "every" not in checkpoint:
+                yield ctx.problem(("checkpoints", i), "a checkpoint needs at: or every:",
+                                  "e.g. every: 5 (first at generation 5)")
+
+    def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
+        """The source of the modules the loop calls: a changed optimiser is a changed loop."""
+        from .python import source_hash
+
+        refs = [options.get("body"), options.get("init")]
+        refs = [r.get("function") if isinstance(r, dict) else r for r in refs]
+        return {ref: source_hash(ref, spec_dir) for ref in refs if isinstance(ref, str)}
+
+    def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
+        from ..errors import LmflowError
+
+        run_loop = getattr(ctx.session, "run_loop", None)
+        if run_loop is None:
+            raise LmflowError("a loop runs inside a spec (lmflow run): its checkpoints are steps of the spec")
+        return run_loop(ctx, options)
