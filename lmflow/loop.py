@@ -294,11 +294,10 @@ class LoopRunner:
         assert checkpoint.apply is not None
         changes = apply_fields(self.state, advice, checkpoint.apply)
         analysis["changes"] = changes
-        took = [c for c in changes if c["status"] in ("applied", "clamped", "normalised")]
-        if took:
+        if any(c["status"] in ("applied", "clamped", "normalised", "unchanged") for c in changes):
             analysis.update(status="applied", applied_at=g)
         else:
-            analysis["status"] = "rejected" if any(c["status"] == "rejected" for c in changes) else "no change"
+            analysis["status"] = "rejected" if any(c["status"] == "rejected" for c in changes) else "no advice"
 
     def _record(self, analysis: dict[str, Any]) -> None:
         self.analyses.append(analysis)
@@ -456,6 +455,8 @@ def apply_fields(state: Any, advice: Any, fields: tuple[ApplyField, ...]) -> lis
             change.update(status="absent", note=f"the advice has no {spec.source}")
         else:
             value, status, note = _coerce(spec, raw, current)
+            if status == "applied" and value == current and type(value) is type(current):
+                status = "unchanged"
             change.update(status=status, note=note)
             if status != "rejected":
                 change.update(previous=current, value=value)

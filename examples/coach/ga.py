@@ -142,3 +142,10 @@ def scripted_advice(generation: int) -> dict:
     if generation == 10:
         return {"mutation_rate": 7.5, "sigma": "wide", "crossover": "zigzag"}
     return {"mutation_rate": 0.05, "sigma": 0.3, "crossover": "Uniform"}
+
+
+def summary(loop: dict) -> dict:
+    """What the run found, and how often the coach's advice was applied."""
+    applied = [a["applied_at"] for a in loop["analyses"] if a.get("applied_at")]
+    return {"best": loop["state"]["best"], "best_x": loop["state"]["best_x"],
+            "generations": loop["generations"], "stopped": loop["stopped"], "advice_applied_at": applied}
