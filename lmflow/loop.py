@@ -357,7 +357,8 @@ class LoopRunner:
         return {"generations": self.generation, "stopped": self.stopped,
                 "state": _snapshot(state_view(self.state)),
                 "stats": self.history[-1] if self.history else None, "history": self.history,
-                "analyses": self.analyses, "resumed_from": self.resumed_from,
+                "analyses": sorted(self.analyses, key=lambda a: (a["asked_at"], a["checkpoint"])),
+                "resumed_from": self.resumed_from,
                 "seconds": round(self.elapsed(), 3)}
 
     def _progress(self, stats: dict[str, Any]) -> None:
@@ -447,20 +448,18 @@ def apply_fields(state: Any, advice: Any, fields: tuple[ApplyField, ...]) -> lis
     for spec in fields:
         raw = _get(advice, spec.source)
         change: dict[str, Any] = {"field": spec.target, "raw": raw}
-        try:
-            current = _get(state, spec.target)
-        except KeyError:
-            current = None
+        current = _get(state, spec.target)
         if raw is None:
             change.update(status="absent", note=f"the advice has no {spec.source}")
         else:
             value, status, note = _coerce(spec, raw, current)
             if status == "applied" and value == current and type(value) is type(current):
                 status = "unchanged"
+            if status != "rejected" and not _set(state, spec.target, value):
+                value, status, note = None, "rejected", f"the state has no {spec.target.rpartition('.')[0]}"
             change.update(status=status, note=note)
             if status != "rejected":
                 change.update(previous=current, value=value)
-                _set(state, spec.target, value)
         changes.append({k: v for k, v in change.items() if v is not None or k in ("raw", "value")})
     return changes
 
@@ -470,7 +469,7 @@ def _coerce(spec: ApplyField, raw: Any, current: Any) -> tuple[Any, str, str | N
     if spec.enum is not None:
         choices = spec.enum.items() if isinstance(spec.enum, dict) else [(v, v) for v in spec.enum]
         for name, value in choices:
-            if raw == value:
+            if raw == value and type(raw) is type(value):
                 return value, "applied", None
             if _normal(raw) in (_normal(name), _normal(value)):
                 return value, "normalised", f"{raw!r} read as {value!r}"
@@ -494,16 +493,18 @@ def _coerce(spec: ApplyField, raw: Any, current: Any) -> tuple[Any, str, str | N
             return None, "rejected", f"{raw!r} is not a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None, "rejected", f"{raw!r} is not a number"
-    for bound, outside, word in ((spec.minimum, lambda v, b: v < b, "below min"),
-                                 (spec.maximum, lambda v, b: v > b, "above max")):
+    whole = isinstance(current, int) and not isinstance(current, bool)
+    if whole and value != int(value):
+        value, status, note = math.floor(value + 0.5), "normalised", f"{raw!r} rounded to {math.floor(value + 0.5)}"
+    low = math.ceil(spec.minimum) if whole and spec.minimum is not None else spec.minimum
+    high = math.floor(spec.maximum) if whole and spec.maximum is not None else spec.maximum
+    for bound, outside, word in ((low, lambda v, b: v < b, "below min"),
+                                 (high, lambda v, b: v > b, "above max")):
         if bound is not None and outside(value, bound):
             if spec.bounds == "reject":
                 return None, "rejected", f"{raw!r} is {word} {bound}"
             value, status, note = bound, "clamped", f"{raw!r} is {word} {bound}: clamped"
-    if isinstance(current, int) and not isinstance(current, bool) and value != int(value):
-        value, status, note = int(round(value)), "normalised", f"{raw!r} rounded to {int(round(value))}"
-    elif isinstance(current, int) and not isinstance(current, bool):
-        value = int(value)
+    value = int(value) if whole else float(value) if isinstance(current, float) else value
     return value, status, note
 
 
@@ -521,11 +522,15 @@ def _get(container: Any, path: str) -> Any:
     return current
 
 
-def _set(container: Any, path: str, value: Any) -> None:
+def _set(container: Any, path: str, value: Any) -> bool:
+    """Set a dotted path; False when a parent on the way does not exist."""
     *parents, last = path.split(".")
     for part in parents:
-        container = container[part] if isinstance(container, dict) else getattr(container, part)
+        container = _get(container, part)
+        if container is None:
+            return False
     if isinstance(container, dict):
         container[last] = value
     else:
         setattr(container, last, value)
+    return True

@@ -489,6 +489,10 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
             elif root == "loop" and not _loop:
                 problems.append(where(f"'{text}': loop is only defined in a loop's checkpoint and until",
                                       "refer to params or steps"))
+            elif root == "loop" and (not parts or parts[0] not in templates.LOOP_FIELDS):
+                problems.append(where(f"'{text}': a loop reference is loop.FIELD",
+                                      _suggest(str(parts[0]), templates.LOOP_FIELDS) if parts else
+                                      "fields: " + ", ".join(templates.LOOP_FIELDS)))
             elif root == "params" and parts and parts[0] not in params:
                 problems.append(where(f"unknown parameter '{parts[0]}'",
                                       _suggest(parts[0], params) or "declare it under params"))
@@ -513,8 +517,8 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
                         scope.outer_deps.append(target)
                 else:
                     known = spec_ids | set(scope.outer)
-                    problems.append(where(f"unknown step '{target}'", _suggest(target, known - {_id})
-                                          or _inside_checkpoint(target, scope)))
+                    problems.append(where(f"unknown step '{target}'", _inside_checkpoint(target, scope)
+                                          or _suggest(target, known - {_id})))
                     return
                 why = _field_problem(schemas.get(target), tuple(parts[2:]))
                 if why:
@@ -546,10 +550,10 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
         if "when" in raw:
             roots = ("params", "steps") + (("item", "index") if mapped else ()) + (("loop",) if nested else ())
             control["when"] = graph.condition(doc, base + (i, "when"), raw["when"], roots, depend, problems)
-        if kind_name == "loop" and step_id in prepared:
+        if kind_name == "loop":
             control["loop"] = _loop(doc, i, raw["loop"], step_id, spec_dir, params, models, defaults,
                                     problems, server_names, scope, deps[step_id], output_schemas,
-                                    spec_ids, template_refs)
+                                    spec_ids, lambda *a, _d=depend: _d(*a, _loop=True))
         controls[step_id] = control
 
     if nested:
@@ -577,10 +581,15 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
 
 
 def _inside_checkpoint(target: str, scope: _Scope) -> str | None:
-    """A hint for a top-level reference to a checkpoint's step."""
+    """A hint for a reference to a checkpoint's step, or from a checkpoint to its own loop."""
+    if target == scope.loop:
+        return "a checkpoint sees its loop as loop.state, loop.stats, loop.history and loop.generation"
     loop = scope.parents.get(target)
     if loop is None:
         return None
+    if loop == scope.loop:
+        return (f"'{target}' belongs to another checkpoint: a checkpoint sees its own steps, the "
+                "top-level steps and loop.*")
     return (f"'{target}' is a step of loop '{loop}''s checkpoint: refer to the loop's output instead, "
             f"e.g. steps.{loop}.output.analyses")
 
@@ -588,24 +597,13 @@ def _inside_checkpoint(target: str, scope: _Scope) -> str | None:
 def _loop(doc: Document, i: int, raw: dict[str, Any], step_id: str, spec_dir: Path, params: dict[str, Any],
           models: dict[str, ModelConfig], defaults: Policy, problems: list[Problem],
           server_names: Iterable[str], scope: _Scope, loop_deps: list[str],
-          output_schemas: dict[str, dict | None], spec_ids: set[str], template_refs: Any) -> LoopSpec:
+          output_schemas: dict[str, dict | None], spec_ids: set[str], depend: Any) -> LoopSpec:
     """A loop step's `until` and checkpoints; what their steps refer to becomes the loop's dependencies."""
-    from .expressions import ExpressionError, parse_expression
-
     path: PathT = ("steps", i, "loop")
-    until = None
-    if isinstance(raw.get("until"), str):
-        try:
-            until = parse_expression(raw["until"], ("params", "steps", "loop"))
-        except ExpressionError as exc:
-            problems.append(graph.at(doc, path + ("until",), exc.offset)(f"invalid condition: {exc.message}"))
-        else:
-            for ref in until.references:
-                if ref.root == "steps" and ref.path and ref.path[0] not in spec_ids:
-                    problems.append(doc.problem(path + ("until",), f"unknown step '{ref.path[0]}'"))
-                elif ref.root == "steps" and ref.path and ref.path[0] != step_id \
-                        and ref.path[0] not in loop_deps:
-                    loop_deps.append(str(ref.path[0]))
+    if not isinstance(raw, dict):
+        return LoopSpec()
+    until = graph.condition(doc, path + ("until",), raw["until"], ("params", "steps", "loop"), depend,
+                            problems) if isinstance(raw.get("until"), str) else None
     outer = {s: output_schemas.get(s) for s in spec_ids if s != step_id}
     aliases: list[str] = []
     servers: list[str] = []

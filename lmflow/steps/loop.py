@@ -26,7 +26,7 @@ APPLY_FIELD = {
     "additionalProperties": False,
     "description": "How one field of the advice sets the state field named by the key.",
     "properties": {
-        "from": {"type": "string", "description": "Dotted path in the advice (default: the key)."},
+        "from": {"type": "string", "minLength": 1, "description": "Dotted path in the advice (default: the key)."},
         "min": {"type": "number"},
         "max": {"type": "number"},
         "enum": {"description": "Allowed values: a list, or a mapping of names to values (the coach "
@@ -76,7 +76,7 @@ class LoopStep(Step):
             "generations": _COUNT,
             "until": {"type": "string", "description": "Stop when this condition holds after a generation "
                                                       "(e.g. loop.stats.best < 0.01)."},
-            "max_seconds": {"type": ["number", "string"],
+            "max_seconds": {"$ref": "#/$defs/duration",
                             "description": "Stop after this long (e.g. 2h); a resumed run counts on."},
             "init": {"description": "module:function that returns the first state, or {function, args}.",
                      "oneOf": [_FUNCTION, {"type": "object", "required": ["function"],
@@ -107,7 +107,7 @@ class LoopStep(Step):
         for i, checkpoint in enumerate(options.get("checkpoints") or []):
             if isinstance(checkpoint, dict) and "at" not in checkpoint and "every" not in checkpoint:
                 yield ctx.problem(("checkpoints", i), "a checkpoint needs at: or every:",
-                                  "e.g. every: 5 (first at generation 5)")
+                                  "e.g. every: 5, which runs at 5, 10, 15...")
 
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         """The source of the modules the loop calls: a changed optimiser is a changed loop."""
