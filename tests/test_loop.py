@@ -271,6 +271,7 @@ def test_reload_between_analyses_goes_through_one_sdk_client(prefect_api: str, t
 
 @pytest.mark.engine
 def test_the_coach_example_runs_as_the_readme_says(prefect_api: str) -> None:
+    # the command in the README, as quoted there (with --json to read the result)
     out = lmflow_cmd("run", "examples/coach/coach.yaml", "-p", "generations=10", "--json", "--refresh")
     assert out.returncode == 0, out.stderr
     evolve, summary = json.loads(out.stdout)["steps"]
