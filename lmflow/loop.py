@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,7 @@ class LoopRunner:
             self._checkpoints_due(self.generation, resuming=self.resumed_from is not None)
             while not self._should_stop():
                 g = self.generation + 1
-                stats = call(self.body_ref, lambda: body(self.state, g), {}, policy.timeout, cancel)
+                stats = call(self.body_ref, lambda g=g: body(self.state, g), {}, policy.timeout, cancel)
                 stats = _stats(stats, self.body_ref)
                 stats_file.write(json.dumps({"g": g, "stats": stats}) + "\n")
                 stats_file.flush()
@@ -184,7 +183,8 @@ class LoopRunner:
 
     def _new_analysis(self, checkpoint: Checkpoint, g: int, reasked: bool = False) -> dict[str, Any]:
         names = _snapshot(self._names(history=checkpoint.history, checkpoint=checkpoint)["loop"])
-        analysis = {"checkpoint": checkpoint.index, "mode": checkpoint.mode, "asked_at": g, "applied_at": None,
+        analysis = {"checkpoint": checkpoint.index, "mode": checkpoint.mode, "asked_at": g,
+                    "applied_at": None,
                     "status": "asked", "steps": {}, "advice": None, "changes": [], "seconds": None,
                     "error": None, "_names": names, "_started": time.perf_counter()}
         if reasked:
@@ -297,7 +297,8 @@ class LoopRunner:
         if any(c["status"] in ("applied", "clamped", "normalised", "unchanged") for c in changes):
             analysis.update(status="applied", applied_at=g)
         else:
-            analysis["status"] = "rejected" if any(c["status"] == "rejected" for c in changes) else "no advice"
+            rejected = any(c["status"] == "rejected" for c in changes)
+            analysis["status"] = "rejected" if rejected else "no advice"
 
     def _record(self, analysis: dict[str, Any]) -> None:
         self.analyses.append(analysis)
@@ -380,8 +381,11 @@ class LoopRunner:
         self.published = time.perf_counter()
         from .loop_report import markdown
 
-        publish(self.step.id, markdown(self.step.id, self.total, self.history, self.analyses, self.chart,
-                                       final))
+        try:
+            publish(self.step.id, markdown(self.step.id, self.total, self.history, self.analyses, self.chart,
+                                           final))
+        except Exception as exc:  # noqa: BLE001 - the UI's report is not worth stopping the loop for
+            self.ctx.emit("warning", {"message": f"could not update the loop's report in Prefect: {exc}"})
 
 
 def _since(started: float) -> float:
@@ -478,7 +482,9 @@ def _coerce(spec: ApplyField, raw: Any, current: Any) -> tuple[Any, str, str | N
     numeric = spec.minimum is not None or spec.maximum is not None or (
         isinstance(current, (int, float)) and not isinstance(current, bool))
     if isinstance(current, bool):
-        return (raw, "applied", None) if isinstance(raw, bool) else (None, "rejected", f"{raw!r} is not true/false")
+        if isinstance(raw, bool):
+            return raw, "applied", None
+        return None, "rejected", f"{raw!r} is not true/false"
     if not numeric:
         if current is not None and not isinstance(raw, type(current)):
             return None, "rejected", f"{raw!r} is not a {type(current).__name__}"
@@ -495,7 +501,8 @@ def _coerce(spec: ApplyField, raw: Any, current: Any) -> tuple[Any, str, str | N
         return None, "rejected", f"{raw!r} is not a number"
     whole = isinstance(current, int) and not isinstance(current, bool)
     if whole and value != int(value):
-        value, status, note = math.floor(value + 0.5), "normalised", f"{raw!r} rounded to {math.floor(value + 0.5)}"
+        rounded = math.floor(value + 0.5)
+        value, status, note = rounded, "normalised", f"{raw!r} rounded to {rounded}"
     low = math.ceil(spec.minimum) if whole and spec.minimum is not None else spec.minimum
     high = math.floor(spec.maximum) if whole and spec.maximum is not None else spec.maximum
     for bound, outside, word in ((low, lambda v, b: v < b, "below min"),

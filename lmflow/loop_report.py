@@ -31,7 +31,8 @@ def markdown(step: str, total: int | None, history: list[dict[str, Any]], analys
     for entry in history:  # generations 1..n; a resumed loop has them all
         for f in fields:
             value = entry.get(f)
-            series[f].append(value if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            series[f].append(value if number else None)
     marks = [(a["applied_at"], f"{a['applied_at']}: coach (asked at {a['asked_at']})")
              for a in analyses if a.get("applied_at")]
     svg = line_chart_svg(series, marks=marks, title=f"{step}: " + ", ".join(fields)) if fields else None

@@ -76,10 +76,12 @@ def analysis_line(step: str, analysis: dict[str, Any]) -> str:
             changes.append(f"{c['field']} rejected ({c.get('note')})")
         elif c["status"] not in ("absent", "unchanged"):
             note = f" ({c['note']})" if c.get("note") else ""
-            changes.append(f"{c['field']} {short(c.get('previous'), 12)} -> {short(c.get('value'), 12)}{note}")
+            was, now = short(c.get("previous"), 12), short(c.get("value"), 12)
+            changes.append(f"{c['field']} {was} -> {now}{note}")
     detail = "; ".join(changes) or analysis.get("error") or (
         "no change" if analysis.get("applied_at") is not None else "")
-    return f"  {where}: {status}{by}" + (f": {detail}" if detail else "") + f" [{analysis.get('seconds') or 0:.1f}s]"
+    took = f" [{analysis.get('seconds') or 0:.1f}s]"
+    return f"  {where}: {status}{by}" + (f": {detail}" if detail else "") + took
 
 
 def table(result: RunResult) -> str:
@@ -196,8 +198,8 @@ def _loop_plan(step: Any, params: dict[str, Any]) -> list[str]:
     stops = [f"{generations} generations" if generations is not None else "",
              f"until {loop.until.text}" if loop.until is not None else "",
              f"at most {options['max_seconds']}" if "max_seconds" in options else ""]
-    lines = [f"     body {options['body']}, init {options['init'] if isinstance(options['init'], str) else options['init']['function']}; stops after "
-             + ", or ".join(x for x in stops if x)]
+    init = options["init"] if isinstance(options["init"], str) else options["init"]["function"]
+    lines = [f"     body {options['body']}, init {init}; stops after " + ", or ".join(x for x in stops if x)]
     for c in loop.checkpoints:
         when = ", ".join(filter(None, [f"at {', '.join(map(str, c.at))}" if c.at else "",
                                        f"every {c.every} (first at {c.every})" if c.every else ""]))

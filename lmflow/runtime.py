@@ -482,9 +482,9 @@ class Runtime:
         extra = {}
         if getattr(exc, "url", None):
             extra["url"] = exc.url
-        for name in ("status", "n_prompt", "n_ctx", "errors"):
-            if getattr(exc, name, None) is not None:
-                extra[name] = getattr(exc, name)
+        for attribute in ("status", "n_prompt", "n_ctx", "errors"):
+            if getattr(exc, attribute, None) is not None:
+                extra[attribute] = getattr(exc, attribute)
         message = str(exc) if isinstance(exc, (LmflowError, templates.TemplateError)) else describe(exc)
         attempts = getattr(exc, "attempts", None) or (record.attempts if index is None else 1)
         return StepFailure(step=name or (step.id if index is None else f"{step.id}[{index}]"),

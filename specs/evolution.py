@@ -8,7 +8,7 @@ MU, LAMBDA = 5, 20
 
 
 def rosenbrock(x):
-    return sum(100 * (b - a * a) ** 2 + (1 - a) ** 2 for a, b in zip(x, x[1:]))
+    return sum(100 * (b - a * a) ** 2 + (1 - a) ** 2 for a, b in zip(x, x[1:], strict=False))
 
 
 def init(seed=7, dimensions=6):
@@ -26,7 +26,7 @@ def one_generation(state, generation):
     best = rosenbrock(children[0])
     state["stagnant"] = 0 if best < state["best"] else state["stagnant"] + 1
     state["best"] = min(best, state["best"])
-    columns = list(zip(*state["_parents"]))
+    columns = list(zip(*state["_parents"], strict=True))
     diversity = sum(math.sqrt(sum((v - sum(c) / MU) ** 2 for v in c) / MU) for c in columns) / len(columns)
     return {"best": round(state["best"], 6), "diversity": round(diversity, 6),
             "sigma": round(sigma, 6), "stagnant": state["stagnant"]}

@@ -252,7 +252,10 @@ def test_reload_between_analyses_goes_through_one_sdk_client(prefect_api: str, t
                     - id: fresh
                       reload_model: {{model: coach}}
                     - id: advise
-                      prompt: {{model: coach, user: "Best ${{{{ loop.stats.best }}}}. Say ok.", max_tokens: 3}}
+                      prompt:
+                        model: coach
+                        user: "Best ${{{{ loop.stats.best }}}}. Say ok."
+                        max_tokens: 3
         """, "reload")
     try:
         result = run_json(spec)

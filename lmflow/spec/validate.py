@@ -548,7 +548,8 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
             problems.append(doc.problem(("steps", i, key), f"'{key}' applies to the items of a foreach",
                                         "add foreach: to this step, or remove it", key=True))
         if "when" in raw:
-            roots = ("params", "steps") + (("item", "index") if mapped else ()) + (("loop",) if nested else ())
+            roots = ("params", "steps") + (("item", "index") if mapped else ()) \
+                + (("loop",) if nested else ())
             control["when"] = graph.condition(doc, base + (i, "when"), raw["when"], roots, depend, problems)
         if kind_name == "loop":
             control["loop"] = _loop(doc, i, raw["loop"], step_id, spec_dir, params, models, defaults,

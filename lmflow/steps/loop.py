@@ -26,7 +26,8 @@ APPLY_FIELD = {
     "additionalProperties": False,
     "description": "How one field of the advice sets the state field named by the key.",
     "properties": {
-        "from": {"type": "string", "minLength": 1, "description": "Dotted path in the advice (default: the key)."},
+        "from": {"type": "string", "minLength": 1,
+                 "description": "Dotted path in the advice (default: the key)."},
         "min": {"type": "number"},
         "max": {"type": "number"},
         "enum": {"description": "Allowed values: a list, or a mapping of names to values (the coach "
@@ -48,7 +49,8 @@ CHECKPOINT = {
         "every": {"type": "integer", "minimum": 1,
                   "description": "Run every N generations, the first time at generation N."},
         "history": {"type": "integer", "minimum": 1,
-                    "description": "Generations of stats the steps see as loop.history (default: the loop's)."},
+                    "description": "Generations of stats the steps see as loop.history "
+                                   "(default: the loop's)."},
         "mode": {"enum": ["blocking", "background"],
                  "description": "blocking: the loop waits for the advice; background: it goes on and the "
                                 "advice is applied at the first generation after it arrives."},
@@ -81,8 +83,10 @@ class LoopStep(Step):
             "init": {"description": "module:function that returns the first state, or {function, args}.",
                      "oneOf": [_FUNCTION, {"type": "object", "required": ["function"],
                                            "additionalProperties": False,
-                                           "properties": {"function": _FUNCTION, "args": {"type": "object"}}}]},
-            "body": {**_FUNCTION, "description": "module:function(state, generation) -> stats: one generation."},
+                                           "properties": {"function": _FUNCTION,
+                                                          "args": {"type": "object"}}}]},
+            "body": {**_FUNCTION,
+                     "description": "module:function(state, generation) -> stats: one generation."},
             "history": {"type": "integer", "minimum": 1,
                         "description": "Generations of stats a checkpoint sees (default 5)."},
             "chart": {"type": "array", "items": {"type": "string"},
