@@ -113,7 +113,7 @@ class LoopRunner:
                 stats_file.flush()
                 self.generation = g
                 self.history.append({"generation": g, **stats})
-                if self.until is not None and self.until.test(self._names(stats)):
+                if self.until is not None and self._until(stats):
                     self.stopped = "until"
                     self._save()
                     break
@@ -147,6 +147,17 @@ class LoopRunner:
             self.stopped = "max_seconds"
             return True
         return bool(self.stopped)
+
+    def _until(self, stats: dict[str, Any]) -> bool:
+        from .spec.expressions import ExpressionError
+
+        try:
+            return self.until.test(self._names(stats))
+        except ExpressionError as exc:
+            fields = ", ".join(stats) or "none"
+            raise LmflowError(f"until: {exc.message} at generation {self.generation} (loop.stats has: "
+                              f"{fields}; loop.state has: {', '.join(state_view(self.state)) or 'none'})") \
+                from None
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -343,9 +354,14 @@ class LoopRunner:
                 "pending": {i: a["asked_at"] for i, (a, _f) in self.pending.items()},
                 "elapsed": self.elapsed(),
                 "stopped": self.stopped}
+        try:
+            blob = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - whatever the user's state holds
+            raise LmflowError(f"the loop's state cannot be saved ({type(exc).__name__}: {exc}): it is pickled "
+                              "after every generation so a killed run can resume; keep functions, open "
+                              "files and locks out of the state") from None
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.write_bytes(blob)
         os.replace(tmp, self.state_path)
 
     def _remove_files(self) -> None:
