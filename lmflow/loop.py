@@ -358,8 +358,8 @@ class LoopRunner:
             blob = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - whatever the user's state holds
             raise LmflowError(f"the loop's state cannot be saved ({type(exc).__name__}: {exc}): it is "
-                              "pickled after every generation so a killed run can resume; keep functions, open "
-                              "files and locks out of the state") from None
+                              "pickled after every generation so a killed run can resume; keep functions, "
+                              "open files and locks out of the state") from None
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         tmp.write_bytes(blob)
         os.replace(tmp, self.state_path)
