@@ -23,12 +23,14 @@ __all__ = [
 
 
 def run(spec_path: Any, params: dict[str, Any] | None = None, **options: Any) -> RunResult:
-    """Validate, compile to a Prefect flow and run a spec (see `lmflow.compile.run`)."""
+    """Validate, compile to a Prefect flow and run a spec: a path, or a `Spec` loaded with these
+    params (see `lmflow.compile.run`)."""
     from contextlib import nullcontext
 
     from .prefect_server import configure_environment, temporary_server
 
-    load_spec(spec_path, params)  # spec errors cost nothing: no Prefect import yet
+    # spec errors cost nothing: no Prefect import yet; loaded once (validation imports its modules)
+    spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path, params)
     # Prefect reads its settings when it is imported: configure first
     choice = configure_environment(options.get("verbose", False))
     listener = options.get("listener")
@@ -37,7 +39,7 @@ def run(spec_path: Any, params: dict[str, Any] | None = None, **options: Any) ->
     with temporary_server() if choice.url is None else nullcontext():
         from .compile import run as _run
 
-        return _run(spec_path, params, **options)
+        return _run(spec, params, **options)
 
 
 def __getattr__(name: str) -> Any:

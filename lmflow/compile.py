@@ -26,11 +26,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from .errors import StepFailed, StepFailure
+from . import shared_limit
+from .errors import LmflowError, StepFailed, StepFailure
 from .prefect_server import configure_environment
-from .runtime import Listener, RunRecorder, RunResult, Runtime
+from .runtime import Listener, RunRecorder, RunResult, Runtime, working_directory
 from .spec import load_spec
-from .spec.model import StepSpec
+from .spec.model import Spec, StepSpec
 from .steps import StepResult, get_kind
 
 _RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar("lmflow_runtime")
@@ -68,34 +69,86 @@ def _key_from_parameters(_ctx: Any, parameters: dict[str, Any]) -> str | None:
     return parameters.get("cache_key")
 
 
-@flow(name="lmflow", persist_result=False, validate_parameters=False,
-      task_runner=ThreadPoolTaskRunner(max_workers=POOL_SIZE))
-def lmflow_flow(spec_path: str, params: dict[str, Any] | None = None,
-                refresh_cache: bool = False, max_parallel: int | None = None) -> dict[str, Any]:
-    """Run the pipeline described by the spec at `spec_path`."""
-    spec = load_spec(spec_path, params)
+def run_spec(spec_path: str, params: dict[str, Any] | None = None,
+             refresh_cache: bool = False, max_parallel: int | None = None) -> dict[str, Any]:
+    """Run the pipeline described by the spec at `spec_path`.
+
+    A relative path is relative to `LMFLOW_REPO` when it is set (a worker's checkout of the
+    repository the deployment names the spec in), else to the working directory.
+    """
     owned = _RECORDER.get(None) is None  # run by a deployment, not by `run()`
-    recorder = _RECORDER.get(None) or RunRecorder(spec)
+    if owned:
+        if not Path(spec_path).is_absolute() and os.environ.get("LMFLOW_REPO"):
+            spec_path = str(Path(os.environ["LMFLOW_REPO"]) / spec_path)
+        spec = load_spec(spec_path, params)
+        recorder = RunRecorder(spec)
+    else:  # `run()` loaded it a moment ago (validation imports the spec's modules: once is enough)
+        recorder = _RECORDER.get()
+        spec = recorder.spec
     recorder.result.flow_run_id = str(get_run_context().flow_run.id)
+    _label_flow_run(recorder)
     runtime = Runtime(spec, recorder)
     runtime.refresh = refresh_cache
     runtime.nested = _nested_runner(runtime, refresh_cache)
     runtime.publish = _publish
     token = _RUNTIME.set(runtime)
     try:
-        with runtime:
+        if owned or recorder.result.api_url:  # a server other runs use too, not this run's temporary one
+            runtime.gates = shared_limit.install(spec)
+        with working_directory(spec.dir, lambda message: recorder.emit("warning", message=message)), \
+                runtime:
+            runtime.release_leftovers()
             try:
                 Scheduler(runtime, refresh_cache, max_parallel or spec.max_parallel).run()
             finally:
                 runtime.stopping.set()  # user code still running stops being waited for
     finally:
         _RUNTIME.reset(token)
+        _summarize(recorder)
         if owned:
             recorder.save()
     failures = recorder.result.failures
     if failures:
         raise StepFailed(failures[0])
     return recorder.result.outputs()
+
+
+#: the one flow of every spec. Its function is a module attribute of its own (`run_spec`), so
+#: Prefect's serve and workers pickle it by reference (a Flow under the function's own name
+#: would be pickled by value, with this module's context variables, and fail)
+lmflow_flow = flow(name="lmflow", persist_result=False, validate_parameters=False,
+                   task_runner=ThreadPoolTaskRunner(max_workers=POOL_SIZE))(run_spec)
+
+
+def _label_flow_run(recorder: RunRecorder) -> None:
+    """Name the flow run after the run's id and tag it with the spec's name and version, so a run
+    started by a schedule or a worker reads like one from `lmflow run` and can be traced to the
+    exact spec it ran."""
+    from prefect.client.orchestration import get_client
+
+    result = recorder.result
+    flow_run = get_run_context().flow_run
+    tags = sorted({*(flow_run.tags or ()), *result.tags()})
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, name=result.run_id, tags=tags)
+    except Exception as exc:  # noqa: BLE001 - labels are a convenience; the run goes on
+        recorder.emit("warning", message=f"could not label the flow run in Prefect: {exc}")
+
+
+def _summarize(recorder: RunRecorder) -> None:
+    """The run's table in Prefect's UI (one API call, also when steps failed): a row per step,
+    errors whole. `lmflow runs` and `lmflow runs show` read it (lmflow.history)."""
+    from prefect.artifacts import create_table_artifact
+
+    from . import history
+
+    result = recorder.result
+    try:
+        create_table_artifact(history.summary_rows(result), key=history.summary_key(result.name),
+                              description=history.summary_description(result))
+    except Exception as exc:  # noqa: BLE001 - the summary is a convenience; the run's outcome stands
+        recorder.emit("warning", message=f"could not write the run's summary to Prefect: {exc}")
 
 
 _SKIPPED = object()  # an item whose condition was false, or that failed with on_item_error: skip
@@ -495,11 +548,35 @@ def _drain(timeout: float = 10.0) -> None:
         worker.drain_all(timeout=timeout)
 
 
-def run(spec_path: str | Path, params: dict[str, Any] | None = None, *,
+def _cause(state: Any) -> BaseException | str:
+    """What ended a flow run that did not complete: its exception, else Prefect's message."""
+    try:
+        cause = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - a state without its result (a crash): its message will do
+        cause = None
+    return cause if isinstance(cause, BaseException) else (state.message or state.name)
+
+
+def _flow_stopped(recorder: RunRecorder, cause: BaseException | str) -> None:
+    """The flow died outside any step's own error handling (Prefect's machinery, a failed setup):
+    the run's error names the cause, and no step is left looking as if it still ran."""
+    if isinstance(cause, BaseException):
+        cause = str(cause) if isinstance(cause, LmflowError) else f"{type(cause).__name__}: {cause}"
+    recorder.result.error = f"the flow stopped: {cause} (`lmflow run -v` shows Prefect's traceback)"
+    for record in recorder.result.steps:  # the table and the record, not the progress: the run is over
+        if record.status == "running":
+            record.status, record.reason = "interrupted", "the flow stopped while it ran"
+        elif record.status == "pending":
+            record.status, record.reason = "skipped", "the flow stopped before it started"
+
+
+def run(spec_path: str | Path | Spec, params: dict[str, Any] | None = None, *,
         refresh_cache: bool = False, listener: Listener | None = None,
         verbose: bool = False, max_parallel: int | None = None) -> RunResult:
-    """Validate, compile and run a spec; returns every step's record (never raises StepFailed)."""
-    spec = load_spec(spec_path, params)  # before Prefect: spec errors cost nothing
+    """Validate, compile and run a spec (a path, or a spec already loaded with these params);
+    returns every step's record (never raises StepFailed)."""
+    # before Prefect: spec errors cost nothing
+    spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path, params)
     choice = configure_environment(verbose)
     recorder = RunRecorder(spec, listener)
     recorder.result.api_url = choice.url
@@ -509,8 +586,14 @@ def run(spec_path: str | Path, params: dict[str, Any] | None = None, *,
         named = lmflow_flow.with_options(name=spec.name, flow_run_name=recorder.result.run_id)
         with _no_heartbeat_wait():
             state = named(str(spec.file), params, refresh_cache, max_parallel, return_state=True)
-        if not state.is_completed() and recorder.result.failure is None:
-            recorder.result.error = state.message or state.name
+        if not state.is_completed():
+            cause = _cause(state)
+            if not isinstance(cause, StepFailed):  # failed steps are reported as such
+                _flow_stopped(recorder, cause)
+    except LmflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the run's top level: what stopped the flow is its error
+        _flow_stopped(recorder, exc)
     finally:
         _RECORDER.reset(token)
         recorder.save()

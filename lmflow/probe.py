@@ -7,8 +7,11 @@ where it stopped; the model is never left loaded. Results live in a registry
 under lmflow's home, keyed by everything that changes the answer.
 
 The working maximum fills the context for real: a pass key at the start, the
-middle and the end, temperature 0, exact match, the server's own token count
-checked; bisection on the fill level, the boundary confirmed with other keys.
+middle and the end, temperature 0, the server's own token count checked; a
+trial is right when the answer states the key as a whole number ("The pass key
+is 65210." is, "165210" is not); bisection on the fill level, the boundary
+confirmed with other keys. A probe that finds no working size says so, and
+`probed` then refuses its record rather than fall back to the loadable size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import hashlib
 import html
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -177,10 +181,11 @@ def _load_once(backend: Backend, model: ModelConfig, size: int) -> Attempt:
 
 
 def registry() -> list[dict[str, Any]]:
-    """Every finished probe: its key and loadable maximum."""
+    """Every finished probe: its key, loadable maximum and working maximum, and whether the working
+    search ran (None with `working_measured` false: never searched; with it true: none found)."""
     results = []
     for path in sorted(subdir("probes").glob("*.jsonl")):
-        key, best, finished, working = None, None, False, None
+        key, best, finished, working, measured = None, None, False, None, False
         for line in path.read_text().splitlines():
             try:
                 entry = json.loads(line)
@@ -189,10 +194,11 @@ def registry() -> list[dict[str, Any]]:
             key = entry.get("probe", key)
             if entry.get("finished"):
                 best, finished = entry.get("loadable_max"), True
-            if "working_max" in entry:
-                working = entry["working_max"]
+            if "working_max" in entry and entry.get("verdict") == VERDICT:
+                working, measured = entry["working_max"], True
         if key and finished:
-            results.append({**key, "loadable_max": best, "working_max": working})
+            results.append({**key, "loadable_max": best, "working_max": working,
+                            "working_measured": measured})
     return results
 
 
@@ -203,6 +209,9 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
 QUESTION = "What is the pass key? Answer with the number only."
 POSITIONS = ("start", "middle", "end")
 ANSWER_RESERVE = 64
+#: the rule trials are judged by, written with each judged trial and result in the journal; entries
+#: without it were judged by exact match ("The pass key is 65210." was wrong) and are not replayed
+VERDICT = 2
 
 
 @dataclass
@@ -213,12 +222,18 @@ class Trial:
     outcome: str  # ok | wrong | truncated | overflow | error
     prompt_tokens: int | None = None
     seconds: float = 0.0
-    answer: str = ""
+    answer: str = ""  # the model's answer as it came, in full (an error: its message's start)
     first_token_seconds: float | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
         return round(self.prompt_tokens / self.seconds, 1) if self.prompt_tokens and self.seconds else None
+
+
+def finds_key(answer: str, key: str) -> bool:
+    """Whether the answer states the key as a whole number: "The pass key is 65210." does, "165210" and
+    "652101" do not."""
+    return re.search(rf"(?<!\d){re.escape(key)}(?!\d)", answer) is not None
 
 
 def _prompt(sentences: int, position: str, key: str) -> str:
@@ -238,7 +253,8 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
                   confirmations: int = 2, journal: Path | None = None,
                   on_trial: Callable[[Trial], None] = lambda t: None) -> tuple[int | None, list[Trial]]:
     """Largest prompt (tokens, a multiple of `granularity`) at which the model retrieves a pass key
-    placed at the start, middle and end, exactly, at temperature 0.
+    placed at the start, middle and end (stated as a whole number in the answer), at temperature 0;
+    None when even the smallest fill fails.
 
     With a `journal`, each trial is written before it is asked and after it is answered; a re-run
     replays the answered ones and a finished search replays without loading the model at all.
@@ -271,7 +287,7 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
 
     def answered(trial: Trial) -> None:
         if journal is not None:
-            _append(journal, {"trial": asdict(trial), "at_context": context_length})
+            _append(journal, {"trial": asdict(trial), "at_context": context_length, "verdict": VERDICT})
 
     backend.unload(loaded)  # what a killed earlier run left loaded goes first
     backend.load(loaded)
@@ -285,13 +301,14 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
         except BackendError:
             pass
     if journal is not None:
-        _append(journal, {"working_max": working, "at_context": context_length})
+        _append(journal, {"working_max": working, "at_context": context_length, "verdict": VERDICT})
     return working, trials
 
 
 def _replay_trials(journal: Path | None, context_length: int
                    ) -> tuple[dict[tuple[int, str, str], Trial], tuple[int | None] | None]:
-    """Answered trials of an earlier run at this context, and its result if it finished."""
+    """Answered trials of an earlier run at this context, and its result if it finished (both only
+    when judged by the current rule: an older verdict is asked again)."""
     done: dict[tuple[int, str, str], Trial] = {}
     finished: tuple[int | None] | None = None
     if journal is None or not journal.exists():
@@ -301,7 +318,7 @@ def _replay_trials(journal: Path | None, context_length: int
             entry = json.loads(line)
         except ValueError:
             continue  # torn by a kill
-        if entry.get("at_context") != context_length:
+        if entry.get("at_context") != context_length or entry.get("verdict") != VERDICT:
             continue
         if "trial" in entry:
             trial = Trial(**entry["trial"])
@@ -336,9 +353,8 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
             return Trial(fill, position, key, "error", answer=str(exc)[:200])
         # the server's count confirms the prompt was not cut before it counted
         truncated = tokens is not None and tokens < 0.9 * fill
-        outcome = "truncated" if truncated else ("ok" if text.strip().strip(".") == key
-                                                 or key in text.split() else "wrong")
-        return Trial(fill, position, key, outcome, tokens, round(seconds, 3), text.strip()[:40],
+        outcome = "truncated" if truncated else ("ok" if finds_key(text, key) else "wrong")
+        return Trial(fill, position, key, outcome, tokens, round(seconds, 3), text.strip(),
                      round(first, 3) if first is not None else None)
 
     def passes(fill: int, trial: int = 0) -> bool:
@@ -378,25 +394,71 @@ def record_working(report: ProbeReport, working: int | None, trials: list[Trial]
 
 
 class ProbeMissing(LmflowError):
-    """A spec asks for `context_length: probed` but nothing was probed for that model."""
+    """A spec asks for `context_length: probed` but nothing was probed for that model, or the probe
+    found no size of the kind asked for (no working maximum)."""
+
+
+#: "probed" / "probed - 10%": the working maximum; "probed: loadable" / "probed: loadable - 10%":
+#: the loadable one (the spec's schema has the same pattern)
+PROBED = re.compile(r"probed(?P<loadable>:\s*loadable)?(?:\s*-\s*(?P<margin>[0-9]{1,2})%)?")
 
 
 def probed_size(backend: Backend, model: ModelConfig) -> int:
-    """`probed` / `probed - 10%`: the registry's working (else loadable) maximum, less the margin."""
+    """The registry's working maximum (`probed`) or loadable maximum (`probed: loadable`), less the
+    margin (`- 10%`). A record without the size asked for is refused, never substituted."""
     text = str(model.context_length)
-    margin = 0.0
-    if "-" in text:
-        margin = float(text.split("-", 1)[1].strip().rstrip("%")) / 100
+    form = PROBED.fullmatch(text.strip())
+    if form is None:
+        raise ProbeMissing(f"models.{model.alias}: context_length '{text}' is not a number of tokens, "
+                           "'probed', 'probed - 10%', 'probed: loadable' or 'probed: loadable - 10%'")
     key = registry_key(backend, dataclasses.replace(model, context_length=None))
-    for entry in reversed(registry()):
-        if all(entry.get(k) == v for k, v in key.items()):
-            measured = entry.get("working_max") or entry.get("loadable_max")
-            if measured:
-                return int(measured * (1 - margin))
-    raise ProbeMissing(
-        f"models.{model.alias}: context_length '{text}' needs a probe of '{model.key}' on "
-        f"{key['server']}: run `lmflow probe {model.key} --server {key['server']}` or add a "
-        "probe_context step before it")
+    command = f"`lmflow probe {model.key} --server {key['server']}`"
+    entry = next((e for e in reversed(registry()) if all(e.get(k) == v for k, v in key.items())), None)
+    if entry is None:
+        raise ProbeMissing(
+            f"models.{model.alias}: context_length '{text}' needs a probe of '{model.key}' on "
+            f"{key['server']}: run {command} or add a probe_context step before it")
+    found = f"models.{model.alias}: context_length '{text}': the probe of '{model.key}' on {key['server']}"
+    loadable = entry.get("loadable_max")
+    if not loadable:
+        raise ProbeMissing(f"{found} found no size it loads at: look at its attempts with {command}, "
+                           "or give context_length as a number of tokens")
+    measured = loadable if form["loadable"] else entry.get("working_max")
+    if not measured:
+        instead = (f"write context_length: \"probed: loadable\" (or \"probed: loadable - 10%\") to load "
+                   f"at the loadable maximum, {loadable}, or give a number of tokens")
+        if entry.get("working_measured"):
+            raise ProbeMissing(f"{found} found no working maximum: even at the smallest fill the model "
+                               f"did not return the pass key at start, middle and end (it loads at most "
+                               f"{loadable}); {instead}")
+        raise ProbeMissing(f"{found} has no working maximum (it was load-only, or judged answers by an "
+                           f"older rule; it loads at most {loadable}): run {command} without --load-only "
+                           f"(or the probe_context step without load_only), or {instead}")
+    return int(measured * (1 - int(form["margin"] or 0) / 100))
+
+
+def loadable_text(report: ProbeReport) -> str:
+    """The loadable maximum in words (the CLI's and the report's)."""
+    if report.loadable_max is None:
+        smallest = report.attempts[0].size if report.attempts else "the smallest size"
+        return f"loads at no size tried (not even {smallest})"
+    return f"loads at most {report.loadable_max}"
+
+
+def working_text(report: ProbeReport) -> str:
+    """The working maximum in words (the CLI's and the report's): a search that found none says so
+    plainly, with what the smallest fill got and what `probed` will do with the record."""
+    if report.working_max is not None:
+        return (f"works (pass key found at start, middle and end) up to {report.working_max} prompt "
+                f"tokens at context {report.loadable_max}")
+    if not report.trials:
+        return "working maximum not measured (load only, or nothing loads)"
+    smallest = min(t.fill for t in report.trials)
+    got = ", ".join(f"{t.position} {t.outcome}" for t in report.trials if t.fill == smallest)
+    return (f"NO WORKING CONTEXT FOUND at context {report.loadable_max}: even at the smallest fill, "
+            f"{smallest} prompt tokens, the pass key was not returned at start, middle and end ({got}). "
+            "`context_length: probed` will refuse this record; \"probed: loadable\" loads at the "
+            f"loadable maximum ({report.loadable_max}) instead")
 
 
 def _by_fill(report: ProbeReport) -> list[tuple[int, bool, float, float | None]]:
@@ -454,6 +516,8 @@ def chart_svg(report: ProbeReport) -> str | None:
         out.append(f'<line x1="{wx:.1f}" y1="{top}" x2="{wx:.1f}" y2="{top + plot_h}" stroke="green" '
                    f'stroke-dasharray="2,3"/><text x="{wx + 3:.1f}" y="{top + 12}" fill="green">'
                    f'works up to {report.working_max}</text>')
+    else:
+        out.append(f'<text x="{left + 5}" y="{top + 12}" fill="crimson">no working context found</text>')
     speed_line = " ".join(f"{x(f):.1f},{y(s, speed_max):.1f}" for f, _, s, _ in rows)
     out.append(f'<polyline points="{speed_line}" fill="none" stroke="steelblue" stroke-width="2"/>')
     firsts = " ".join(f"{x(f):.1f},{y(t, first_max):.1f}" for f, _, _, t in rows if t is not None)
@@ -477,14 +541,23 @@ def save_chart(report: ProbeReport) -> Path | None:
     return path
 
 
+def _cell(answer: str, width: int = 40) -> str:
+    """An answer shortened for a table cell (the journal keeps it whole)."""
+    flat = " ".join(answer.split()).replace("|", "\\|")
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
+
+
 def report_markdown(report: ProbeReport) -> str:
     """The probe as markdown (a Prefect artifact in the UI): the chart as an embedded image, a text
     chart for terminals, and the tables."""
     import base64
 
+    working = working_text(report)
+    if report.working_max is None and report.trials:
+        working = f"**{working}**"  # the one line a reader must not miss
     lines = [f"### Context probe: {report.key['model']} on {report.key['server']}", "",
-             f"Declared {report.declared_max}; loads at most **{report.loadable_max}**; works up to "
-             f"**{report.working_max}** prompt tokens (granularity {report.granularity}).", "",
+             f"Declared {report.declared_max}; {loadable_text(report)} (granularity {report.granularity}).",
+             "", f"{working[0].upper()}{working[1:]}.", "",
              "| load at | outcome | applied | seconds |", "|---|---|---|---|"]
     lines += [f"| {a.size} | {a.outcome} | {a.actual or ''} | {a.seconds:.2f} |" for a in report.attempts]
     svg = chart_svg(report)
@@ -499,8 +572,9 @@ def report_markdown(report: ProbeReport) -> str:
             lines.append(f"{fill:>7} {'pass' if passed else 'FAIL'} {bar:<30} {speed:.0f} tok/s")
         lines += ["```"]
         lines += ["", "| fill (tokens) | position | outcome | prompt tokens | first token (s) | seconds | "
-                  "tokens/s |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {t.fill} | {t.position} | {t.outcome} | {t.prompt_tokens} | "
+                  "tokens/s | answer |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t.fill} | {t.position} | {t.outcome} | {t.prompt_tokens or ''} | "
                   f"{'' if t.first_token_seconds is None else f'{t.first_token_seconds:.2f}'} | "
-                  f"{t.seconds:.2f} | {t.tokens_per_second or ''} |" for t in report.trials]
+                  f"{t.seconds:.2f} | {t.tokens_per_second or ''} | {_cell(t.answer)} |"
+                  for t in report.trials]
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import textwrap
 from typing import Any
 
 from .runtime import RunResult, StepRecord
@@ -12,9 +14,27 @@ MARK = {"completed": "ok", "cached": "ok", "failed": "FAILED", "skipped": "skipp
 
 
 def short(value: Any, width: int = 48) -> str:
+    """A preview of an output on one line; never used for errors, whose fix is at their end."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def whole(prefix: str, text: str, indent: int, width: int | None = None) -> str:
+    """`prefix` and then `text` complete, wrapped at spaces to `width` columns (default: the
+    terminal's), continuation lines indented by `indent`.
+
+    For errors: their fix is at their end, so they are never cut, and words are never broken,
+    so a URL or a command in a hint stays copyable.
+    """
+    width = max(width or shutil.get_terminal_size((100, 24)).columns, indent + 40)
+    pad = " " * indent
+    lines = []
+    for i, line in enumerate(text.splitlines() or [""]):
+        first = prefix if i == 0 else pad
+        lines.append(textwrap.fill(line, width, initial_indent=first, subsequent_indent=pad,
+                                   break_long_words=False, break_on_hyphens=False) or first.rstrip())
+    return "\n".join(lines)
 
 
 def seconds(value: float) -> str:
@@ -84,29 +104,33 @@ def analysis_line(step: str, analysis: dict[str, Any]) -> str:
     return f"  {where}: {status}{by}" + (f": {detail}" if detail else "") + took
 
 
-def table(result: RunResult) -> str:
+def table(result: RunResult, width: int | None = None) -> str:
+    """One row per step; an output is previewed, an error or a reason is shown whole (wrapped)."""
     rows = [("step", "kind", "status", "time", "cached", "result")]
     for s in result.steps:
         outcome = short(s.output) if s.status in ("completed", "cached") else (
-            short(s.error.message, 60) if s.error else s.reason or "")
+            s.error.message if s.error else s.reason or "")
         if s.items is not None and s.status != "skipped":
             outcome = f"[{item_summary(s)}] {outcome}"
         cached = "step" if s.status == "cached" else "answer" if s.meta.get("cache") == "hit" else "no"
         rows.append((s.id, s.kind, s.status, f"{s.seconds:.2f}s", cached, outcome))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
+    indent = sum(widths) + 2 * 5  # where the result column starts
+    lines = [whole("".join(c.ljust(w + 2) for c, w in zip(r[:5], widths, strict=True)), r[5], indent, width)
+             for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
     return "\n".join(line.rstrip() for line in lines)
 
 
-def errors(result: RunResult, limit: int = 30) -> str:
+def errors(result: RunResult, limit: int = 30, width: int | None = None) -> str:
     """Every failed attempt and skipped link (also of steps that answered in the end), and every
-    map item that failed."""
+    map item that failed; each message whole, since its fix is at its end."""
     lines = []
     for e in result.errors():
         attempt = f" attempt {e['attempt']}" if e.get("attempt") else ""
         target = f" {e['target']}" if e.get("target") else ""
-        lines.append(f"  {e['step']}{target}{attempt}: {e['error_type']}: {short(e['message'], 100)}")
+        where = f"  {e['step']}{target}{attempt}: {e['error_type']}: "
+        lines.append(whole(where, str(e["message"]), 4, width))
     for s in result.steps:
         answered = s.answered_by
         if answered and answered["link"]:
@@ -118,12 +142,12 @@ def errors(result: RunResult, limit: int = 30) -> str:
     return f"errors ({len(lines)}):\n" + "\n".join(lines[:limit]) + more
 
 
-def footer(result: RunResult) -> str:
+def footer(result: RunResult, width: int | None = None) -> str:
     counts: dict[str, int] = {}
     for s in result.steps:
         counts[s.status] = counts.get(s.status, 0) + 1
     parts = [f"{n} {status}" for status, n in counts.items()]
-    text = errors(result)
+    text = errors(result, width=width)
     text = (text + "\n" if text else "") + (
         f"{len(result.steps)} steps: {', '.join(parts)} in {result.seconds:.1f}s")
     cache = result.stats.get("response_cache") or {}
@@ -143,8 +167,12 @@ def plan(spec: Spec) -> str:
     for name, server in spec.servers.items():
         where = server.url or "managed llama-server on 127.0.0.1"
         lines.append(f"server {name}: {server.backend} ({where})")
+    loaded_by_step = {s.options.get("model") for s in spec.by_id.values()
+                      if s.kind in ("load_model", "reload_model")}
     for alias, model in spec.models.items():
         ctx = f", context {model.context_length}" if model.context_length else ""
+        if ctx and alias not in loaded_by_step and spec.servers[model.server].backend != "openai":
+            ctx += " (loaded so at its first use)"
         chain = "".join(f", then {link.describe()}" for link in model.fallback)
         lines.append(f"model {alias}: {model.key} on {model.server}{ctx}{chain}")
     lines.append(f"breaker: skip a model for {seconds(spec.breaker.cooldown)} after {spec.breaker.failures} "

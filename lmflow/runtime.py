@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .backends import Backend, create_backend
+from .backends import Backend, ModelInfo, create_backend
 from .cache import ResponseCache
 from .errors import LmflowError, StepFailure, describe
 from .home import subdir
@@ -80,6 +82,15 @@ class RunResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     #: response cache hits/misses and answers that came from a fallback
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the spec's git commit (None outside git), local changes, content hash (lmflow.provenance)
+    spec_version: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def tags(self) -> list[str]:
+        """The run's Prefect tags: lmflow, the spec's name and its version."""
+        from .provenance import version_tags
+
+        return version_tags(self.name, self.spec_version) if self.spec_version else ["lmflow"]
 
     def errors(self) -> list[dict[str, Any]]:
         """Every failed attempt and skipped link, by step (also of steps that answered in the end)."""
@@ -124,12 +135,17 @@ class RunRecorder:
     """
 
     def __init__(self, spec: Spec, listener: Listener | None = None):
+        self.spec = spec
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.result = RunResult(
             spec=str(spec.file), name=spec.name, run_id=f"{spec.name}-{stamp}-{os.getpid()}",
             steps=[StepRecord(s.id, s.kind) for s in sorted(spec.steps, key=lambda s: s.index)],
         )
         self._records = {r.id: r for r in self.result.steps}
+        from .provenance import spec_version
+
+        self.result.spec_version = spec_version(spec.file)
+        self.result.params = spec.params
         runs = subdir("runs")
         self.path = runs / f"{self.result.run_id}.json"
         self.journal_path = runs / f"{self.result.run_id}.jsonl"
@@ -139,7 +155,8 @@ class RunRecorder:
         self._lock = threading.RLock()
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()
         self._append({"run": self.result.run_id, "spec": self.result.spec, "name": spec.name,
-                      "steps": [[s.id, s.kind] for s in self.result.steps]})
+                      "pid": os.getpid(), "spec_version": self.result.spec_version,
+                      "params": self.result.params, "steps": [[s.id, s.kind] for s in self.result.steps]})
 
     def record(self, step_id: str) -> StepRecord:
         return self._records[step_id]
@@ -152,6 +169,11 @@ class RunRecorder:
                 self._append(entry)
             if self.listener:
                 self.listener(event, data)
+
+    def journal(self, entry: dict[str, Any]) -> None:
+        """Append a fact about the run (a model it loaded) that a later run may need."""
+        with self._lock:
+            self._append(entry)
 
     def _append(self, entry: dict[str, Any]) -> None:
         if not self._journal.closed:
@@ -195,6 +217,15 @@ class RunRecorder:
             self._journal.close()
 
 
+def journal_entries(path: Path) -> Iterator[dict[str, Any]]:
+    """The entries of a run's journal, skipping a line torn by a kill."""
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
     """A run's record: the final JSON, or rebuilt from the journal of a run that was killed."""
     path = Path(path)
@@ -204,11 +235,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
     steps: dict[str, dict[str, Any]] = {}
     header: dict[str, Any] = {}
     items: dict[str, dict[int, dict[str, Any]]] = {}
-    for line in path.with_suffix(".jsonl").read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line torn by the kill
+    for entry in journal_entries(path.with_suffix(".jsonl")):
         if "run" in entry:
             header = entry
             steps = {sid: {"id": sid, "kind": kind, "status": "pending"} for sid, kind in entry["steps"]}
@@ -221,7 +248,91 @@ def read_record(path: str | Path) -> dict[str, Any]:
         if steps[step_id]["status"] == "running":
             steps[step_id]["finished_items"] = [finished[i] for i in sorted(finished)]
     return {"run_id": header.get("run"), "spec": header.get("spec"), "name": header.get("name"),
+            "spec_version": header.get("spec_version"), "params": header.get("params"),
             "steps": list(steps.values()), "interrupted": True}
+
+
+_CWD_LOCK = threading.Lock()
+_CWD: dict[str, Any] = {"folder": None, "runs": 0, "before": None}
+
+
+@contextmanager
+def working_directory(folder: Path, warn: Callable[[str], None]) -> Iterator[None]:
+    """Run in the spec's folder, the one rule for every relative path a spec or its code uses.
+
+    `{file:}` values, datasets and models' paths are resolved against the spec's folder;
+    user code (`python:` steps, loop bodies, fallbacks) opens files relative to the
+    working directory, which is process-wide: the first run in a process moves there and
+    the last one back. Runs of specs in other folders at the same time in one process
+    cannot both have theirs; the later one says so and keeps the first's.
+    """
+    folder = folder.resolve()
+    with _CWD_LOCK:
+        if _CWD["runs"] == 0:
+            _CWD.update(folder=folder, before=os.getcwd())
+            os.chdir(folder)
+        elif _CWD["folder"] != folder:
+            warn(f"another run in this process works in {_CWD['folder']}: relative paths in this "
+                 f"run's Python code resolve there, not in {folder}")
+        _CWD["runs"] += 1
+    try:
+        yield
+    finally:
+        with _CWD_LOCK:
+            _CWD["runs"] -= 1
+            if _CWD["runs"] == 0:
+                try:
+                    os.chdir(_CWD["before"])
+                except OSError:
+                    pass  # the folder we came from is gone: stay where we are
+                _CWD.update(folder=None, before=None)
+
+
+def _declares_load(model: ModelConfig) -> bool:
+    """Whether a model says how it must be loaded (so a server's own default load will not do)."""
+    return bool(model.context_length or model.parallel or model.gpu is not None or model.ttl is not None
+                or model.identifier)
+
+
+def killed_runs_loads(spec: Spec) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Runs of this spec that were killed, with what each loaded and did not unload.
+
+    A run is killed when its journal has no final record and its process is gone;
+    one already released by a later run is skipped. An entry with an `instance` was loaded;
+    one with `loading` (and no instance) was being loaded when the run was killed.
+    """
+    found = []
+    for journal in sorted(subdir("runs").glob(f"{glob.escape(spec.name)}-*.jsonl")):
+        if journal.with_suffix(".json").exists():
+            continue
+        loads: dict[str, dict[str, Any]] = {}
+        header: dict[str, Any] = {}
+        released = False
+        for entry in journal_entries(journal):
+            if "run" in entry:
+                header = entry
+            elif "loading" in entry or "loaded" in entry:
+                loads[entry.get("loaded", entry.get("loading"))] = entry
+            elif "unloaded" in entry:
+                loads.pop(entry["unloaded"], None)
+            elif "released_by" in entry:
+                released = True
+        if released or header.get("spec") != str(spec.file) or _alive(header.get("pid")):
+            continue
+        found.append((journal, list(loads.values())))
+    return found
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return isinstance(pid, int)  # this process: a run still going (or a journal without a pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @cache
@@ -256,6 +367,9 @@ class Runtime:
         #: models this run loaded and has not unloaded, by alias
         self.loaded: dict[str, ModelConfig] = {}
         self._resolved: dict[str, ModelConfig] = {}
+        #: models used as already loaded on the server exactly as declared (the run does not own them)
+        self._in_use: set[str] = set()
+        self._load_locks: dict[str, threading.Lock] = {}
         self._lock = threading.RLock()
         #: set when the run ends or is interrupted: user code still running is no longer waited for
         self.stopping = threading.Event()
@@ -265,6 +379,9 @@ class Runtime:
         self.nested: Callable[[StepSpec, dict[str, Any], str], StepResult] | None = None
         #: shows a step's markdown report in the run's UI (set by the compiler)
         self.publish: Callable[[str, str], None] | None = None
+        #: per server name, a slot of the limit shared with other runs, held around each model call
+        #: (set by the compiler when the run talks to a Prefect server others may use)
+        self.gates: dict[str, Callable[[], AbstractContextManager[Any]]] = {}
         config = spec.response_cache or ResponseCacheConfig()
         cache = ResponseCache(config.directory, size_limit=config.size_limit,
                               warn=lambda message: recorder.emit("cache_error", step=CURRENT_STEP.get(),
@@ -308,18 +425,121 @@ class Runtime:
                 config = self.spec.servers[name]
                 self.recorder.emit("backend_starting", server=name, backend=config.backend)
                 backend = create_backend(config, self.spec.dir)
+                backend.slots.gate = self.gates.get(name)
                 backend.set_listener(
                     lambda event, data: self.recorder.emit(event, step=CURRENT_STEP.get(), **data))
                 self.backends[name] = backend
             return self.backends[name]
 
-    def model_loaded(self, alias: str, model: ModelConfig) -> None:
+    def ready(self, alias: str) -> tuple[Backend, ModelConfig]:
+        """The model, loaded as the spec declares it before its first use.
+
+        A model that declares a context length (or `probed`), parallel predictions or LM
+        Studio load options is not left to the server's own just-in-time load (at the
+        server's default size): the first chat of the run loads it here, once, or uses
+        an instance already loaded exactly so. What this loads is unloaded at the end.
+        """
+        backend, model = self.backend_for(alias)
+        if not backend.manages_models or not _declares_load(model):
+            return backend, model
+        with self._lock:
+            if alias in self.loaded or alias in self._in_use:
+                return backend, model
+            lock = self._load_locks.setdefault(alias, threading.Lock())
+        with lock:  # one load per model, while other models' chats go on
+            with self._lock:
+                if alias in self.loaded or alias in self._in_use:
+                    return backend, model
+            found = backend.find_loaded(model)
+            if found is not None:
+                with self._lock:
+                    self._in_use.add(alias)
+                return backend, model
+            info = self.load(alias, model)
+            self.recorder.emit("model_loaded", step=CURRENT_STEP.get(), alias=alias, key=model.key,
+                               context_length=info.loaded_context_length)
+            if model.context_length and info.loaded_context_length != model.context_length:
+                self.recorder.emit("warning", step=CURRENT_STEP.get(), message=(
+                    f"{backend.url or backend.kind} loaded '{model.key}' with context "
+                    f"{info.loaded_context_length}, not the {model.context_length} that "
+                    f"models.{alias}.context_length declares"))
+        return backend, model
+
+    def load(self, alias: str, model: ModelConfig) -> ModelInfo:
+        """Load a model for this run, journaled before and after.
+
+        The entry written before the load names the instances of the model already loaded,
+        so the next run can tell which instance this one made if it is killed mid-load.
+        """
+        backend = self.server_backend(model.server)
+        server = self.spec.servers.get(model.server)
+        where = {"key": model.key, "server": model.server, "backend": server.backend if server else None,
+                 "url": server.url if server else None}
+        try:
+            before: list[str] | None = [i for k, i in backend.loaded_instances() if k == model.key]
+        except LmflowError:
+            before = None  # a server that cannot list them: a kill mid-load is left to the user
+        self.recorder.journal({"loading": alias, **where, "context_length": model.context_length,
+                               "before": before})
+        info = backend.load(model)
         with self._lock:
             self.loaded[alias] = model
+            self._in_use.discard(alias)
+            # journaled: the next run of this spec unloads it if this one is killed
+            self.recorder.journal({"loaded": alias, **where, "instance": info.instance_id})
+        return info
 
     def model_unloaded(self, alias: str) -> None:
         with self._lock:
-            self.loaded.pop(alias, None)
+            if self.loaded.pop(alias, None) is not None:
+                self.recorder.journal({"unloaded": alias})
+            self._in_use.discard(alias)
+
+    def release_leftovers(self) -> None:
+        """Unload what an earlier run of this spec loaded and could not unload (it was killed)."""
+        for journal, leftovers in killed_runs_loads(self.spec):
+            for entry in leftovers:
+                name = entry.get("server")
+                if entry.get("backend") != "lmstudio" or name not in self.spec.servers \
+                        or self.spec.servers[name].backend != "lmstudio":
+                    continue  # a managed engine dies with its owner; nothing to unload elsewhere
+                hint = f"`lmflow models unload {entry['key']} --server URL` unloads it by hand"
+                try:
+                    backend = self.server_backend(name)
+                    instance = entry.get("instance") or self._made_by_killed_load(backend, entry)
+                    if instance is None:
+                        continue
+                    if isinstance(instance, list):
+                        self.recorder.emit("warning", message=(
+                            f"the killed run {journal.stem} was loading '{entry['key']}'; the server now "
+                            f"has {len(instance)} new instances of it ({', '.join(instance)}) and lmflow "
+                            f"cannot tell which is that run's; {hint}"))
+                        continue
+                    done = backend.unload_instance(instance)  # type: ignore[attr-defined]
+                except LmflowError as exc:
+                    self.recorder.emit("warning", message=(
+                        f"could not unload '{entry['key']}' left loaded by the killed run "
+                        f"{journal.stem}: {exc}; {hint}"))
+                    continue
+                if done:
+                    self.recorder.emit("warning", message=(
+                        f"unloaded '{entry['key']}' (instance {instance}), left loaded by the "
+                        f"killed run {journal.stem}"))
+            with open(journal, "a", encoding="utf-8") as out:  # handled: the next run looks no more
+                out.write(json.dumps({"released_by": self.recorder.result.run_id}) + "\n")
+
+    @staticmethod
+    def _made_by_killed_load(backend: Backend, entry: dict[str, Any]) -> str | list[str] | None:
+        """The instance a run killed mid-load made: of the model's instances now loaded at the size
+        it asked for, the one not there before its load (a list when that is not one instance)."""
+        if entry.get("before") is None:
+            return None
+        new = [i for k, i in backend.loaded_instances() if k == entry["key"] and i not in entry["before"]]
+        if len(new) > 1 and entry.get("context_length"):  # others loaded since: the size it asked for
+            sized = [i for i in new if backend.loaded_config(i).get(  # type: ignore[attr-defined]
+                "context_length") == entry["context_length"]]
+            new = sized or new
+        return new[0] if len(new) == 1 else (new or None)
 
     def close(self) -> None:
         """Unload what this run loaded (unless kept) and stop its engines, also after a failure."""

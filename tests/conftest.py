@@ -54,8 +54,10 @@ def isolated_home(session_home: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def prefect_api(session_home: Path) -> Iterator[str]:
     """A real Prefect server started the way users start it: `lmflow server start`."""
     from lmflow import prefect_server
+    from lmflow.backends.local import free_port
 
-    state = prefect_server.start()
+    # never 4200: the UI must talk to its own server on any port (and a user's server may be there)
+    state = prefect_server.start(port=free_port())
     try:
         yield state.url
     finally:

@@ -239,8 +239,8 @@ def test_step_ids_are_unique_across_checkpoints(tmp_path: Path) -> None:
                     - id: advise
                       python: {function: evo:f}
     """) == [
-        "s.yaml:14:19: steps[1].loop.checkpoints[0].steps[0].id: duplicate step id 'advise' "
-        "(also at steps[0]) (step ids must be unique)",
+        "s.yaml:14:19: steps[1].loop.checkpoints[0].steps[0].id: duplicate step id 'advise', "
+        "first given at steps[0] (line 4) (step ids must be unique: rename one)",
     ]
 
 
@@ -568,7 +568,8 @@ def test_until_and_when_check_loop_fields_params_and_the_loop_itself(tmp_path: P
                       python: {function: "evo:f", args: {x: "${{ steps.evolve.output }}"}}
         """) == [
         "s.yaml:9:20: steps[0].loop.max_seconds: invalid value 'soon' "
-        "(Seconds as a number, or a string such as 500ms, 30s, 5m, 1h, 1d.)",
+        "(Seconds as a number, or a string such as 500ms, 30s, 5m, 1h, 1d; at most 30d: no wait needs "
+        "longer, and a longer one overflows the clock retries are scheduled on.)",
         "s.yaml:10:14: steps[0].loop.until: 'loop.nope': a loop reference is loop.FIELD "
         "(expected one of: asked_at, generation, generations, history, previous, state, stats)",
         "s.yaml:10:31: steps[0].loop.until: unknown parameter 'zz' (declare it under params)",

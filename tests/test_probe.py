@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -16,6 +17,28 @@ from lmflow.probe import CLAMPED, LOAD_FAILED, probe_loadable, registry
 from lmflow.spec.model import ModelConfig, ServerConfig
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+FORGETFUL = """\
+models:
+  - key: forgetful                      # loads 2048, keeps only the last 200 tokens of a prompt
+    file: smollm2-135m-instruct
+    max_context_length: 2048
+    working_context_length: 200
+    answers: retriever
+"""
+
+
+@pytest.fixture(scope="module")
+def forgetful(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A test server whose model loads at 2048 but works nowhere: a key at the start of even the
+    smallest fill is lost (the end's is still found)."""
+    from conftest import start_server, stop_server
+
+    proc, url = start_server(tmp_path_factory.mktemp("forgetful"), FORGETFUL)
+    try:
+        yield url
+    finally:
+        stop_server(proc)
 
 
 def backend(url: str) -> LMStudioBackend:
@@ -113,13 +136,18 @@ def test_the_registry_key_holds_the_server_version_and_the_model_variant(lmstudi
     from lmflow.probe import ProbeMissing, probed_size
 
     b = backend(lmstudio)
-    model = ModelConfig(alias="p", key="small-strict", context_length="probed")
+    model = ModelConfig(alias="p", key="small-strict", context_length="probed: loadable")
     try:
         probe_loadable(b, dataclasses.replace(model, context_length=None), granularity=512, fresh=True)
         entry = next(e for e in registry() if e["model"] == "small-strict" and e["server"] == lmstudio)
         assert entry["version"] == "0.4.0-lmflow-test build 1"  # from the SDK's system namespace
         assert entry["variant"].startswith("gguf Q")  # format, quantization and file size
         assert probed_size(b, model) == 2048
+        # a load-only probe has no working maximum: `probed` asks for one rather than take the other
+        with pytest.raises(ProbeMissing, match=r"has no working maximum \(it was load-only, or judged "
+                                               r"answers by an older rule; it loads at most 2048\): run "
+                                               r"`lmflow probe small-strict --server "):
+            probed_size(b, dataclasses.replace(model, context_length="probed"))
         b._version = "0.5.0 build 2"  # the server was upgraded: the old answer no longer holds
         with pytest.raises(ProbeMissing):
             probed_size(b, model)
@@ -137,7 +165,7 @@ def test_probe_command(lmstudio: str) -> None:
     assert json.loads(out.stdout)["loadable_max"] == 2048
     listed = lmflow_cmd("probe", "--list")
     line = next(x for x in listed.stdout.splitlines() if x.startswith(f"small-strict  {lmstudio}  "))
-    assert line.startswith(f"small-strict  {lmstudio}  loadable max 2048  working max None  (gguf Q")
+    assert line.startswith(f"small-strict  {lmstudio}  loadable max 2048  working max not measured  (gguf Q")
     assert line.endswith(", 0.4.0-lmflow-test build 1)")  # the variant and the server's version
     missing = lmflow_cmd("probe")
     assert missing.returncode == 2 and "give a MODEL key, or --list" in missing.stderr
@@ -253,7 +281,8 @@ def test_probed_without_a_probe_says_how_to_get_one(lmstudio: str, prefect_api: 
 
 
 def test_probe_against_the_real_model_on_the_managed_engine(prefect_api: str, tmp_path) -> None:
-    """The bundled 135M model loads at 4096 but cannot retrieve a pass key at all: the probe says so."""
+    """The bundled 135M model answers in a sentence ("The pass key is 65210."), which is right: it
+    works up to the largest fill tried (exact match once judged every such answer wrong)."""
     import json
     import textwrap
 
@@ -267,14 +296,14 @@ def test_probe_against_the_real_model_on_the_managed_engine(prefect_api: str, tm
           smol: {key: smollm2-135m-instruct}
         steps:
           - id: measure
-            probe_context: {model: smol, max: 4096, granularity: 1024, fresh: true}
+            probe_context: {model: smol, max: 4096, granularity: 2048, fresh: true}
         """))
-    out = lmflow_cmd("run", str(spec), "--json")
+    out = lmflow_cmd("run", str(spec), "--json", timeout=600)  # real inference on 2048-token prompts
     assert out.returncode == 0, out.stderr
     measured = json.loads(out.stdout)["steps"][0]["output"]
     assert measured["loadable_max"] == 4096
-    assert measured["working_max"] is None
-    assert measured["loads"] <= math.ceil(math.log2((4096 - 1024) / 1024)) + 3
+    assert measured["working_max"] == 2048  # the largest multiple of 2048 below 4096 less the reserve
+    assert measured["loads"] <= math.ceil(math.log2((4096 - 1024) / 2048)) + 3
 
 
 def test_probe_command_on_the_managed_engine() -> None:
@@ -290,3 +319,60 @@ def test_probe_command_on_the_managed_engine() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == (
         "smollm2-135m-instruct: declared 2048, loads at most 2048 (granularity 1024, 2 loads)")
+
+
+def test_a_probe_that_finds_no_working_context_says_so(forgetful: str) -> None:
+    from conftest import lmflow_cmd
+
+    out = lmflow_cmd("probe", "forgetful", "--server", forgetful, "--granularity", "512", "--fresh")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "forgetful: declared 2048, loads at most 2048 (granularity 512, 3 loads)"
+    assert lines[1] == (
+        "forgetful: NO WORKING CONTEXT FOUND at context 2048: even at the smallest fill, 512 prompt "
+        "tokens, the pass key was not returned at start, middle and end (start wrong, middle wrong, "
+        "end ok). `context_length: probed` will refuse this record; \"probed: loadable\" loads at the "
+        "loadable maximum (2048) instead")
+    assert "None" not in out.stdout
+    listed = lmflow_cmd("probe", "--list").stdout.splitlines()
+    assert any(x.startswith(f"forgetful  {forgetful}  loadable max 2048  working max NONE FOUND")
+               for x in listed)
+
+
+def test_probed_refuses_a_record_without_a_working_maximum(forgetful: str, prefect_api: str,
+                                                           tmp_path: Path) -> None:
+    import json
+
+    from conftest import lmflow_cmd
+
+    from lmflow.probe import ProbeMissing, probe_working, probed_size, record_path
+
+    b = backend(forgetful)
+    model = ModelConfig(alias="f", key="forgetful")
+    try:
+        report = probe_loadable(b, model, granularity=512, fresh=True)
+        working, _ = probe_working(b, model, context_length=2048, granularity=512,
+                                   journal=record_path(report.key))
+        assert (report.loadable_max, working) == (2048, None)
+        for text in ("probed", "probed - 10%"):
+            with pytest.raises(ProbeMissing) as refused:
+                probed_size(b, dataclasses.replace(model, context_length=text))
+            assert str(refused.value) == (
+                f"models.f: context_length '{text}': the probe of 'forgetful' on {forgetful} found no "
+                "working maximum: even at the smallest fill the model did not return the pass key at "
+                "start, middle and end (it loads at most 2048); write context_length: \"probed: "
+                "loadable\" (or \"probed: loadable - 10%\") to load at the loadable maximum, 2048, or "
+                "give a number of tokens")
+        assert probed_size(b, dataclasses.replace(model, context_length="probed: loadable")) == 2048
+        assert probed_size(b, dataclasses.replace(model, context_length="probed: loadable - 10%")) == 1843
+    finally:
+        b.close()
+    # in a spec (the schema takes it), quoted: YAML reads an unquoted second colon as a mapping
+    spec = tmp_path / "loadable.yaml"
+    spec.write_text(f'version: 1\nname: loadable\nserver: {{backend: lmstudio, url: "{forgetful}"}}\n'
+                    'models:\n  f: {key: forgetful, context_length: "probed: loadable - 10%"}\n'
+                    'steps:\n  - id: load\n    load_model: {model: f}\n')
+    out = lmflow_cmd("run", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["steps"][0]["output"]["context_length"] == 1843
+    assert nothing_loaded(forgetful)

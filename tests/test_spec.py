@@ -66,7 +66,7 @@ def test_params_override_is_typed_by_default(tmp_path: Path) -> None:
 
 def test_bad_param_overrides_are_reported(tmp_path: Path) -> None:
     assert problems(tmp_path, GOOD, n="many", topik="x") == [
-        "command line: -p n: expected integer, got 'many'",
+        "command line: -p n: expected integer, got string 'many'",
         "command line: -p topik: unknown parameter 'topik' (did you mean 'topic'?)",
     ]
 
@@ -118,17 +118,20 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "spec.yaml:1:10: version: unsupported spec version 2 (this lmflow reads version: 1)",
         "spec.yaml:3:1: modles: unknown key 'modles' (did you mean 'models'?)",
         "spec.yaml:5:54: models.smol.context_length: invalid value 'big' (Tokens, or 'probed' / "
-        "'probed - 10%': the working (else loadable) maximum measured by `lmflow probe` or a "
-        "probe_context step.)",
+        "'probed - 10%': the working maximum measured by `lmflow probe` or a probe_context step "
+        "(refused when the probe found none), or \"probed: loadable\" / \"probed: loadable - 10%\" "
+        "(quoted in YAML): the loadable maximum it measured.)",
         "spec.yaml:6:21: defaults.retries: -1 is less than the minimum of 0",
         "spec.yaml:6:34: defaults.timeout: invalid value 'soon' (Seconds as a number, or a "
-        "string such as 500ms, 30s, 5m, 1h, 1d.)",
+        "string such as 500ms, 30s, 5m, 1h, 1d; at most 30d: no wait needs longer, and a longer one "
+        "overflows the clock retries are scheduled on.)",
         "spec.yaml:10:7: steps[0].prompt: a prompt needs a user message "
         "(add user: ... or messages: [...])",
         "spec.yaml:10:14: steps[0].prompt.model: unknown model 'smoll' (did you mean 'smol'?)",
         "spec.yaml:11:7: steps[0].prompt.usr: unknown key 'usr' (did you mean 'user'?)",
         "spec.yaml:12:20: steps[0].prompt.temperature: 9 is greater than the maximum of 2",
-        "spec.yaml:13:9: steps[1].id: duplicate step id 'ask' (step ids must be unique)",
+        "spec.yaml:13:9: steps[1].id: duplicate step id 'ask', first given at steps[0] (line 8) "
+        "(step ids must be unique: rename one)",
         "spec.yaml:14:5: steps[1].promt: unknown key 'promt' (did you mean 'prompt'?; "
         "step kinds: ensure_server, load_model, loop, probe_context, prompt, python, reload_model, "
         "unload_model)",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +48,16 @@ class Slots:
     """Requests in flight to one server, and to each model on it, at most (`parallel`).
 
     Every chat of a backend holds a server slot and a slot of its model, so
-    `servers.X.parallel: 4` is a bound across all steps and items of a run.
+    `servers.X.parallel: 4` is a bound across all steps and items of a run. `gate`, when
+    set (by the compiler, for a server that runs share), is held inside those: a slot of
+    a limit shared with every other run and worker (a Prefect global concurrency limit).
     """
 
     def __init__(self, server_limit: int | None):
         self.server = threading.BoundedSemaphore(server_limit) if server_limit else None
         self.models: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
+        self.gate: Callable[[], AbstractContextManager[Any]] | None = None
 
     @contextmanager
     def hold(self, model: ModelConfig) -> Iterator[None]:
@@ -62,7 +65,9 @@ class Slots:
         if model.parallel:
             with self._lock:
                 limit = self.models.setdefault(model.alias, threading.BoundedSemaphore(model.parallel))
-        with self.server or nullcontext(), limit or nullcontext():
+        # the shared gate last: a run asks the Prefect API only for slots it can use right away
+        with self.server or nullcontext(), limit or nullcontext(), \
+                self.gate() if self.gate else nullcontext():
             yield
 
 
@@ -114,6 +119,15 @@ class Backend(ABC):
 
     def unload(self, model: ModelConfig) -> None:
         raise NotImplementedError(f"the {self.kind} backend does not unload models")
+
+    def find_loaded(self, model: ModelConfig) -> ModelInfo | None:
+        """An instance already loaded as the model declares it, which chats then use (None: load one)."""
+        return None
+
+    def loaded_instances(self) -> list[tuple[str, str]]:
+        """Every instance loaded on the server, as (model key, instance id); [] where there are none
+        to speak of (a managed engine's model dies with it)."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and stop whatever this backend started."""

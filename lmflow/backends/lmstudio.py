@@ -269,6 +269,38 @@ class LMStudioBackend(Backend):
             f"LM Studio at {self.url} has no model '{model.key}' (models.{model.alias}.key); "
             f"it has: {keys}", url=self.url, status=404)
 
+    def find_loaded(self, model: ModelConfig) -> ModelInfo | None:
+        """An instance of the model already loaded with what the spec declares (its context length,
+        and its parallel predictions when declared): chats go to it, and the run does not own it."""
+        for entry in self._models_v1():
+            if entry.get("key") != model.key:
+                continue
+            for instance in entry.get("loaded_instances") or []:
+                config = instance.get("config") or {}
+                if config.get("context_length") != model.context_length or (
+                        model.parallel and config.get("parallel") not in (None, model.parallel)):
+                    continue
+                with self._lock:
+                    self.instances[model.alias] = instance["id"]
+                return ModelInfo(key=model.key, loaded=True, instance_id=instance["id"],
+                                 loaded_context_length=config.get("context_length"))
+        return None
+
+    def loaded_instances(self) -> list[tuple[str, str]]:
+        """Every loaded instance on the server: (model key, instance id)."""
+        return [(entry.get("key", "?"), instance["id"]) for entry in self._models_v1()
+                for instance in entry.get("loaded_instances") or [] if instance.get("id")]
+
+    def unload_instance(self, instance_id: str) -> bool:
+        """Unload one instance by id; False when the server no longer has it."""
+        try:
+            self.client.request("POST", "/api/v1/models/unload", json_body={"instance_id": instance_id})
+        except BackendHTTPError as exc:
+            if exc.status != 404:
+                raise
+            return False
+        return True
+
     def unload(self, model: ModelConfig) -> None:
         with self._model_lock(model.alias):
             self._unload(model)
@@ -282,11 +314,7 @@ class LMStudioBackend(Backend):
             instance.get("id") for entry in self._models_v1() if entry.get("key") == model.key
             for instance in entry.get("loaded_instances") or []]
         for target in targets:
-            try:
-                self.client.request("POST", "/api/v1/models/unload", json_body={"instance_id": target})
-            except BackendHTTPError as exc:
-                if exc.status != 404:  # already gone (TTL, someone else): that is fine
-                    raise
+            self.unload_instance(target)  # already gone (TTL, someone else): that is fine
 
     def chat(self, request: ChatRequest) -> ChatResponse:
         with self.slots.hold(request.model):

@@ -49,6 +49,9 @@ class ServerConfig:
     threads: int | None = None
     parallel: int | None = None
     args: tuple[str, ...] = ()
+    #: hold a Prefect global concurrency limit per server around every model call, shared by all
+    #: runs and workers (lmflow.shared_limit); off unless asked: it costs ~0.1 s per call
+    shared_limit: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,9 @@ class ModelConfig:
     key: str
     server: str = DEFAULT_SERVER
     path: str | None = None
-    context_length: int | str | None = None  # str: "probed" or "probed - N%"
+    #: str: "probed" / "probed - N%" (the working maximum) or "probed: loadable" / "probed: loadable - N%"
+    #: (the loadable one), read from the probe registry when the model is used (probe.probed_size)
+    context_length: int | str | None = None
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     keep_loaded: bool = False
     ttl: float | None = None  # lmstudio: idle seconds before the server unloads it
@@ -205,6 +210,23 @@ class ResponseCacheConfig:
     directory: str | None = None  # default: the cache folder under lmflow's home
 
 
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """When a deployed spec runs: a cron line or an interval, in a time zone, with its own params."""
+
+    cron: str | None = None
+    interval: float | None = None  # seconds
+    timezone: str | None = None
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    active: bool = True
+
+    def describe(self) -> str:
+        when = f"cron '{self.cron}'" if self.cron else f"every {self.interval:g}s"
+        zone = f" ({self.timezone})" if self.timezone else ""
+        extra = "".join(f" {k}={v!r}" for k, v in self.params.items())
+        return when + zone + extra + ("" if self.active else " (paused)")
+
+
 @dataclass
 class Spec:
     file: Path
@@ -220,6 +242,8 @@ class Spec:
     guard: Guard | None = None
     max_parallel: int = 4  # task runs (steps and map items) in flight at once
     response_cache: ResponseCacheConfig | None = None  # None: off unless a step turns it on
+    #: when `lmflow deploy` / `lmflow serve` run it
+    schedules: tuple[ScheduleSpec, ...] = ()
 
     @property
     def dir(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -9,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
 
 from ..errors import Problem, SpecError
 from ..steps import CheckContext, kinds
+from ..steps.base import FUNCTION_PATTERN
 from . import graph, templates
 from .hints import suggest as _suggest
 from .loader import Document, PathT, format_path, load_yaml
@@ -28,13 +30,14 @@ from .model import (
     ModelConfig,
     Policy,
     ResponseCacheConfig,
+    ScheduleSpec,
     ServerConfig,
     Spec,
     StepSpec,
     parse_duration,
     parse_size,
 )
-from .schema import COMMON_STEP_KEYS, spec_schema
+from .schema import COMMON_STEP_KEYS, base_schema, spec_schema
 
 DEFAULT_URLS = {"lmstudio": "http://127.0.0.1:1234"}
 _JSON_TYPES = {
@@ -49,7 +52,33 @@ def _type_name(value: Any) -> str:
 
 @lru_cache(maxsize=1)
 def _validator() -> Draft202012Validator:
-    return Draft202012Validator(spec_schema())
+    return Draft202012Validator(spec_schema(), format_checker=_FORMATS)
+
+
+def _duration_schema() -> dict[str, Any]:
+    return base_schema()["$defs"]["duration"]
+
+
+def max_duration() -> float:
+    """The longest duration a spec may give, in seconds (the schema's bound on a number of seconds)."""
+    return float(_duration_schema()["oneOf"][0]["maximum"])
+
+
+_FORMATS = FormatChecker(formats=())
+
+
+@_FORMATS.checks("lmflow-duration")
+def _bounded_duration(value: Any) -> bool:
+    """A duration string (`30s`, `2h`) within the bound that its number form has in the schema."""
+    return not _too_long(value)
+
+
+def _too_long(duration: Any) -> bool:
+    """A duration (a number of seconds, or `2h`) beyond `max_duration()`; False when it is not one."""
+    try:
+        return not isinstance(duration, bool) and parse_duration(duration) > max_duration()
+    except (ValueError, TypeError):
+        return False  # not a duration at all: the schema's pattern says so
 
 
 # ---------------------------------------------------------------- schema errors
@@ -80,6 +109,17 @@ def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Proble
             yield doc.problem(path + (extra,), f"unknown key '{extra}'", hint, key=True)
     elif kind == "oneOf" and all("required" in s for s in err.validator_value):
         return  # "exactly one step kind" is reported by _check_steps, more clearly
+    elif kind == "oneOf" and err.schema == _duration_schema() and _too_long(value):
+        days = f"{max_duration() / 86400:g}d"
+        cache = {"cache", "response_cache"} & set(path)
+        yield doc.problem(path, f"duration {value!r} is longer than {days}",
+                          f"{days} is the longest wait lmflow accepts, as a longer one is most likely a typo"
+                          + ("; a cache without ttl never expires" if cache else ""))
+    elif kind in ("oneOf", "anyOf") and _inside_one_branch(err):
+        # the value has the form of one choice (`cache: {ttl: ...}`): what is wrong inside it says more
+        for inner in err.context:
+            if len(inner.absolute_path) > len(path):
+                yield from _render_schema_error(doc, inner)
     elif kind in ("oneOf", "anyOf"):
         yield doc.problem(path, f"invalid value {value!r}", err.schema.get("description"))
     elif kind == "required":
@@ -108,48 +148,209 @@ def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Proble
         yield doc.problem(path, err.message)
 
 
+def _inside_one_branch(err: ValidationError) -> bool:
+    """Whether the only choices of a oneOf/anyOf that failed below the value itself are one choice."""
+    deeper = {inner.relative_schema_path[0] for inner in err.context
+              if len(inner.absolute_path) > len(err.absolute_path)}
+    return len(deeper) == 1
+
+
 # ---------------------------------------------------------------- semantic checks
 
 
-def _coerce_param(name: str, raw: Any, default: Any) -> Any:
-    """A -p value (text) or a deployment's parameter (typed), checked against the default's type."""
-    if default is None or (isinstance(default, str) and isinstance(raw, str)):
-        return raw
-    if isinstance(raw, str):
+#: a param's declarable types, and the Python values each accepts
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+    "array": (list,), "object": (dict,),
+}
+_PARAM_KEYS = {"type", "default", "description", "enum", "minimum", "maximum"}
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """A declared param: its type (None: any) and default, from `name: default` or the long form."""
+
+    type: str | None
+    default: Any = None
+    enum: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    declared: bool = False  # the long form, `{type: number, default: 0}`: the type was said, not guessed
+
+
+def _inferred_type(default: Any) -> str | None:
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return "boolean"
+    return next((name for name, kinds in PARAM_TYPES.items()
+                 if name != "number" and isinstance(default, kinds)), "number")
+
+
+def _param_decl(doc: Document | None, name: str, raw: Any, problems: list[Problem]) -> ParamDecl:
+    """`sleep: 0` (type inferred from the default) or `sleep: {type: number, default: 0}` (problems
+    are told to `doc`'s list; None: already told)."""
+
+    def report(path: PathT, message: str, hint: str | None = None) -> None:
+        if doc is not None:
+            problems.append(doc.problem(path, message, hint))
+
+    if not (isinstance(raw, dict) and "type" in raw and set(raw) <= _PARAM_KEYS):
+        return ParamDecl(_inferred_type(raw), raw)
+    path = ("params", name)
+    kind = raw["type"]
+    if kind not in PARAM_TYPES:
+        report(path + ("type",), f"unknown param type {kind!r}", "use one of: " + ", ".join(PARAM_TYPES))
+        return ParamDecl(None, raw.get("default"))
+    enum = raw.get("enum")
+    if enum is not None and not isinstance(enum, list):
+        report(path + ("enum",), "enum must be a list of the allowed values")
+        enum = None
+    bounds = {}
+    for bound in ("minimum", "maximum"):
+        value = raw.get(bound)
+        if value is not None and (kind not in ("integer", "number") or isinstance(value, bool)
+                                  or not isinstance(value, (int, float))):
+            report(path + (bound,), f"{bound} needs a number, on an integer or number param")
+            value = None
+        bounds[bound] = value
+    decl = ParamDecl(kind, raw.get("default"), tuple(enum) if enum else None, declared=True, **bounds)
+    if decl.default is not None:
+        try:
+            _check_param(decl, decl.default)
+        except ValueError as exc:
+            report(path + ("default",), f"the default does not fit: {exc}")
+    return decl
+
+
+def _check_param(decl: ParamDecl, value: Any) -> None:
+    kinds = PARAM_TYPES[decl.type] if decl.type else ()
+    if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and decl.type != "boolean")):
+        raise ValueError(f"expected {decl.type}, got {_type_name(value)} {value!r}")
+    if decl.enum is not None and value not in decl.enum:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(repr, decl.enum))}")
+    if decl.minimum is not None and value < decl.minimum:
+        raise ValueError(f"{value!r} is below the minimum {decl.minimum}")
+    if decl.maximum is not None and value > decl.maximum:
+        raise ValueError(f"{value!r} is above the maximum {decl.maximum}")
+
+
+def _coerce_param(name: str, raw: Any, decl: ParamDecl) -> Any:
+    """A -p value (text, read as YAML unless the param is a string) or a deployment's parameter
+    (typed), checked against the param's type."""
+    value = raw
+    if isinstance(raw, str) and decl.type not in (None, "string"):
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ValueError(f"cannot parse {raw!r}: {exc}") from None
-    else:
-        value = raw
-    if isinstance(default, str):
-        raise ValueError(f"expected string, got {_type_name(value)} {value!r}")
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {raw!r}")
-    elif isinstance(default, int) and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ValueError(f"expected integer, got {raw!r}")
-    elif isinstance(default, float) and (not isinstance(value, (int, float))
-                                         or isinstance(value, bool)):
-        raise ValueError(f"expected number, got {raw!r}")
-    elif isinstance(default, (list, dict)) and not isinstance(value, type(default)):
-        raise ValueError(f"expected {_type_name(default)} (YAML/JSON), got {raw!r}")
+        if decl.type == "number" and isinstance(value, str):
+            try:  # `1e3`, which YAML 1.1 reads as text
+                value = float(value)
+            except ValueError:
+                pass
+    try:
+        _check_param(decl, value)
+    except ValueError as exc:
+        if decl.declared or decl.type != "integer" or not isinstance(value, float):
+            raise
+        raise ValueError(f"{exc}: the default {decl.default!r} makes '{name}' an integer; to accept "
+                         f"decimals declare `params: {{{name}: {{type: number, default: "
+                         f"{decl.default!r}}}}}`") from None
     return value
 
 
 def _params(doc: Document, overrides: dict[str, Any], problems: list[Problem]) -> dict[str, Any]:
-    params = dict(doc.data.get("params") or {}) if isinstance(doc.data.get("params"), dict) else {}
-    for name, raw in overrides.items():
+    raw = doc.data.get("params") if isinstance(doc.data.get("params"), dict) else {}
+    decls = {name: _param_decl(doc, name, value, problems) for name, value in (raw or {}).items()}
+    params = {name: decl.default for name, decl in decls.items()}
+    for name, value in overrides.items():
         if name not in params:
             problems.append(Problem("command line", None, None, f"-p {name}",
                                     f"unknown parameter '{name}'",
                                     _suggest(name, params) or "this spec declares no params"))
             continue
         try:
-            params[name] = _coerce_param(name, raw, params[name])
+            params[name] = _coerce_param(name, value, decls[name])
         except ValueError as exc:
             problems.append(Problem("command line", None, None, f"-p {name}", str(exc)))
     return params
+
+
+_CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
+
+
+def _cron_problem(line: str) -> str | None:
+    """Why a cron line is not one (Prefect checks it fully at deploy time; validate stays light)."""
+    fields = line.split()
+    if len(fields) == 1 and fields[0].lower() in _CRON_MACROS:
+        return None
+    if len(fields) != 5:
+        return f"a cron line has 5 fields (minute hour day month weekday), this one has {len(fields)}"
+    bad = next((f for f in fields if not _CRON_FIELD.match(f)), None)
+    return f"'{bad}' is not a cron field" if bad else None
+
+
+def _schedules(doc: Document, problems: list[Problem]) -> tuple[ScheduleSpec, ...]:
+    """`schedule:` (one or a list): exactly one of cron or interval, a real time zone, known params."""
+    raw = doc.data.get("schedule")
+    if raw is None:
+        return ()
+    declared = doc.data.get("params") if isinstance(doc.data.get("params"), dict) else {}
+
+    def problem(path: PathT, message: str, hint: str | None = None) -> None:
+        problems.append(doc.problem(path, message, hint))
+
+    return schedules(raw, declared, problem, listed=isinstance(raw, list))
+
+
+def schedules(raw: Any, declared: dict[str, Any], problem: Any, *, listed: bool = True
+              ) -> tuple[ScheduleSpec, ...]:
+    """Schedules from their YAML form (a spec's or the command line's); `problem(path, message,
+    hint)` is told what is wrong with each."""
+    import zoneinfo
+
+    found = []
+    for i, entry in enumerate(raw if isinstance(raw, list) else [raw]):
+        path: PathT = ("schedule", i) if listed else ("schedule",)
+        if not isinstance(entry, dict):
+            continue  # the schema reports it
+        if ("cron" in entry) == ("interval" in entry):
+            problem(path, "a schedule needs exactly one of cron or interval",
+                    "e.g. {cron: '0 6 * * *'} or {interval: 1h}")
+            continue
+        cron = entry.get("cron")
+        if isinstance(cron, str) and (why := _cron_problem(cron)):
+            problem(path + ("cron",), why, "e.g. '0 6 * * 1-5' is 06:00 on weekdays")
+        interval = entry.get("interval")
+        try:
+            seconds = parse_duration(interval) if interval is not None else None
+        except ValueError as exc:
+            problem(path + ("interval",), str(exc), "e.g. 15m, 1h, 1d")
+            seconds = None
+        zone = entry.get("timezone")
+        if isinstance(zone, str):
+            try:
+                zoneinfo.ZoneInfo(zone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                problem(path + ("timezone",), f"unknown time zone {zone!r}",
+                        "use an IANA name such as Europe/Berlin or UTC")
+        params = {}
+        given = entry.get("params") if isinstance(entry.get("params"), dict) else {}
+        for name, value in given.items():
+            if name not in declared:
+                problem(path + ("params", name), f"unknown parameter '{name}'",
+                        _suggest(name, declared) or "declare it under params")
+                continue
+            try:
+                params[name] = _coerce_param(name, value, _param_decl(None, name, declared[name], []))
+            except ValueError as exc:
+                problem(path + ("params", name), str(exc))
+        found.append(ScheduleSpec(cron=cron if isinstance(cron, str) else None, interval=seconds,
+                                  timezone=zone if isinstance(zone, str) else None, params=params,
+                                  active=entry.get("active", True) is not False))
+    return tuple(found)
 
 
 def _server_field(doc: Document, path: PathT, value: Any, params: dict[str, Any],
@@ -200,6 +401,7 @@ def _servers(doc: Document, params: dict[str, Any], problems: list[Problem]) -> 
             start=cfg.get("start"), startup_timeout=startup, threads=cfg.get("threads"),
             max_restarts=cfg.get("max_restarts", 3) if isinstance(cfg.get("max_restarts", 3), int) else 3,
             parallel=cfg.get("parallel"), args=tuple(cfg.get("args") or ()),
+            shared_limit=cfg.get("shared_limit") is True,
         )
     return servers
 
@@ -265,16 +467,15 @@ def parse_fallback(raw: Any) -> tuple[Link, ...]:
     return tuple(links)
 
 
-def link_problem(link: Link, models: dict[str, ModelConfig], spec_dir: Path) -> tuple[str, str] | None:
+def link_problem(link: Link, models: dict[str, ModelConfig],
+                 spec_dir: Path) -> tuple[str, str | None] | None:
     """(message, hint) when a fallback link points at nothing."""
-    from ..steps.python import missing_module
+    from ..steps.python import function_problem
 
     if link.kind == "model" and link.target not in models:
         return f"unknown model '{link.target}'", _suggest(link.target, models)
-    if link.kind == "python":
-        missing = missing_module(link.target, spec_dir)
-        if missing:
-            return missing, "put it next to the spec or install it"
+    if link.kind == "python" and re.fullmatch(FUNCTION_PATTERN, link.target):
+        return function_problem(link.target, spec_dir)
     return None
 
 
@@ -392,6 +593,8 @@ class _Scope:
     resources: dict[str, tuple[list[str], list[str], bool]] = field(default_factory=dict)
     #: a checkpoint's step id -> its loop's id
     parents: dict[str, str] = field(default_factory=dict)
+    #: the most tokens each model may be loaded with, where the spec says (`CheckContext.context_lengths`)
+    contexts: dict[str, int] = field(default_factory=dict)
 
 
 def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str, Any],
@@ -405,6 +608,7 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
         return []
     ids = [s.get("id") for s in raw_steps if isinstance(s, dict)]
     parsed: list[tuple[int, dict, str, dict]] = []
+    duplicates: set[int] = set()  # positions of steps whose id an earlier step has
     for i, raw in enumerate(raw_steps):
         if not isinstance(raw, dict):
             continue
@@ -412,9 +616,12 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
         if isinstance(step_id, str):
             if step_id in scope.taken:
                 earlier = scope.taken[step_id]
-                where = "" if earlier[:-2] == base else f" (also at {format_path(earlier[:-1])})"
-                problems.append(doc.problem(base + (i, "id"), f"duplicate step id '{step_id}'{where}",
-                                            "step ids must be unique"))
+                line = doc.position(earlier)[0]
+                problems.append(doc.problem(
+                    base + (i, "id"), f"duplicate step id '{step_id}', first given at "
+                    f"{format_path(earlier[:-1])}" + (f" (line {line})" if line else ""),
+                    "step ids must be unique: rename one"))
+                duplicates.add(i)
             scope.taken.setdefault(step_id, base + (i, "id"))
         present = [k for k in raw if k in registered]
         if len(present) != 1:
@@ -450,7 +657,6 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
         return not any(b == prefix or b.startswith(prefix + ".") for b in broken)
 
     spec_ids = {s for s in ids if isinstance(s, str)}
-    position = {raw["id"]: n for n, (_i, raw, _k, _o) in enumerate(parsed)}
     output_schemas: dict[str, dict | None] = {}
     prepared: dict[str, dict] = {}
     for i, raw, kind_name, options in parsed:
@@ -461,10 +667,10 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
             return doc.problem(base + (_i, _k) + tuple(sub), message, hint, key=key)
 
         ctx = CheckContext(spec_dir=spec_dir, model_aliases=tuple(models), problem=problem,
-                           server_names=tuple(server_names))
+                           server_names=tuple(server_names), context_lengths=scope.contexts)
         kind_problems = list(kind.check(options, ctx))
         problems.extend(kind_problems)
-        if kind_problems or not schema_ok(i, kind_name):
+        if kind_problems or not schema_ok(i, kind_name) or i in duplicates:
             continue
         if kind_name == "loop":  # its checkpoints and `until` are parsed below, not resolved as options
             options = {k: v for k, v in options.items() if k not in ("checkpoints", "until")}
@@ -472,6 +678,9 @@ def _check_steps(doc: Document, raw_steps: Any, spec_dir: Path, params: dict[str
         output = kind.output_schema(prepared[raw["id"]], spec_dir)
         output_schemas[raw["id"]] = {"type": "array", "items": output} if "foreach" in raw else output
 
+    # a step whose id is taken is reported once, above: its references would be to the other step
+    parsed = [p for p in parsed if p[0] not in duplicates]
+    position = {raw["id"]: n for n, (_i, raw, _k, _o) in enumerate(parsed)}
     deps: dict[str, list[str]] = {}
     controls: dict[str, dict[str, Any]] = {}
     for i, raw, kind_name, _options in parsed:
@@ -615,7 +824,8 @@ def _loop(doc: Document, i: int, raw: dict[str, Any], step_id: str, spec_dir: Pa
             continue
         at = cp.get("at", [])
         inner = _Scope(base=path + ("checkpoints", c, "steps"), loop=step_id, outer=outer,
-                       outer_deps=loop_deps, taken=scope.taken, parents=scope.parents)
+                       outer_deps=loop_deps, taken=scope.taken, parents=scope.parents,
+                       contexts=scope.contexts)
         steps = _check_steps(doc, cp.get("steps"), spec_dir, params, models, defaults, problems,
                              server_names, inner)
         registered = kinds()
@@ -639,11 +849,11 @@ def _apply(doc: Document, path: PathT, raw: Any, spec_dir: Path,
            problems: list[Problem]) -> str | tuple[ApplyField, ...] | None:
     """A checkpoint's `apply`: a function (it must import) or the fields it sets."""
     if isinstance(raw, str):
-        from ..steps.python import missing_module
+        from ..steps.python import function_problem
 
-        missing = missing_module(raw, spec_dir)
-        if missing:
-            problems.append(doc.problem(path, missing, "put it next to the spec or install it"))
+        problem = function_problem(raw, spec_dir) if re.fullmatch(FUNCTION_PATTERN, raw) else None
+        if problem:
+            problems.append(doc.problem(path, *problem))
         return raw
     if not isinstance(raw, dict):
         return None
@@ -680,16 +890,37 @@ def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
     defaults = _policy(doc.data.get("defaults") if isinstance(doc.data.get("defaults"), dict) else {},
                        Policy())
     steps = _check_steps(doc, doc.data.get("steps"), path.resolve().parent, params_values, models,
-                         defaults, problems, servers)
+                         defaults, problems, servers, _Scope(contexts=_context_lengths(models, doc.data)))
     breaker, guard, response_cache = _resilience(doc)
+    schedules = _schedules(doc, problems)
     if problems:
         raise SpecError(_dedupe(problems))
     return Spec(
         file=path.resolve(), name=doc.data["name"], version=doc.data["version"],
         description=doc.data.get("description"), params=params_values, servers=servers,
         models=models, defaults=defaults, steps=steps, breaker=breaker, guard=guard,
-        response_cache=response_cache, max_parallel=_max_parallel(doc),
+        response_cache=response_cache, max_parallel=_max_parallel(doc), schedules=schedules,
     )
+
+
+def _context_lengths(models: dict[str, ModelConfig], data: dict[str, Any]) -> dict[str, int]:
+    """Each model's context_length where it is a number, raised by any step (a load_model, also in a
+    checkpoint) that loads the model with a larger one."""
+    def is_count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    found = {alias: m.context_length for alias, m in models.items() if is_count(m.context_length)}
+    pending = [data.get("steps")]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            alias, size = node.get("model"), node.get("context_length")
+            if alias in found and is_count(size):
+                found[alias] = max(found[alias], size)
+            pending.extend(node.values())
+    return found  # type: ignore[return-value]
 
 
 def _max_parallel(doc: Document) -> int:

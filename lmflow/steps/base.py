@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
+    from ..backends.base import Backend, ModelInfo
     from ..errors import Problem
     from ..resilience import Resilience
     from ..spec.model import ModelConfig, Policy, ResponseCacheConfig
@@ -29,6 +29,9 @@ class CheckContext:
     model_aliases: tuple[str, ...]
     problem: Callable[..., Problem]  # problem(path_in_step_options, message, hint=None)
     server_names: tuple[str, ...] = ("default",)
+    #: the most tokens a model may be loaded with, where the spec says (its context_length as a
+    #: number, or a larger one a load_model step asks for); a model not listed: unknown until run
+    context_lengths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,14 +70,17 @@ class Session(Protocol):
     def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
         """The model's server and its effective settings (a probed context length resolved)."""
 
+    def ready(self, alias: str) -> tuple[Backend, ModelConfig]:
+        """`backend_for`, with the model loaded as declared before its first chat."""
+
     def raw_model(self, alias: str) -> tuple[Backend, ModelConfig]:
         """The model as declared (a probe must not need its own result)."""
 
     def server_backend(self, name: str) -> Backend:
         """A server by name."""
 
-    def model_loaded(self, alias: str, model: ModelConfig) -> None:
-        """The step loaded this model: the run unloads it at its end unless kept."""
+    def load(self, alias: str, model: ModelConfig) -> ModelInfo:
+        """Load this model (with a step's overrides) for the run: unloaded at its end unless kept."""
 
     def model_unloaded(self, alias: str) -> None:
         """The step unloaded this model."""
@@ -98,13 +104,15 @@ class FixedModels:
     def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
         return self._models[alias]
 
-    raw_model = backend_for
+    raw_model = ready = backend_for
 
     def server_backend(self, name: str) -> Backend:
         return next(backend for backend, model in self._models.values() if model.server == name)
 
-    def model_loaded(self, alias: str, model: ModelConfig) -> None:
+    def load(self, alias: str, model: ModelConfig) -> ModelInfo:
+        info = self._models[alias][0].load(model)
         self.loaded[alias] = model
+        return info
 
     def model_unloaded(self, alias: str) -> None:
         self.loaded.pop(alias, None)

@@ -29,8 +29,7 @@ def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
     if not backend.manages_models:
         raise LmflowError(f"the {backend.kind} backend cannot load models: use backend: lmstudio or "
                           "local, or drop the load_model step")
-    info = backend.load(model)
-    ctx.session.model_loaded(options["model"], model)
+    info = ctx.session.load(options["model"], model)
     asked, actual = model.context_length, info.loaded_context_length
     output = {"model": model.key, "instance": info.instance_id, "context_length": actual,
               "requested_context_length": asked, "load_seconds": info.load_seconds}
@@ -68,9 +67,8 @@ class LoadModelStep(ModelStep):
                                "description": "Overrides the model's context_length for this load."},
             "gpu": {"description": "lmstudio: GPU offload for this load, max, off or a ratio 0..1.",
                     "oneOf": [{"enum": ["max", "off"]}, {"type": "number", "minimum": 0, "maximum": 1}]},
-            "ttl": {"description": "lmstudio: unload after this long idle (30s, 10m, or seconds).",
-                    "oneOf": [{"type": "number", "minimum": 0},
-                              {"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h|d)\\s*$"}]},
+            "ttl": {"$ref": "#/$defs/duration",
+                    "description": "lmstudio: unload after this long idle (30s, 10m, or seconds)."},
             "identifier": {"type": "string", "description": "lmstudio: the instance's identifier."},
             "strict": {"type": "boolean",
                        "description": "Fail when the server applies another context length (default: warn)."},

@@ -96,7 +96,7 @@ class LoopStep(Step):
     }
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        from .python import missing_module
+        from .python import function_problem
 
         if not any(k in options for k in ("generations", "until", "max_seconds")):
             yield ctx.problem((), "a loop needs generations, until or max_seconds (else it never ends)",
@@ -105,9 +105,10 @@ class LoopStep(Step):
             ref = options.get(key)
             ref = ref.get("function") if isinstance(ref, dict) else ref
             if isinstance(ref, str) and re.fullmatch(FUNCTION_PATTERN, ref):
-                missing = missing_module(ref, ctx.spec_dir)
-                if missing:
-                    yield ctx.problem((key,), missing, "put it next to the spec or install it")
+                problem = function_problem(ref, ctx.spec_dir)
+                if problem:
+                    yield ctx.problem((key,) + (("function",) if isinstance(options[key], dict) else ()),
+                                      *problem)
         for i, checkpoint in enumerate(options.get("checkpoints") or []):
             if isinstance(checkpoint, dict) and "at" not in checkpoint and "every" not in checkpoint:
                 yield ctx.problem(("checkpoints", i), "a checkpoint needs at: or every:",

@@ -6,13 +6,14 @@ import base64
 import hashlib
 import json
 import mimetypes
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import InvalidResponse, Problem
+from ..errors import InvalidResponse, LmflowError, Problem
 from ..spec.model import Link, parse_duration
 from . import register
 from .base import (
@@ -35,6 +36,31 @@ _TEXT_OR_FILE = {
     ],
 }
 SAMPLING = ("temperature", "top_p", "max_tokens", "seed", "stop")
+#: a bound on max_tokens above any model's context (a larger value is a typo, which a server
+#: may even read as a negative number)
+MAX_TOKENS = 2**20
+
+
+def _templated(path: str) -> bool:
+    return "${{" in path
+
+
+def _read_bytes(spec_dir: Path, name: str) -> bytes:
+    """A file a step names, relative to the spec's folder; a clear error when it is not there."""
+    try:
+        return (spec_dir / name).read_bytes()
+    except OSError as exc:
+        raise LmflowError(f"cannot read {name} ({spec_dir / name}): {exc.strerror or exc}; paths are "
+                          "relative to the spec's folder") from None
+
+
+def _read(spec_dir: Path, name: str, what: str) -> str:
+    data = _read_bytes(spec_dir, name)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LmflowError(f"the {what} file {name} is not UTF-8 text (byte {exc.start}): save it as "
+                          "UTF-8") from None
 
 
 def _read_structured(path: Path) -> Any:
@@ -71,7 +97,10 @@ class PromptStep(ModelStep):
             },
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
             "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-            "max_tokens": {"type": "integer", "minimum": 1},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS,
+                           "description": f"Most tokens in the answer: at most {MAX_TOKENS} (2^20, more "
+                                          "than any model's context), and at most the model's "
+                                          "context_length."},
             "seed": {"type": "integer"},
             "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "fallback": {**FALLBACK_OPTION, "description": "Instead of the model's own fallback: "
@@ -82,8 +111,7 @@ class PromptStep(ModelStep):
                                "key share an answer).",
                 "oneOf": [{"type": "boolean"}, {
                     "type": "object", "additionalProperties": False,
-                    "properties": {"ttl": {"oneOf": [{"type": "number", "minimum": 0}, {
-                        "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h|d)\\s*$"}]},
+                    "properties": {"ttl": {"$ref": "#/$defs/duration"},
                                    "key": {"type": "string", "pattern": f"^{FUNCTION_PATTERN}$"}}}],
             },
         },
@@ -96,23 +124,33 @@ class PromptStep(ModelStep):
 
         yield from super().check(options, ctx)
         yield from self._check_chain(options, ctx)
+        limit = ctx.context_lengths.get(options.get("model"))  # type: ignore[arg-type]
+        max_tokens = options.get("max_tokens")
+        if limit and isinstance(max_tokens, int) and limit < max_tokens <= MAX_TOKENS:  # above: the schema's
+            yield ctx.problem(("max_tokens",), f"max_tokens {max_tokens} does not fit in model "
+                              f"'{options['model']}' (context_length {limit})",
+                              "the prompt and the answer share the context: lower max_tokens, or raise "
+                              f"models.{options['model']}.context_length")
         if "messages" in options and ("system" in options or "user" in options):
             yield ctx.problem(("messages",), "give either messages or system/user, not both", key=True)
         elif "messages" not in options and "user" not in options:
             yield ctx.problem((), "a prompt needs a user message", "add user: ... or messages: [...]")
         for name in ("system", "user"):
             value = options.get(name)
-            if isinstance(value, dict) and isinstance(value.get("file"), str) and not (
-                ctx.spec_dir / value["file"]
-            ).is_file():
+            if isinstance(value, dict) and isinstance(value.get("file"), str) and not _templated(
+                    value["file"]) and not (ctx.spec_dir / value["file"]).is_file():
                 yield ctx.problem((name, "file"), f"file not found: {value['file']}",
                                   "paths are relative to the spec's folder")
         images = options.get("images")
         for i, image in enumerate(images if isinstance(images, list) else []):
-            if isinstance(image, str) and not (ctx.spec_dir / image).is_file():
+            if isinstance(image, str) and not _templated(image) and not (ctx.spec_dir / image).is_file():
                 yield ctx.problem(("images", i), f"image not found: {image}",
                                   "paths are relative to the spec's folder")
         schema = options.get("response_schema")
+        if isinstance(schema, str) and _templated(schema):
+            yield ctx.problem(("response_schema",), "a response_schema path cannot use references",
+                              "the answer's shape must be known before the run: name one file")
+            return
         if isinstance(schema, str):
             path = ctx.spec_dir / schema
             if not path.is_file():
@@ -142,17 +180,19 @@ class PromptStep(ModelStep):
             if problem:
                 yield ctx.problem(("fallback", i), *problem)
         setting = options.get("response_cache")
-        if isinstance(setting, dict) and isinstance(setting.get("key"), str):
-            from .python import missing_module
+        if isinstance(setting, dict) and isinstance(setting.get("key"), str) \
+                and re.fullmatch(FUNCTION_PATTERN, setting["key"]):
+            from .python import function_problem
 
-            missing = missing_module(setting["key"], ctx.spec_dir)
-            if missing:
-                yield ctx.problem(("response_cache", "key"), missing, "put it next to the spec or install it")
+            problem = function_problem(setting["key"], ctx.spec_dir)
+            if problem:
+                yield ctx.problem(("response_cache", "key"), *problem)
 
     def prepare(self, options: dict[str, Any], spec_dir: Path) -> dict[str, Any]:
         prepared = dict(options)
         for name in ("system", "user"):
-            if isinstance(prepared.get(name), dict):
+            # a file named by a reference (`${{ item.path }}`) is data, read when the step runs
+            if isinstance(prepared.get(name), dict) and not _templated(prepared[name]["file"]):
                 prepared[name] = (spec_dir / prepared[name]["file"]).read_text(encoding="utf-8")
         if isinstance(prepared.get("response_schema"), str):
             prepared["response_schema"] = _read_structured(spec_dir / prepared["response_schema"])
@@ -162,22 +202,28 @@ class PromptStep(ModelStep):
         return options.get("response_schema") or {"type": "string"}
 
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
-        return {image: hashlib.sha256((spec_dir / image).read_bytes()).hexdigest()
-                for image in options.get("images") or []}
+        """The content of the files the resolved options name (images, prompt files named by a
+        reference): a changed file is a changed step."""
+        files = [*(options.get("images") or []),
+                 *(options[n]["file"] for n in ("system", "user") if isinstance(options.get(n), dict))]
+        return {name: hashlib.sha256(_read_bytes(spec_dir, name)).hexdigest() for name in files
+                if not _templated(name)}  # a checkpoint's options before they are resolved
 
     def messages(self, options: dict[str, Any], spec_dir: Path) -> list[dict[str, Any]]:
         if "messages" in options:
             return [dict(m) for m in options["messages"]]
         messages: list[dict[str, Any]] = []
-        if options.get("system"):
-            messages.append({"role": "system", "content": options["system"]})
-        user: Any = options["user"]
+        text = {name: _read(spec_dir, value["file"], name) if isinstance(value, dict) else value
+                for name, value in ((n, options.get(n)) for n in ("system", "user"))}
+        if text["system"]:
+            messages.append({"role": "system", "content": text["system"]})
+        user: Any = text["user"]
         if options.get("images"):
             user = [{"type": "text", "text": user}]
             for image in options["images"]:
                 path = spec_dir / image
                 mime = mimetypes.guess_type(path.name)[0] or "image/png"
-                data = base64.b64encode(path.read_bytes()).decode()
+                data = base64.b64encode(_read_bytes(spec_dir, image)).decode()
                 user.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
         messages.append({"role": "user", "content": user})
         return messages
@@ -204,7 +250,7 @@ class PromptStep(ModelStep):
         resilience = ctx.session.resilience or Resilience(Breaker(), None, None)
 
         def ask(alias: str, timeout: float) -> Answer:
-            backend, model = ctx.session.backend_for(alias)
+            backend, model = ctx.session.ready(alias)
             response = backend.chat(ChatRequest(model=model, messages=messages, sampling=sampling,
                                                 response_schema=schema, timeout=timeout))
             meta = {"model": response.model, "finish_reason": response.finish_reason,

@@ -98,9 +98,9 @@ class PythonStep(Step):
         function = options.get("function")
         if not isinstance(function, str) or not re.fullmatch(FUNCTION, function):
             return  # the schema reports it
-        missing = missing_module(function, ctx.spec_dir)
-        if missing:
-            yield ctx.problem(("function",), missing, "put it next to the spec or install it")
+        problem = function_problem(function, ctx.spec_dir)
+        if problem:
+            yield ctx.problem(("function",), *problem)
 
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         return source_hash(options["function"], spec_dir)  # a changed function body is a changed step
@@ -114,14 +114,6 @@ def source_hash(ref: str, spec_dir: Path) -> str | None:
     """SHA-256 of the file of the module `module:function` names (None: not a file)."""
     path = _module_file(ref.partition(":")[0], spec_dir)
     return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
-
-
-def missing_module(ref: str, spec_dir: Path) -> str | None:
-    """Why `module:function` cannot be imported from the spec's folder (None when it can)."""
-    top = ref.partition(":")[0].split(".")[0]
-    with importable_from(spec_dir):
-        found = importlib.util.find_spec(top)
-    return None if found is not None else f"module '{top}' not found"
 
 
 def load_function(ref: str, spec_dir: Path) -> Any:
@@ -144,6 +136,87 @@ def load_function(ref: str, spec_dir: Path) -> Any:
     if not callable(function):
         raise UserCodeError(f"{module_name} has no function '{name}'")
     return function
+
+
+def function_problem(ref: str, spec_dir: Path) -> tuple[str, str | None] | None:
+    """(message, hint) when `module:function` cannot be loaded from the spec's folder (None: it can).
+
+    Validation loads it as a run does (`load_function`): the module is imported, so its top
+    level runs, but the function is never called. The spec's own modules that this import
+    added to `sys.modules` are dropped again, so the next import (a run in this process, or
+    another spec with a `helpers.py` of its own) reads them from its folder afresh.
+    """
+    module_name, _, name = ref.partition(":")
+    with _IMPORTS:  # no other import from a spec's folder between the snapshot and the cleanup
+        before = set(sys.modules)
+        try:
+            load_function(ref, spec_dir)
+            return None
+        except UserCodeError as exc:
+            return _why_not_loaded(exc, module_name, name, spec_dir)
+        finally:
+            for added in set(sys.modules) - before:
+                if _in_folder(sys.modules.get(added), spec_dir):
+                    sys.modules.pop(added, None)
+
+
+def _why_not_loaded(exc: UserCodeError, module_name: str, name: str,
+                    spec_dir: Path) -> tuple[str, str | None]:
+    from ..spec.hints import nearest, suggest
+
+    cause = exc.__cause__
+    top = module_name.split(".")[0]
+    if isinstance(cause, ModuleNotFoundError) and cause.name and module_name.startswith(cause.name) \
+            and module_name[len(cause.name):][:1] in ("", "."):  # the module named, not one it imports
+        local = [p.stem for p in spec_dir.glob("*.py")] + [p.name for p in spec_dir.iterdir()
+                                                           if (p / "__init__.py").is_file()]
+        close = nearest(top, local) if cause.name == top else None
+        return (f"module '{cause.name}' not found",
+                f"did you mean '{close}'?" if close else "put it next to the spec or install it")
+    if isinstance(cause, ModuleNotFoundError):
+        return (f"importing {module_name} raised ModuleNotFoundError: {cause}",
+                f"install '{cause.name}' where lmflow runs" if cause.name else "install what it imports")
+    if cause is not None:
+        return (f"importing {module_name} raised {type(cause).__name__}: {cause}{_where(cause, spec_dir)}",
+                "validation imports the module and calls nothing: fix what its top level runs")
+    module = sys.modules.get(module_name)
+    attribute = getattr(module, name, None)
+    ours = _in_folder(module, spec_dir)
+    shadowed = not ours and ((spec_dir / f"{top}.py").exists() or (spec_dir / top).is_dir())
+    if module is None or callable(attribute) or shadowed:
+        return str(exc), None  # the module was refused as a whole (its name is taken): it says why
+    source = "" if ours else f" ({getattr(module, '__file__', None) or 'built-in'})"
+    if hasattr(module, name):
+        return (f"'{name}' in module '{module_name}'{source} is not a function: it is of type "
+                f"{type(attribute).__name__}", "name a function (def) or another callable")
+    functions = [n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
+                 and getattr(v, "__module__", None) == module.__name__]
+    return (f"module '{module_name}'{source} has no function '{name}'",
+            suggest(name, functions) or "it defines no functions")
+
+
+def _in_folder(module: Any, folder: Path) -> bool:
+    """Whether `module` was imported from `folder` (e.g. `folder/helpers.py`, `folder/pkg/...`)."""
+    top = str(getattr(module, "__name__", "")).split(".")[0]
+    places = [getattr(module, "__file__", None), *(getattr(module, "__path__", None) or [])]
+    for place in filter(None, places):
+        try:
+            first = Path(place).relative_to(folder).parts[0]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if top and (first == top or first.startswith(top + ".")):
+            return True
+    return False
+
+
+def _where(exc: BaseException, folder: Path) -> str:
+    """` at file:line` of the innermost frame in the spec's folder (a SyntaxError says it itself)."""
+    tb, where = exc.__traceback__, ""
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).is_relative_to(folder):
+            where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 class UserCodeCancelled(UserCodeError):

@@ -75,6 +75,9 @@ class Behaviour:
     jit: bool = True
     api_token: str | None = None
     delay_seconds: float = 0.0  # before every chat answer
+    #: a REST load is answered this long after its instance is listed (a client killed in
+    #: between was killed mid-load: the instance is there, the client never heard of it)
+    load_answer_delay_seconds: float = 0.0
     ignore_model_field: bool = False  # answer with the loaded model, whatever was asked
     crash_on_request: int | None = None  # exit the process during the Nth chat request
     ttl_seconds: float | None = None  # unload instances idle for that long
@@ -315,6 +318,8 @@ class LMStudioTestServer:
         result = await self.load_instance(body["model"], body.get("context_length"))
         if isinstance(result, Response):
             return result
+        if self.behaviour.load_answer_delay_seconds:
+            await asyncio.sleep(self.behaviour.load_answer_delay_seconds)
         answer: dict[str, Any] = {"type": "llm", "instance_id": result.id,
                                   "load_time_seconds": round(result.load_seconds, 3),
                                   "status": "loaded"}

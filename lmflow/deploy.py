@@ -1,0 +1,144 @@
+"""Deployments of specs: served from this machine, or sent to a Prefect process work pool.
+
+Every deployment is of the one flow (`lmflow.compile.lmflow_flow`, imported by module path,
+so a worker needs lmflow installed, not a copy of a flows file), named after the spec, with
+the spec's path as its parameter and the spec's `schedule:` (or the command line's) as its
+schedules. A spec inside a git repository is referred to by its path in the repository, and
+a worker finds it under `LMFLOW_REPO` (its own checkout), so one deployment runs on any
+machine that has the repository. Each run records the spec's commit and content hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LmflowError
+from .provenance import spec_version
+from .spec import load_spec
+from .spec.model import ScheduleSpec, Spec
+
+#: a module path (no colon): Prefect imports it, with no flow code to download
+ENTRYPOINT = "lmflow.compile.lmflow_flow"
+
+
+class DeployError(LmflowError):
+    """A deployment could not be made (a bad schedule, no Prefect server, an unknown pool)."""
+
+    exit_code = 2
+
+
+@dataclass
+class Target:
+    """One spec to deploy: where a run finds it, and when it runs."""
+
+    spec: Spec
+    spec_path: str  # what the flow gets: the path in the repository, else an absolute path
+    schedules: tuple[ScheduleSpec, ...]
+    version: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def targets(paths: list[str | Path], schedules: tuple[ScheduleSpec, ...] = (), *,
+            in_repository: bool = False) -> list[Target]:
+    """Load each spec (a spec error stops here, before anything is registered)."""
+    found = []
+    for path in paths:
+        spec = load_spec(path)
+        version = spec_version(spec.file)
+        if in_repository:
+            if not version.get("repo_path"):
+                raise DeployError(f"{spec.file} is not committed in a git repository: a work pool's "
+                                  "workers find specs by their path in the repository; commit it, or "
+                                  "use `lmflow serve` to run it from this machine")
+            spec_path = version["repo_path"]
+        else:
+            spec_path = str(spec.file)
+        found.append(Target(spec, spec_path, schedules or spec.schedules, version))
+    return found
+
+
+def _prefect_schedules(schedules: tuple[ScheduleSpec, ...]) -> list[Any]:
+    import datetime
+
+    from prefect.schedules import Cron, Interval
+
+    made = []
+    for s in schedules:
+        parameters = {"params": s.params} if s.params else None
+        try:
+            if s.cron:
+                made.append(Cron(s.cron, timezone=s.timezone, active=s.active, parameters=parameters))
+            else:
+                made.append(Interval(datetime.timedelta(seconds=s.interval or 0), timezone=s.timezone,
+                                     active=s.active, parameters=parameters))
+        except ValueError as exc:
+            raise DeployError(f"schedule {s.describe()}: {exc}") from None
+    return made
+
+
+def runner_deployment(target: Target, *, pool: str | None = None) -> Any:
+    """A Prefect deployment of the one flow for this spec."""
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.types.entrypoint import EntrypointType
+
+    from .compile import lmflow_flow
+
+    flow = lmflow_flow.with_options(name=target.name)
+    description = (target.spec.description or f"lmflow spec {target.spec_path}").strip()
+    deployment = RunnerDeployment.from_flow(
+        flow, name=target.name, parameters={"spec_path": target.spec_path},
+        schedules=_prefect_schedules(target.schedules), description=description,
+        tags=["lmflow", f"spec:{target.name}"], work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        version=(target.version.get("commit") or target.version["sha256"])[:12],
+    )
+    deployment.entrypoint = ENTRYPOINT
+    return deployment
+
+
+def ensure_pool(name: str) -> None:
+    """Create the process work pool when it does not exist yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        except ObjectAlreadyExists:
+            pool = client.read_work_pool(name)
+            if pool.type != "process":
+                raise DeployError(f"work pool '{name}' is of type {pool.type}; lmflow sends runs to "
+                                  "process pools: choose another name") from None
+
+
+def deploy(paths: list[str | Path], *, pool: str,
+           schedules: tuple[ScheduleSpec, ...] = ()) -> list[tuple[Target, str]]:
+    """Register deployments on a process work pool; returns each target with its deployment id."""
+    chosen = targets(paths, schedules, in_repository=True)
+    _require_server()
+    ensure_pool(pool)
+    return [(t, str(runner_deployment(t, pool=pool).apply())) for t in chosen]
+
+
+def serve(paths: list[str | Path], *, schedules: tuple[ScheduleSpec, ...] = (),
+          limit: int | None = None) -> None:
+    """Serve the specs from this process until it is stopped (Prefect's serve)."""
+    from prefect import serve as prefect_serve
+
+    chosen = targets(paths, schedules)
+    _require_server()
+    prefect_serve(*[runner_deployment(t) for t in chosen], limit=limit, print_starting_message=False)
+
+
+def _require_server() -> None:
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise DeployError("deployments live on a Prefect server, and none runs: start one with "
+                          "`lmflow server start` (or set PREFECT_API_URL)")

@@ -1,0 +1,522 @@
+"""Run history through the Prefect API: `lmflow runs`, `lmflow runs show`, `lmflow rerun`.
+
+Every run, however started, is a flow run of `lmflow.compile.lmflow_flow` named after its run
+id, tagged `lmflow`, `spec:NAME`, `commit:SHA12` (+ `dirty`) and `sha256:HASH12`, whose
+parameters are the spec's path, the params given, `refresh_cache` and `max_parallel`. When it
+ends it writes a table artifact (`lmflow-summary-NAME`): a row per step, built here by
+`summary_rows`. The commands read those, so they work wherever the run ran (a worker's run
+record is on the worker's machine). Nothing here prints or exits; Prefect is imported only by
+the functions that talk to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from .errors import LmflowError, PrefectServerError
+
+if TYPE_CHECKING:
+    from .runtime import RunResult, StepRecord
+
+#: the key of every run's summary is this plus the spec's name (the UI keeps the latest per spec)
+SUMMARY_KEY = "lmflow-summary"
+#: columns of the summary table, in order
+COLUMNS = ("step", "kind", "status", "seconds", "attempts", "cached", "answered by", "result", "errors")
+PAGE = 200  # the most a Prefect API read returns at once
+
+
+class HistoryError(LmflowError):
+    """A run could not be found, or run again as asked."""
+
+
+# -- the summary a run writes (called by the compiler at the end of every flow run) ------------
+
+def summary_key(spec_name: str) -> str:
+    """Prefect artifact keys are lowercase letters, digits and dashes."""
+    name = "".join(c if c.isalnum() else "-" for c in spec_name.lower()).strip("-")
+    return f"{SUMMARY_KEY}-{name}" if name else SUMMARY_KEY
+
+
+def summary_rows(result: RunResult) -> list[dict[str, Any]]:
+    """The run's terminal table as rows for a Prefect table artifact: one per step, errors whole."""
+    from .report import item_summary, short
+
+    errors = result.errors()
+    rows = []
+    for s in result.steps:
+        status, reason = s.status, s.reason
+        # at the flow's end nothing still runs: a step that does was stopped with the flow (as
+        # `lmflow run` records it once the flow has returned, after this table is written)
+        if status == "running":
+            status, reason = "interrupted", "the flow stopped while it ran"
+        elif status == "pending":
+            status, reason = "skipped", "the flow stopped before it started"
+        if status in ("completed", "cached"):
+            outcome = short(s.output)
+        else:
+            outcome = s.error.message if s.error else reason or ""
+        if s.items is not None and status != "skipped":
+            outcome = f"[{item_summary(s)}] {outcome}"
+        answered = s.answered_by or {}
+        by = answered.get("target") or ""
+        if by and answered.get("link"):
+            by += f" (fallback {answered['link']})"
+        rows.append({
+            "step": s.id, "kind": s.kind, "status": status, "seconds": round(s.seconds, 3),
+            "attempts": _attempts(s),
+            "cached": "step" if s.status == "cached" else "answer" if s.meta.get("cache") == "hit" else "no",
+            "answered by": by, "result": outcome,
+            "errors": "\n".join(_error_line(e, s) for e in errors
+                                if e["step"] == s.id or e["step"].startswith(s.id + "[")),
+        })
+    return rows
+
+
+def _attempts(s: StepRecord) -> int:
+    """Failed steps: their attempts; others: the task's runs or the model calls, whichever is more."""
+    if s.error is not None:
+        return s.error.attempts
+    calls = sum(1 for e in s.errors if e.get("attempt")) + int(s.meta.get("attempts") or 0)
+    return max(s.attempts, calls)
+
+
+def _error_line(e: dict[str, Any], s: StepRecord) -> str:
+    item = e["step"][len(s.id):]  # "[3]" for a map's item
+    attempt = f"attempt {e['attempt']}" if e.get("attempt") else ""
+    where = " ".join(x for x in (item, e.get("target") or "", attempt) if x)
+    return f"{where + ': ' if where else ''}{e['error_type']}: {e['message']}"
+
+
+def summary_description(result: RunResult) -> str:
+    """Markdown above the table in the UI: the outcome, the spec's version, the params."""
+    counts: dict[str, int] = {}
+    for s in result.steps:
+        counts[s.status] = counts.get(s.status, 0) + 1
+    version = result.spec_version or {}
+    where = "not in git"
+    if version.get("commit"):
+        where = f"commit `{version['commit'][:12]}`" + (" with local changes" if version.get("dirty") else "")
+    return (f"**{result.run_id}**: {len(result.steps)} steps: "
+            + ", ".join(f"{n} {status}" for status, n in counts.items())
+            + f".\n\nSpec `{result.spec}` ({where}, sha256 `{str(version.get('sha256'))[:12]}`), "
+            f"params `{json.dumps(result.params, default=str)}`.\n\n"
+            f"`lmflow runs show {result.run_id}` prints this table; `lmflow rerun {result.run_id}` "
+            "runs the same spec version with the same params.")
+
+
+# -- reading runs ------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One run as the Prefect API knows it (its steps from its summary, else its task runs)."""
+
+    id: str
+    name: str
+    spec: str | None  # the spec's name (its `spec:` tag)
+    state: str
+    start: datetime | None
+    end: datetime | None
+    #: the spec's version from the run's tags: commit (12 hex), dirty, sha256 (12 hex)
+    version: dict[str, Any]
+    #: the flow run's parameters: spec_path, params (as given), refresh_cache, max_parallel
+    parameters: dict[str, Any]
+    ui_url: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    #: "summary" (the run's table artifact) or "task runs" (a run still going, or killed)
+    steps_from: str = "summary"
+
+    @property
+    def seconds(self) -> float | None:
+        if self.start is None:
+            return None
+        return ((self.end or datetime.now(timezone.utc)) - self.start).total_seconds()
+
+    @property
+    def failed(self) -> list[str]:
+        """Ids of the steps that failed (a map's failed items count for their step)."""
+        return list(dict.fromkeys(r["step"].split("[", 1)[0] for r in self.steps if r["status"] == "failed"))
+
+    @property
+    def cached(self) -> int:
+        return sum(1 for r in self.steps if r["status"] == "cached")
+
+    def version_text(self) -> str:
+        """`abc123def456`, `abc123def456 dirty`, or `sha256:0123456789ab` outside git."""
+        v = self.version
+        if v.get("commit"):
+            return v["commit"] + (" dirty" if v.get("dirty") else "")
+        return f"sha256:{v['sha256']}" if v.get("sha256") else "?"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "start": self.start.isoformat() if self.start else None,
+                "end": self.end.isoformat() if self.end else None, "seconds": self.seconds,
+                "failed": self.failed, "cached": self.cached}
+
+
+def spec_name(spec: str) -> str:
+    """A spec file's `name` (read from the file), or the argument itself when it names no file."""
+    path = Path(spec)
+    if not path.is_file() and not spec.endswith((".yaml", ".yml")):
+        return spec
+    from .spec.loader import load_yaml
+
+    data = load_yaml(path).data
+    if isinstance(data, dict) and isinstance(data.get("name"), str):
+        return data["name"]
+    from .spec import load_spec
+
+    return load_spec(path).name  # raises the SpecError that says what is wrong
+
+
+def list_runs(spec: str | None = None, limit: int = 20) -> list[Run]:
+    """lmflow's runs (of one spec: a file or a name), newest first; scheduled ones are left out."""
+    tags = ["lmflow"] + ([f"spec:{spec_name(spec)}"] if spec else [])
+    with _client() as (client, ui):  # before Prefect's imports: they read its settings
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            FlowRunFilterTags,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        wanted = FlowRunFilter(tags=FlowRunFilterTags(all_=tags), state=FlowRunFilterState(
+            type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])))
+        flow_runs = _pages(lambda offset, size: client.read_flow_runs(
+            flow_run_filter=wanted, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=size, offset=offset),
+            limit)
+        found = [_run(f, ui) for f in flow_runs]
+        _add_steps(client, found)
+    return found
+
+
+def show_run(ref: str) -> Run:
+    """One run by its name or flow run id (or a unique prefix of either), with every step."""
+    with _client() as (client, ui):
+        found = _run(find_flow_run(client, ref), ui)
+        _add_steps(client, [found])
+    return found
+
+
+def find_flow_run(client: Any, ref: str) -> Any:
+    """The lmflow flow run named `ref`, with id `ref`, or whose name or id starts with `ref`."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        flow_run = client.read_flow_run(UUID(ref))
+    except ValueError:  # not a whole id
+        pass
+    except ObjectNotFound:
+        raise HistoryError(f"no flow run has the id {ref}: `lmflow runs` lists the runs") from None
+    else:
+        if "lmflow" not in (flow_run.tags or ()):
+            raise HistoryError(f"flow run {ref} ({flow_run.name}) is not an lmflow run")
+        return flow_run
+    lmflow = FlowRunFilterTags(all_=["lmflow"])
+
+    def matching(name: FlowRunFilterName | None, keep: Callable[[Any], bool]) -> list[Any]:
+        wanted = FlowRunFilter(tags=lmflow, name=name)
+        return [f for f in _pages(lambda offset, size: client.read_flow_runs(
+            flow_run_filter=wanted, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=size, offset=offset))
+            if keep(f)]
+
+    found = matching(FlowRunFilterName(any_=[ref]), lambda f: True)
+    if not found:
+        found = matching(FlowRunFilterName(like_=ref), lambda f: f.name.startswith(ref))
+    if not found and len(ref) >= 4 and all(c in "0123456789abcdef-" for c in ref.lower()):
+        found = matching(None, lambda f: str(f.id).startswith(ref.lower()))
+    if not found:
+        raise HistoryError(f"no lmflow run is named {ref!r} or has an id starting with it: "
+                           "`lmflow runs` lists the runs")
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found[:5]) + (", ..." if len(found) > 5 else "")
+        raise HistoryError(f"{ref!r} matches {len(found)} runs ({names}): give more of the name or id")
+    return found[0]
+
+
+@contextmanager
+def _client() -> Iterator[tuple[Any, str]]:
+    """Prefect's sync client on the API `lmflow run` would use, and the UI's address; never a
+    temporary server: history lives on a server that outlives its runs."""
+    from .prefect_server import _healthy, configure_environment
+
+    choice = configure_environment()
+    if choice.url is None:
+        raise PrefectServerError("no Prefect server: start one with `lmflow server start` "
+                                 "(or set PREFECT_API_URL to the one your runs use)")
+    if not _healthy(choice.url, timeout=5.0):
+        raise PrefectServerError(f"the Prefect API at {choice.url} ({choice.source}) does not answer: "
+                                 "check it with `lmflow server status`")
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            yield client, choice.url.removesuffix("/api")
+    except httpx.HTTPError as exc:
+        raise PrefectServerError(f"the Prefect API at {choice.url} failed: {exc}") from None
+
+
+def _pages(read: Callable[[int, int], list[Any]], limit: int | None = None) -> list[Any]:
+    """Every object a filtered read finds (or the first `limit`), a page at a time."""
+    found: list[Any] = []
+    while limit is None or len(found) < limit:
+        size = PAGE if limit is None else min(PAGE, limit - len(found))
+        page = read(len(found), size)
+        found += page
+        if len(page) < size:
+            break
+    return found
+
+
+def _run(flow_run: Any, ui: str) -> Run:
+    tags = flow_run.tags or []
+    version: dict[str, Any] = {"commit": None, "dirty": "dirty" in tags, "sha256": None}
+    spec = None
+    for tag in tags:
+        prefix, _, value = tag.partition(":")
+        if prefix in ("commit", "sha256"):
+            version[prefix] = value
+        elif prefix == "spec":
+            spec = value
+    return Run(id=str(flow_run.id), name=flow_run.name, spec=spec, state=flow_run.state_name or "?",
+               start=flow_run.start_time, end=flow_run.end_time, version=version,
+               parameters=dict(flow_run.parameters or {}), ui_url=f"{ui}/runs/flow-run/{flow_run.id}")
+
+
+def _add_steps(client: Any, runs: list[Run]) -> None:
+    """Each run's steps from its summary (one read for all), else from its task runs."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        ArtifactFilterType,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+    from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+
+    if not runs:
+        return
+    by_id = {UUID(r.id): r for r in runs}
+    wanted = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=list(by_id)),
+                            key=ArtifactFilterKey(any_=sorted({summary_key(r.spec or "") for r in runs})),
+                            type=ArtifactFilterType(any_=["table"]))
+    summarized: set[UUID] = set()
+    for artifact in _pages(lambda offset, size: client.read_artifacts(
+            artifact_filter=wanted, sort=ArtifactSort.CREATED_DESC, limit=size, offset=offset)):
+        if artifact.flow_run_id in summarized:
+            continue  # an older summary of the same run
+        data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        by_id[artifact.flow_run_id].steps = list(data or [])
+        summarized.add(artifact.flow_run_id)
+    rest = [i for i in by_id if i not in summarized]
+    if not rest:
+        return
+    # a run still going, or killed before its end: what Prefect saw of its steps
+    task_runs = _pages(lambda offset, size: client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=rest)),
+        sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=size, offset=offset))
+    for t in task_runs:
+        run = by_id[t.flow_run_id]
+        run.steps_from = "task runs"
+        state = "failed" if t.state_type in ("FAILED", "CRASHED") else (t.state_name or "?").lower()
+        seconds = (t.end_time - t.start_time).total_seconds() if t.start_time and t.end_time else 0.0
+        message = t.state.message if t.state is not None and state == "failed" else ""
+        run.steps.append({"step": t.name, "kind": "", "status": state, "seconds": round(seconds, 3),
+                          "attempts": t.run_count, "cached": "step" if state == "cached" else "no",
+                          "answered by": "", "result": message or "", "errors": ""})
+    for i in rest:
+        by_id[i].steps_from = "task runs"
+
+
+# -- running a run again -----------------------------------------------------------------------
+
+@dataclass
+class Rerun:
+    """What `lmflow rerun` runs: a spec file (maybe in a temporary worktree) and the run's settings."""
+
+    run: Run
+    spec_path: Path
+    params: dict[str, Any] | None
+    max_parallel: int | None
+    #: which version runs, in words for the user
+    version: str
+
+
+@contextmanager
+def rerun_target(ref: str, current: bool = False) -> Iterator[Rerun]:
+    """The spec version run `ref` ran, with its params and max_parallel; a temporary git worktree
+    at its commit when the file has changed since (removed afterwards, also after a failure).
+
+    Refuses (HistoryError) when that version is gone, unless `current`: then the spec as it is now.
+    """
+    with _client() as (client, ui):
+        run = _run(find_flow_run(client, ref), ui)
+    spec_path = run.parameters.get("spec_path")
+    if not spec_path:
+        raise HistoryError(f"run {run.name} has no spec_path parameter: it is not a run of lmflow's flow")
+    path = Path(spec_path)
+    if not path.is_absolute():  # a deployment's run: the path in the repository
+        path = Path(os.environ.get("LMFLOW_REPO") or Path.cwd()) / path
+    recorded = run.version.get("sha256")
+    now = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    def target(spec: Path, version: str) -> Rerun:
+        return Rerun(run, spec, run.parameters.get("params"), run.parameters.get("max_parallel"), version)
+
+    if now is not None and recorded and now.startswith(recorded):
+        yield target(path, f"{path} as it ran (unchanged since: sha256 {recorded})")
+        return
+    if current:
+        if now is None:
+            raise HistoryError(f"{path} no longer exists: there is no current version to run")
+        yield target(path, f"{path} as it is now (--current: sha256 {now[:12]}, "
+                           f"the run had {recorded or 'no recorded version'})")
+        return
+    changed = (f"{path} changed since run {run.name} (sha256 {recorded} then, {now[:12]} now)"
+               if now is not None else f"{path}, the spec of run {run.name}, no longer exists")
+    if not recorded:
+        raise HistoryError(f"run {run.name} recorded no spec version (it stopped before lmflow labelled "
+                           f"it): `lmflow rerun {run.name} --current` runs the spec as it is now")
+    checkout = _committed_version(path, run.version, recorded)
+    if isinstance(checkout, str):  # why the recorded version cannot be had
+        raise HistoryError(f"{changed}, and {checkout}: restore that version of the file, or "
+                           f"`lmflow rerun {run.name} --current` runs the spec as it is now")
+    root, commit, relative = checkout
+    with _worktree(root, commit) as tree:
+        yield target(tree / relative, f"{relative} at commit {commit[:12]}, as it ran (the file has changed "
+                                      f"since; run from a temporary worktree of {root})")
+
+
+def _committed_version(path: Path, version: dict[str, Any], recorded: str) -> tuple[Path, str, str] | str:
+    """(repository root, commit, path in it) holding exactly the recorded spec, else why not."""
+    commit = version.get("commit")
+    if not commit:
+        return "it was not committed in git when it ran"
+    folder = next((p for p in path.parents if p.is_dir()), Path.cwd())
+    root = _git(folder, "rev-parse", "--show-toplevel")
+    if root is None:
+        return f"{folder} is not in a git repository to find its commit {commit} in"
+    root_path = Path(root.decode().strip())
+    full = _git(root_path, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if full is None:
+        return f"its commit {commit} is not in the repository at {root_path} (fetch it first)"
+    try:
+        relative = path.resolve().relative_to(root_path.resolve()).as_posix()
+    except ValueError:
+        return f"it is outside the repository at {root_path}"
+    full_sha = full.decode().strip()
+    content = _git(root_path, "show", f"{full_sha}:{relative}")
+    if content is None:
+        return f"commit {commit} has no {relative}"
+    if not hashlib.sha256(content).hexdigest().startswith(recorded):
+        return f"it ran with changes never committed on top of commit {commit}"
+    return root_path, full_sha, relative
+
+
+@contextmanager
+def _worktree(root: Path, commit: str) -> Iterator[Path]:
+    """A detached worktree of `root` at `commit` (so prompts, schemas and helpers next to the spec
+    are that version too), removed afterwards whatever happens."""
+    parent = Path(tempfile.mkdtemp(prefix="lmflow-rerun-"))
+    tree = parent / "tree"
+    try:
+        done = subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=root,
+                              capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise HistoryError(f"could not check out commit {commit[:12]} of {root} into a temporary "
+                               f"worktree: {done.stderr.strip()}")
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root,
+                       capture_output=True, timeout=60, check=False)
+        shutil.rmtree(parent, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True, timeout=60, check=False)
+
+
+def _git(where: Path, *args: str) -> bytes | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=where, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+# -- text for the terminal (pure functions) ----------------------------------------------------
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _duration(run: Run) -> str:
+    seconds = run.seconds
+    if seconds is None:
+        return "-"
+    text = f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return text + ("…" if run.end is None else "")
+
+
+def runs_table(runs: list[Run]) -> str:
+    """`lmflow runs`: one line per run."""
+    if not runs:
+        return "no lmflow runs found"
+    rows = [("run", "state", "start", "duration", "failed", "cached", "spec")]
+    for r in runs:
+        rows.append((r.name, r.state, _when(r.start), _duration(r), ",".join(r.failed) or "-",
+                     str(r.cached), r.version_text()))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_text(run: Run, width: int | None = None) -> str:
+    """`lmflow runs show`: the run, its spec version and params, then every step and its errors."""
+    from .report import whole
+
+    given = run.parameters.get("params")
+    head = [
+        f"run     {run.name} ({run.id})",
+        f"state   {run.state}, started {_when(run.start)}, {_duration(run)}",
+        f"spec    {run.spec or '?'}: {run.parameters.get('spec_path') or '?'} at {run.version_text()}"
+        + (f" (sha256 {run.version['sha256']})" if run.version.get("commit") and run.version.get("sha256")
+           else ""),
+        "params  " + (json.dumps(given, default=str) + " (given; the rest are the spec's defaults)"
+                      if given else "the spec's defaults"),
+        f"UI      {run.ui_url}",
+        "",
+    ]
+    if not run.steps:
+        return "\n".join([*head, "no steps recorded yet"])
+    if run.steps_from != "summary":
+        head.append("(no summary: the run is still going, or stopped before its end; "
+                    "steps as Prefect's task runs saw them)")
+    names = ("step", "kind", "status", "time", "attempts", "cached", "answered by")
+    rows = [names] + [(r["step"], r["kind"], r["status"], f"{r['seconds']:.2f}s", str(r["attempts"]),
+                       r["cached"], r["answered by"] or "-") for r in run.steps]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(names))]
+    indent = sum(widths) + 2 * len(names)
+    lines = [whole("".join(c.ljust(w + 2) for c, w in zip(row, widths, strict=True)), result, indent, width)
+             for row, result in zip(rows, ["result"] + [r["result"] for r in run.steps], strict=True)]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    errors = [(r["step"], line) for r in run.steps for line in r["errors"].splitlines() if line]
+    if errors:
+        lines.append(f"errors ({len(errors)}):")
+        lines += [whole(f"  {step} ", line, 4, width) for step, line in errors]
+    return "\n".join([*head, *(line.rstrip() for line in lines)])

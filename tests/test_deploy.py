@@ -1,0 +1,191 @@
+"""Schedules, `lmflow serve`, `lmflow deploy` and `lmflow worker` against a real Prefect server.
+
+Served and worker runs are real processes; every one is stopped by its process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import BIN, lmflow_cmd, wait_for
+
+from lmflow.errors import SpecError
+from lmflow.spec import load_spec
+
+TINY = """\
+version: 1
+name: {name}
+params: {{word: hello}}
+defaults: {{cache: false}}
+{schedule}
+steps:
+  - id: write
+    python: {{function: "deploy_helpers:write", args: {{word: "${{{{ params.word }}}}"}}}}
+"""
+
+HELPERS = """\
+def write(word):
+    with open("written.txt", "a") as out:  # relative: the spec's folder is the working directory
+        out.write(word + "\\n")
+    return word
+"""
+
+
+def make_spec(folder: Path, name: str, schedule: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "deploy_helpers.py").write_text(HELPERS)
+    path = folder / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, schedule=schedule))
+    return path
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def api(prefect_api: str, path: str, body: dict | None = None) -> object:
+    answer = httpx.post(f"{prefect_api}{path}", json=body or {}, timeout=30)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def runs_of(prefect_api: str, name: str) -> list[dict]:
+    return api(prefect_api, "/flow_runs/filter", {  # type: ignore[return-value]
+        "flow_runs": {"tags": {"all_": [f"spec:{name}"]}}, "sort": "START_TIME_DESC"})
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ---------------------------------------------------------------- schedules in the spec
+
+def test_schedules_are_read_with_their_params(tmp_path: Path) -> None:
+    spec = load_spec(make_spec(tmp_path, "sched", textwrap.dedent("""\
+        schedule:
+          - {cron: "0 6 * * 1-5", timezone: Europe/Berlin, params: {word: weekday}}
+          - {interval: 15m, active: false}
+        """)))
+    first, second = spec.schedules
+    assert (first.cron, first.timezone, first.params) == ("0 6 * * 1-5", "Europe/Berlin", {"word": "weekday"})
+    assert (second.interval, second.active) == (900.0, False)
+    assert first.describe() == "cron '0 6 * * 1-5' (Europe/Berlin) word='weekday'"
+
+
+def test_bad_schedules_say_where_and_how(tmp_path: Path) -> None:
+    path = make_spec(tmp_path, "bad", textwrap.dedent("""\
+        schedule:
+          - {cron: "0 6 * *", timezone: Mars/Olympus, params: {wrod: x}}
+          - {cron: "* * * * *", interval: 1h}
+        """))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    text = str(info.value)
+    assert ("schedule[0].cron: a cron line has 5 fields (minute hour day month weekday), "
+            "this one has 4") in text
+    assert "schedule[0].timezone: unknown time zone 'Mars/Olympus'" in text
+    assert "schedule[0].params.wrod: unknown parameter 'wrod' (did you mean 'word'?)" in text
+    assert "schedule[1]: a schedule needs exactly one of cron or interval" in text
+
+
+def test_a_bad_schedule_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
+    out = lmflow_cmd("serve", str(make_spec(tmp_path, "cli")), "--cron", "61 * *")
+    assert out.returncode == 2
+    assert "--cron a cron line has 5 fields" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- serve
+
+def test_served_runs_complete_on_their_interval(prefect_api: str, tmp_path: Path) -> None:
+    spec = make_spec(tmp_path / "served", "served-every-2s")
+    proc = subprocess.Popen([str(BIN / "lmflow"), "serve", str(spec), "--interval", "2s"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PREFECT_API_URL": prefect_api}, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        def two_completed() -> list[dict] | None:
+            completed = [r for r in runs_of(prefect_api, "served-every-2s") if r["state_type"] == "COMPLETED"]
+            return completed if len(completed) >= 2 else None
+
+        done = wait_for(two_completed, timeout=120, interval=1)
+    finally:
+        stop(proc)
+    assert done and len(done) >= 2, proc.stderr.read() if proc.stderr else ""
+    assert "serving served-every-2s: every 2s" in (proc.stderr.read() if proc.stderr else "")
+    run = done[0]
+    assert run["name"].startswith("served-every-2s-")  # the run's id, not a random name
+    assert {"lmflow", "spec:served-every-2s"} <= set(run["tags"])
+    assert any(t.startswith("sha256:") for t in run["tags"])
+    assert run["parameters"]["spec_path"] == str(spec.resolve())
+    # python code ran in the spec's folder, not in the folder serve was started from
+    assert (spec.parent / "written.txt").read_text().count("hello") >= 2
+    assert not (tmp_path / "written.txt").exists()
+
+
+# ---------------------------------------------------------------- deploy + worker
+
+def test_deploy_registers_the_cron_schedule_and_a_worker_runs_it_from_its_checkout(
+        prefect_api: str, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    spec = make_spec(repo / "specs", "pooled", textwrap.dedent("""\
+        schedule: {cron: "0 6 * * 1-5", timezone: Europe/Berlin, params: {word: weekday}}
+        """))
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "t@example.com")
+    git(repo, "config", "user.name", "t")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "spec")
+    commit = git(repo, "rev-parse", "HEAD")
+    env = {"PREFECT_API_URL": prefect_api}
+    out = lmflow_cmd("deploy", str(spec), "--pool", "lmflow-test-pool", env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"(specs/pooled.yaml at {commit[:12]}) on pool 'lmflow-test-pool'" in out.stdout
+    deployment = httpx.get(f"{prefect_api}/deployments/name/pooled/pooled", timeout=30).json()
+    assert deployment["parameters"] == {"spec_path": "specs/pooled.yaml"}
+    assert deployment["work_pool_name"] == "lmflow-test-pool"
+    [schedule] = deployment["schedules"]
+    assert schedule["schedule"]["cron"] == "0 6 * * 1-5"
+    assert schedule["schedule"]["timezone"] == "Europe/Berlin"
+    assert schedule["parameters"] == {"params": {"word": "weekday"}}
+
+    # a worker elsewhere: it finds the spec in its own checkout of the repository
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    command = [str(BIN / "lmflow"), "worker", "--pool", "lmflow-test-pool", "--repo", str(repo)]
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=elsewhere,
+                              env={**os.environ, **env}, start_new_session=True)
+    try:
+        run = api(prefect_api, f"/deployments/{deployment['id']}/create_flow_run",
+                  {"parameters": {"spec_path": "specs/pooled.yaml", "params": {"word": "now"}}})
+        def final() -> dict | None:
+            state = httpx.get(f"{prefect_api}/flow_runs/{run['id']}", timeout=30).json()  # type: ignore[index]
+            return state if state["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+        finished = wait_for(final, timeout=180, interval=1)
+    finally:
+        stop(worker)
+    assert finished and finished["state_type"] == "COMPLETED", finished
+    assert f"commit:{commit[:12]}" in finished["tags"]
+    assert (spec.parent / "written.txt").read_text() == "now\n"
+    assert not (elsewhere / "written.txt").exists()
+
+
+def test_deploy_refuses_a_spec_that_is_not_committed(prefect_api: str, tmp_path: Path) -> None:
+    out = lmflow_cmd("deploy", str(make_spec(tmp_path, "loose")), "--pool", "p",
+                     env={"PREFECT_API_URL": prefect_api})
+    assert out.returncode == 2
+    assert "is not committed in a git repository" in out.stderr
+    assert "use `lmflow serve`" in out.stderr
