@@ -125,9 +125,13 @@ KILLED = """\
 """
 
 
-def journaled(name: str, text: str) -> bool:
-    runs = Path(os.environ["LMFLOW_HOME"]) / "runs"
-    return any(text in path.read_text() for path in runs.glob(f"{name}-*.jsonl"))
+def journals(name: str) -> set[Path]:
+    return set((Path(os.environ["LMFLOW_HOME"]) / "runs").glob(f"{name}-*.jsonl"))
+
+
+def journaled(name: str, text: str, earlier: set[Path]) -> bool:
+    """Whether a journal of a run of `name` newer than the `earlier` ones holds `text`."""
+    return any(text in path.read_text() for path in journals(name) - earlier)
 
 
 def kill_when(spec: Path, ready: Callable[[], object]) -> None:
@@ -158,7 +162,8 @@ def test_the_next_run_unloads_what_a_killed_run_loaded(lmstudio: str, prefect_ap
                                                        tmp_path: Path) -> None:
     spec = write_spec(tmp_path, lmstudio, "{key: smollm2-135m-instruct, context_length: 1536}", KILLED,
                       params="{nap: {type: number, default: 0}}")
-    kill_when(spec, lambda: journaled("first-hour", '"loaded": "smol"'))
+    earlier = journals("first-hour")
+    kill_when(spec, lambda: journaled("first-hour", '"loaded": "smol"', earlier))
     assert [(k, c) for k, _i, c in loaded(lmstudio)] == [("smollm2-135m-instruct", 1536)]  # left behind
     assert_next_run_unloads(spec, lmstudio)
 
@@ -176,8 +181,9 @@ def test_the_next_run_unloads_what_a_run_killed_mid_load_loaded(
                    json={"model": "smollm2-135m-instruct", "context_length": 1024}).raise_for_status()
         spec = write_spec(tmp_path, url, "{key: smollm2-135m-instruct, context_length: 1536}", KILLED,
                           params="{nap: {type: number, default: 0}}")
+        earlier = journals("first-hour")
         kill_when(spec, lambda: len(loaded(url)) == 2)
-        assert not journaled("first-hour", '"loaded": "smol"')  # the run never heard back
+        assert not journaled("first-hour", '"loaded": "smol"', earlier)  # the run never heard back
         assert sorted(c for _k, _i, c in loaded(url)) == [1024, 1536]
         out = lmflow_cmd("run", str(spec), "-p", "nap=0", "--json", timeout=300)
         assert out.returncode == 0, out.stderr
@@ -351,3 +357,45 @@ def test_plan_says_a_declared_context_is_loaded_at_first_use(tmp_path: Path) -> 
     explicit = write_spec(tmp_path, "http://127.0.0.1:1", "{key: k, context_length: 1536}",
                           "- id: load\n  load_model: {model: smol}\n")
     assert "model smol: k on default, context 1536\n" in plan(load_spec(explicit)) + "\n"
+
+
+# ---------------------------------------------------------------- another client's instances
+
+@pytest.mark.engine
+def test_unload_and_probes_leave_another_clients_instance_alone(lmstudio: str, prefect_api: str,
+                                                                tmp_path: Path) -> None:
+    theirs = httpx.post(f"{lmstudio}/api/v1/models/load", timeout=120, json={
+        "model": "small-strict", "context_length": 1024}).json()["instance_id"]
+    try:
+        spec = write_spec(tmp_path, lmstudio, "{key: small-strict}", """\
+            - id: ask
+              prompt: {model: smol, user: "Say hi.", max_tokens: 4}
+            - id: free
+              after: [ask]
+              unload_model: {model: smol}
+            """)
+        out = lmflow_cmd("run", str(spec), "--json")
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert {s["id"]: s["output"] for s in result["steps"]}["free"] == {"model": "small-strict",
+                                                                           "unloaded": []}
+        assert any("nothing unloaded: this run has no instance of 'small-strict' (models.smol)"
+                   in e.get("message", "") for e in result["events"]), result["events"]
+        assert [i for _k, i, _c in loaded(lmstudio)] == [theirs]
+        probe = lmflow_cmd("probe", "small-strict", "--server", lmstudio, "--fresh", "--load-only",
+                           "--max", "3072")
+        assert probe.returncode == 0, probe.stderr
+        assert "loads at most 2048" in probe.stdout, probe.stdout
+        assert [i for _k, i, _c in loaded(lmstudio)] == [theirs]  # its loads and unloads were its own
+
+        every = write_spec(tmp_path, lmstudio, "{key: small-strict}", """\
+            - id: free
+              unload_model: {model: smol, all: true}
+            """)
+        out = lmflow_cmd("run", str(every), "--json")
+        assert out.returncode == 0, out.stderr
+        free = json.loads(out.stdout)["steps"][0]["output"]
+        assert free == {"model": "small-strict", "unloaded": [theirs]}
+        assert loaded(lmstudio) == []
+    finally:
+        lmflow_cmd("models", "unload", "--all", "--server", lmstudio)

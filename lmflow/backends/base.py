@@ -117,7 +117,9 @@ class Backend(ABC):
     def load(self, model: ModelConfig) -> ModelInfo:
         raise NotImplementedError(f"the {self.kind} backend does not load models")
 
-    def unload(self, model: ModelConfig) -> None:
+    def unload(self, model: ModelConfig, *, every: bool = False) -> list[str]:
+        """Unload the instance this backend loaded for the model; with `every`, every instance of
+        its key on the server (another client's too). Returns the instances unloaded."""
         raise NotImplementedError(f"the {self.kind} backend does not unload models")
 
     def find_loaded(self, model: ModelConfig) -> ModelInfo | None:

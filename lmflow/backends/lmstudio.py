@@ -44,8 +44,10 @@ class LMStudioBackend(Backend):
                 else "start LM Studio's server (`lms server start`) or fix server.url")
         self.client = OpenAIClient(config.url or "http://127.0.0.1:1234", api_key=token,
                                    transport=transport, start_hint=hint)
-        #: instance ids this backend loaded, by model alias, and how they were loaded
+        #: instance ids chats go to, by model alias: loaded by this backend, or found loaded
+        #: (`find_loaded`: another client's, never unloaded unless asked for every instance)
         self.instances: dict[str, str] = {}
+        self.found: set[str] = set()
         self.loaded_models: dict[str, ModelConfig] = {}
         #: parallel predictions the server applied, by model alias (None: it does not say)
         self.loaded_parallel: dict[str, int | None] = {}
@@ -67,6 +69,7 @@ class LMStudioBackend(Backend):
         # a restarted LM Studio has nothing loaded: bring back what the run had loaded
         with self._lock:
             self.instances.clear()
+            self.found.clear()
             models = list(self.loaded_models.values())
         with self._sdk_lock:
             if self._sdk_client is not None:  # its websockets died with the server
@@ -198,6 +201,7 @@ class LMStudioBackend(Backend):
         parallel = self._applied_parallel(model, handle.identifier) if model.parallel else None
         with self._lock:
             self.instances[model.alias] = handle.identifier
+            self.found.discard(model.alias)
             self.loaded_parallel[model.alias] = parallel
         return ModelInfo(key=model.key, loaded=True, loaded_context_length=actual,
                          instance_id=handle.identifier, load_seconds=seconds)
@@ -253,6 +257,7 @@ class LMStudioBackend(Backend):
         instance_id = answer.get("instance_id") or model.key
         with self._lock:
             self.instances[model.alias] = instance_id
+            self.found.discard(model.alias)
         # never trust the request: LM Studio may auto-fit or ignore the context length
         actual = (answer.get("load_config") or {}).get("context_length")
         if actual is None:
@@ -282,6 +287,7 @@ class LMStudioBackend(Backend):
                     continue
                 with self._lock:
                     self.instances[model.alias] = instance["id"]
+                    self.found.add(model.alias)
                 return ModelInfo(key=model.key, loaded=True, instance_id=instance["id"],
                                  loaded_context_length=config.get("context_length"))
         return None
@@ -301,20 +307,25 @@ class LMStudioBackend(Backend):
             return False
         return True
 
-    def unload(self, model: ModelConfig) -> None:
+    def unload(self, model: ModelConfig, *, every: bool = False) -> list[str]:
         with self._model_lock(model.alias):
-            self._unload(model)
+            return self._unload(model, every=every)
 
-    def _unload(self, model: ModelConfig) -> None:
+    def _unload(self, model: ModelConfig, *, every: bool = False) -> list[str]:
+        """The instance this backend loaded (or found loaded) for the model; with `every`, every
+        instance of its key. Never another client's instance otherwise."""
         with self._lock:
             self.loaded_models.pop(model.alias, None)
             self.loaded_parallel.pop(model.alias, None)
             instance_id = self.instances.pop(model.alias, None)
-        targets = [instance_id] if instance_id else [
-            instance.get("id") for entry in self._models_v1() if entry.get("key") == model.key
-            for instance in entry.get("loaded_instances") or []]
-        for target in targets:
-            self.unload_instance(target)  # already gone (TTL, someone else): that is fine
+            if model.alias in self.found:
+                self.found.discard(model.alias)
+                instance_id = None  # another client's
+        targets = [k_i[1] for k_i in self.loaded_instances() if k_i[0] == model.key] if every else []
+        if instance_id and instance_id not in targets:
+            targets.append(instance_id)
+        # one already gone (TTL, someone else) is fine
+        return [target for target in targets if self.unload_instance(target)]
 
     def chat(self, request: ChatRequest) -> ChatResponse:
         with self.slots.hold(request.model):

@@ -230,7 +230,7 @@ class LocalBackend(Backend):
             raise EngineError(f"the local engine for '{model.alias}' was not started: its backend "
                               "is closed (the run has ended)")
 
-    def _drop(self, alias: str) -> None:
+    def _drop(self, alias: str) -> bool:
         """Stop the engine of this model and close its client (the caller holds the model's lock)."""
         with self._lock:
             engine, client = self.engines.pop(alias, None), self.clients.pop(alias, None)
@@ -238,10 +238,12 @@ class LocalBackend(Backend):
             client.close()
         if engine:
             engine.stop()
+        return engine is not None
 
-    def unload(self, model: ModelConfig) -> None:
+    def unload(self, model: ModelConfig, *, every: bool = False) -> list[str]:
+        # every engine is this backend's own: `every` changes nothing
         with self._model_lock(model.alias):
-            self._drop(model.alias)
+            return [model.alias] if self._drop(model.alias) else []
 
     def fingerprint(self, model: ModelConfig) -> dict[str, Any]:
         import importlib.metadata

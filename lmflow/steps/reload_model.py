@@ -17,6 +17,6 @@ class ReloadModelStep(LoadModelStep):
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         backend, model = ctx.session.backend_for(options["model"])
         if backend.manages_models:
-            backend.unload(model)
+            backend.unload(model)  # only the instance this run loaded, never another client's
             ctx.session.model_unloaded(options["model"])
         return load(options, ctx)
