@@ -7,12 +7,14 @@ answers with real inference through llama-server children, and is stopped by PID
 from __future__ import annotations
 
 import json
+import os
+import signal
 import textwrap
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, CONFIG, ROOT, lmflow_cmd, start_server, stop_server
+from conftest import BIN, CONFIG, ROOT, lmflow_cmd, start_server, stop_server, wait_for
 
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
@@ -286,3 +288,70 @@ def test_fault_modes_of_the_test_server(tmp_path: Path) -> None:
         b.close()
     finally:
         stop_server(crashing)
+
+
+FAKE_LMS = """\
+#!{python}
+# `lms server start|stop` as LM Studio's CLI behaves: start leaves the server running as a daemon
+import os, signal, subprocess, sys
+pidfile = {pidfile!r}
+if sys.argv[1:] == ["server", "start"]:
+    daemon = subprocess.Popen({serve!r}, start_new_session=True, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    open(pidfile, "w").write(str(daemon.pid))
+elif sys.argv[1:] == ["server", "stop"]:
+    os.kill(int(open(pidfile).read()), signal.SIGTERM)
+else:
+    sys.exit(2)
+"""
+
+
+def daemon_spec(tmp_path: Path, start: str, port: int) -> Path:
+    spec = tmp_path / "daemon.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        version: 1
+        name: daemon
+        server: {{backend: lmstudio, url: "http://127.0.0.1:{port}", start: "{start}"}}
+        models: {{smol: {{key: smollm2-135m-instruct}}}}
+        defaults: {{cache: false}}
+        steps:
+          - id: ask
+            prompt: {{model: smol, user: "Say hi.", max_tokens: 4}}
+        """))
+    return spec
+
+
+@pytest.mark.parametrize("name", ["lms", "up"])
+def test_a_daemonised_server_lmflow_started_is_stopped_or_reported(prefect_api: str, tmp_path: Path,
+                                                                   name: str) -> None:
+    import sys
+
+    import psutil
+
+    from lmflow.backends.local import free_port
+
+    port = free_port()
+    (tmp_path / "cfg.yaml").write_text("models:\n  - key: smollm2-135m-instruct\n")
+    pidfile = tmp_path / "server.pid"
+    serve = [str(BIN / "lmflow"), "testing", "serve", "--port", str(port), "--config",
+             str(tmp_path / "cfg.yaml")]
+    script = tmp_path / name
+    script.write_text(FAKE_LMS.format(python=sys.executable, pidfile=str(pidfile), serve=serve))
+    script.chmod(0o755)
+    try:
+        out = lmflow_cmd("run", str(daemon_spec(tmp_path, f"{script} server start", port)), "--json")
+        assert out.returncode == 0, out.stderr
+        events = json.loads(out.stdout)["events"]
+        daemon = int(pidfile.read_text())
+        if name == "lms":  # `lms server start` is followed by `lms server stop`
+            assert wait_for(lambda: not psutil.pid_exists(daemon) or
+                            psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE, timeout=30)
+            assert not listening(port)
+        else:  # a start command lmflow does not know: the run says the server is left running
+            assert listening(port)
+            assert any(f"left the server at http://127.0.0.1:{port} running as a daemon, and it is "
+                       "still running: set server.stop" in e.get("message", "") for e in events), events
+    finally:
+        if pidfile.exists() and psutil.pid_exists(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            psutil.Process(int(pidfile.read_text())).wait(30)

@@ -1,7 +1,10 @@
 """Keep a model server up: start it when it is down, restart it when it dies mid-run.
 
 A server lmflow starts (with `server.start`) is lmflow's child: it is stopped
-by PID when the run ends, like the managed engine.
+by PID when the run ends, like the managed engine. A start command that
+daemonises (`lms server start` exits once the server runs) leaves no child to
+stop: `server.stop` (by default `lms server stop` after `lms server start`) is
+run instead, and without one the run says the server is left running.
 
 Steps call it from several worker threads. When the server dies, every call in
 flight fails at about the same time; one of them restarts it (the others wait
@@ -142,5 +145,44 @@ class Supervisor:
     def close(self) -> None:
         with self._lock:
             proc, self.proc = self.proc, None
-        if proc is not None:
-            processes.stop(proc)
+        if proc is None:
+            return
+        daemon = proc.poll() == 0  # the start command exited once the server ran
+        processes.stop(proc)
+        if daemon:
+            self._stop_daemon()
+
+    def _stop_daemon(self) -> None:
+        """Stop a server the start command left running as a daemon, with `server.stop`."""
+        command = self.config.stop or default_stop(self.config.start or "")
+        if command is None:
+            self.listener("warning", {"message": (
+                f"`{self.config.start}` left the server at {self.config.url} running as a daemon, "
+                "and it is still running: set server.stop to a command that stops it")})
+            return
+        log = subdir("logs") / f"server-{self.config.name}.log"
+        try:
+            stopper = processes.spawn(shlex.split(command), log_path=log, label=f"stop {self.config.name}")
+        except OSError as exc:
+            return self._stop_failed(command, str(exc))
+        try:
+            code = stopper.wait(self.config.startup_timeout)
+        except subprocess.TimeoutExpired:
+            processes.stop(stopper)
+            return self._stop_failed(command, f"no end within {self.config.startup_timeout:g}s")
+        if code != 0:
+            self._stop_failed(command, f"exit code {code}; see {log}")
+        return None
+
+    def _stop_failed(self, command: str, detail: str) -> None:
+        self.listener("warning", {"message": (
+            f"`{command}` (server.stop) failed ({detail}): the server at {self.config.url} may "
+            "still be running")})
+
+
+def default_stop(start: str) -> str | None:
+    """The stop command that goes with a daemonising start command lmflow knows."""
+    words = shlex.split(start)
+    if len(words) >= 3 and words[0].rsplit("/", 1)[-1] == "lms" and words[1:3] == ["server", "start"]:
+        return shlex.join([words[0], "server", "stop"])
+    return None

@@ -44,6 +44,9 @@ class ServerConfig:
     url: str | None = None
     api_key_env: str | None = None
     start: str | None = None
+    #: stops a server that `start` left running as a daemon (None: `lms server stop` after
+    #: `lms server start`, else nothing: such a server is left running, and the run says so)
+    stop: str | None = None
     startup_timeout: float = 60.0
     max_restarts: int = 3
     threads: int | None = None

@@ -398,7 +398,7 @@ def _servers(doc: Document, params: dict[str, Any], problems: list[Problem]) -> 
             startup = 60.0
         servers[name] = ServerConfig(
             name=name, backend=backend, url=url, api_key_env=cfg.get("api_key_env"),
-            start=cfg.get("start"), startup_timeout=startup, threads=cfg.get("threads"),
+            start=cfg.get("start"), stop=cfg.get("stop"), startup_timeout=startup, threads=cfg.get("threads"),
             max_restarts=cfg.get("max_restarts", 3) if isinstance(cfg.get("max_restarts", 3), int) else 3,
             parallel=cfg.get("parallel"), args=tuple(cfg.get("args") or ()),
             shared_limit=cfg.get("shared_limit") is True,
