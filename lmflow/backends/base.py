@@ -126,6 +126,10 @@ class Backend(ABC):
         """An instance already loaded as the model declares it, which chats then use (None: load one)."""
         return None
 
+    def count_tokens(self, model: ModelConfig, text: str) -> int | None:
+        """The server's own count of the tokens of `text` for the model (None: it cannot say)."""
+        return None
+
     def loaded_instances(self) -> list[tuple[str, str]]:
         """Every instance loaded on the server, as (model key, instance id); [] where there are none
         to speak of (a managed engine's model dies with it)."""

@@ -10,6 +10,7 @@ requested model. Safe to call from several threads.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -17,7 +18,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from ..errors import BackendError, BackendHTTPError
+from ..errors import BackendError, BackendHTTPError, ContextOverflow
 from ..spec.model import ModelConfig, ServerConfig
 from .base import Backend, ChatRequest, ChatResponse, ModelInfo
 from .openai import OpenAIClient
@@ -27,6 +28,52 @@ LOAD_TIMEOUT = 600.0
 #: the load-config field behind the SDK's `maxParallelPredictions` (LM Studio's "Max Concurrent
 #: Predictions"); the Python SDK 1.5 does not know that name and drops it without a word
 PARALLEL_FIELD = "llm.load.numParallelSessions"
+
+
+#: chat template tokens per message, estimated (SmolLM2's template adds 5; others up to ~10)
+TEMPLATE_TOKENS = 8
+
+#: LM Studio's API tokens: the SDK's websocket authenticates with their two halves
+API_TOKEN = re.compile(r"^sk-lm-(?P<clientIdentifier>[A-Za-z0-9]{8}):(?P<clientPasskey>[A-Za-z0-9]{20})$")
+
+
+def sdk_client(host: str, token: str | None, url: str) -> Any:
+    """An explicit `lmstudio.Client` for `host`, authenticated with the API token if there is one.
+
+    The SDK takes `api_token` from 1.6 on; 1.5 has no way to pass one, so its auth message is
+    set to what 1.6 sends: the token's identifier and passkey halves.
+    """
+    import inspect
+
+    import lmstudio as lms
+
+    if not token:
+        return lms.Client(host)
+    match = API_TOKEN.match(token.strip())
+    if match is None:
+        raise BackendError(f"the API token for {url} is not an LM Studio API token "
+                           "(sk-lm-XXXXXXXX:YYYYYYYYYYYYYYYYYYYY), so the lmstudio SDK cannot "
+                           "authenticate (loads with ttl, gpu, identifier or parallel use the SDK): "
+                           "set LM_API_TOKEN (or server.api_key_env) to a token made in LM Studio",
+                           url=url)
+    if "api_token" in inspect.signature(lms.Client).parameters:
+        return lms.Client(host, api_token=token)
+    client = lms.Client(host)
+    client._auth_details = {"authVersion": 1, **match.groupdict()}
+    return client
+
+
+def prompt_text(messages: list[dict[str, Any]]) -> str:
+    """The text of a chat's messages (the text parts of multi-part ones), one per line."""
+    texts = []
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return "\n".join(texts)
 
 
 class WrongModel(BackendError):
@@ -40,6 +87,7 @@ class LMStudioBackend(Backend):
     def __init__(self, config: ServerConfig, *, transport: httpx.BaseTransport | None = None):
         super().__init__(config)
         token = os.environ.get(config.api_key_env or "LM_API_TOKEN") or None
+        self._token = token
         hint = (f"start it with `{config.start}`" if config.start
                 else "start LM Studio's server (`lms server start`) or fix server.url")
         self.client = OpenAIClient(config.url or "http://127.0.0.1:1234", api_key=token,
@@ -48,6 +96,8 @@ class LMStudioBackend(Backend):
         #: (`find_loaded`: another client's, never unloaded unless asked for every instance)
         self.instances: dict[str, str] = {}
         self.found: set[str] = set()
+        #: the context length each of those instances was loaded with, by model alias
+        self.contexts: dict[str, int | None] = {}
         self.loaded_models: dict[str, ModelConfig] = {}
         #: parallel predictions the server applied, by model alias (None: it does not say)
         self.loaded_parallel: dict[str, int | None] = {}
@@ -55,6 +105,9 @@ class LMStudioBackend(Backend):
         self._sdk_client: Any = None
         self._sdk_sessions: set[str] = set()  # SDK namespaces connected (the SDK connects lazily, racily)
         self._version: str | None = None
+        #: whether the server has REST v1 (LM Studio 0.4+); None until asked. Before 0.4 lmflow
+        #: lists with REST v0 and loads, lists instances and unloads through the SDK
+        self.rest_v1: bool | None = None
         self._lock = threading.Lock()  # the dicts above, briefly
         self._sdk_lock = threading.Lock()  # creating the SDK client and connecting its sessions
         self._model_locks: dict[str, threading.Lock] = {}  # one load/unload of a model at a time
@@ -90,20 +143,51 @@ class LMStudioBackend(Backend):
     def health(self) -> bool:
         try:
             # 401/403: it is up, the token is wrong (the next call says so); not a reason to start it
-            return self.client.http.get("/api/v1/models", timeout=2.0).status_code in (200, 401, 403)
+            for path in ("/api/v1/models", "/api/v0/models"):  # v0 only: LM Studio before 0.4
+                status = self.client.http.get(path, timeout=2.0).status_code
+                if status != 404:
+                    return status in (200, 401, 403)
+            return False
         except httpx.HTTPError:
             return False
 
+    def _has_v1(self) -> bool:
+        if self.rest_v1 is None:
+            try:
+                self.client.request("GET", "/api/v1/models")
+                self.rest_v1 = True
+            except BackendHTTPError as exc:
+                if exc.status != 404:
+                    raise
+                self.rest_v1 = False
+        return self.rest_v1
+
     def _models_v1(self) -> list[dict[str, Any]]:
+        """The server's models as REST v1 lists them (built from v0 and the SDK before 0.4)."""
+        if not self._has_v1():
+            return self._models_before_v1()
         return self.client.request("GET", "/api/v1/models").json().get("models", [])
 
-    def list_models(self) -> list[ModelInfo]:
+    def _models_before_v1(self) -> list[dict[str, Any]]:
+        data = self.client.request("GET", "/api/v0/models").json().get("data", [])
+        instances: dict[str, list[dict[str, Any]]] = {}
         try:
-            entries = self._models_v1()
-        except BackendHTTPError as exc:
-            if exc.status != 404:
-                raise
+            for handle in self._sdk().llm.list_loaded():
+                info = handle.get_info()
+                instances.setdefault(info.model_key, []).append(
+                    {"id": info.identifier, "config": {"context_length": info.context_length}})
+        except Exception as exc:  # noqa: BLE001 - any SDK failure: say which server and why
+            raise BackendError(f"LM Studio at {self.url} (before 0.4: REST v0 only) could not list "
+                               f"its loaded instances through the lmstudio SDK: {exc}",
+                               url=self.url) from None
+        return [{"key": d.get("id", "?"), "type": d.get("type"), "max_context_length":
+                 d.get("max_context_length"), "loaded_instances": instances.get(d.get("id"), [])}
+                for d in data]
+
+    def list_models(self) -> list[ModelInfo]:
+        if not self._has_v1():
             return self._list_v0()  # LM Studio before 0.4
+        entries = self._models_v1()
         models = []
         for entry in entries:
             loaded = entry.get("loaded_instances") or []
@@ -164,17 +248,16 @@ class LMStudioBackend(Backend):
         with the namespace's websocket connected (the SDK's lazy connect is not thread-safe)."""
         with self._sdk_lock:
             if self._sdk_client is None:
-                import lmstudio as lms
-
-                self._sdk_client = lms.Client(urlparse(self.url).netloc)
+                self._sdk_client = sdk_client(urlparse(self.url).netloc, self._token, self.url)
             if namespace not in self._sdk_sessions:
                 getattr(self._sdk_client, namespace).connect()
                 self._sdk_sessions.add(namespace)
             return self._sdk_client
 
     def _load(self, model: ModelConfig) -> ModelInfo:
-        if model.ttl is not None or model.gpu is not None or model.identifier or model.parallel:
-            return self._load_sdk(model)  # REST v1 has no ttl, gpu, identifier or parallel
+        if model.ttl is not None or model.gpu is not None or model.identifier or model.parallel \
+                or not self._has_v1():
+            return self._load_sdk(model)  # REST v1 has no ttl, gpu, identifier or parallel (nor v0 loads)
         return self._load_rest(model)
 
     def _load_sdk(self, model: ModelConfig) -> ModelInfo:
@@ -199,9 +282,8 @@ class LMStudioBackend(Backend):
                                url=self.url) from None
         seconds = round(time.monotonic() - started, 3)
         parallel = self._applied_parallel(model, handle.identifier) if model.parallel else None
+        self._track(model.alias, handle.identifier, actual)
         with self._lock:
-            self.instances[model.alias] = handle.identifier
-            self.found.discard(model.alias)
             self.loaded_parallel[model.alias] = parallel
         return ModelInfo(key=model.key, loaded=True, loaded_context_length=actual,
                          instance_id=handle.identifier, load_seconds=seconds)
@@ -255,15 +337,23 @@ class LMStudioBackend(Backend):
                 raise self._not_found(model) from None
             raise
         instance_id = answer.get("instance_id") or model.key
-        with self._lock:
-            self.instances[model.alias] = instance_id
-            self.found.discard(model.alias)
         # never trust the request: LM Studio may auto-fit or ignore the context length
         actual = (answer.get("load_config") or {}).get("context_length")
         if actual is None:
             actual = self.loaded_context(instance_id)
+        self._track(model.alias, instance_id, actual)
         return ModelInfo(key=model.key, loaded=True, loaded_context_length=actual,
                          instance_id=instance_id, load_seconds=answer.get("load_time_seconds"))
+
+    def _track(self, alias: str, instance_id: str, context: int | None, *, found: bool = False) -> None:
+        """Chats for `alias` go to this instance, loaded at `context` (found: another client's)."""
+        with self._lock:
+            self.instances[alias] = instance_id
+            self.contexts[alias] = context
+            if found:
+                self.found.add(alias)
+            else:
+                self.found.discard(alias)
 
     def _not_found(self, model: ModelConfig) -> BackendError:
         try:
@@ -285,9 +375,7 @@ class LMStudioBackend(Backend):
                 if config.get("context_length") != model.context_length or (
                         model.parallel and config.get("parallel") not in (None, model.parallel)):
                     continue
-                with self._lock:
-                    self.instances[model.alias] = instance["id"]
-                    self.found.add(model.alias)
+                self._track(model.alias, instance["id"], config.get("context_length"), found=True)
                 return ModelInfo(key=model.key, loaded=True, instance_id=instance["id"],
                                  loaded_context_length=config.get("context_length"))
         return None
@@ -299,6 +387,15 @@ class LMStudioBackend(Backend):
 
     def unload_instance(self, instance_id: str) -> bool:
         """Unload one instance by id; False when the server no longer has it."""
+        if not self._has_v1():
+            if instance_id not in [i for _k, i in self.loaded_instances()]:
+                return False
+            try:
+                self._sdk().llm.unload(instance_id)
+            except Exception as exc:  # noqa: BLE001 - any SDK failure: say which server and why
+                raise BackendError(f"LM Studio at {self.url} could not unload {instance_id}: {exc}",
+                                   url=self.url) from None
+            return True
         try:
             self.client.request("POST", "/api/v1/models/unload", json_body={"instance_id": instance_id})
         except BackendHTTPError as exc:
@@ -318,6 +415,7 @@ class LMStudioBackend(Backend):
             self.loaded_models.pop(model.alias, None)
             self.loaded_parallel.pop(model.alias, None)
             instance_id = self.instances.pop(model.alias, None)
+            self.contexts.pop(model.alias, None)
             if model.alias in self.found:
                 self.found.discard(model.alias)
                 instance_id = None  # another client's
@@ -331,9 +429,49 @@ class LMStudioBackend(Backend):
         with self.slots.hold(request.model):
             return self.supervisor.call(lambda: self._chat(request))
 
+    def count_tokens(self, model: ModelConfig, text: str) -> int | None:
+        with self._lock:
+            instance_id = self.instances.get(model.alias)
+        if instance_id is None:
+            return None  # not loaded by (nor found by) lmflow: no instance to ask
+        import lmstudio as lms
+
+        try:
+            return int(self._sdk().llm._create_handle(instance_id).count_tokens(text))
+        except lms.LMStudioError:
+            return None  # a server that cannot count: no check, as before
+
+    def _check_fits(self, request: ChatRequest, instance_id: str) -> None:
+        """Refuse a prompt that cannot fit the instance's context, counted by the server itself.
+
+        LM Studio may truncate an over-long prompt instead of failing (its context overflow
+        policy), which gives an answer to a question nobody asked. Only a prompt whose UTF-8 size
+        could reach the context (a token is at least one byte) is counted, so short prompts cost
+        nothing; the chat template's own tokens are estimated at TEMPLATE_TOKENS per message.
+        """
+        with self._lock:
+            context = self.contexts.get(request.model.alias)
+        if not context:
+            return
+        text = prompt_text(request.messages)
+        answer = int(request.sampling.get("max_tokens") or 0)
+        overhead = TEMPLATE_TOKENS * len(request.messages)
+        if len(text.encode()) + overhead + answer <= context:
+            return
+        counted = self.count_tokens(request.model, text)
+        if counted is not None and counted + overhead + answer > context:
+            raise ContextOverflow(
+                f"the prompt is {counted} tokens (counted by {self.url}) plus about {overhead} for the "
+                f"chat template{f' and max_tokens {answer}' if answer else ''}: more than the "
+                f"{context} that {instance_id} was loaded with; shorten the prompt, lower max_tokens "
+                f"or load models.{request.model.alias} with a larger context_length",
+                url=self.url, n_prompt=counted + overhead, n_ctx=context)
+
     def _chat(self, request: ChatRequest) -> ChatResponse:
         with self._lock:
             instance_id = self.instances.get(request.model.alias)
+        if instance_id is not None:
+            self._check_fits(request, instance_id)
         target = request.model if instance_id is None else ModelConfig(
             alias=request.model.alias, key=instance_id)
         response = self.client.chat(ChatRequest(
