@@ -528,6 +528,7 @@ def serve(behaviour: Behaviour, host: str = "127.0.0.1", port: int = 0,
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
     sock.bind((host, port))
     url = f"http://{host}:{sock.getsockname()[1]}"
     server = LMStudioTestServer(behaviour)
