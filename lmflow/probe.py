@@ -63,8 +63,9 @@ class ProbeReport:
 def registry_key(backend: Backend, model: ModelConfig) -> dict[str, Any]:
     """Everything that changes the answer: server, backend, model key and its load options, and the
     server's version and the model's variant where the server tells them."""
-    return {"server": backend.url or "local", "backend": backend.kind, "model": model.key,
-            "path": model.path, "gpu": model.gpu, "options": model.options, **backend.fingerprint(model)}
+    key = {"server": backend.address, "backend": backend.kind, "model": model.key,
+           "path": model.path, "gpu": model.gpu, "options": model.options, **backend.fingerprint(model)}
+    return json.loads(json.dumps(key, default=str))  # as the registry reads it back (tuples as lists)
 
 
 def record_path(key: dict[str, Any]) -> Path:
@@ -412,7 +413,7 @@ def probed_size(backend: Backend, model: ModelConfig) -> int:
         raise ProbeMissing(f"models.{model.alias}: context_length '{text}' is not a number of tokens, "
                            "'probed', 'probed - 10%', 'probed: loadable' or 'probed: loadable - 10%'")
     key = registry_key(backend, dataclasses.replace(model, context_length=None))
-    command = f"`lmflow probe {model.key} --server {key['server']}`"
+    command = f"`lmflow probe {model.key} {backend.probe_command}`"
     entry = next((e for e in reversed(registry()) if all(e.get(k) == v for k, v in key.items())), None)
     if entry is None:
         raise ProbeMissing(

@@ -321,6 +321,40 @@ def test_probe_command_on_the_managed_engine() -> None:
         "smollm2-135m-instruct: declared 2048, loads at most 2048 (granularity 1024, 2 loads)")
 
 
+
+def test_a_probe_by_command_is_used_by_a_spec_on_the_managed_engine(prefect_api: str, tmp_path) -> None:
+    """The probe record's key is the one a run computes: the engine's changing port and its args
+    (a tuple, read back from JSON as a list) do not make the run miss it."""
+    import json
+    import textwrap
+
+    from conftest import lmflow_cmd
+
+    out = lmflow_cmd("probe", "smollm2-135m-instruct", "--backend", "local", "--max", "2048",
+                     "--load-only", "--fresh")
+    assert out.returncode == 0, out.stderr
+    spec = tmp_path / "probed.yaml"
+    text = textwrap.dedent("""\
+        version: 1
+        name: probed-local
+        server: {backend: local}
+        models:
+          smol: {key: smollm2-135m-instruct, context_length: SIZE}
+        defaults: {cache: false}
+        steps:
+          - id: load
+            load_model: {model: smol}
+        """)
+    spec.write_text(text.replace("SIZE", '"probed: loadable"'))
+    run = lmflow_cmd("run", str(spec), "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["steps"][0]["output"]["context_length"] == 2048
+    spec.write_text(text.replace("SIZE", "probed"))  # a load-only probe has no working maximum
+    run = lmflow_cmd("run", str(spec))
+    assert run.returncode == 1
+    assert "`lmflow probe smollm2-135m-instruct --backend local`" in run.stderr, run.stderr
+
+
 def test_a_probe_that_finds_no_working_context_says_so(forgetful: str) -> None:
     from conftest import lmflow_cmd
 

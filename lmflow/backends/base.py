@@ -126,6 +126,16 @@ class Backend(ABC):
         """An instance already loaded as the model declares it, which chats then use (None: load one)."""
         return None
 
+    @property
+    def address(self) -> str:
+        """Where the server is, the same across restarts (probe records are keyed by it)."""
+        return self.url or self.kind
+
+    @property
+    def probe_command(self) -> str:
+        """The `lmflow probe` options that reach this server."""
+        return f"--server {self.url}"
+
     def count_tokens(self, model: ModelConfig, text: str) -> int | None:
         """The server's own count of the tokens of `text` for the model (None: it cannot say)."""
         return None

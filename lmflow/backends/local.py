@@ -177,6 +177,14 @@ class LocalBackend(Backend):
     def url(self) -> str | None:
         return next((e.url for e in self._engines() if e.alive()), None)
 
+    @property
+    def address(self) -> str:
+        return "local"  # its engines' ports change with every start
+
+    @property
+    def probe_command(self) -> str:
+        return "--backend local"
+
     def _engines(self) -> list[LlamaServer]:
         with self._lock:
             return list(self.engines.values())
