@@ -136,9 +136,8 @@ class RunRecorder:
 
     def __init__(self, spec: Spec, listener: Listener | None = None):
         self.spec = spec
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.result = RunResult(
-            spec=str(spec.file), name=spec.name, run_id=f"{spec.name}-{stamp}-{os.getpid()}",
+            spec=str(spec.file), name=spec.name, run_id=new_run_id(spec.name),
             steps=[StepRecord(s.id, s.kind) for s in sorted(spec.steps, key=lambda s: s.index)],
         )
         self._records = {r.id: r for r in self.result.steps}
@@ -215,6 +214,25 @@ class RunRecorder:
             tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
             tmp.replace(self.path)
             self._journal.close()
+
+
+_run_ids: set[str] = set()
+_run_ids_lock = threading.Lock()
+
+
+def new_run_id(name: str) -> str:
+    """`NAME-YYYYmmddTHHMMSSZ-PID`, with `-2`, `-3`... for more runs of the spec in that second from
+    this process (a served deployment runs its flows in one process), so records never collide."""
+    base = f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}"
+    with _run_ids_lock:
+        if not any(taken.startswith(base) for taken in _run_ids):
+            _run_ids.clear()  # only this second's ids can collide
+        run_id, n = base, 1
+        while run_id in _run_ids or (subdir("runs") / f"{run_id}.jsonl").exists():
+            n += 1
+            run_id = f"{base}-{n}"
+        _run_ids.add(run_id)
+    return run_id
 
 
 def journal_entries(path: Path) -> Iterator[dict[str, Any]]:
