@@ -21,6 +21,18 @@ except AttributeError:  # pragma: no cover - PyYAML without libyaml
 
 PathT = tuple[Any, ...]
 
+#: a document from an untrusted source stays small once its aliases are expanded (a spec has
+#: hundreds of values; an alias bomb has billions) and shallow (a spec nests about ten deep)
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+class _Refused(Exception):
+    """A node lmflow will not build (the document is too big or too deep, or asks for a type)."""
+
+    def __init__(self, node: yaml.Node, message: str, hint: str):
+        self.node, self.message, self.hint = node, message, hint
+
 
 def format_path(path: PathT) -> str:
     """`("steps", 2, "prompt")` -> `steps[2].prompt`."""
@@ -62,13 +74,43 @@ class Document:
 
 
 class _Builder:
+    """Python values from composed YAML nodes, with positions, duplicate keys found, and bounds:
+    at most MAX_VALUES values once aliases are expanded, MAX_DEPTH levels, no alias inside itself."""
+
     def __init__(self, doc: Document):
         self.doc = doc
         self.problems: list[Problem] = []
         self._scalars = yaml.constructor.SafeConstructor()
+        self._built = 0
+        self._open: set[int] = set()  # the collections being built (an alias to one is a cycle)
 
     def build(self, node: yaml.Node, path: PathT) -> Any:
+        self._built += 1
+        if self._built > MAX_VALUES:
+            raise _Refused(node, f"the document has more than {MAX_VALUES} values once its aliases are "
+                          "expanded",
+                          "an alias (*name) repeats its anchor's whole value: do not nest them")
+        if len(path) > MAX_DEPTH:
+            raise _Refused(node, f"the document is nested more than {MAX_DEPTH} levels deep",
+                          "flatten the document")
+        if id(node) in self._open:
+            raise _Refused(node, "an alias refers to a value that contains it (a cycle)",
+                          "an alias (*name) may only repeat a value defined before, outside it")
         self.doc.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            self._open.add(id(node))
+            try:
+                return self._collection(node, path)
+            finally:
+                self._open.discard(id(node))
+        try:
+            return self._scalars.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise _Refused(node, f"the tag {node.tag} is not allowed",
+                           "a spec holds plain values: strings, numbers, booleans, lists and mappings"
+                           ) from None
+
+    def _collection(self, node: yaml.Node, path: PathT) -> Any:
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
@@ -95,9 +137,7 @@ class _Builder:
                     )
                 result[key] = self.build(value_node, child)
             return result
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        return self._scalars.construct_object(node, deep=True)
+        return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
 
 
 def parse_yaml(text: str, file: str) -> Document:
@@ -115,10 +155,18 @@ def parse_yaml(text: str, file: str) -> Document:
         ) from None
     except yaml.YAMLError as exc:
         raise SpecError([Problem(file, None, None, "", f"YAML error: {exc}")]) from None
+    except RecursionError:
+        raise SpecError([Problem(file, None, None, "", "the document is nested more than "
+                                 f"{MAX_DEPTH} levels deep", "flatten the document")]) from None
     if node is None:
         return doc
     builder = _Builder(doc)
-    doc.data = builder.build(node, ())
+    try:
+        doc.data = builder.build(node, ())
+    except _Refused as exc:
+        mark = exc.node.start_mark
+        raise SpecError([Problem(file, mark.line + 1, mark.column + 1, "",
+                                 exc.message, exc.hint)]) from None
     if builder.problems:
         raise SpecError(builder.problems)
     return doc
@@ -133,6 +181,10 @@ def load_yaml(path: str | Path) -> Document:
         raise SpecError(
             [Problem(str(path), None, None, "", "file not found", "check the path")]
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise SpecError([Problem(str(path), line, None, "", f"not UTF-8 text (byte {exc.start} is "
+                                 f"0x{exc.object[exc.start]:02x})", "save the file as UTF-8")]) from None
+    except OSError as exc:
         raise SpecError([Problem(str(path), None, None, "", f"cannot read file: {exc}")]) from None
     return parse_yaml(text, str(path))
