@@ -11,7 +11,8 @@
     │   ├── BackendHTTPError         retryable only for 5xx
     │   │   └── ModelNotFound        the server does not know the model key
     │   ├── ContextOverflow          prompt larger than the loaded context
-    │   └── InvalidResponse          answer is not valid JSON / not the schema
+    │   ├── InvalidResponse          answer is not valid JSON / not the schema
+    │   └── MalformedAnswer          the server broke its own API (a body not JSON, a bad chunk)
     ├── EngineError                  exit 3: the managed llama-server failed
     │   └── EngineNotInstalled       binary or model file missing
     └── PrefectServerError           exit 3: lmflow's Prefect server
@@ -135,6 +136,12 @@ class ContextOverflow(BackendError):
 
 class InvalidResponse(BackendError):
     pass
+
+
+class MalformedAnswer(BackendError):
+    """The server's answer is not what its API promises: a body that is not a JSON object, a stream
+    chunk that does not parse, a missing field. Not retried (a server that does this once, such as
+    a web page at server.url, does it again); a fallback chain moves on."""
 
 
 class EngineError(LmflowError):

@@ -152,3 +152,59 @@ def test_streamed_request_errors_are_classified_too() -> None:
 
     with pytest.raises(ContextOverflow):
         client(handler).chat(ChatRequest(model=MODEL, messages=[], stream=True))
+
+
+@pytest.mark.parametrize("reply", [
+    httpx.Response(200, text="<html>LM Studio</html>"),  # a web page at server.url
+    httpx.Response(200, json=["not", "an", "object"]),
+    httpx.Response(200, json={"choices": "none"}),
+    httpx.Response(200, json={"choices": [{"message": None}]}),
+])
+def test_answers_that_break_the_api_are_classified(reply: httpx.Response) -> None:
+    from lmflow.errors import MalformedAnswer
+
+    with pytest.raises(MalformedAnswer) as info:
+        client(lambda request: reply).chat(ChatRequest(model=MODEL, messages=[]))
+    assert not info.value.retryable
+    assert "http://127.0.0.1:9" in str(info.value)
+
+
+def test_a_stream_chunk_that_does_not_parse_is_classified() -> None:
+    from lmflow.errors import MalformedAnswer
+
+    broken = httpx.Response(200, text='data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: {oops\n\n')
+    with pytest.raises(MalformedAnswer, match="streamed a chunk that is not a JSON object: '{oops'"):
+        client(lambda request: broken).chat(ChatRequest(model=MODEL, messages=[], stream=True))
+
+
+def test_models_on_a_web_page_instead_of_a_model_server(tmp_path) -> None:
+    """`lmflow models` against a plain web server answering HTML: a classified error, exit 3."""
+    import subprocess
+    import sys
+
+    from conftest import lmflow_cmd
+
+    (tmp_path / "api" / "v1").mkdir(parents=True)
+    (tmp_path / "api" / "v1" / "models").write_text("<html>not a model server</html>")
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from conftest import wait_for
+
+        assert wait_for(lambda: _answers(port), timeout=30)
+        out = lmflow_cmd("models", "--server", f"http://127.0.0.1:{port}")
+        assert out.returncode == 3, out.stderr
+        assert "with a body that is not JSON ('<html>not a model server</html>'): is server.url a model " \
+               "server?" in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        web.terminate()
+        web.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

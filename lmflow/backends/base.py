@@ -7,9 +7,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from ..errors import MalformedAnswer
 from ..spec.model import ModelConfig, ServerConfig
+
+T = TypeVar("T")
+
+
+def checked(url: str | None, fn: Callable[[], T]) -> T:
+    """`fn()`, with an answer of an unexpected shape (a missing field, a list where an object was
+    promised: KeyError, TypeError...) turned into MalformedAnswer, so fallbacks and breakers apply
+    and no command prints a traceback."""
+    try:
+        return fn()
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise MalformedAnswer(
+            f"{url or 'the server'} answered in a shape lmflow does not expect ({type(exc).__name__}: "
+            f"{exc}); if its answers look right, this is an lmflow bug: please report it",
+            url=url) from exc
+
 
 
 @dataclass

@@ -20,7 +20,7 @@ import httpx
 
 from ..errors import BackendError, BackendHTTPError, ContextOverflow
 from ..spec.model import ModelConfig, ServerConfig
-from .base import Backend, ChatRequest, ChatResponse, ModelInfo
+from .base import Backend, ChatRequest, ChatResponse, ModelInfo, checked
 from .openai import OpenAIClient
 from .supervisor import Supervisor
 
@@ -166,10 +166,10 @@ class LMStudioBackend(Backend):
         """The server's models as REST v1 lists them (built from v0 and the SDK before 0.4)."""
         if not self._has_v1():
             return self._models_before_v1()
-        return self.client.request("GET", "/api/v1/models").json().get("models", [])
+        return self.client.request_json("GET", "/api/v1/models").get("models", [])
 
     def _models_before_v1(self) -> list[dict[str, Any]]:
-        data = self.client.request("GET", "/api/v0/models").json().get("data", [])
+        data = self.client.request_json("GET", "/api/v0/models").get("data", [])
         instances: dict[str, list[dict[str, Any]]] = {}
         try:
             for handle in self._sdk().llm.list_loaded():
@@ -185,6 +185,9 @@ class LMStudioBackend(Backend):
                 for d in data]
 
     def list_models(self) -> list[ModelInfo]:
+        return checked(self.url, lambda: self._list_models())
+
+    def _list_models(self) -> list[ModelInfo]:
         if not self._has_v1():
             return self._list_v0()  # LM Studio before 0.4
         entries = self._models_v1()
@@ -199,7 +202,7 @@ class LMStudioBackend(Backend):
         return models
 
     def _list_v0(self) -> list[ModelInfo]:
-        data = self.client.request("GET", "/api/v0/models").json().get("data", [])
+        data = self.client.request_json("GET", "/api/v0/models").get("data", [])
         return [ModelInfo(key=d.get("id", "?"), loaded=d.get("state") == "loaded",
                           max_context_length=d.get("max_context_length"),
                           loaded_context_length=d.get("loaded_context_length")) for d in data]
@@ -229,6 +232,9 @@ class LMStudioBackend(Backend):
         return self.loaded_config(instance_id).get("context_length")
 
     def loaded_config(self, instance_id: str) -> dict[str, Any]:
+        return checked(self.url, lambda: self._loaded_config(instance_id))
+
+    def _loaded_config(self, instance_id: str) -> dict[str, Any]:
         """The load config the server reports for a loaded instance (`context_length`, `parallel`...)."""
         for entry in self._models_v1():
             for instance in entry.get("loaded_instances") or []:
@@ -330,8 +336,8 @@ class LMStudioBackend(Backend):
         if "flash_attention" in model.options:
             body["flash_attention"] = bool(model.options["flash_attention"])
         try:
-            answer = self.client.request("POST", "/api/v1/models/load", timeout=LOAD_TIMEOUT,
-                                         json_body=body).json()
+            answer = self.client.request_json("POST", "/api/v1/models/load", timeout=LOAD_TIMEOUT,
+                                              json_body=body)
         except BackendHTTPError as exc:
             if exc.status == 404:
                 raise self._not_found(model) from None
@@ -365,6 +371,9 @@ class LMStudioBackend(Backend):
             f"it has: {keys}", url=self.url, status=404)
 
     def find_loaded(self, model: ModelConfig) -> ModelInfo | None:
+        return checked(self.url, lambda: self._find_loaded(model))
+
+    def _find_loaded(self, model: ModelConfig) -> ModelInfo | None:
         """An instance of the model already loaded with what the spec declares (its context length,
         and its parallel predictions when declared): chats go to it, and the run does not own it."""
         for entry in self._models_v1():
@@ -381,6 +390,9 @@ class LMStudioBackend(Backend):
         return None
 
     def loaded_instances(self) -> list[tuple[str, str]]:
+        return checked(self.url, lambda: self._loaded_instances())
+
+    def _loaded_instances(self) -> list[tuple[str, str]]:
         """Every loaded instance on the server: (model key, instance id)."""
         return [(entry.get("key", "?"), instance["id"]) for entry in self._models_v1()
                 for instance in entry.get("loaded_instances") or [] if instance.get("id")]

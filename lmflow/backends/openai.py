@@ -19,10 +19,11 @@ from ..errors import (
     BackendUnreachable,
     ConnectionRefused,
     ContextOverflow,
+    MalformedAnswer,
     ModelNotFound,
 )
 from ..spec.model import ModelConfig, ServerConfig
-from .base import Backend, ChatRequest, ChatResponse, ModelInfo
+from .base import Backend, ChatRequest, ChatResponse, ModelInfo, checked
 from .supervisor import Supervisor
 
 # "maximum context length is 4096 tokens. However, your messages resulted in 5000 tokens"
@@ -81,6 +82,23 @@ class OpenAIClient:
             raise self._http_error(path, response)
         return response
 
+    def request_json(self, method: str, path: str, *, timeout: float = 30.0,
+                     json_body: Any = None) -> dict[str, Any]:
+        """`request`, with the answer's JSON object (MalformedAnswer when it is not one)."""
+        return self.decode(path, self.request(method, path, timeout=timeout, json_body=json_body))
+
+    def decode(self, path: str, response: httpx.Response) -> dict[str, Any]:
+        try:
+            payload = response.json()
+        except ValueError:
+            raise MalformedAnswer(
+                f"{self.url}{path} answered HTTP {response.status_code} with a body that is not JSON "
+                f"({response.text[:120]!r}): is server.url a model server?", url=self.url) from None
+        if not isinstance(payload, dict):
+            raise MalformedAnswer(f"{self.url}{path} answered {json.dumps(payload)[:120]}, not a JSON "
+                                  "object", url=self.url)
+        return payload
+
     def _chat_stream(self, body: dict[str, Any], timeout: float) -> ChatResponse:
         path = "/v1/chat/completions"
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -101,7 +119,13 @@ class OpenAIClient:
                 data = line[len("data:"):].strip()
                 if data == "[DONE]":
                     break
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                    if not isinstance(chunk, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    raise MalformedAnswer(f"{self.url}{path} streamed a chunk that is not a JSON object: "
+                                          f"{data[:120]!r}", url=self.url) from None
                 model = chunk.get("model") or model
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
@@ -176,7 +200,10 @@ class OpenAIClient:
             return None
 
     def list_models(self) -> list[ModelInfo]:
-        data = self.request("GET", "/v1/models").json().get("data", [])
+        return checked(self.url, lambda: self._list_models())
+
+    def _list_models(self) -> list[ModelInfo]:
+        data = self.request_json("GET", "/v1/models").get("data", [])
         models = []
         for item in data:
             meta = item.get("meta") or {}
@@ -201,14 +228,14 @@ class OpenAIClient:
         if request.stream:
             return self._chat_stream(body, request.timeout)
         started = time.perf_counter()
-        payload = self.request("POST", "/v1/chat/completions", timeout=request.timeout,
-                               json_body=body).json()
+        payload = self.request_json("POST", "/v1/chat/completions", timeout=request.timeout,
+                                    json_body=body)
         seconds = time.perf_counter() - started
         try:
             choice = payload["choices"][0]
             text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError):
-            raise BackendError(
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise MalformedAnswer(
                 f"{self.url} answered without a message: {json.dumps(payload)[:300]}",
                 url=self.url) from None
         usage = payload.get("usage") or {}

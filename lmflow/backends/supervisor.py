@@ -110,12 +110,14 @@ class Supervisor:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn`; if the server is unreachable and can be restarted, restart it and retry once."""
+        from .base import checked
+
         seen = self._starts
         try:
-            return fn()
+            return checked(self.config.url, fn)
         except BackendUnreachable as exc:
             self._recover(seen, exc)
-        return fn()
+        return checked(self.config.url, fn)
 
     def _recover(self, seen: int, exc: BackendUnreachable) -> None:
         """Restart the server for a call that began after start number `seen` and found it down;
