@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
-from .errors import BackendError, BackendTimeout, LmflowError
+from .errors import BackendError, BackendTimeout, EngineError, EngineNotInstalled, LmflowError
 from .home import subdir
 from .spec.model import ModelConfig
 
@@ -168,7 +168,9 @@ def _load_once(backend: Backend, model: ModelConfig, size: int) -> Attempt:
         info = backend.load(sized)
     except BackendTimeout as exc:
         return Attempt(size, TIMEOUT, seconds=round(time.monotonic() - started, 3), detail=str(exc))
-    except BackendError as exc:
+    except EngineNotInstalled:
+        raise  # no size will load: say so once, do not record every size as failed
+    except (BackendError, EngineError) as exc:  # the managed engine not starting at this size too
         return Attempt(size, LOAD_FAILED, seconds=round(time.monotonic() - started, 3), detail=str(exc))
     finally_seconds = round(time.monotonic() - started, 3)
     try:

@@ -410,3 +410,32 @@ def test_probed_refuses_a_record_without_a_working_maximum(forgetful: str, prefe
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["steps"][0]["output"]["context_length"] == 1843
     assert nothing_loaded(forgetful)
+
+
+def test_an_engine_that_does_not_start_is_a_failed_load_not_an_aborted_probe(prefect_api: str,
+                                                                               tmp_path) -> None:
+    import json
+    import textwrap
+
+    from conftest import lmflow_cmd
+
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(textwrap.dedent("""\
+        version: 1
+        name: broken-engine
+        server: {backend: local, args: ["--no-such-llama-flag"]}
+        models:
+          smol: {key: smollm2-135m-instruct}
+        steps:
+          - id: measure
+            probe_context: {model: smol, max: 2048, load_only: true, fresh: true}
+        """))
+    out = lmflow_cmd("run", str(spec), "--json", timeout=300)
+    result = json.loads(out.stdout)
+    step = result["steps"][0]
+    assert step["status"] == "completed", (step, out.stderr)
+    assert step["output"]["loadable_max"] is None
+    assert step["output"]["loads"] == 1  # the smallest size failed: nothing larger is tried
+    assert any(e["event"] == "warning" and "loads at no size tried (not even 1024): llama-server for "
+               "'smol' exited with code 1 while starting" in e["message"] and "--no-such-llama-flag"
+               in e["message"] for e in result["events"]), result["events"]

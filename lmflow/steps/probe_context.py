@@ -42,6 +42,10 @@ class ProbeContextStep(ModelStep):
             backend, model, minimum=options.get("min", 1024), maximum=options.get("max"),
             granularity=granularity, fresh=options.get("fresh", False),
             on_attempt=lambda a: ctx.emit("probe_attempt", asdict(a)))
+        if report.loadable_max is None:  # on the run's stderr too, with why the smallest size failed
+            why = report.attempts[0].detail if report.attempts else ""
+            ctx.emit("warning", {"message": f"{model.key}: {probe.loadable_text(report)}"
+                                            + (f": {why}" if why else "")})
         if report.loadable_max and not options.get("load_only"):
             working, trials = probe.probe_working(backend, model, context_length=report.loadable_max,
                                                   granularity=granularity,
