@@ -115,3 +115,21 @@ def test_a_module_named_like_the_standard_library_is_reported(tmp_path: Path) ->
     (tmp_path / "json.py").write_text("def f():\n    return 1\n")
     with pytest.raises(UserCodeError, match=r"module 'json' resolved to .*json.*its name is taken"):
         get_kind("python").run({"function": "json:f"}, context(Scripted(), tmp_path))
+
+
+def test_two_specs_with_their_own_helpers_in_one_process(tmp_path: Path) -> None:
+    """A served process (or a script calling lmflow.run) runs specs from several folders: each
+    spec's `helpers.py` is its own, whichever was imported first."""
+    from lmflow.steps.python import function_problem, load_function
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "helpers.py").write_text(f"def who():\n    return {name!r}\n")
+    (tmp_path / "b" / "helpers.py").write_text("def who():\n    return 'b'\n\ndef only_b():\n    return 1\n")
+    first = load_function("helpers:who", tmp_path / "a")
+    assert first() == "a"
+    assert load_function("helpers:who", tmp_path / "b")() == "b"
+    assert function_problem("helpers:only_b", tmp_path / "b") is None
+    assert function_problem("helpers:only_b", tmp_path / "a") is not None  # a's has no only_b
+    assert load_function("helpers:who", tmp_path / "a")() == "a"
+    assert first() == "a"  # a function taken before keeps working

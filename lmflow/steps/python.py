@@ -116,15 +116,34 @@ def source_hash(ref: str, spec_dir: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
 
 
+#: top-level modules imported from a spec's folder, and that folder (under _IMPORTS)
+_SPEC_MODULES: dict[str, Path] = {}
+
+
+def _forget_other_specs_module(top: str, spec_dir: Path) -> None:
+    """Two specs may each have a `helpers.py`: when another spec's module holds the name this spec
+    imports, it (and its submodules) leave `sys.modules`, so this spec's own is imported. Functions
+    already taken from the other keep working (they hold their module's globals)."""
+    folder = _SPEC_MODULES.get(top)
+    if folder is None or folder == spec_dir:
+        return
+    for loaded in [m for m in sys.modules if m == top or m.startswith(f"{top}.")]:
+        sys.modules.pop(loaded, None)
+    del _SPEC_MODULES[top]
+
+
 def load_function(ref: str, spec_dir: Path) -> Any:
     """The function `module:function` names, imported with the spec's folder importable."""
     module_name, _, name = ref.partition(":")
+    top = module_name.split(".")[0]
     with importable_from(spec_dir):
+        _forget_other_specs_module(top, spec_dir)
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:  # user code: report it, whatever it is
             raise UserCodeError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
-    top = module_name.split(".")[0]
+        if _in_folder(sys.modules.get(top), spec_dir):
+            _SPEC_MODULES[top] = spec_dir
     local = spec_dir / f"{top}.py"
     if (local.exists() or (spec_dir / top).is_dir()) and not str(
         getattr(module, "__file__", "") or ""
