@@ -438,8 +438,8 @@ def four_calls_to_a_dead_server(supervisor: Supervisor, marker: Path) -> list[An
 
 def test_four_threads_see_a_dead_server_and_one_restarts_it(tmp_path: Path, busy_switching: None) -> None:
     supervisor, marker, runs = flaky_server(tmp_path, 5, "Path(sys.argv[0]).with_name('up').touch()")
-    events: list[str] = []
-    supervisor.listener = lambda event, data: events.append(event)
+    events: list[tuple[str, str]] = []
+    supervisor.listener = lambda event, data: events.append((event, data.get("message", "")))
     try:
         answers = four_calls_to_a_dead_server(supervisor, marker)
     finally:
@@ -447,7 +447,10 @@ def test_four_threads_see_a_dead_server_and_one_restarts_it(tmp_path: Path, busy
     assert answers == ["answer"] * 4
     assert runs.read_text() == "run\n"  # the start command ran once
     assert len(supervisor.restarts) == 1 and supervisor.restarts[0]["restart"] == 1
-    assert events == ["server_restarted", "warning"]
+    assert [event for event, _ in events] == ["server_restarted", "warning", "warning"]
+    assert "was down; restarted it with" in events[1][1]
+    # the start command exited once the server was up, as a daemon's does, and no stop was given
+    assert "running as a daemon, and it is still running: set server.stop" in events[2][1]
 
 
 def test_a_failed_restart_is_not_repeated_for_the_same_crash(tmp_path: Path) -> None:
