@@ -24,7 +24,7 @@ from typing import Any
 
 from .backends import Backend, ModelInfo, create_backend
 from .cache import ResponseCache
-from .errors import LmflowError, StepFailure, describe
+from .errors import BackendTimeout, LmflowError, StepFailure, describe
 from .home import subdir
 from .resilience import Resilience
 from .spec import templates
@@ -388,6 +388,8 @@ class Runtime:
         #: models used as already loaded on the server exactly as declared (the run does not own them)
         self._in_use: set[str] = set()
         self._load_locks: dict[str, threading.Lock] = {}
+        #: journal entries of loads that timed out (the instance may appear after the run gave up)
+        self._timed_out_loads: list[dict[str, Any]] = []
         self._lock = threading.RLock()
         #: set when the run ends or is interrupted: user code still running is no longer waited for
         self.stopping = threading.Event()
@@ -497,9 +499,14 @@ class Runtime:
             before: list[str] | None = [i for k, i in backend.loaded_instances() if k == model.key]
         except LmflowError:
             before = None  # a server that cannot list them: a kill mid-load is left to the user
-        self.recorder.journal({"loading": alias, **where, "context_length": model.context_length,
-                               "before": before})
-        info = backend.load(model)
+        loading = {"loading": alias, **where, "context_length": model.context_length, "before": before}
+        self.recorder.journal(loading)
+        try:
+            info = backend.load(model)
+        except BackendTimeout:
+            with self._lock:  # the server may still finish it: unloaded at the end of the run
+                self._timed_out_loads.append(loading)
+            raise
         with self._lock:
             self.loaded[alias] = model
             self._in_use.discard(alias)
@@ -524,7 +531,7 @@ class Runtime:
                 hint = f"`lmflow models unload {entry['key']} --server URL` unloads it by hand"
                 try:
                     backend = self.server_backend(name)
-                    instance = entry.get("instance") or self._made_by_killed_load(backend, entry)
+                    instance = entry.get("instance") or self._made_by_unfinished_load(backend, entry)
                     if instance is None:
                         continue
                     if isinstance(instance, list):
@@ -547,7 +554,7 @@ class Runtime:
                 out.write(json.dumps({"released_by": self.recorder.result.run_id}) + "\n")
 
     @staticmethod
-    def _made_by_killed_load(backend: Backend, entry: dict[str, Any]) -> str | list[str] | None:
+    def _made_by_unfinished_load(backend: Backend, entry: dict[str, Any]) -> str | list[str] | None:
         """The instance a run killed mid-load made: of the model's instances now loaded at the size
         it asked for, the one not there before its load (a list when that is not one instance)."""
         if entry.get("before") is None:
@@ -570,6 +577,16 @@ class Runtime:
                 except LmflowError as exc:
                     self.recorder.emit("warning", message=f"could not unload {model.key}: {exc}")
             self.loaded.clear()
+            for entry in self._timed_out_loads:
+                backend = self.backends.get(entry["server"])
+                try:
+                    instance = self._made_by_unfinished_load(backend, entry) if backend else None
+                    if isinstance(instance, str) and backend.unload_instance(instance):  # type: ignore[union-attr]
+                        self.recorder.emit("warning", message=(
+                            f"unloaded '{entry['key']}' (instance {instance}): its load timed out, "
+                            "and the server finished it later"))
+                except LmflowError as exc:
+                    self.recorder.emit("warning", message=f"could not unload {entry['key']}: {exc}")
             while self.backends:
                 _, backend = self.backends.popitem()
                 backend.close()

@@ -147,3 +147,16 @@ def lmstudio(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         stop_server(proc)
 
 
+
+
+#: fixtures that need a real Prefect server, or the managed engine (llama-server and the model)
+_NEEDS = {"prefect_api": "prefect", "engine": "engine", "lmstudio": "engine", "forgetful": "engine"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the real parts their fixtures start, so the contributors' fast lane,
+    `pytest -m "not engine and not prefect"`, leaves them out without a marker on every test."""
+    for item in items:
+        for fixture, marker in _NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)

@@ -399,3 +399,33 @@ def test_unload_and_probes_leave_another_clients_instance_alone(lmstudio: str, p
         assert loaded(lmstudio) == []
     finally:
         lmflow_cmd("models", "unload", "--all", "--server", lmstudio)
+
+
+@pytest.mark.engine
+def test_a_load_that_timed_out_is_unloaded_at_the_end_of_the_run(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LM Studio may finish a load after lmflow stopped waiting for it: the run's end unloads it."""
+    import lmflow.backends.lmstudio as lmstudio_backend
+    from lmflow.errors import BackendTimeout
+    from lmflow.runtime import RunRecorder, Runtime
+
+    proc, url = start_server(tmp_path_factory.mktemp("slow-load"), """\
+        models: [{key: smollm2-135m-instruct}]
+        load_answer_delay_seconds: 6
+        """)
+    try:
+        monkeypatch.setattr(lmstudio_backend, "LOAD_TIMEOUT", 2.0)
+        spec = load_spec(write_spec(tmp_path, url, "{key: smollm2-135m-instruct, context_length: 1536}",
+                                    "- {id: ask, prompt: {model: smol, user: hi}}\n"))
+        recorder = RunRecorder(spec)
+        runtime = Runtime(spec, recorder)
+        with pytest.raises(BackendTimeout):
+            runtime.ready("smol")
+        assert [c for _k, _i, c in loaded(url)] == [1536]  # the server went on with it
+        runtime.close()
+        recorder.save()
+        assert loaded(url) == []
+        assert any("its load timed out, and the server finished it later" in e.get("message", "")
+                   for e in recorder.result.events), recorder.result.events
+    finally:
+        stop_server(proc)
