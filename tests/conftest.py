@@ -147,8 +147,6 @@ def lmstudio(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         stop_server(proc)
 
 
-
-
 #: fixtures that need a real Prefect server, or the managed engine (llama-server and the model)
 _NEEDS = {"prefect_api": "prefect", "engine": "engine", "lmstudio": "engine", "forgetful": "engine"}
 
