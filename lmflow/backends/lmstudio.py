@@ -450,8 +450,8 @@ class LMStudioBackend(Backend):
 
         try:
             return int(self._sdk().llm._create_handle(instance_id).count_tokens(text))
-        except lms.LMStudioError:
-            return None  # a server that cannot count: no check, as before
+        except (lms.LMStudioError, BackendError):
+            return None  # a server (or an SDK session) that cannot count: no check, as before
 
     def _check_fits(self, request: ChatRequest, instance_id: str) -> None:
         """Refuse a prompt that cannot fit the instance's context, counted by the server itself.
