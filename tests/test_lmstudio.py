@@ -18,7 +18,7 @@ from conftest import BIN, CONFIG, ROOT, lmflow_cmd, start_server, stop_server, w
 
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
-from lmflow.errors import BackendHTTPError
+from lmflow.errors import BackendError, BackendHTTPError
 from lmflow.spec.model import ModelConfig, Policy, ServerConfig
 from lmflow.steps import FixedModels, StepContext, get_kind
 from lmflow.steps.load_model import ContextMismatch
@@ -132,16 +132,29 @@ def test_answer_from_another_model_is_caught(tmp_path: Path) -> None:
         stop_server(proc)
 
 
-def test_api_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    proc, url = start_server(tmp_path, CONFIG + "api_token: s3cret\n")
+TOKEN = "sk-lm-Ab3dEf7h:Q1w2E3r4T5y6U7i8O9p0"  # the shape LM Studio gives its API tokens
+
+
+def test_api_token_over_rest_and_the_sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc, url = start_server(tmp_path, CONFIG + f"api_token: {TOKEN}\n")
     try:
         with pytest.raises(BackendHTTPError) as info:
             backend(url).list_models()
         assert info.value.status == 401
         assert "set the API token (server.api_key_env)" in str(info.value)
-        monkeypatch.setenv("LM_API_TOKEN", "s3cret")
-        assert [m.key for m in backend(url).list_models()] == ["smollm2-135m-instruct", "small-strict",
-                                                              "retriever"]
+        monkeypatch.setenv("LM_API_TOKEN", TOKEN)
+        b = backend(url)
+        assert [m.key for m in b.list_models()] == ["smollm2-135m-instruct", "small-strict", "retriever"]
+        # ttl needs the SDK: its websocket authenticates with the token's two halves
+        timed = ModelConfig(alias="timed", key="smollm2-135m-instruct", context_length=1024, ttl=600)
+        assert b.load(timed).loaded_context_length == 1024
+        assert ask(b, timed)
+        assert 2 <= (b.count_tokens(timed, "one two three") or 0) <= 6  # the server's own tokenizer
+        b.unload(timed)
+        b.close()
+        monkeypatch.setenv("LM_API_TOKEN", "s3cret")  # not an LM Studio token: the SDK cannot use it
+        with pytest.raises(BackendError, match=r"is not an LM Studio API token \(sk-lm-XXXXXXXX:"):
+            backend(url).load(timed)
     finally:
         stop_server(proc)
 
@@ -355,3 +368,25 @@ def test_a_daemonised_server_lmflow_started_is_stopped_or_reported(prefect_api: 
         if pidfile.exists() and psutil.pid_exists(int(pidfile.read_text())):
             os.kill(int(pidfile.read_text()), signal.SIGTERM)
             psutil.Process(int(pidfile.read_text())).wait(30)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_with_the_servers_own_count(lmstudio: str) -> None:
+    from lmflow.errors import ContextOverflow
+
+    b = backend(lmstudio)
+    small = ModelConfig(alias="small", key="smollm2-135m-instruct", context_length=1024)
+    b.load(small)
+    try:
+        fits = "The sky is blue. " * 100  # 1,700 bytes (more than the context), about 500 tokens
+        assert b.chat(ChatRequest(model=small, messages=[{"role": "user", "content": fits}],
+                                  sampling={"max_tokens": 4})).prompt_tokens < 1024
+        too_long = "The sky is blue. " * 300  # about 1,500 tokens
+        with pytest.raises(ContextOverflow) as info:
+            b.chat(ChatRequest(model=small, messages=[{"role": "user", "content": too_long}],
+                               sampling={"max_tokens": 4}))
+        assert f"(counted by {lmstudio})" in str(info.value)
+        assert "more than the 1024 that smollm2-135m-instruct was loaded with" in str(info.value)
+        assert not info.value.retryable
+    finally:
+        b.unload(small)
+        b.close()
