@@ -1,211 +1,607 @@
-"""Enough of LM Studio's SDK websocket protocol for the real `lmstudio` client.
+"""LM Studio's SDK websocket protocol: everything the `lmstudio` 1.5 SDK does with LLMs.
 
-The client connects to `ws://HOST/llm`, authenticates, then makes RPC calls
-(`{"type": "rpcCall", "endpoint", "callId", "parameter"}` answered by
-`rpcResult`/`rpcError`) and opens channels (`channelCreate` with an endpoint
-and a `creationParameter`, answered by `channelSend` messages and a
-`channelClose`). Served here: listLoaded, getModelInfo, getLoadConfig,
-unloadModel (RPC) and loadModel, predict (channels), with real inference; on
-`ws://HOST/system`, version. A load's config may set the context length and the
-parallel predictions (`maxParallelPredictions` in the SDKs, PARALLEL_KEY on the
-wire); getLoadConfig reports both. Every client that authenticates is counted
-by its `clientIdentifier` (one per SDK client, shared by its namespaces).
+Read from the SDK and lmstudio-js. A client opens one websocket per namespace
+(`ws://HOST/llm`, `/embedding`, `/system`, ...) and sends an auth packet `{"authVersion": 1,
+"clientIdentifier", "clientPasskey"}`, answered `{"success": true}` or `{"success": false,
+"error": "..."}` (a string). Then:
+
+- RPC: `{"type": "rpcCall", "endpoint", "callId", "parameter"?}` answered `{"type": "rpcResult",
+  "callId", "result"?}` or `{"type": "rpcError", "callId", "error"}`;
+- channels: `{"type": "channelCreate", "endpoint", "channelId", "creationParameter"}`, then
+  `{"type": "channelSend", "channelId", "message"}` either way (the client's is `{"type":
+  "cancel"}`), ended by the server's `channelClose` or `channelError`.
+
+An error is LM Studio's serialized error: a `title` and, for model look-ups, `displayData` with a
+`code` (`generic.noModelMatchingQuery` is what the SDK raises as LMStudioModelNotFoundError).
+Configs travel as KV stacks (`{"layers": [{"layerName", "config": {"fields": [{key, value}]}}]}`,
+later layers winning).
+
+Served, by namespace (RPCs; channels):
+- llm: listLoaded, getModelInfo, getLoadConfig, unloadModel, tokenize, countTokens,
+  applyPromptTemplate; loadModel, getOrLoad, predict (a chat, or with the SDK's completion
+  template a raw completion, relayed token by token from the instance's llama-server);
+- embedding: the same model calls, answering that there is no embedding model;
+- system: version, listDownloadedModels (all the SDK 1.5 calls there).
+Any other endpoint is answered with an error naming it. (LM Studio itself sends only a
+`communicationWarning` for an endpoint it does not know, and the client waits for its timeout.)
+
+Authentication is LM Studio's: a server with an API token `sk-lm-ID:PASSKEY` accepts the auth
+packets whose clientIdentifier and clientPasskey are its two halves; any packet otherwise.
+Every client that authenticates is counted by its `clientIdentifier` (one per SDK client,
+shared by its namespaces).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import os
+import struct
 import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 if TYPE_CHECKING:
-    from .server import Instance, LMStudioTestServer
+    from .server import Instance, LMStudioTestServer, TestModel
 
 CONTEXT_KEY = "llm.load.contextLength"
-PARALLEL_KEY = "llm.load.numParallelSessions"
+PARALLEL_KEY = "llm.load.numParallelSessions"  # the SDKs' maxParallelPredictions
 TEST_SERVER_VERSION = "0.4.0-lmflow-test"
+TEST_SERVER_BUILD = 1
+STOP_REASONS = {"eos": "eosFound", "limit": "maxPredictedTokensReached", "word": "stopStringFound"}
+
+#: the load config fields each instance was asked for, reported back by getLoadConfig as LM Studio
+#: does (gpu offload and the like, which the test server accepts and cannot apply); keyed by the
+#: instance's engine, which lives exactly as long as the instance (an Instance is not hashable)
+_asked_config: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+class SdkError(Exception):
+    """A failure answered to the client as LM Studio serializes errors."""
+
+    def __init__(self, title: str, display_data: dict[str, Any] | None = None):
+        super().__init__(title)
+        self.title = title
+        self.display_data = display_data
+
+    def as_json(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"title": self.title}
+        if self.display_data:
+            error["displayData"] = self.display_data
+        return error
+
+
+# -- what the SDK is told about models --------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def gguf_general(path: Path) -> dict[str, str]:
+    """The architecture and size label a GGUF file declares (none for a file that does not parse)."""
+    wanted = {"general.architecture", "general.size_label"}
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by value type
+    found: dict[str, str] = {}
+    with open(path, "rb") as f:
+        def number(fmt: str) -> int:
+            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return f.read(number("Q")).decode("utf-8", "replace")
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                string()
+            elif kind == 9:  # an array: item type, count, items
+                item, count = number("I"), number("Q")
+                for _ in range(count):
+                    skip(item)
+            else:
+                f.seek(sizes[kind], os.SEEK_CUR)
+
+        if f.read(4) != b"GGUF":
+            return found
+        f.seek(4 + 8, os.SEEK_CUR)  # version, tensor count
+        try:
+            for _ in range(number("Q")):  # the general.* keys come first: stop once both are read
+                key, kind = string(), number("I")
+                if key in wanted and kind == 8:
+                    found[key] = string()
+                    if len(found) == len(wanted):
+                        break
+                else:
+                    skip(kind)
+        except (struct.error, KeyError):  # truncated, or a value type newer than this reader
+            pass
+    return found
+
+
+def model_info(model: TestModel) -> dict[str, Any]:
+    """A model as LM Studio lists it (`LlmInfo`: downloaded models, a load's `resolved`)."""
+    info: dict[str, Any] = {
+        "type": "llm", "modelKey": model.key, "format": "gguf", "displayName": model.key,
+        "path": str(model.path), "sizeBytes": model.path.stat().st_size, "vision": False,
+        "trainedForToolUse": False, "maxContextLength": model.max_context_length,
+    }
+    general = gguf_general(model.path)
+    if "general.architecture" in general:
+        info["architecture"] = general["general.architecture"]
+    if "general.size_label" in general:
+        info["paramsString"] = general["general.size_label"]
+    return info
 
 
 def instance_info(instance: Instance) -> dict[str, Any]:
-    model = instance.model
-    return {
-        "type": "llm", "modelKey": model.key, "format": "gguf", "displayName": model.key,
-        "path": str(model.path), "sizeBytes": model.path.stat().st_size,
-        "identifier": instance.id, "instanceReference": instance.id, "vision": False,
-        "trainedForToolUse": False, "maxContextLength": model.max_context_length,
-        "contextLength": instance.context_length,
+    """A loaded instance as LM Studio describes it (`LlmInstanceInfo`)."""
+    return {**model_info(instance.model), "identifier": instance.id,
+            "instanceReference": instance.id, "contextLength": instance.context_length}
+
+
+def load_config(instance: Instance) -> dict[str, Any]:
+    """The instance's load config (a KV config): what it was asked for, with the sizes it got."""
+    fields = {**_asked_config.get(instance.engine, {}), CONTEXT_KEY: instance.context_length,
+              PARALLEL_KEY: instance.parallel}
+    return {"fields": [{"key": key, "value": value} for key, value in fields.items()]}
+
+
+# -- what the SDK asks for --------------------------------------------------------------
+
+
+def collapse(stack: dict[str, Any] | None) -> dict[str, Any]:
+    """A KV config stack as one mapping, later layers winning (as LM Studio collapses it)."""
+    fields: dict[str, Any] = {}
+    for layer in (stack or {}).get("layers") or []:
+        for kv in (layer.get("config") or {}).get("fields") or []:
+            fields[kv["key"]] = kv.get("value")
+    return fields
+
+
+def sampling(config: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's parameters for LM Studio's prediction fields (its /completion names)."""
+    plain = {"temperature": "temperature", "topKSampling": "top_k", "stopStrings": "stop"}
+    checkbox = {"maxPredictedTokens": "n_predict", "topPSampling": "top_p", "minPSampling": "min_p",
+                "repeatPenalty": "repeat_penalty"}  # {"checked": bool, "value": ...}
+    params: dict[str, Any] = {}
+    for key, name in plain.items():
+        if config.get(f"llm.prediction.{key}") is not None:
+            params[name] = config[f"llm.prediction.{key}"]
+    for key, name in checkbox.items():
+        value = config.get(f"llm.prediction.{key}")
+        if isinstance(value, dict) and value.get("checked"):
+            params[name] = value.get("value")
+    structured = config.get("llm.prediction.structured") or {}
+    if structured.get("type") == "json":
+        params["json_schema"] = structured.get("jsonSchema") or {}
+    elif structured.get("type") == "gbnf":
+        params["grammar"] = structured.get("gbnfGrammar") or ""
+    template = config.get("llm.prediction.promptTemplate") or {}
+    if template.get("stopStrings"):
+        params["stop"] = [*params.get("stop", []), *template["stopStrings"]]
+    return params
+
+
+def chat_messages(history: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The SDK's chat history as OpenAI-style messages (text parts joined)."""
+    messages = []
+    for item in (history or {}).get("messages") or []:
+        parts = item.get("content") or []
+        if any(part.get("type") == "file" for part in parts):
+            raise SdkError("Files and images are not served by the lmflow test server (its models "
+                           "have no vision)")
+        text = "".join(part.get("text", "") for part in parts if part.get("type") == "text")
+        messages.append({"role": item.get("role", "user"), "content": text})
+    return messages
+
+
+def render_template(template: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    """A prompt rendered with the client's own template (the SDK's `complete` sends one)."""
+    if template.get("type") != "jinja":
+        raise SdkError(f"{template.get('type')!r} prompt templates are not served by the lmflow "
+                       "test server (jinja ones are)")
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    jinja = template.get("jinjaPromptTemplate") or {}
+    try:
+        return ImmutableSandboxedEnvironment().from_string(jinja.get("template", "")).render(
+            messages=messages, bos_token=jinja.get("bosToken", ""), eos_token=jinja.get("eosToken", ""),
+            add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        raise SdkError(f"Error rendering the prompt template: {exc}") from None
+
+
+def _fragment(text: str, tokens: int) -> dict[str, Any]:
+    return {"type": "fragment", "fragment": {"content": text, "tokensCount": tokens,
+                                             "containsDrafted": False, "reasoningType": "none"}}
+
+
+def _stats(final: dict[str, Any], started: float, first_token: float | None, cancelled: bool
+           ) -> dict[str, Any]:
+    """LM Studio's prediction stats from llama-server's last /completion chunk."""
+    prompt, predicted = final.get("tokens_evaluated") or 0, final.get("tokens_predicted") or 0
+    stats: dict[str, Any] = {
+        "stopReason": "userStopped" if cancelled else STOP_REASONS.get(final.get("stop_type"), "eosFound"),
+        "promptTokensCount": prompt, "predictedTokensCount": predicted,
+        "totalTokensCount": prompt + predicted, "numGpuLayers": 0,
     }
+    per_second = (final.get("timings") or {}).get("predicted_per_second")
+    if per_second:
+        stats["tokensPerSecond"] = per_second
+    if first_token is not None:
+        stats["timeToFirstTokenSec"] = round(first_token - started, 3)
+    return stats
 
 
-def _load_config(instance: Instance) -> dict[str, Any]:
-    return {"fields": [{"key": CONTEXT_KEY, "value": instance.context_length},
-                       {"key": PARALLEL_KEY, "value": instance.parallel}]}
+def _engine_error(payload: Any) -> str:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return str(error.get("message", error) if isinstance(error, dict) else error or payload)
 
 
-class RpcError(Exception):
-    def __init__(self, title: str):
-        super().__init__(title)
-        self.title = title
+# -- one client -------------------------------------------------------------------------
+
+
+@dataclass
+class Channel:
+    """An open channel: where its messages go, and whether the client cancelled it."""
+
+    id: int
+    session: SdkSession
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.session.send({"type": "channelSend", "channelId": self.id, "message": message})
+
+
+RpcHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+ChannelHandler = Callable[[Channel, dict[str, Any]], Awaitable[None]]
 
 
 class SdkSession:
-    """One websocket client of the test server."""
+    """One websocket client of the test server, in one namespace."""
 
     def __init__(self, server: LMStudioTestServer, ws: WebSocket):
         self.server = server
         self.ws = ws
+        self.namespace = ws.url.path.strip("/")
+        self.channels: dict[int, Channel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        model_rpcs: dict[str, RpcHandler] = {
+            "listLoaded": self.list_loaded, "getModelInfo": self.get_model_info,
+            "getLoadConfig": self.get_load_config, "unloadModel": self.unload_model,
+            "tokenize": self.tokenize, "countTokens": self.count_tokens,
+        }
+        model_channels: dict[str, ChannelHandler] = {"loadModel": self.load_model,
+                                                     "getOrLoad": self.get_or_load}
+        self.rpcs: dict[str, RpcHandler] = {
+            "llm": {**model_rpcs, "applyPromptTemplate": self.apply_prompt_template},
+            "embedding": {**model_rpcs, "embedString": self.embed_string},
+            "system": {"version": self.version, "listDownloadedModels": self.list_downloaded},
+        }.get(self.namespace, {})
+        self.channel_handlers: dict[str, ChannelHandler] = {
+            "llm": {**model_channels, "predict": self.predict},
+            "embedding": model_channels,
+        }.get(self.namespace, {})
 
     async def run(self) -> None:
         await self.ws.accept()
         try:
-            auth = await self.ws.receive_json()
-            token = self.server.behaviour.api_token
-            if token and auth.get("clientPasskey") != token and auth.get("apiToken") != token:
-                await self.ws.send_json({"success": False, "error": {"title": "Invalid API token"}})
-                await self.ws.close()
+            if not await self._authenticate():
                 return
-            await self.ws.send_json({"success": True})
-            self.server.stats.sdk_clients.add(str(auth.get("clientIdentifier") or id(self)))
             while True:
                 message = await self.ws.receive_json()
-                if message.get("type") == "rpcCall":
-                    await self._rpc(message)
-                elif message.get("type") == "channelCreate":
-                    await self._channel(message)
+                kind = message.get("type")
+                if kind == "rpcCall":
+                    self._spawn(self._rpc(message))
+                elif kind == "channelCreate":
+                    self._spawn(self._channel(message))
+                elif kind == "channelSend" and (message.get("message") or {}).get("type") == "cancel":
+                    channel = self.channels.get(message.get("channelId"))
+                    if channel is not None:
+                        channel.cancelled.set()
         except WebSocketDisconnect:
-            return
+            pass
+        finally:
+            # a client that goes away cancels its predictions; its loads finish (a load cut short
+            # would leave a llama-server running that no instance owns)
+            self._closed = True
+            for channel in self.channels.values():
+                channel.cancelled.set()
 
-    def _find(self, specifier: dict[str, Any] | None) -> Instance:
-        instances = self.server.instances
-        specifier = specifier or {}
-        if specifier.get("type") == "instanceReference":
-            found = instances.get(specifier.get("instanceReference", ""))
-        else:
-            query = specifier.get("query") or {}
-            wanted = query.get("identifier") or query.get("modelKey")
-            found = instances.get(wanted) if wanted else next(iter(instances.values()), None)
-            if found is None and wanted:
-                found = next((i for i in instances.values() if i.model.key == wanted), None)
-        if found is None:
-            raise RpcError(f"No loaded model matches {specifier}")
-        return found
+    async def _authenticate(self) -> bool:
+        auth = await self.ws.receive_json()
+        token = self.server.behaviour.api_token
+        presented = f"sk-lm-{auth.get('clientIdentifier')}:{auth.get('clientPasskey')}"
+        if token and presented != token:
+            await self.send({"success": False, "error": (
+                "Invalid API token: this server requires an API token, whose two halves "
+                "(sk-lm-IDENTIFIER:PASSKEY) are the auth packet's clientIdentifier and clientPasskey")})
+            await self.ws.close()
+            return False
+        await self.send({"success": True})
+        self.server.stats.sdk_clients.add(str(auth.get("clientIdentifier") or id(self)))
+        return True
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Answer a call concurrently with the others (a long prediction must not hold up a cancel)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        async with self._send_lock:
+            try:
+                await self.ws.send_json(message)
+            except (WebSocketDisconnect, RuntimeError):  # the client went away mid-answer
+                self._closed = True
 
     async def _rpc(self, message: dict[str, Any]) -> None:
         endpoint, call_id = message.get("endpoint"), message.get("callId")
-        parameter = message.get("parameter") or {}
+        handler = self.rpcs.get(str(endpoint))
         try:
-            if endpoint == "listLoaded":
-                result: Any = [instance_info(i) for i in self.server.instances.values()]
-            elif endpoint == "getModelInfo":
-                result = instance_info(self._find(parameter.get("specifier")))
-            elif endpoint == "getLoadConfig":
-                result = _load_config(self._find(parameter.get("specifier")))
-            elif endpoint == "version":  # the system namespace
-                result = {"version": TEST_SERVER_VERSION, "build": 1}
-            elif endpoint == "unloadModel":
-                instance = self.server.instances.get(parameter.get("identifier", ""))
-                if instance is None:
-                    raise RpcError(f"No loaded model with identifier {parameter.get('identifier')!r}")
-                await self.server.unload(instance.id)
-                result = None
-            else:
-                raise RpcError(f"Unsupported RPC endpoint {endpoint!r} (lmflow test server)")
-        except RpcError as exc:
-            await self.ws.send_json({"type": "rpcError", "callId": call_id,
-                                     "error": {"title": exc.title}})
+            if handler is None:
+                raise SdkError(f"Unsupported RPC endpoint {endpoint!r} on /{self.namespace} "
+                               "(lmflow test server)")
+            await self.server._expire()
+            result = await handler(message.get("parameter") or {})
+        except Exception as exc:  # noqa: BLE001 - as in LM Studio, a failed call is answered, never dropped
+            await self.send({"type": "rpcError", "callId": call_id, "error": _error_json(exc)})
             return
         reply: dict[str, Any] = {"type": "rpcResult", "callId": call_id}
         if result is not None:
             reply["result"] = result
-        await self.ws.send_json(reply)
-
-    async def _send(self, channel_id: int, message: dict[str, Any]) -> None:
-        await self.ws.send_json({"type": "channelSend", "channelId": channel_id, "message": message})
-
-    async def _fail(self, channel_id: int, title: str) -> None:
-        await self.ws.send_json({"type": "channelError", "channelId": channel_id,
-                                 "error": {"title": title}})
+        await self.send(reply)
 
     async def _channel(self, message: dict[str, Any]) -> None:
-        endpoint, channel_id = message.get("endpoint"), message.get("channelId")
-        parameter = message.get("creationParameter") or {}
-        if endpoint == "loadModel":
-            await self._load(channel_id, parameter)
-        elif endpoint == "predict":
-            await self._predict(channel_id, parameter)
-        else:
-            await self._fail(channel_id, f"Unsupported channel endpoint {endpoint!r} (lmflow test server)")
-
-    async def _load(self, channel_id: int, parameter: dict[str, Any]) -> None:
-        from starlette.responses import Response
-
-        context_length = parallel = None
-        for layer in (parameter.get("loadConfigStack") or {}).get("layers", []):
-            for kv in (layer.get("config") or {}).get("fields", []):
-                if kv.get("key") == CONTEXT_KEY:
-                    context_length = kv.get("value")
-                elif kv.get("key") == PARALLEL_KEY:
-                    parallel = kv.get("value")
-        await self._send(channel_id, {"type": "resolved", "info": {"modelKey": parameter.get("modelKey")}})
-        await self._send(channel_id, {"type": "startLoading"})
-        result = await self.server.load_instance(parameter.get("modelKey", ""), context_length,
-                                                 identifier=parameter.get("identifier"),
-                                                 ttl_ms=parameter.get("ttlMs"), parallel=parallel)
-        if isinstance(result, Response):
-            import json
-
-            error = json.loads(bytes(result.body)).get("error", {}).get("message", "load failed")
-            await self._fail(channel_id, error)
-            return
-        await self._send(channel_id, {"type": "progress", "progress": 1.0})
-        await self._send(channel_id, {"type": "success", "info": instance_info(result)})
-        await self.ws.send_json({"type": "channelClose", "channelId": channel_id})
-
-    async def _predict(self, channel_id: int, parameter: dict[str, Any]) -> None:
+        endpoint = message.get("endpoint")
+        channel = self.channels[message.get("channelId")] = Channel(message.get("channelId"), self)
+        handler = self.channel_handlers.get(str(endpoint))
         try:
-            instance = self._find(parameter.get("modelSpecifier"))
-        except RpcError as exc:
-            await self._fail(channel_id, exc.title)
-            return
-        messages = []
-        for item in (parameter.get("history") or {}).get("messages", []):
-            parts = item.get("content") or []
-            text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
-            messages.append({"role": item.get("role", "user"), "content": text})
-        body: dict[str, Any] = {"messages": messages, "stream": False}
-        for layer in (parameter.get("predictionConfigStack") or {}).get("layers", []):
-            for kv in (layer.get("config") or {}).get("fields", []):
-                if kv.get("key") == "llm.prediction.maxPredictedTokens":
-                    value = kv.get("value") or {}
-                    if value.get("checked"):
-                        body["max_tokens"] = value.get("value")
-                elif kv.get("key") == "llm.prediction.temperature":
-                    body["temperature"] = kv.get("value")
+            if handler is None:
+                raise SdkError(f"Unsupported channel endpoint {endpoint!r} on /{self.namespace} "
+                               "(lmflow test server)")
+            await self.server._expire()
+            await handler(channel, message.get("creationParameter") or {})
+        except Exception as exc:  # noqa: BLE001 - as in LM Studio, a failed channel is answered, never dropped
+            await self.send({"type": "channelError", "channelId": channel.id, "error": _error_json(exc)})
+        else:
+            await self.send({"type": "channelClose", "channelId": channel.id})
+        finally:
+            self.channels.pop(channel.id, None)
+
+    # -- finding models ---------------------------------------------------------------
+
+    def _instances(self) -> list[Instance]:
+        """The loaded instances this namespace sees (the test server's models are all LLMs)."""
+        return list(self.server.instances.values()) if self.namespace == "llm" else []
+
+    def _not_found(self, query: dict[str, Any]) -> SdkError:
+        instances = self._instances()
+        if self.namespace == "embedding":
+            title = ("No embedding model is loaded: the lmflow test server has no embedding model "
+                     f"(it serves LLMs: {', '.join(self.server.models)})")
+        else:
+            title = f"No loaded model satisfies all requirements specified in the query {query}"
+        return SdkError(title, {"code": "generic.noModelMatchingQuery", "query": query,
+                                "loadedModelsSample": [i.id for i in instances[:10]],
+                                "totalLoadedModels": len(instances)})
+
+    def _find(self, specifier: dict[str, Any] | None) -> Instance:
+        """The loaded instance a model specifier names (an identifier, a key, a path, or any)."""
+        specifier = specifier or {}
+        instances = self._instances()
+        if specifier.get("type") == "instanceReference":
+            found = [i for i in instances if i.id == specifier.get("instanceReference")]
+            if not found:
+                raise SdkError("The model instance was unloaded", {"code": "generic.specificModelUnloaded"})
+            return found[0]
+        query = specifier.get("query") or {}
+        wanted = query.get("identifier") or query.get("path")
+        found = [i for i in instances if wanted is None or i.id == wanted] or [
+            i for i in instances if wanted in (i.model.key, str(i.model.path))]
+        if not found:
+            raise self._not_found(query)
+        return found[0]
+
+    def _model(self, key: str) -> TestModel:
+        """The model a load asks for, by key or path."""
+        models = self.server.models
+        model = models.get(key) or next((m for m in models.values() if str(m.path) == key), None)
+        if model is not None and self.namespace == "llm":
+            return model
+        if model is not None:
+            raise SdkError(f"'{key}' is an LLM, not an embedding model: the lmflow test server has no "
+                           "embedding model", {"code": "generic.domainMismatch", "path": key,
+                                               "actualDomain": "llm", "expectedDomain": "embedding"})
+        title = (f"Embedding model not found: {key} (the lmflow test server has no embedding model)"
+                 if self.namespace == "embedding" else f"Model not found: {key}")
+        raise SdkError(title, {"code": "generic.pathNotFound", "path": key,
+                               "availablePathsSample": list(models)[:10], "totalModels": len(models)})
+
+    # -- model RPCs -------------------------------------------------------------------
+
+    async def list_loaded(self, parameter: dict[str, Any]) -> Any:
+        return [instance_info(i) for i in self._instances()]
+
+    async def get_model_info(self, parameter: dict[str, Any]) -> Any:
+        return instance_info(self._find(parameter.get("specifier")))
+
+    async def get_load_config(self, parameter: dict[str, Any]) -> Any:
+        return load_config(self._find(parameter.get("specifier")))
+
+    async def unload_model(self, parameter: dict[str, Any]) -> Any:
+        identifier = parameter.get("identifier", "")
+        instances = self._instances()
+        if not any(i.id == identifier for i in instances) or not await self.server.unload(identifier):
+            raise SdkError(f"No loaded model with identifier {identifier!r}", {
+                "code": "generic.identifierNotFound", "identifier": identifier,
+                "loadedModelsSample": [i.id for i in instances[:10]], "totalLoadedModels": len(instances)})
+        return None
+
+    async def tokenize(self, parameter: dict[str, Any]) -> Any:
+        instance = self._find(parameter.get("specifier"))
+        return {"tokens": await self._tokens(instance, parameter.get("inputString", ""))}
+
+    async def count_tokens(self, parameter: dict[str, Any]) -> Any:
+        instance = self._find(parameter.get("specifier"))
+        return {"tokenCount": len(await self._tokens(instance, parameter.get("inputString", "")))}
+
+    async def apply_prompt_template(self, parameter: dict[str, Any]) -> Any:
+        instance = self._find(parameter.get("specifier"))
+        config = collapse(parameter.get("predictionConfigStack"))
+        return {"formatted": await self._prompt(instance, chat_messages(parameter.get("history")), config)}
+
+    async def embed_string(self, parameter: dict[str, Any]) -> Any:
+        raise self._not_found((parameter.get("modelSpecifier") or {}).get("query") or {})
+
+    async def _engine(self, instance: Instance, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A call to the instance's llama-server."""
+        answer = await self.server.http.post(f"{instance.engine.url}{path}", json=body)
+        if answer.status_code != 200:
+            raise SdkError(f"{instance.id}: {_engine_error(answer.json())}")
+        return answer.json()
+
+    async def _tokens(self, instance: Instance, text: str) -> list[int]:
+        return (await self._engine(instance, "/tokenize", {"content": text}))["tokens"]
+
+    async def _prompt(self, instance: Instance, messages: list[dict[str, str]], config: dict[str, Any]
+                      ) -> str:
+        """The prompt for a chat: the client's template if it sent one, else the model's own."""
+        template = config.get("llm.prediction.promptTemplate")
+        if template:
+            return render_template(template, messages)
+        return (await self._engine(instance, "/apply-template", {"messages": messages}))["prompt"]
+
+    # -- system RPCs ------------------------------------------------------------------
+
+    async def version(self, parameter: dict[str, Any]) -> Any:
+        return {"version": TEST_SERVER_VERSION, "build": TEST_SERVER_BUILD}
+
+    async def list_downloaded(self, parameter: dict[str, Any]) -> Any:
+        return [model_info(m) for m in self.server.models.values()]
+
+    # -- loading ----------------------------------------------------------------------
+
+    async def load_model(self, channel: Channel, parameter: dict[str, Any]) -> None:
+        """A new instance, always (the SDK's load_new_instance)."""
+        model = self._model(parameter.get("modelKey", ""))
+        await channel.send({"type": "resolved", "info": model_info(model)})
+        instance = await self._load(model, parameter.get("loadConfigStack"),
+                                    identifier=parameter.get("identifier"), ttl_ms=parameter.get("ttlMs"))
+        await channel.send({"type": "progress", "progress": 1.0})
+        await channel.send({"type": "success", "info": instance_info(instance)})
+
+    async def get_or_load(self, channel: Channel, parameter: dict[str, Any]) -> None:
+        """The loaded instance of an identifier or key, else a new one (the SDK's `model(key)`).
+
+        As in LM Studio, the load config applies only to a new instance.
+        """
+        wanted = parameter.get("identifier", "")
+        async with self.server._jit_lock:  # clients asking at once for one model load it once
+            loaded = [i for i in self._instances() if i.id == wanted] or [
+                i for i in self._instances() if wanted in (i.model.key, str(i.model.path))]
+            if loaded:
+                await channel.send({"type": "alreadyLoaded", "info": instance_info(loaded[0])})
+                return
+            model = self._model(wanted)
+            await channel.send({"type": "startLoading", "identifier": model.key, "info": model_info(model)})
+            instance = await self._load(model, parameter.get("loadConfigStack"),
+                                        ttl_ms=parameter.get("loadTtlMs"))
+        await channel.send({"type": "loadProgress", "progress": 1.0})
+        await channel.send({"type": "loadSuccess", "info": instance_info(instance)})
+
+    async def _load(self, model: TestModel, stack: dict[str, Any] | None, *,
+                    identifier: str | None = None, ttl_ms: int | None = None) -> Instance:
+        config = collapse(stack)
+        result = await self.server.load_instance(model.key, config.get(CONTEXT_KEY), identifier=identifier,
+                                                 ttl_ms=ttl_ms, parallel=config.get(PARALLEL_KEY))
+        if isinstance(result, Response):
+            raise SdkError(_engine_error(json.loads(bytes(result.body))))
+        _asked_config[result.engine] = {k: v for k, v in config.items()
+                                        if k.startswith(("load.", "llm.load."))}
+        return result
+
+    # -- predicting -------------------------------------------------------------------
+
+    async def predict(self, channel: Channel, parameter: dict[str, Any]) -> None:
+        """A chat answer or a raw completion, streamed as the model writes it."""
+        instance = self._find(parameter.get("modelSpecifier"))
+        config = collapse(parameter.get("predictionConfigStack"))
+        if (config.get("llm.prediction.tools") or {}).get("type") == "toolArray":
+            raise SdkError("Tool use (.act(), tools) is not served by the lmflow test server")
+        messages = chat_messages(parameter.get("history"))
+        params = sampling(config)
         started = time.monotonic()
+        instance.last_used = started
         self.server.stats.chat_requests += 1
         with self.server.stats.answering(instance.id):
-            status, payload = await self.server.complete(instance, body)
-        if status != 200:
-            await self._fail(channel_id, str((payload.get("error") or {}).get("message", payload)))
-            return
-        text = payload["choices"][0]["message"].get("content") or ""
-        usage = payload.get("usage") or {}
-        await self._send(channel_id, {"type": "fragment", "fragment": {
-            "content": text, "tokensCount": usage.get("completion_tokens", 0),
-            "containsDrafted": False, "reasoningType": "none"}})
-        seconds = time.monotonic() - started
-        finish = payload["choices"][0].get("finish_reason")
-        await self._send(channel_id, {
-            "type": "success",
-            "stats": {"stopReason": "maxPredictedTokensReached" if finish == "length" else "eosFound",
-                      "promptTokensCount": usage.get("prompt_tokens"),
-                      "predictedTokensCount": usage.get("completion_tokens"),
-                      "totalTokensCount": usage.get("total_tokens"),
-                      "timeToFirstTokenSec": seconds},
-            "modelInfo": {k: v for k, v in instance_info(instance).items()
-                          if k not in ("identifier", "instanceReference", "contextLength")},
-            "loadModelConfig": _load_config(instance),
-            "predictionConfig": {"fields": []},
+            model = instance.model
+            if model.working_context_length is not None or model.answers == "retriever":
+                final, first_token = await self._answer_whole(channel, instance, messages, params)
+            else:
+                prompt = await self._prompt(instance, messages, config)
+                final, first_token = await self._relay(channel, instance, {"prompt": prompt, **params})
+        instance.last_used = time.monotonic()
+        await channel.send({
+            "type": "success", "stats": _stats(final, started, first_token, channel.cancelled.is_set()),
+            "modelInfo": instance_info(instance), "loadModelConfig": load_config(instance),
+            "predictionConfig": {"fields": [{"key": k, "value": v} for k, v in config.items()]},
         })
-        await self.ws.send_json({"type": "channelClose", "channelId": channel_id})
+
+    async def _relay(self, channel: Channel, instance: Instance, body: dict[str, Any]
+                     ) -> tuple[dict[str, Any], float | None]:
+        """llama-server's /completion stream as fragments; its last chunk and the first token's time."""
+        http = self.server.http
+        upstream = await http.send(http.build_request(
+            "POST", f"{instance.engine.url}/completion", json={**body, "stream": True, "cache_prompt": True}),
+            stream=True)
+        last: dict[str, Any] = {}
+        first_token = None
+        try:
+            if upstream.status_code != 200:
+                await upstream.aread()
+                raise SdkError(f"{instance.id}: {_engine_error(upstream.json())}")
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                chunk = json.loads(line[len("data:"):])
+                if "error" in chunk:
+                    raise SdkError(f"{instance.id}: {_engine_error(chunk)}")
+                if chunk.get("content"):
+                    first_token = first_token or time.monotonic()
+                    await channel.send(_fragment(chunk["content"], len(chunk.get("tokens") or []) or 1))
+                last = chunk
+                if chunk.get("stop") or channel.cancelled.is_set():
+                    break  # closing the stream stops llama-server's generation
+        finally:
+            await upstream.aclose()
+        return last, first_token
+
+    async def _answer_whole(self, channel: Channel, instance: Instance, messages: list[dict[str, str]],
+                            params: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+        """The answer of a model with a configured flaw (a working limit, the retriever): one fragment."""
+        status, payload = await self.server.complete(instance, {"messages": messages, "stream": False,
+                                                                **params})
+        if status != 200:
+            raise SdkError(f"{instance.id}: {_engine_error(payload)}")
+        choice = payload["choices"][0]
+        usage = payload.get("usage") or {}
+        text = choice["message"].get("content") or ""
+        await channel.send(_fragment(text, usage.get("completion_tokens", 0)))
+        return {"stop_type": "limit" if choice.get("finish_reason") == "length" else "eos",
+                "tokens_evaluated": usage.get("prompt_tokens"),
+                "tokens_predicted": usage.get("completion_tokens")}, time.monotonic()
+
+
+def _error_json(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, SdkError):
+        return exc.as_json()
+    return {"title": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}

@@ -223,6 +223,9 @@ class LMStudioTestServer:
             Route("/lmflow/stats/reset", self.stats_reset, methods=["POST"]),
             WebSocketRoute("/llm", self.sdk),
             WebSocketRoute("/system", self.sdk),
+            WebSocketRoute("/embedding", self.sdk),
+            WebSocketRoute("/files", self.sdk),
+            WebSocketRoute("/repository", self.sdk),
         ], lifespan=self._lifespan)
         self.app.add_middleware(_TokenMiddleware, token=behaviour.api_token)
 
@@ -510,7 +513,7 @@ class _TokenMiddleware:
         self.token = token
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if self.token and scope["type"] in ("http", "websocket"):
+        if self.token and scope["type"] == "http":  # the SDK sends its token in its auth message
             headers = dict(scope.get("headers") or [])
             if headers.get(b"authorization", b"").decode() != f"Bearer {self.token}":
                 response = _error(401, "Invalid or missing API token (Authorization: Bearer ...)")
