@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend
+from .backends.base import Backend, ModelInfo
 from .errors import BackendError, BackendTimeout, EngineError, EngineNotInstalled, LmflowError
 from .home import subdir
 from .spec.model import ModelConfig
@@ -112,6 +112,7 @@ def probe_loadable(backend: Backend, model: ModelConfig, *, minimum: int = 1024,
     key = registry_key(backend, model)
     path = record_path(key)
     report = ProbeReport(key=key, declared_max=declared, granularity=granularity)
+    _release(backend, path)  # before `fresh` forgets what a killed run left loaded
     if fresh:
         path.unlink(missing_ok=True)
     done = _replay(path)
@@ -123,7 +124,7 @@ def probe_loadable(backend: Backend, model: ModelConfig, *, minimum: int = 1024,
             result = done[size]
         else:
             _append(path, {"start": size})
-            result = _load_once(backend, model, size)
+            result = _load_once(backend, model, size, path)
             _append(path, asdict(result))
             done[size] = result
         report.attempts.append(result)
@@ -160,12 +161,48 @@ def _bisect(good: int, bad: int, granularity: int, test: Callable[[int], bool]) 
     return good
 
 
-def _load_once(backend: Backend, model: ModelConfig, size: int) -> Attempt:
+def _load(backend: Backend, model: ModelConfig, journal: Path | None) -> ModelInfo:
+    """Load, the instance journaled: a killed probe's next run unloads it (`_release`)."""
+    info = backend.load(model)
+    if journal is not None and info.instance_id:
+        _append(journal, {"instance": info.instance_id})
+    return info
+
+
+def _unload(backend: Backend, model: ModelConfig, journal: Path | None) -> None:
+    for instance in backend.unload(model):
+        if journal is not None:
+            _append(journal, {"instance_unloaded": instance})
+
+
+def _release(backend: Backend, journal: Path | None) -> None:
+    """Unload what a killed earlier run of this probe loaded and could not unload: only instances
+    its journal names, never another client's instance of the same model."""
+    if journal is None or not journal.exists():
+        return
+    left: dict[str, None] = {}
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # torn by a kill
+        if "instance" in entry:
+            left[entry["instance"]] = None
+        elif "instance_unloaded" in entry:
+            left.pop(entry["instance_unloaded"], None)
+    for instance in left:
+        try:
+            backend.unload_instance(instance)
+        except BackendError:
+            pass  # gone with a restarted server, or the server is down: the next load says so
+        _append(journal, {"instance_unloaded": instance})
+
+
+def _load_once(backend: Backend, model: ModelConfig, size: int, journal: Path) -> Attempt:
     sized = dataclasses.replace(model, context_length=size)
     started = time.monotonic()
     try:
-        backend.unload(sized)  # every attempt starts from nothing loaded
-        info = backend.load(sized)
+        info = _load(backend, sized, journal)
     except BackendTimeout as exc:
         return Attempt(size, TIMEOUT, seconds=round(time.monotonic() - started, 3), detail=str(exc))
     except EngineNotInstalled:
@@ -174,7 +211,7 @@ def _load_once(backend: Backend, model: ModelConfig, size: int) -> Attempt:
         return Attempt(size, LOAD_FAILED, seconds=round(time.monotonic() - started, 3), detail=str(exc))
     finally_seconds = round(time.monotonic() - started, 3)
     try:
-        backend.unload(sized)
+        _unload(backend, sized, journal)
     except BackendError:
         pass  # reported by the next attempt's unload if it matters
     actual = info.loaded_context_length
@@ -292,15 +329,15 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
         if journal is not None:
             _append(journal, {"trial": asdict(trial), "at_context": context_length, "verdict": VERDICT})
 
-    backend.unload(loaded)  # what a killed earlier run left loaded goes first
-    backend.load(loaded)
+    _release(backend, journal)  # what a killed earlier run left loaded goes first
+    _load(backend, loaded, journal)
     try:
         working, trials = _search_working(backend, ask, starting, answered, trials, on_trial,
                                           context_length=context_length, granularity=granularity,
                                           confirmations=confirmations)
     finally:
         try:
-            backend.unload(loaded)
+            _unload(backend, loaded, journal)
         except BackendError:
             pass
     if journal is not None:

@@ -540,7 +540,7 @@ class Runtime:
                             f"has {len(instance)} new instances of it ({', '.join(instance)}) and lmflow "
                             f"cannot tell which is that run's; {hint}"))
                         continue
-                    done = backend.unload_instance(instance)  # type: ignore[attr-defined]
+                    done = backend.unload_instance(instance)
                 except LmflowError as exc:
                     self.recorder.emit("warning", message=(
                         f"could not unload '{entry['key']}' left loaded by the killed run "

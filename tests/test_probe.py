@@ -99,13 +99,17 @@ def test_an_interrupted_working_search_resumes_and_a_finished_one_replays(lmstud
     journal.unlink(missing_ok=True)
     asked: list[str] = []
     loads: list[int | None] = []
-    real_chat, real_load = b.chat, b.load
+    real_chat, real_load, real_unload = b.chat, b.load, b.unload
     b.chat = lambda r: asked.append(r.messages[0]["content"]) or real_chat(r)  # type: ignore[method-assign]
     b.load = lambda m: loads.append(m.context_length) or real_load(m)  # type: ignore[method-assign]
 
     def stop_after_six(trial: object) -> None:
         if len(asked) == 2 + 6:  # two calibration questions, then six trials
             raise KeyboardInterrupt
+
+    def instances() -> list[tuple[str, int]]:
+        models = httpx.get(f"{lmstudio}/api/v1/models").json()["models"]
+        return [(i["id"], i["config"]["context_length"]) for m in models for i in m["loaded_instances"]]
 
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -114,12 +118,21 @@ def test_an_interrupted_working_search_resumes_and_a_finished_one_replays(lmstud
         assert nothing_loaded(lmstudio)  # the interruption left nothing loaded
         first = set(asked[2:])
         asked.clear()
-        # a SIGKILLed run could not unload: leave an instance behind, as it would
-        httpx.post(f"{lmstudio}/api/v1/models/load", json={"model": "retriever", "context_length": 4096},
-                   timeout=120).raise_for_status()
+        # a SIGKILLed run cannot unload: its instance stays behind (journaled), and another
+        # client has an instance of the same model
+        b.unload = lambda m, every=False: []  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            probe_working(b, model, context_length=4096, granularity=256, journal=journal,
+                          on_trial=lambda trial: (_ for _ in ()).throw(KeyboardInterrupt()))
+        b.unload = real_unload  # type: ignore[method-assign]
+        theirs = httpx.post(f"{lmstudio}/api/v1/models/load", timeout=120, json={
+            "model": "retriever", "context_length": 2048}).json()["instance_id"]
+        assert len(instances()) == 2
+        asked.clear()
         working, trials = probe_working(b, model, context_length=4096, granularity=256, journal=journal)
         assert working == 2304
-        assert nothing_loaded(lmstudio)  # the leftover was unloaded first, and the probe's own after
+        assert instances() == [(theirs, 2048)]  # its own leftover unloaded first, another's left alone
+        httpx.post(f"{lmstudio}/api/v1/models/unload", json={"instance_id": theirs}).raise_for_status()
         assert not first & set(asked[2:])  # answered trials were replayed, not asked again
         assert len(trials) == 6 + len(asked) - 2  # the same search: six replayed, the rest asked
         loads.clear()

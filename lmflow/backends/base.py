@@ -157,6 +157,11 @@ class Backend(ABC):
         """The server's own count of the tokens of `text` for the model (None: it cannot say)."""
         return None
 
+    def unload_instance(self, instance_id: str) -> bool:
+        """Unload one instance by id, whoever loaded it; False when it is not loaded (a backend
+        whose models die with it has none left over)."""
+        return False
+
     def loaded_instances(self) -> list[tuple[str, str]]:
         """Every instance loaded on the server, as (model key, instance id); [] where there are none
         to speak of (a managed engine's model dies with it)."""
