@@ -390,3 +390,42 @@ def test_a_prompt_that_cannot_fit_is_refused_with_the_servers_own_count(lmstudio
     finally:
         b.unload(small)
         b.close()
+
+
+def test_lm_studio_before_0_4_is_detected_and_used(tmp_path: Path, prefect_api: str) -> None:
+    """REST v0 only: lmflow lists with v0 and loads, lists and unloads instances with the SDK."""
+    proc, url = start_server(tmp_path, CONFIG + "rest_api: v0\n")
+    try:
+        assert httpx.get(f"{url}/api/v1/models").status_code == 404
+        b = backend(url)
+        assert b.health()  # up, not "down" because v1 is missing
+        assert [m.key for m in b.list_models()] == ["smollm2-135m-instruct", "small-strict", "retriever"]
+        info = b.load(SMOL)
+        assert (info.loaded_context_length, b.rest_v1) == (2048, False)
+        assert ask(b)
+        assert b.loaded_instances() == [("smollm2-135m-instruct", info.instance_id)]
+        assert b.find_loaded(SMOL).instance_id == info.instance_id
+        assert b.unload(SMOL) == [info.instance_id]
+        assert b.loaded_instances() == []
+        b.close()
+        out = lmflow_cmd("models", "--server", url)
+        assert out.returncode == 0, out.stderr
+        spec = write_spec(tmp_path, url, f"""\
+            - id: ask
+              prompt: {{model: smol, user: "Say hi.", max_tokens: 4}}
+            - id: look
+              after: [ask]
+              python: {{function: "v0:loaded", args: {{url: "{url}"}}}}
+            """)
+        (tmp_path / "v0.py").write_text(
+            "import json, urllib.request\n\n\ndef loaded(url):\n"
+            "    with urllib.request.urlopen(url + '/api/v0/models') as answer:\n"
+            "        return [[m['id'], m.get('loaded_context_length')] for m in json.load(answer)['data']\n"
+            "                if m['state'] == 'loaded']\n")
+        run = lmflow_cmd("run", str(spec), "--json")
+        assert run.returncode == 0, run.stderr
+        look = json.loads(run.stdout)["steps"][1]["output"]
+        assert look == [["smollm2-135m-instruct", 2048]]  # as declared, loaded through the SDK
+        assert backend(url).loaded_instances() == []  # and unloaded at the end
+    finally:
+        stop_server(proc)

@@ -384,7 +384,9 @@ class LMStudioBackend(Backend):
                 if config.get("context_length") != model.context_length or (
                         model.parallel and config.get("parallel") not in (None, model.parallel)):
                     continue
-                self._track(model.alias, instance["id"], config.get("context_length"), found=True)
+                with self._lock:  # the instance this backend loaded for the alias stays its own
+                    theirs = self.instances.get(model.alias) != instance["id"] or model.alias in self.found
+                self._track(model.alias, instance["id"], config.get("context_length"), found=theirs)
                 return ModelInfo(key=model.key, loaded=True, instance_id=instance["id"],
                                  loaded_context_length=config.get("context_length"))
         return None

@@ -78,6 +78,8 @@ class Behaviour:
     #: a REST load is answered this long after its instance is listed (a client killed in
     #: between was killed mid-load: the instance is there, the client never heard of it)
     load_answer_delay_seconds: float = 0.0
+    #: "v0": an LM Studio before 0.4, with no REST v1 (every /api/v1/ path answers 404)
+    rest_api: str = "v1"
     ignore_model_field: bool = False  # answer with the loaded model, whatever was asked
     crash_on_request: int | None = None  # exit the process during the Nth chat request
     ttl_seconds: float | None = None  # unload instances idle for that long
@@ -186,6 +188,9 @@ def load_behaviour(path: str | Path | None) -> Behaviour:
     if unknown:
         raise SpecError([doc.problem((sorted(unknown)[0],), f"unknown key '{sorted(unknown)[0]}'",
                                      f"keys: models, {', '.join(sorted(known))}", key=True)])
+    if extra.get("rest_api", "v1") not in ("v0", "v1"):
+        raise SpecError([doc.problem(("rest_api",), f"rest_api is v0 or v1, not {extra['rest_api']!r}",
+                                     "v0: an LM Studio before 0.4")])
     return Behaviour(models=models, **extra)
 
 
@@ -228,6 +233,8 @@ class LMStudioTestServer:
             WebSocketRoute("/repository", self.sdk),
         ], lifespan=self._lifespan)
         self.app.add_middleware(_TokenMiddleware, token=behaviour.api_token)
+        if behaviour.rest_api == "v0":
+            self.app.add_middleware(_WithoutRestV1)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> Any:
@@ -519,6 +526,21 @@ class _TokenMiddleware:
                 response = _error(401, "Invalid or missing API token (Authorization: Bearer ...)")
                 await response(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class _WithoutRestV1:
+    """LM Studio before 0.4: REST v1 does not exist (it answers as for any unknown path)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/v1/"):
+            response = JSONResponse({"error": f"Unexpected endpoint or method. ({scope['method']} "
+                                              f"{scope['path']})"}, status_code=404)
+            await response(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
