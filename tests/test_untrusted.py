@@ -150,3 +150,35 @@ def test_the_shipped_specs_are_valid_in_their_copies(copies: Path) -> None:
     """The fuzz starts from valid specs, so its mutations reach the checks after parsing."""
     for folder, text in SHIPPED:
         assert _validate(copies / folder, text), folder
+
+
+CONFIG_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10_000) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["key", "file", "clamp", "answers", "max_context_length", "x"]), inner, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=st.dictionaries(st.sampled_from(
+    ["models", "jit", "api_token", "delay_seconds", "crash_on_request", "error_rate", "error_status",
+     "rest_api", "ttl_seconds", "unknown"]), CONFIG_VALUES, max_size=5))
+def test_test_server_configs_load_or_give_problems(tmp_path: Path, config: dict) -> None:
+    from lmflow.testing.server import load_behaviour
+
+    path = tmp_path / "lmstudio.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        load_behaviour(path)
+    except SpecError as exc:
+        assert exc.problems
+
+
+def test_a_bad_test_server_config_is_a_positioned_error(tmp_path: Path) -> None:
+    path = tmp_path / "lmstudio.yaml"
+    path.write_text("models:\n  - key: smollm2-135m-instruct\n    max_context_length: big\n")
+    out = subprocess.run([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"{path}:3:25: models[0].max_context_length: 'big' is not of type 'integer'" in out.stderr
+    assert "Traceback" not in out.stderr

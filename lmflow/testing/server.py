@@ -156,16 +156,52 @@ def installed_models() -> list[TestModel]:
     return models
 
 
+_COUNT = {"type": "integer", "minimum": 1}
+_SECONDS = {"type": "number", "minimum": 0}
+#: the config file `lmflow testing serve --config` reads (README: "Testing your specs without LM Studio")
+CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "models": {"type": "array", "items": {
+            "type": "object", "required": ["key"], "additionalProperties": False,
+            "properties": {
+                "key": {"type": "string", "minLength": 1}, "file": {"type": "string"},
+                "path": {"type": "string"}, "max_context_length": _COUNT,
+                "loadable_context_length": {"anyOf": [_COUNT, {"type": "null"}]},
+                "clamp": {"type": "boolean"},
+                "working_context_length": {"anyOf": [_COUNT, {"type": "null"}]},
+                "answers": {"enum": ["model", "retriever"]}}}},
+        "jit": {"type": "boolean"},
+        "api_token": {"type": ["string", "null"]},
+        "delay_seconds": _SECONDS,
+        "load_answer_delay_seconds": _SECONDS,
+        "ignore_model_field": {"type": "boolean"},
+        "crash_on_request": {"anyOf": [_COUNT, {"type": "null"}]},
+        "ttl_seconds": {"anyOf": [_SECONDS, {"type": "null"}]},
+        "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "error_status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "error_seed": {"type": "integer"},
+        "rest_api": {"enum": ["v0", "v1"]},
+    },
+}
+
+
 def load_behaviour(path: str | Path | None) -> Behaviour:
-    """Read a config file (YAML); with no file, serve the installed bundled models."""
+    """Read a config file (YAML, checked against CONFIG_SCHEMA); with no file, serve the installed
+    bundled models."""
+    from jsonschema import Draft202012Validator
+
     if path is None:
         return Behaviour(models=installed_models())
     doc = load_yaml(path)
-    data = doc.data if isinstance(doc.data, dict) else {}
+    data = doc.data if doc.data is not None else {}
+    problems = [doc.problem(tuple(error.absolute_path), error.message)
+                for error in Draft202012Validator(CONFIG_SCHEMA).iter_errors(data)]
+    if problems:
+        raise SpecError(problems)
     models = []
     for i, item in enumerate(data.get("models") or []):
-        if not isinstance(item, dict) or "key" not in item:
-            raise SpecError([doc.problem(("models", i), "a model needs a key")])
         model_path = item.get("path")
         bundled = item.get("file", item["key"])
         if model_path:
@@ -182,16 +218,7 @@ def load_behaviour(path: str | Path | None) -> Behaviour:
             clamp=bool(item.get("clamp", False)),
             working_context_length=item.get("working_context_length"),
             answers=item.get("answers", "model")))
-    known = {f.name for f in Behaviour.__dataclass_fields__.values()} - {"models"}
-    extra = {k: v for k, v in data.items() if k in known}
-    unknown = set(data) - known - {"models"}
-    if unknown:
-        raise SpecError([doc.problem((sorted(unknown)[0],), f"unknown key '{sorted(unknown)[0]}'",
-                                     f"keys: models, {', '.join(sorted(known))}", key=True)])
-    if extra.get("rest_api", "v1") not in ("v0", "v1"):
-        raise SpecError([doc.problem(("rest_api",), f"rest_api is v0 or v1, not {extra['rest_api']!r}",
-                                     "v0: an LM Studio before 0.4")])
-    return Behaviour(models=models, **extra)
+    return Behaviour(models=models, **{k: v for k, v in data.items() if k != "models"})
 
 
 def _error(status: int, message: str) -> JSONResponse:
