@@ -67,8 +67,8 @@ class Talkative(Backend):
     def load(self, model: ModelConfig) -> ModelInfo:
         return ModelInfo(model.key, True, loaded_context_length=model.context_length)
 
-    def unload(self, model: ModelConfig) -> None:
-        pass
+    def unload(self, model: ModelConfig, *, every: bool = False) -> list[str]:
+        return []
 
     def chat(self, request: ChatRequest) -> ChatResponse:
         self.asked += 1
