@@ -26,6 +26,8 @@ SERVED = {KEY, "small-strict", "retriever"}
 @pytest.fixture
 def client(lmstudio: str):
     client = lms.Client(lmstudio.removeprefix("http://"))
+    for model in client.llm.list_loaded():  # what earlier tests left (a JIT load stays, as in LM Studio)
+        model.unload()
     yield client
     for model in client.llm.list_loaded():
         model.unload()

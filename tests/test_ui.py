@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def render(url: str, tmp_path: Path, screenshot: str, expect: tuple[str, ...]) -> str:
-    """The DOM after the page's scripts ran (once it shows every `expect`, up to 3 tries: the
+    """The DOM after the page's scripts ran (once it shows every `expect`, up to 5 tries: the
     page fetches its data after it loads), and a screenshot of it."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -32,7 +32,7 @@ def render(url: str, tmp_path: Path, screenshot: str, expect: tuple[str, ...]) -
     subprocess.run([*common, f"--screenshot={ARTIFACTS / screenshot}", url], capture_output=True,
                    timeout=120, check=True)
     dom = ""
-    for _ in range(3):
+    for _ in range(5):  # a busy server answers the page's data requests late
         dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120,
                              check=True).stdout
         if all(text in dom for text in expect):
