@@ -393,7 +393,10 @@ def test_the_coach_spec_answers_from_lm_studio_else_locally_and_caches(prefect_a
 
     spec = ROOT / "specs" / "coach-with-fallbacks.yaml"
     state = "state=best fitness 0.41, diversity 0.31"  # the cache lives in this test session's home
-    up, _ = run_json(spec, "-p", f"lmstudio_url={lmstudio}", "-p", state)
+    try:
+        up, _ = run_json(spec, "-p", f"lmstudio_url={lmstudio}", "-p", state)
+    finally:  # LM Studio keeps a just-in-time load; later tests of this session expect nothing loaded
+        lmflow_cmd("models", "unload", "--all", "--server", lmstudio)
     advice = up["steps"][0]
     assert advice["answered_by"] == {"link": 0, "target": "model coach"}, advice["errors"]
     assert advice["output"]["mutation"] in ("raise", "lower", "keep")
