@@ -22,7 +22,7 @@ import html
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,18 +73,21 @@ def record_path(key: dict[str, Any]) -> Path:
     return subdir("probes") / f"{digest}.jsonl"
 
 
+def _entries(path: Path | None) -> Iterator[dict[str, Any]]:
+    """The entries of a probe's journal (none if it has none), skipping a line torn by a kill."""
+    if path is None or not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 def _replay(path: Path) -> dict[int, Attempt]:
     """Attempts that finished in an earlier (maybe killed) run of the same probe."""
-    done: dict[int, Attempt] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # torn by a kill
-            if "outcome" in entry:
-                done[entry["size"]] = Attempt(**{k: entry[k] for k in Attempt.__dataclass_fields__})
-    return done
+    return {entry["size"]: Attempt(**{k: entry[k] for k in Attempt.__dataclass_fields__})
+            for entry in _entries(path) if "outcome" in entry}
 
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
@@ -178,14 +181,8 @@ def _unload(backend: Backend, model: ModelConfig, journal: Path | None) -> None:
 def _release(backend: Backend, journal: Path | None) -> None:
     """Unload what a killed earlier run of this probe loaded and could not unload: only instances
     its journal names, never another client's instance of the same model."""
-    if journal is None or not journal.exists():
-        return
     left: dict[str, None] = {}
-    for line in journal.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # torn by a kill
+    for entry in _entries(journal):
         if "instance" in entry:
             left[entry["instance"]] = None
         elif "instance_unloaded" in entry:
@@ -226,11 +223,7 @@ def registry() -> list[dict[str, Any]]:
     results = []
     for path in sorted(subdir("probes").glob("*.jsonl")):
         key, best, finished, working, measured = None, None, False, None, False
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
+        for entry in _entries(path):
             key = entry.get("probe", key)
             if entry.get("finished"):
                 best, finished = entry.get("loadable_max"), True
@@ -351,13 +344,7 @@ def _replay_trials(journal: Path | None, context_length: int
     when judged by the current rule: an older verdict is asked again)."""
     done: dict[tuple[int, str, str], Trial] = {}
     finished: tuple[int | None] | None = None
-    if journal is None or not journal.exists():
-        return done, finished
-    for line in journal.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # torn by a kill
+    for entry in _entries(journal):
         if entry.get("at_context") != context_length or entry.get("verdict") != VERDICT:
             continue
         if "trial" in entry:
