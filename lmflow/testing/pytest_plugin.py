@@ -80,7 +80,9 @@ class RunningServer:
         """The instances loaded now: `{instance_id: {"model": key, "context_length": N, "parallel": N}}`
         (asked through REST v1: not on a server with `rest_api: v0`)."""
         models = self.request("GET", "/api/v1/models").json()["models"]
-        return {i["id"]: {"model": m["key"], **i["config"]} for m in models for i in m["loaded_instances"]}
+        return {i["id"]: {"model": m["key"], "context_length": i["config"]["context_length"],
+                          "parallel": i["config"]["parallel"]}
+                for m in models for i in m["loaded_instances"]}
 
     def unload_all(self) -> list[str]:
         """Unload every loaded instance (through REST v1, as `loaded()`); their ids."""

@@ -1,12 +1,21 @@
 """An LM Studio-compatible server for tests and CI, with real inference.
 
-It speaks LM Studio's REST API v1 (`/api/v1/models`, `/models/load`,
-`/models/unload`), REST v0 (`/api/v0/models`) and the OpenAI-compatible
-endpoints (`/v1/models`, `/v1/chat/completions`). Every load starts a
-llama-server child at the context length the load ends up with, so answers
-are real. It can behave like a troublesome LM Studio: a declared maximum
-context larger than what loads, silent clamping, JIT loading, slow answers,
-ignoring the request's model field, crashing mid-request, requiring a token.
+It speaks what LM Studio 0.4 documents (its REST pages, read for the shapes):
+
+- REST v1: `GET /api/v1/models`, `POST /api/v1/models/load|unload|download`,
+  `GET /api/v1/models/download/status/{job_id}`, `POST /api/v1/chat` (native, stateful:
+  stateful_chat.py);
+- REST v0: `GET /api/v0/models[/{model}]`, `POST /api/v0/chat/completions|completions|embeddings`;
+- OpenAI-compatible: `GET /v1/models`, `POST /v1/chat/completions|completions|embeddings|responses`;
+- the SDK's websocket protocol (sdk_ws.py).
+
+Every load starts a llama-server child at the context length the load ends up with, so answers
+are real. It has no embedding model (none small enough ships as a GGUF package), so embeddings are
+refused the way LM Studio refuses them for an LLM, and it downloads nothing: a download of a model it
+serves is "already downloaded", anything else is refused naming the model. Errors take the shape of
+the API that was called (refusals.py). It can behave like a troublesome LM Studio: a declared maximum
+context larger than what loads, silent clamping, JIT loading, slow answers, ignoring the request's
+model field, crashing mid-request, requiring a token, being older than 0.4 (no REST v1).
 
 Each instance's llama-server has as many slots as the instance's parallel
 predictions: what an SDK load asks for (`maxParallelPredictions`), else 4, LM
@@ -15,7 +24,7 @@ Studio 0.4's default (REST and JIT loads), reported as
 
 - `GET /lmflow/stats` -> `{"chat_requests", "in_flight", "max_in_flight",
   "max_in_flight_by_instance": {id: N}, "sdk_clients"}`: chat requests received
-  (OpenAI-compatible and SDK predictions), those being answered now and the most
+  (every chat and completion route, and SDK predictions), those being answered now and the most
   ever at once, overall and per instance, and the distinct SDK clients that
   connected (by the `clientIdentifier` they authenticate with);
 - `POST /lmflow/stats/reset` zeroes them (maxima restart from what is in flight).
@@ -30,6 +39,7 @@ import os
 import random
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,52 +52,21 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from ..backends.catalog import BUNDLED, llama_server_binary, locate
+from ..backends.catalog import BUNDLED, llama_server_binary
 from ..backends.local import LlamaServer
-from ..errors import LmflowError, SpecError
-from ..home import subdir
-from ..spec.loader import load_yaml
+from ..errors import LmflowError
+from .config import CONFIG_SCHEMA as CONFIG_SCHEMA  # re-exported: the module users know
+from .config import Behaviour, TestModel
+from .config import installed_models as installed_models
+from .config import load_behaviour as load_behaviour
+from .refusals import Refusal, UpstreamError, checked, json_body, refused
+from .sdk_ws import gguf_general
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_PARALLEL = 4  # LM Studio 0.4's "Max Concurrent Predictions"
-
-
-@dataclass
-class TestModel:
-    """A model the server offers, with the limits it pretends to have."""
-
-    key: str
-    path: Path
-    max_context_length: int = 8192  # what GET /models declares
-    loadable_context_length: int | None = None  # larger loads fail, or clamp (below)
-    clamp: bool = False  # True: load silently at loadable_context_length instead of failing
-    #: beyond this many prompt tokens the model silently loses the start of its prompt
-    working_context_length: int | None = None
-    #: "model": llama-server answers; "retriever": answers "pass key" questions from the
-    #: text it kept, perfectly (a stand-in for a model that can retrieve, which the
-    #: bundled 135M model cannot), so probes have a known ground truth
-    answers: str = "model"
-
-
-@dataclass
-class Behaviour:
-    models: list[TestModel]
-    jit: bool = True
-    api_token: str | None = None
-    delay_seconds: float = 0.0  # before every chat answer
-    #: a REST load is answered this long after its instance is listed (a client killed in
-    #: between was killed mid-load: the instance is there, the client never heard of it)
-    load_answer_delay_seconds: float = 0.0
-    #: "v0": an LM Studio before 0.4, with no REST v1 (every /api/v1/ path answers 404)
-    rest_api: str = "v1"
-    ignore_model_field: bool = False  # answer with the loaded model, whatever was asked
-    crash_on_request: int | None = None  # exit the process during the Nth chat request
-    ttl_seconds: float | None = None  # unload instances idle for that long
-    #: answer this share of chat requests with `error_status` instead (seeded: the same requests
-    #: fail in every run), e.g. 0.3 for a server that fails 30% of the time
-    error_rate: float = 0.0
-    error_status: int = 503
-    error_seed: int = 0
+#: the llama.cpp load options of REST v1 a load gets unless it asks otherwise (LM Studio's defaults)
+DEFAULT_OPTIONS: dict[str, Any] = {"eval_batch_size": 512, "flash_attention": True,
+                                   "offload_kv_cache_to_gpu": True}
 
 
 @dataclass
@@ -100,6 +79,8 @@ class Instance:
     last_used: float = field(default_factory=time.monotonic)
     ttl_seconds: float | None = None  # set per load by the SDK (ttl)
     parallel: int = DEFAULT_PARALLEL  # llama-server slots (-np)
+    #: the REST load options it got (what GET /api/v1/models reports in loaded_instances[].config)
+    options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
 
 
 @dataclass
@@ -145,84 +126,39 @@ class Stats:
                 "sdk_clients": len(self.sdk_clients)}
 
 
-def installed_models() -> list[TestModel]:
-    """The bundled models that are installed here (what `lmflow testing serve` offers by default)."""
-    models = []
-    for key in BUNDLED:
-        try:
-            models.append(TestModel(key=key, path=locate(key, subdir("models"))))
-        except LmflowError:
-            continue
-    return models
-
-
 _COUNT = {"type": "integer", "minimum": 1}
-_SECONDS = {"type": "number", "minimum": 0}
-#: the config file `lmflow testing serve --config` reads (README: "Testing your specs without LM Studio")
-CONFIG_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "models": {"type": "array", "items": {
-            "type": "object", "required": ["key"], "additionalProperties": False,
-            "properties": {
-                "key": {"type": "string", "minLength": 1}, "file": {"type": "string"},
-                "path": {"type": "string"}, "max_context_length": _COUNT,
-                "loadable_context_length": {"anyOf": [_COUNT, {"type": "null"}]},
-                "clamp": {"type": "boolean"},
-                "working_context_length": {"anyOf": [_COUNT, {"type": "null"}]},
-                "answers": {"enum": ["model", "retriever"]}}}},
-        "jit": {"type": "boolean"},
-        "api_token": {"type": ["string", "null"]},
-        "delay_seconds": _SECONDS,
-        "load_answer_delay_seconds": _SECONDS,
-        "ignore_model_field": {"type": "boolean"},
-        "crash_on_request": {"anyOf": [_COUNT, {"type": "null"}]},
-        "ttl_seconds": {"anyOf": [_SECONDS, {"type": "null"}]},
-        "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
-        "error_status": {"type": "integer", "minimum": 400, "maximum": 599},
-        "error_seed": {"type": "integer"},
-        "rest_api": {"enum": ["v0", "v1"]},
-    },
-}
+CHAT = "/v1/chat/completions"  # llama-server's path (the one that applies the prompt template)
+
+#: request bodies of REST v1's model management, as its docs list them (unknown keys are refused)
+LOAD_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["model"], "additionalProperties": False,
+    "properties": {"model": {"type": "string", "minLength": 1}, "context_length": _COUNT,
+                   "eval_batch_size": _COUNT, "flash_attention": {"type": "boolean"},
+                   "num_experts": _COUNT, "offload_kv_cache_to_gpu": {"type": "boolean"},
+                   "echo_load_config": {"type": "boolean"}}}
+UNLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["instance_id"], "additionalProperties": False,
+    "properties": {"instance_id": {"type": "string"}}}
+DOWNLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["model"], "additionalProperties": False,
+    "properties": {"model": {"type": "string", "minLength": 1}, "quantization": {"type": "string"}}}
+EMBEDDINGS_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["model", "input"],
+    "properties": {"model": {"type": "string"}, "input": {"type": ["string", "array"]}}}
 
 
-def load_behaviour(path: str | Path | None) -> Behaviour:
-    """Read a config file (YAML, checked against CONFIG_SCHEMA); with no file, serve the installed
-    bundled models."""
-    from jsonschema import Draft202012Validator
-
-    if path is None:
-        return Behaviour(models=installed_models())
-    doc = load_yaml(path)
-    data = doc.data if doc.data is not None else {}
-    problems = [doc.problem(tuple(error.absolute_path), error.message)
-                for error in Draft202012Validator(CONFIG_SCHEMA).iter_errors(data)]
-    if problems:
-        raise SpecError(problems)
-    models = []
-    for i, item in enumerate(data.get("models") or []):
-        model_path = item.get("path")
-        bundled = item.get("file", item["key"])
-        if model_path:
-            resolved = Path(doc.file).parent / model_path
-        elif bundled in BUNDLED:
-            resolved = locate(bundled, subdir("models"))
-        else:
-            raise SpecError([doc.problem(("models", i, "key"), f"'{bundled}' is not a bundled model",
-                                         f"add file: one of {', '.join(BUNDLED)}, or path: model.gguf")])
-        models.append(TestModel(
-            key=item["key"], path=resolved,
-            max_context_length=int(item.get("max_context_length", 8192)),
-            loadable_context_length=item.get("loadable_context_length"),
-            clamp=bool(item.get("clamp", False)),
-            working_context_length=item.get("working_context_length"),
-            answers=item.get("answers", "model")))
-    return Behaviour(models=models, **{k: v for k, v in data.items() if k != "models"})
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message}}, status_code=status)
+def engine_args(asked: dict[str, Any]) -> tuple[str, ...]:
+    """llama-server's flags for the REST v1 load options a load asked for; options it did not ask for
+    keep llama-server's own defaults (so a plain load starts the engine as it always did), while the
+    listing reports LM Studio's defaults for them."""
+    args: list[str] = []
+    if "eval_batch_size" in asked:
+        args += ["-b", str(asked["eval_batch_size"])]
+    if "flash_attention" in asked:
+        args += ["-fa", "on" if asked["flash_attention"] else "off"]
+    if asked.get("offload_kv_cache_to_gpu") is False:  # the KV cache stays in RAM on a CPU anyway
+        args.append("-nkvo")
+    return tuple(args)
 
 
 def quantization(file_name: str) -> str | None:
@@ -231,10 +167,39 @@ def quantization(file_name: str) -> str | None:
     return found.group(1).upper() if found else None
 
 
+def bits_per_weight(quant: str | None) -> int | None:
+    """The bits a quantization's name states (Q4_1: 4, F16: 16)."""
+    found = re.search(r"(\d+)", quant or "")
+    return int(found.group(1)) if found else None
+
+
+def publisher(key: str) -> str:
+    """Who publishes a model, as LM Studio reads it from `publisher/name` keys."""
+    return key.split("/", 1)[0] if "/" in key else "local"
+
+
+def v0_details(instance: Instance, payload: dict[str, Any]) -> dict[str, Any]:
+    """What REST v0 adds to an OpenAI-shaped answer: stats, model_info, runtime."""
+    timings = payload.get("timings") or {}
+    finish = (payload.get("choices") or [{}])[0].get("finish_reason")
+    return {
+        "stats": {"tokens_per_second": timings.get("predicted_per_second"),
+                  "time_to_first_token": round(timings.get("prompt_ms", 0) / 1000, 3),
+                  "generation_time": round(timings.get("predicted_ms", 0) / 1000, 3),
+                  "stop_reason": "maxPredictedTokensReached" if finish == "length" else "eosFound"},
+        "model_info": {"arch": gguf_general(instance.model.path).get("general.architecture"),
+                       "quant": quantization(instance.model.path.name), "format": "gguf",
+                       "context_length": instance.context_length},
+        "runtime": {"name": "llama.cpp (lmflow test server)", "version": "0", "supported_formats": ["gguf"]},
+    }
+
+
 class LMStudioTestServer:
     """The ASGI app and the instances it has loaded."""
 
     def __init__(self, behaviour: Behaviour):
+        from .stateful_chat import StatefulChats
+
         self.behaviour = behaviour
         self.models = {m.key: m for m in behaviour.models}
         self._faults = random.Random(behaviour.error_seed)
@@ -242,14 +207,29 @@ class LMStudioTestServer:
         self.stats = Stats()
         self._load_lock = asyncio.Lock()
         self._jit_lock = asyncio.Lock()  # concurrent first requests load a model once
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
+        # llama-server closes a connection idle for 5 s, httpx keeps one for 5 s: a request sent on
+        # one in that instant fails with "Server disconnected without sending a response"
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
+                                      limits=httpx.Limits(keepalive_expiry=2.0))
+        self.chats = StatefulChats(self)
+        post = ["POST"]
         self.app = Starlette(routes=[
             Route("/api/v1/models", self.v1_models),
-            Route("/api/v1/models/load", self.v1_load, methods=["POST"]),
-            Route("/api/v1/models/unload", self.v1_unload, methods=["POST"]),
+            Route("/api/v1/models/load", self.v1_load, methods=post),
+            Route("/api/v1/models/unload", self.v1_unload, methods=post),
+            Route("/api/v1/models/download", self.v1_download, methods=post),
+            Route("/api/v1/models/download/status/{job_id}", self.v1_download_status),
+            Route("/api/v1/chat", self.chats.native, methods=post),
             Route("/api/v0/models", self.v0_models),
+            Route("/api/v0/models/{model:path}", self.v0_model),
+            Route("/api/v0/chat/completions", self.chat, methods=post),
+            Route("/api/v0/completions", self.completions, methods=post),
+            Route("/api/v0/embeddings", self.embeddings, methods=post),
             Route("/v1/models", self.openai_models),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat, methods=post),
+            Route("/v1/completions", self.completions, methods=post),
+            Route("/v1/embeddings", self.embeddings, methods=post),
+            Route("/v1/responses", self.chats.responses, methods=post),
             Route("/lmstudio-greeting", self.greeting),
             Route("/lmflow/stats", self.stats_get),
             Route("/lmflow/stats/reset", self.stats_reset, methods=["POST"]),
@@ -258,7 +238,7 @@ class LMStudioTestServer:
             WebSocketRoute("/embedding", self.sdk),
             WebSocketRoute("/files", self.sdk),
             WebSocketRoute("/repository", self.sdk),
-        ], lifespan=self._lifespan)
+        ], lifespan=self._lifespan, exception_handlers={Refusal: refused})
         self.app.add_middleware(_TokenMiddleware, token=behaviour.api_token)
         if behaviour.rest_api == "v0":
             self.app.add_middleware(_WithoutRestV1)
@@ -281,93 +261,121 @@ class LMStudioTestServer:
 
     async def v1_models(self, request: Request) -> Response:
         await self._expire()
-        return JSONResponse({"models": [{
-            "type": "llm", "key": m.key, "display_name": m.key, "format": "gguf",
-            "max_context_length": m.max_context_length, "size_bytes": m.path.stat().st_size,
-            "quantization": {"name": quantization(m.path.name)},
+        return JSONResponse({"models": [self._v1_entry(m) for m in self.models.values()]})
+
+    def _v1_entry(self, model: TestModel) -> dict[str, Any]:
+        """A model as REST v1 lists it (every field its docs list; `num_experts` is for MoE models)."""
+        general = gguf_general(model.path)
+        quant = quantization(model.path.name)
+        return {
+            "type": "llm", "publisher": publisher(model.key), "key": model.key, "display_name": model.key,
+            "architecture": general.get("general.architecture"),
+            "quantization": {"name": quant, "bits_per_weight": bits_per_weight(quant)},
+            "size_bytes": model.path.stat().st_size, "params_string": general.get("general.size_label"),
             "loaded_instances": [{"id": i.id, "config": {"context_length": i.context_length,
-                                                         "parallel": i.parallel}}
-                                 for i in self._loaded(m.key)],
-        } for m in self.models.values()]})
+                                                         "parallel": i.parallel, **i.options}}
+                                 for i in self._loaded(model.key)],
+            "max_context_length": model.max_context_length, "format": "gguf",
+            "capabilities": {"vision": False, "trained_for_tool_use": False}, "description": None,
+        }
+
+    def _v0_entry(self, model: TestModel) -> dict[str, Any]:
+        loaded = self._loaded(model.key)
+        entry: dict[str, Any] = {
+            "id": model.key, "object": "model", "type": "llm", "publisher": publisher(model.key),
+            "arch": gguf_general(model.path).get("general.architecture"), "compatibility_type": "gguf",
+            "quantization": quantization(model.path.name), "state": "loaded" if loaded else "not-loaded",
+            "max_context_length": model.max_context_length}
+        if loaded:
+            entry["loaded_context_length"] = loaded[0].context_length
+        return entry
 
     async def v0_models(self, request: Request) -> Response:
         await self._expire()
-        data = []
-        for m in self.models.values():
-            loaded = self._loaded(m.key)
-            entry = {"id": m.key, "object": "model", "type": "llm",
-                     "state": "loaded" if loaded else "not-loaded",
-                     "max_context_length": m.max_context_length}
-            if loaded:
-                entry["loaded_context_length"] = loaded[0].context_length
-            data.append(entry)
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [self._v0_entry(m) for m in self.models.values()]})
+
+    async def v0_model(self, request: Request) -> Response:
+        await self._expire()
+        model = self.models.get(request.path_params["model"])
+        if model is None:
+            raise Refusal(404, f"Model not found: {request.path_params['model']}", kind="model_not_found",
+                          param="model")
+        return JSONResponse(self._v0_entry(model))
 
     async def openai_models(self, request: Request) -> Response:
         keys = list(self.models) if self.behaviour.jit else [i.id for i in self.instances.values()]
         return JSONResponse({"object": "list", "data": [
             {"id": k, "object": "model", "owned_by": "organization_owner"} for k in keys]})
 
-    async def load_instance(self, key: str, context_length: int | None, *,
-                            identifier: str | None = None, ttl_ms: int | None = None,
-                            parallel: int | None = None) -> Instance | Response:
+    async def load_instance(self, key: str, context_length: int | None, **how: Any) -> Instance | Response:
+        """`load`, with a refusal as the response REST v1 would give (for callers that relay it)."""
+        try:
+            return await self.load(key, context_length, **how)
+        except Refusal as refusal:
+            return refusal.response_for("/api/v1/")
+
+    async def load(self, key: str, context_length: int | None, *, identifier: str | None = None,
+                   ttl_ms: int | None = None, parallel: int | None = None,
+                   options: dict[str, Any] | None = None) -> Instance:
+        """A new instance of model `key` (a llama-server started with `options`, REST v1's names)."""
         model = self.models.get(key)
         if model is None:
-            return _error(404, f"Model not found: {key}")
+            raise Refusal(404, f"Model not found: {key}", kind="model_not_found", param="model")
         asked = context_length or min(DEFAULT_CONTEXT, model.max_context_length)
         if asked > model.max_context_length:
-            return _error(400, f"context_length {asked} exceeds the model's maximum "
-                               f"{model.max_context_length}")
+            raise Refusal(400, f"context_length {asked} exceeds the model's maximum "
+                               f"{model.max_context_length}", param="context_length")
         actual = asked
         limit = model.loadable_context_length
         if limit is not None and asked > limit:
             if not model.clamp:
-                return _error(500, f"Failed to load model {key}: not enough memory for a context of "
+                raise Refusal(500, f"Failed to load model {key}: not enough memory for a context of "
                                    f"{asked} tokens")
             actual = limit  # silently, as LM Studio's auto-fit does
+        asked_options = options or {}
+        options = {**DEFAULT_OPTIONS, **asked_options}
         async with self._load_lock:
             count = len(self._loaded(key))
             instance_id = identifier or (key if count == 0 else f"{key}:{count + 1}")
             if identifier and identifier in self.instances:
-                return _error(409, f"an instance with identifier {identifier!r} is already loaded")
+                raise Refusal(409, f"an instance with identifier {identifier!r} is already loaded")
             while instance_id in self.instances:
                 count += 1
                 instance_id = f"{key}:{count + 1}"
             parallel = parallel or DEFAULT_PARALLEL
             engine = LlamaServer(llama_server_binary(), model.path, key=key, context_length=actual,
-                                 alias=instance_id.replace(":", "-"), parallel=parallel)
+                                 alias=instance_id.replace(":", "-"), parallel=parallel,
+                                 extra_args=engine_args(asked_options))
             started = time.monotonic()
             engine.launch()  # in the event loop's thread, which lives as long as the server
             try:
                 await run_in_threadpool(engine.wait_ready)
             except LmflowError as exc:
-                return _error(500, f"Failed to load model {key}: {exc}")
+                raise Refusal(500, f"Failed to load model {key}: {exc}") from None
             instance = Instance(instance_id, model, actual, engine, time.monotonic() - started,
                                 ttl_seconds=ttl_ms / 1000 if ttl_ms else self.behaviour.ttl_seconds,
-                                parallel=parallel)
+                                parallel=parallel, options=options)
             self.instances[instance_id] = instance
             return instance
 
     async def v1_load(self, request: Request) -> Response:
-        body = await request.json()
-        if not isinstance(body.get("model"), str):
-            return _error(400, "'model' is required")
-        result = await self.load_instance(body["model"], body.get("context_length"))
-        if isinstance(result, Response):
-            return result
+        body = checked(await json_body(request), LOAD_SCHEMA)
+        instance = await self.load(body["model"], body.get("context_length"),
+                                   options={k: body[k] for k in DEFAULT_OPTIONS if k in body})
         if self.behaviour.load_answer_delay_seconds:
             await asyncio.sleep(self.behaviour.load_answer_delay_seconds)
-        answer: dict[str, Any] = {"type": "llm", "instance_id": result.id,
-                                  "load_time_seconds": round(result.load_seconds, 3),
+        answer: dict[str, Any] = {"type": "llm", "instance_id": instance.id,
+                                  "load_time_seconds": round(instance.load_seconds, 3),
                                   "status": "loaded"}
-        if body.get("echo_load_config"):
-            answer["load_config"] = {"context_length": result.context_length}
+        if body.get("echo_load_config"):  # num_experts is not echoed: it applies to MoE models only
+            answer["load_config"] = {"context_length": instance.context_length, **instance.options}
         return JSONResponse(answer)
 
     async def v1_unload(self, request: Request) -> Response:
-        body = await request.json()
-        if not await self.unload(body.get("instance_id", "")):
-            return _error(404, f"No loaded model instance with id {body.get('instance_id')!r}")
+        body = checked(await json_body(request), UNLOAD_SCHEMA)
+        if not await self.unload(body["instance_id"]):
+            raise Refusal(404, f"No loaded model instance with id {body['instance_id']!r}",
+                          kind="model_not_found", param="instance_id")
         return JSONResponse({"instance_id": body["instance_id"]})
 
     async def unload(self, instance_id: str) -> bool:
@@ -383,45 +391,90 @@ class LMStudioTestServer:
                          if i.ttl_seconds is not None and now - i.last_used > i.ttl_seconds]:
             await self.unload(instance.id)
 
+    async def v1_download(self, request: Request) -> Response:
+        """A model it serves is already downloaded; it downloads nothing else."""
+        key = checked(await json_body(request), DOWNLOAD_SCHEMA)["model"]
+        if key in self.models:
+            return JSONResponse({"status": "already_downloaded"})
+        how = (f"; install it (`{BUNDLED[key].install}`) and list it in the server's config"
+               if key in BUNDLED else "")
+        raise Refusal(404, f"Cannot download {key!r}: the lmflow test server downloads no models, it "
+                           f"serves {', '.join(self.models) or 'none'}{how}",
+                      kind="model_not_found", param="model")
+
+    async def v1_download_status(self, request: Request) -> Response:
+        raise Refusal(404, f"No download job with id {request.path_params['job_id']!r} (the lmflow test "
+                           "server starts no downloads)", kind="job_not_found", param="job_id")
+
     # -- inference --------------------------------------------------------
 
-    async def chat(self, request: Request) -> Response:
+    async def admit(self) -> None:
+        """What every chat request meets first: idle instances expire, the request is counted, and
+        the configured faults strike."""
         await self._expire()
         self.stats.chat_requests += 1
         if self.behaviour.crash_on_request == self.stats.chat_requests:
             os._exit(70)  # a crash in the middle of a request, like a real one
         if self.behaviour.error_rate and self._faults.random() < self.behaviour.error_rate:
-            return _error(self.behaviour.error_status, "injected fault (error_rate)")
-        body = await request.json()
-        asked = body.get("model")
-        instance = self._answering(asked)
+            raise Refusal(self.behaviour.error_status, "injected fault (error_rate)")
+
+    async def instance_for(self, asked: Any, context_length: int | None = None
+                           ) -> tuple[Instance, float | None]:
+        """The instance that answers for `asked` and, when it was loaded just in time for it (at
+        `context_length`), the seconds that took."""
+        named = isinstance(asked, str) and asked
+        instance, load_seconds = self._answering(asked if named else None), None
         if instance is None:
+            if not named:
+                raise Refusal(400, "'model' is required", code="missing_required_parameter", param="model")
             if not self.behaviour.jit:
-                return _error(404, f"Model {asked!r} is not loaded and JIT loading is off")
+                raise Refusal(404, f"Model {asked!r} is not loaded and JIT loading is off",
+                              kind="model_not_found", param="model")
             async with self._jit_lock:
                 instance = self._answering(asked)
                 if instance is None:
-                    result = await self.load_instance(asked, None)
-                    if isinstance(result, Response):
-                        return result
-                    instance = result
+                    instance = await self.load(asked, context_length)
+                    load_seconds = instance.load_seconds
         instance.last_used = time.monotonic()
+        return instance, load_seconds
+
+    async def chat(self, request: Request) -> Response:
+        """OpenAI-compatible (and REST v0) chat completions, answered by llama-server."""
+        return await self._relay(request, CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        """Text completions (no prompt template), answered by llama-server."""
+        return await self._relay(request, "/v1/completions")
+
+    async def _relay(self, request: Request, path: str) -> Response:
+        await self.admit()
+        body = await json_body(request)
+        instance, _ = await self.instance_for(body.get("model"))
         self.stats.started(instance.id)
         handed_over = False
         try:
-            if self.behaviour.delay_seconds:
-                await asyncio.sleep(self.behaviour.delay_seconds)  # concurrent requests wait together
+            await self.delay()
             if body.get("stream"):
-                response = await self._stream(instance, body)
-                if isinstance(response, StreamingResponse):  # in flight until its last event
-                    response.body_iterator = self._counted(response.body_iterator, instance.id)
-                    handed_over = True
-                return response
-            status, payload = await self.complete(instance, body)
+                chunks = await self.open_stream(instance, body, path)
+                handed_over = True
+                return StreamingResponse(self.counted(_as_sse(chunks), instance.id),
+                                         media_type="text/event-stream")
+            status, payload = await self.complete(instance, body, path)
+            if status == 200 and request.url.path.startswith("/api/v0/"):
+                payload.update(v0_details(instance, payload))
             return JSONResponse(payload, status_code=status)
         finally:
             if not handed_over:
                 self.stats.finished(instance.id)
+
+    async def embeddings(self, request: Request) -> Response:
+        """Refused as LM Studio refuses them without an embedding model: the test server has none."""
+        asked = checked(await json_body(request), EMBEDDINGS_SCHEMA)["model"]
+        if asked in self.models or asked in self.instances:
+            raise Refusal(400, f"{asked!r} is an LLM, not an embedding model (the lmflow test server has "
+                               "no embedding model)", code="model_not_embedding", param="model")
+        raise Refusal(404, f"Embedding model {asked!r} not found (the lmflow test server has no embedding "
+                           "model)", kind="model_not_found", param="model")
 
     def _answering(self, asked: Any) -> Instance | None:
         """The instance that answers a request for `asked` (an instance id or a model key)."""
@@ -429,52 +482,64 @@ class LMStudioTestServer:
             return next(iter(self.instances.values()))
         return self.instances.get(asked) or next(iter(self._loaded(asked)), None)
 
-    async def _counted(self, events: Any, instance_id: str) -> Any:
+    async def delay(self) -> None:
+        """The configured slowness of every answer (concurrent requests wait together)."""
+        if self.behaviour.delay_seconds:
+            await asyncio.sleep(self.behaviour.delay_seconds)
+
+    async def counted(self, events: Any, instance_id: str) -> Any:
+        """`events`, the request counted in flight until the last one is sent."""
         try:
             async for event in events:
                 yield event
         finally:
             self.stats.finished(instance_id)
 
-    async def _stream(self, instance: Instance, body: dict[str, Any]) -> Response:
-        """A streamed answer (server-sent events): relayed from llama-server, model relabelled."""
+    def _degraded(self, instance: Instance, path: str) -> bool:
         model = instance.model
-        if model.working_context_length is not None or model.answers == "retriever":
+        return path == CHAT and (model.working_context_length is not None or model.answers == "retriever")
+
+    async def open_stream(self, instance: Instance, body: dict[str, Any], path: str = CHAT
+                          ) -> AsyncIterator[dict[str, Any]]:
+        """A streamed answer's chunks (model relabelled with the instance id); raises UpstreamError
+        before the first one when llama-server refuses."""
+        if self._degraded(instance, path):
             status, payload, body = await self._degrade(instance, {**body, "stream": False})
             if payload is not None:
                 if status != 200:
-                    return JSONResponse(payload, status_code=status)
-                return StreamingResponse(_as_events(payload), media_type="text/event-stream")
+                    raise UpstreamError(status, payload)
+                return _as_chunks(payload)
             body = {**body, "stream": True}
         upstream = await self.http.send(self.http.build_request(
-            "POST", f"{instance.engine.url}/v1/chat/completions", json=body), stream=True)
+            "POST", f"{instance.engine.url}{path}", json=body), stream=True)
         if upstream.status_code != 200:
             await upstream.aread()
             await upstream.aclose()
-            return JSONResponse(upstream.json(), status_code=upstream.status_code)
+            raise UpstreamError(upstream.status_code, upstream.json())
+        return self._chunks(upstream, instance)
 
-        async def relay() -> Any:
-            try:
-                async for line in upstream.aiter_lines():
-                    data = line[len("data:"):].strip() if line.startswith("data:") else ""
-                    if data and data != "[DONE]":
-                        line = "data: " + json.dumps({**json.loads(data), "model": instance.id})
-                    yield line + "\n"
-            finally:
-                await upstream.aclose()
+    async def _chunks(self, upstream: httpx.Response, instance: Instance) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for line in upstream.aiter_lines():
+                field_name, _, data = line.partition(":")
+                data = data.strip()
+                if field_name == "error" and data:  # llama-server's way to fail a started stream
+                    yield {"error": json.loads(data)}
+                elif field_name == "data" and data and data != "[DONE]":
+                    yield {**json.loads(data), "model": instance.id}
+        finally:
+            await upstream.aclose()
 
-        return StreamingResponse(relay(), media_type="text/event-stream")
-
-    async def complete(self, instance: Instance, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """A chat completion by the instance's llama-server (answer labelled with the instance id)."""
+    async def complete(self, instance: Instance, body: dict[str, Any], path: str = CHAT
+                       ) -> tuple[int, dict[str, Any]]:
+        """An answer by the instance's llama-server (labelled with the instance id)."""
         instance.last_used = time.monotonic()
-        model = instance.model
-        if model.working_context_length is not None or model.answers == "retriever":
+        if self._degraded(instance, path):
             status, payload, body = await self._degrade(instance, body)
             if payload is not None:
                 return status, payload
         try:
-            upstream = await self.http.post(f"{instance.engine.url}/v1/chat/completions", json=body)
+            upstream = await self.http.post(f"{instance.engine.url}{path}", json=body)
         except httpx.HTTPError as exc:
             return 500, {"error": {"message": f"model crashed: {exc}"}}
         payload = upstream.json()
@@ -527,16 +592,27 @@ class LMStudioTestServer:
         await SdkSession(self, websocket).run()
 
 
-async def _as_events(payload: dict[str, Any]) -> Any:
-    """A finished answer as the server-sent events of a streamed one."""
+async def _as_chunks(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """A finished chat answer as the chunks of a streamed one."""
     text = payload["choices"][0]["message"]["content"]
-    first = {"model": payload["model"], "choices": [
+    yield {"model": payload["model"], "choices": [
         {"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-    last = {"model": payload["model"], "usage": payload.get("usage"), "choices": [
+    yield {"model": payload["model"], "usage": payload.get("usage"), "choices": [
         {"index": 0, "delta": {}, "finish_reason": payload["choices"][0].get("finish_reason")}]}
-    for event in (first, last):
-        yield f"data: {json.dumps(event)}\n\n"
+
+
+async def _as_sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """OpenAI's server-sent events: one `data:` line per chunk, then `[DONE]`."""
+    async for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+NO_TOKEN = ("An LM Studio API token is required to make requests to this server, but none was provided "
+            "using the Authorization header using the 'Bearer' scheme (i.e., 'Authorization: Bearer "
+            "$LM_API_TOKEN'). Learn more at: https://lmstudio.ai/docs/developer/core/authentication.")
+WRONG_TOKEN = ("The LM Studio API token provided in the Authorization header is not valid for this server. "
+               "Learn more at: https://lmstudio.ai/docs/developer/core/authentication.")
 
 
 class _TokenMiddleware:
@@ -549,8 +625,12 @@ class _TokenMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.token and scope["type"] == "http":  # the SDK sends its token in its auth message
             headers = dict(scope.get("headers") or [])
-            if headers.get(b"authorization", b"").decode() != f"Bearer {self.token}":
-                response = _error(401, "Invalid or missing API token (Authorization: Bearer ...)")
+            given = headers.get(b"authorization", b"").decode()
+            if given != f"Bearer {self.token}":
+                response = JSONResponse({"error": {  # LM Studio's own answer (its server log shows it)
+                    "type": "invalid_request", "code": "invalid_api_key",
+                    "message": NO_TOKEN if not given.startswith("Bearer ") else WRONG_TOKEN}},
+                    status_code=401)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
