@@ -215,7 +215,8 @@ class Scheduler:
         self.status: dict[str, str] = {}  # done | failed | skipped (condition) | blocked (upstream)
         #: started steps with units left to submit, in the order they became ready
         self.queue: dict[str, StepSpec] = {}
-        self.singles: dict[str, dict[str, Any]] = {}  # resolved options of steps waiting for a slot
+        #: resolved options and cache key of steps waiting for a slot
+        self.singles: dict[str, tuple[dict[str, Any], str | None]] = {}
         self.maps: dict[str, _Map] = {}
         self.futures: dict[str, list[Any]] = {}  # each step's task runs: the edges of its dependents
         self.running: dict[concurrent.futures.Future, tuple[_Unit, Any]] = {}
@@ -268,7 +269,8 @@ class Scheduler:
                 self._settle(step, "skipped")
                 return
             if step.foreach is None:
-                self.singles[step.id] = runtime.resolve(step)
+                options = runtime.resolve(step)
+                self.singles[step.id] = (options, self._key(step, options))
             else:
                 items = runtime.items(step)
                 self.recorder.update(step.id, status="running")
@@ -293,7 +295,7 @@ class Scheduler:
             if step.id in self.singles:
                 del self.queue[step.id]
                 self.recorder.update(step.id, status="running")
-                self._submit(step, None, self.singles.pop(step.id))
+                self._submit(step, None, *self.singles.pop(step.id))
                 continue
             batch = self.maps[step.id]
             while (len(self.running) < self.max_parallel and batch.in_flight < batch.window
@@ -313,15 +315,21 @@ class Scheduler:
                 self._item_done(batch, index, "skipped", reason="condition false")
                 return
             options = self.runtime.resolve(step, item, index)
+            key = self._key(step, options)
         except Exception as exc:  # noqa: BLE001 - a bad item fails alone (on_item_error decides)
             self._item_failed(batch, index, self.runtime.failure(step, exc, index), 0.0)
             return
         batch.in_flight += 1
-        self._submit(step, index, options)
+        self._submit(step, index, options, key)
 
-    def _submit(self, step: StepSpec, index: int | None, options: dict[str, Any]) -> None:
-        kind = get_kind(step.kind)
-        key = self.runtime.cache_key(step, options) if step.policy.cache and kind.cacheable else None
+    def _key(self, step: StepSpec, options: dict[str, Any]) -> str | None:
+        """The step's (or item's) cache key; it resolves the models it names, so it can fail (a
+        `probed` size with no probe) like resolving a template: the step fails, not the run."""
+        if not (step.policy.cache and get_kind(step.kind).cacheable):
+            return None
+        return self.runtime.cache_key(step, options)
+
+    def _submit(self, step: StepSpec, index: int | None, options: dict[str, Any], key: str | None) -> None:
         task_ = self._task(step)
         if key is not None and (self.refresh or _degraded(key).exists()):
             # an answer that came from a fallback is not reused: the next run asks again

@@ -203,6 +203,12 @@ def _launch(port: int | None, timeout: float, database: str | None, idle_stop: f
                              "the Prefect server started: choose another with --port")
 
 
+#: the servers this process launched, by PID: it outlives us on purpose, but while we live the
+#: handle stays referenced (a dropped handle of a running child is a ResourceWarning) and `stop`
+#: reaps it
+_launched: dict[int, subprocess.Popen] = {}
+
+
 def _launch_on(port: int, timeout: float, database: str | None, idle_stop: float | None,
                started_by: str, on_launch: Callable[[ServerState], None] | None) -> ServerState | None:
     """The server on `port` once it answers, or None when another process took the port first."""
@@ -218,6 +224,7 @@ def _launch_on(port: int, timeout: float, database: str | None, idle_stop: float
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=_dir(),
             start_new_session=True,  # outlives the lmflow that starts it, on purpose
         )
+    _launched[proc.pid] = proc
     url = f"http://127.0.0.1:{port}/api"
     state = ServerState(proc.pid, psutil.Process(proc.pid).create_time(), url, str(log), str(home),
                         redact(database) if database else None, started_by, idle_stop)
@@ -263,6 +270,9 @@ def stop(grace: float = 10.0) -> ServerState | None:
         state = read_state()
         if state is not None:
             _stop_group(state.pid, grace)
+            launched = _launched.pop(state.pid, None)
+            if launched is not None:
+                launched.wait(grace)  # ours: reaped (it has exited: _stop_group waited for it)
         _state_file().unlink(missing_ok=True)
         return state
 

@@ -309,6 +309,13 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
             sampling={"temperature": 0, "seed": 7, "max_tokens": 16}, timeout=600, stream=True))
         return response.text, response.prompt_tokens, response.seconds, response.first_token_seconds
 
+    def count(text: str) -> int | None:
+        """The server's own count of a prompt's tokens (None where it cannot count)."""
+        try:
+            return backend.count_tokens(loaded, text)
+        except BackendError:
+            return None
+
     def starting(fill: int, position: str, key: str) -> Trial | None:
         """The answered trial of an earlier run, else None once this one is noted as started."""
         if (fill, position, key) in done:
@@ -325,7 +332,7 @@ def probe_working(backend: Backend, model: ModelConfig, *, context_length: int, 
     _release(backend, journal)  # what a killed earlier run left loaded goes first
     _load(backend, loaded, journal)
     try:
-        working, trials = _search_working(backend, ask, starting, answered, trials, on_trial,
+        working, trials = _search_working(backend, ask, count, starting, answered, trials, on_trial,
                                           context_length=context_length, granularity=granularity,
                                           confirmations=confirmations)
     finally:
@@ -356,6 +363,7 @@ def _replay_trials(journal: Path | None, context_length: int
 
 
 def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, float, float | None]],
+                    count: Callable[[str], int | None],
                     starting: Callable[[int, str, str], Trial | None], answered: Callable[[Trial], None],
                     trials: list[Trial],
                     on_trial: Callable[[Trial], None], *, context_length: int,
@@ -370,6 +378,35 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
                            "by measure", url=backend.url)
     per_sentence = (large - small) / 20
     base = small - 4 * per_sentence
+    # where the server counts tokens (LM Studio), each fill is sized by its count, not by the line
+    # through two points: the chat template's share is what the chat counted beyond the text
+    counted_small = count(_prompt(4, "end", "11111"))
+    template = small - counted_small if counted_small is not None else None
+
+    sized: dict[int, int] = {}
+
+    def sentences_for(fill: int) -> int:
+        """Filler sentences for a prompt of `fill` tokens: by the line, or where the server counts,
+        the most whose count (plus the template) stays within `fill` (bisection, ~12 counts)."""
+        if fill in sized:
+            return sized[fill]
+        estimate = max(0, int((fill - base) / per_sentence))
+        if template is None or count(_prompt(estimate, "end", "11111")) is None:
+            sized[fill] = estimate
+            return estimate
+
+        def fits(sentences: int) -> bool:
+            counted = count(_prompt(sentences, "end", "11111"))
+            return counted is not None and counted + template <= fill
+
+        low, high = 0, max(1, estimate)
+        while fits(high) and high < 1 << 24:
+            low, high = high, high * 2
+        while high - low > 1:  # fits(low), not fits(high)
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        sized[fill] = low
+        return low
 
     def run_trial(fill: int, sentences: int, position: str, key: str) -> Trial:
         try:
@@ -385,7 +422,7 @@ def _search_working(backend: Backend, ask: Callable[..., tuple[str, int | None, 
                      round(first, 3) if first is not None else None)
 
     def passes(fill: int, trial: int = 0) -> bool:
-        sentences = max(0, int((fill - base) / per_sentence))
+        sentences = sentences_for(fill)
         ok = True
         for position in POSITIONS:
             key = _key(fill, position, trial)

@@ -10,18 +10,20 @@ Three layers, because each alone has a gap:
    child started from a step's worker thread would be killed when the pool
    retires that thread. So every child is started from one dedicated thread
    that lives as long as the process (`_Spawner`), whichever thread asks.
+   The forked copy of lmflow runs no Python code before exec (unsafe once other
+   threads hold locks): the child execs a small fresh interpreter that sets
+   PDEATHSIG and then execs the program (`_DIE_WITH_PARENT`).
 3. A PID file per child under lmflow's home: the next lmflow that starts
    reaps children whose owner is gone (covers platforms without PDEATHSIG).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
+import errno
 import json
 import os
 import queue
-import signal
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,28 +36,27 @@ import psutil
 
 from .home import subdir
 
-_PR_SET_PDEATHSIG = 1
+#: what a child runs first: a fresh interpreter (started by exec, so the forked copy of lmflow
+#: runs no Python code between fork and exec, which is unsafe in a multi-threaded process) asks
+#: the kernel for SIGKILL when its parent thread dies, checks that the parent is still there, and
+#: execs the real program in its place (same PID). Costs ~20 ms per child.
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[1]):
+        os._exit(1)  # the parent died before prctl: the signal will never come
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"lmflow: cannot start {sys.argv[2]}: {exc}\\n")
+    os._exit(127)
+"""
 
 
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up in the parent: the child runs no dynamic loading between fork
-    and exec (another thread may have held the loader's lock at fork time)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent(prctl: Callable[..., int], parent: int) -> Callable[[], None]:
-    def preexec() -> None:  # runs in the child between fork and exec
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl: the signal will never come
-            os._exit(1)
-
-    return preexec
+def _die_with_parent(args: Sequence[str]) -> list[str]:
+    """`args` run through `_DIE_WITH_PARENT` (`-I -S`: no site, no user paths, ~20 ms)."""
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
 
 
 class _Spawner:
@@ -105,15 +106,19 @@ def spawn(args: Sequence[str], *, log_path: Path, env: dict[str, str] | None = N
 
     Safe from any thread: the fork itself happens on the spawner thread (see `_Spawner`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    prctl = _prctl()
-    preexec = _die_with_parent(prctl, os.getpid()) if prctl is not None else None
+    if not args:
+        raise ValueError("spawn: no command to run")
+    # the wrapper would only say so in the log: a missing program is an OSError here, as before
+    if shutil.which(args[0], path=(env or os.environ).get("PATH")) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), args[0])
+    command = _die_with_parent(args)
 
     def start() -> subprocess.Popen:
         log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-        try:
+        try:  # no preexec_fn: subprocess forks and execs in C (and may use vfork)
             return subprocess.Popen(
-                list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True, preexec_fn=preexec,
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
             )
         finally:
             log.close()

@@ -12,11 +12,30 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+_to_close: list = []
+
+
+def closing(resource: T) -> T:
+    """`resource` (a backend, a client), closed at the end of the test that made it, also when the
+    test fails before it closes it itself: a leaked socket would fail whichever later test the
+    garbage collector happens to run in (ResourceWarning is an error here)."""
+    _to_close.append(resource)
+    return resource
+
+
+@pytest.fixture(autouse=True)
+def _close_what_the_test_opened() -> Iterator[None]:
+    yield
+    while _to_close:
+        _to_close.pop().close()
 
 
 def engine_available() -> bool:
@@ -44,9 +63,17 @@ def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(session_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test gets its own run records and engine logs (the Prefect server is shared)."""
-    monkeypatch.setenv("LMFLOW_HOME", str(session_home / "lmflow"))
+def isolated_home(session_home: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own lmflow home: run records, journals, probe registry, response cache,
+    engine logs and PID files (the Prefect server, and the servers of session fixtures, are shared)."""
+    home = tmp_path_factory.mktemp("home") / "lmflow"
+    home.mkdir()
+    # one Prefect server per machine, as users have it: the session's, found where lmflow looks
+    shared = session_home / "lmflow" / "prefect-server"
+    shared.mkdir(parents=True, exist_ok=True)
+    (home / "prefect-server").symlink_to(shared, target_is_directory=True)
+    monkeypatch.setenv("LMFLOW_HOME", str(home))
     return tmp_path
 
 
@@ -135,6 +162,9 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 @pytest.fixture(scope="session")

@@ -323,6 +323,7 @@ def test_a_killed_map_leaves_no_engine_and_resumes_with_only_unfinished_items(
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         for orphan in engines_with_alias("resumeeng"):
             orphan.kill()
     record = read_record(journals()[0])

@@ -60,7 +60,8 @@ def runs_of(prefect_api: str, name: str) -> list[dict]:
         "flow_runs": {"tags": {"all_": [f"spec:{name}"]}}, "sort": "START_TIME_DESC"})
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen) -> str:
+    """Stop a `serve`/worker process group; what it wrote to a piped stderr (the pipe is closed)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -68,6 +69,10 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    if proc.stderr is None or proc.stderr.closed:  # none, or read by communicate()
+        return ""
+    with proc.stderr:
+        return proc.stderr.read()
 
 
 # ---------------------------------------------------------------- schedules in the spec
@@ -122,9 +127,9 @@ def test_served_runs_complete_on_their_interval(prefect_api: str, tmp_path: Path
 
         done = wait_for(two_completed, timeout=120, interval=1)
     finally:
-        stop(proc)
-    assert done and len(done) >= 2, proc.stderr.read() if proc.stderr else ""
-    assert "serving served-every-2s: every 2s" in (proc.stderr.read() if proc.stderr else "")
+        stderr = stop(proc)
+    assert done and len(done) >= 2, stderr
+    assert "serving served-every-2s: every 2s" in stderr
     run = done[0]
     assert run["name"].startswith("served-every-2s-")  # the run's id, not a random name
     assert {"lmflow", "spec:served-every-2s"} <= set(run["tags"])

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -55,10 +56,11 @@ def test_context_overflow_is_reported_with_token_counts(engine) -> None:
     assert info.value.n_prompt and info.value.n_prompt > info.value.n_ctx
 
 
-def test_engine_is_registered_while_running(engine) -> None:
+def test_engine_is_registered_while_running(engine, session_home: Path) -> None:
     backend, _ = engine
     pids = [e.proc.pid for e in backend.engines.values()]
-    registered = {int(p.stem) for p in (processes._registry()).glob("*.json")}
+    # the session's engine was started under the session's home (each test has its own)
+    registered = {int(p.stem) for p in (session_home / "lmflow" / "pids").glob("*.json")}
     assert set(pids) <= registered
 
 
@@ -84,6 +86,7 @@ def test_reaper_stops_children_of_a_dead_owner() -> None:
         alive = psutil.pid_exists(child_pid) and psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE
         assert not alive
     finally:
+        owner.stdout.close()
         if psutil.pid_exists(child_pid):
             psutil.Process(child_pid).kill()
 

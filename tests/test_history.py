@@ -307,6 +307,7 @@ def test_a_run_still_going_is_shown_from_its_task_runs(prefect_api: str, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     # stopped properly: its summary says which step it stopped in, and which never started
     ended, _ = run_json("runs", "show", name)
     assert ended["steps_from"] == "summary"

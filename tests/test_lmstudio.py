@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, CONFIG, ROOT, lmflow_cmd, start_server, stop_server, wait_for
+from conftest import BIN, CONFIG, ROOT, closing, lmflow_cmd, start_server, stop_server, wait_for
 
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
@@ -31,7 +31,7 @@ def loaded_instances(url: str) -> list[tuple[str, int]]:
 
 
 def backend(url: str) -> LMStudioBackend:
-    return LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=url))
+    return closing(LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=url)))
 
 
 SMOL = ModelConfig(alias="smol", key="smollm2-135m-instruct", context_length=2048)

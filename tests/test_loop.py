@@ -159,6 +159,7 @@ def test_a_killed_loop_resumes_asks_the_interrupted_analysis_again_and_ends_in_t
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     (tmp_path / "slow.flag").unlink()
     saved = list((Path(os.environ["LMFLOW_HOME"]) / "loops").glob("*.state"))
     assert len(saved) == 1
@@ -193,7 +194,7 @@ def test_background_advice_is_applied_at_the_first_generation_after_it_arrives(
         steps:
           - id: evolve
             loop:
-              generations: 40
+              generations: 80
               init: loophelp:counter
               body: loophelp:count
               checkpoints:

@@ -193,7 +193,8 @@ def test_an_idle_server_stops_itself_but_not_under_a_run(home: Path, tmp_path: P
         if run.poll() is None:
             run.kill()
         run.wait(10)
-    assert "until 3s without runs or `lmflow server stop`" in run.stderr.read()
+    with run.stderr:
+        assert "until 3s without runs or `lmflow server stop`" in run.stderr.read()
     assert wait_for(lambda: gone(pids), timeout=30), "the idle server did not stop"
     assert state_of(home) is None
     assert "no flow runs for 3s: stopping the Prefect server" in Path(state["log"]).read_text()
@@ -272,3 +273,4 @@ def test_start_accepts_only_the_server_it_started(home: Path, monkeypatch: pytes
         for proc in (fake, other):
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
+        fake.stdout.close()

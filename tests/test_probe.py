@@ -11,6 +11,7 @@ from xml.etree import ElementTree
 
 import httpx
 import pytest
+from conftest import closing
 
 from lmflow.backends.lmstudio import LMStudioBackend
 from lmflow.probe import CLAMPED, LOAD_FAILED, probe_loadable, registry
@@ -42,7 +43,7 @@ def forgetful(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def backend(url: str) -> LMStudioBackend:
-    return LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=url))
+    return closing(LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=url)))
 
 
 def nothing_loaded(url: str) -> bool:

@@ -12,6 +12,7 @@ import pytest
 
 from lmflow.backends.base import Backend, ChatRequest, ChatResponse, ModelInfo
 from lmflow.probe import (
+    FILLER,
     Attempt,
     ProbeReport,
     Trial,
@@ -129,3 +130,38 @@ def test_a_probe_that_found_no_working_context_says_so_plainly() -> None:
                             loadable_max=4096)
     assert "None" not in report_markdown(load_only)
     assert "Working maximum not measured (load only, or nothing loads)." in report_markdown(load_only)
+
+
+class Curving(Talkative):
+    """Counts tokens as a server would, where a long prompt costs more per word than a short one
+    (the line through two small calibration prompts then undershoots long fills)."""
+
+    kind = "curving"
+
+    def __init__(self, counts: bool):
+        super().__init__()
+        self.counts = counts
+
+    @staticmethod
+    def tokens(text: str) -> int:
+        words = len(text.split())
+        return words + words * words // 40000
+
+    def count_tokens(self, model: ModelConfig, text: str) -> int | None:
+        return self.tokens(text) if self.counts else None
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        answer = super().chat(request)
+        answer.prompt_tokens = self.tokens(request.messages[0]["content"]) + 5  # 5: the chat template
+        return answer
+
+
+def test_fills_are_sized_by_the_servers_own_count_where_it_counts() -> None:
+    """With count_tokens each fill is within a sentence of what it asks; with the calibration line
+    alone the largest fills of this curving count miss by far more."""
+    _, counted = probe_working(Curving(counts=True), MODEL, context_length=8192, granularity=1024)
+    _, estimated = probe_working(Curving(counts=False), MODEL, context_length=8192, granularity=1024)
+    sentence = len(FILLER.split())  # words, and so about the tokens, of one filler sentence
+    assert counted and all(abs(t.prompt_tokens - t.fill) <= 2 * sentence for t in counted), [
+        (t.fill, t.prompt_tokens) for t in counted]
+    assert max(abs(t.prompt_tokens - t.fill) for t in estimated) > 4 * sentence

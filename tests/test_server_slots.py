@@ -15,7 +15,7 @@ import httpx
 import lmstudio as lms
 import psutil
 import pytest
-from conftest import CONFIG, start_server, stop_server, wait_for
+from conftest import CONFIG, closing, start_server, stop_server, wait_for
 from lmstudio._sdk_models import LlmRpcGetLoadConfigParameter
 
 from lmflow.backends.base import ChatRequest
@@ -40,7 +40,8 @@ def reset(url: str) -> dict:
 def instances(url: str) -> dict[str, dict]:
     """Loaded instances by id, with their config."""
     models = httpx.get(f"{url}/api/v1/models").json()["models"]
-    return {i["id"]: i["config"] for m in models for i in m["loaded_instances"]}
+    return {i["id"]: {k: i["config"][k] for k in ("context_length", "parallel")}
+            for m in models for i in m["loaded_instances"]}
 
 
 def engine_cmdline(instance_id: str, server_pid: int | None = None) -> list[str]:
@@ -106,7 +107,7 @@ def test_the_server_counts_requests_in_flight_and_loads_once_under_jit(tmp_path:
 
 
 def backend(url: str) -> LMStudioBackend:
-    return LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=url))
+    return closing(LMStudioBackend(ServerConfig(name="default", backend="lmstudio", url=url)))
 
 
 def test_lmflow_loads_a_model_with_parallel_predictions(lmstudio: str) -> None:

@@ -392,6 +392,29 @@ def test_a_grandchild_dies_when_its_parent_is_killed(tmp_path: Path) -> None:
             psutil.Process(grandchild).kill()
 
 
+def test_a_child_runs_no_python_of_ours_between_fork_and_exec(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No preexec_fn (Python code in the forked copy of a multi-threaded lmflow); the program
+    still gets the PID spawn returns (the wrapper execs it in its place)."""
+    asked: list[dict[str, Any]] = []
+    real = subprocess.Popen
+
+    def spy(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        asked.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    command = [sys.executable, "-c", "import time; time.sleep(30)"]
+    child = processes.spawn(command, log_path=tmp_path / "child.log", label="test child")
+    try:
+        assert asked and all(kwargs.get("preexec_fn") is None for kwargs in asked)
+        assert wait_for(lambda: psutil.Process(child.pid).cmdline() == command, timeout=10)
+    finally:
+        processes.stop(child)
+    with pytest.raises(FileNotFoundError, match="no-such-program"):
+        processes.spawn(["no-such-program", "--help"], log_path=tmp_path / "none.log", label="none")
+
+
 # ---------------------------------------------------------------- supervisor
 
 

@@ -150,6 +150,9 @@ def parse_yaml(text: str, file: str) -> Document:
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
         what = " ".join(filter(None, [exc.context, exc.problem]))
+        if "nesting depth" in what:  # libyaml's own limit (PyYAML >= 6.0.3), hit before ours
+            raise SpecError([Problem(file, line, col, "", "the document is nested more than "
+                                     f"{MAX_DEPTH} levels deep", "flatten the document")]) from None
         raise SpecError(
             [Problem(file, line, col, "", f"YAML syntax error: {what}", "fix the YAML syntax")]
         ) from None

@@ -88,6 +88,9 @@ class Session(Protocol):
     def model_identity(self, alias: str) -> dict[str, Any]:
         """What about a model changes its answers (response cache keys)."""
 
+    def model_probed(self, alias: str) -> None:
+        """A probe of this model finished: a `probed` size is read again at its next use."""
+
 
 class FixedModels:
     """A `Session` of fixed models on fixed backends: a kind run outside a spec (tests, embedding)."""
@@ -119,6 +122,9 @@ class FixedModels:
 
     def model_identity(self, alias: str) -> dict[str, Any]:
         return self._models[alias][1].identity()
+
+    def model_probed(self, alias: str) -> None:
+        """Fixed models are given resolved: nothing to read again."""
 
 
 @dataclass

@@ -53,6 +53,7 @@ class ProbeContextStep(ModelStep):
             probe.record_working(report, working, trials)
             if working is None:  # on the run's stderr too, not only in the artifact
                 ctx.emit("warning", {"message": f"{model.key}: {probe.working_text(report)}"})
+        ctx.session.model_probed(options["model"])
         output = {"model": model.key, "declared_max": report.declared_max,
                   "loadable_max": report.loadable_max, "working_max": report.working_max,
                   "loads": report.loads, "chart": str(probe.save_chart(report) or "") or None}

@@ -204,10 +204,23 @@ class PromptStep(ModelStep):
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         """The content of the files the resolved options name (images, prompt files named by a
         reference): a changed file is a changed step."""
+        from ..spec.validate import parse_fallback
+        from .python import source_hash
+
         files = [*(options.get("images") or []),
                  *(options[n]["file"] for n in ("system", "user") if isinstance(options.get(n), dict))]
-        return {name: hashlib.sha256(_read_bytes(spec_dir, name)).hexdigest() for name in files
-                if not _templated(name)}  # a checkpoint's options before they are resolved
+        material: dict[str, Any] = {
+            name: hashlib.sha256(_read_bytes(spec_dir, name)).hexdigest() for name in files
+            if not _templated(name)}  # a checkpoint's options before they are resolved
+        # the code that may answer (the step's python fallbacks; the model's own are in its
+        # identity) or pick the cached answer (a response-cache key function)
+        functions = [link.target for link in parse_fallback(options.get("fallback")) if link.kind == "python"]
+        setting = options.get("response_cache")
+        if isinstance(setting, dict) and isinstance(setting.get("key"), str):
+            functions.append(setting["key"])
+        if functions:
+            material["code"] = {ref: source_hash(ref, spec_dir) for ref in functions}
+        return material
 
     def messages(self, options: dict[str, Any], spec_dir: Path) -> list[dict[str, Any]]:
         if "messages" in options:
