@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -411,11 +412,31 @@ def _announce(state: ServerState) -> None:
                "a temporary server per run instead)", err=True)
 
 
+class BackendName(click.ParamType):
+    """A registered backend that can do what the command needs (read from the registry only
+    when the option is used: `lmflow --help` loads no backend)."""
+
+    name = "backend"
+
+    def __init__(self, fits: Callable[[Any], bool], needs: str):
+        self.fits = fits
+        self.needs = needs
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .backends import backend_classes
+
+        fitting = [name for name, cls in backend_classes().items() if self.fits(cls)]
+        if value not in fitting:
+            self.fail(f"{value!r} is not a backend that {self.needs}; these are: {', '.join(fitting)}",
+                      param, ctx)
+        return str(value)
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--server", "url", default="http://127.0.0.1:1234", show_default=True,
               help="Base URL of the server.")
-@click.option("--backend", type=click.Choice(["lmstudio", "openai"]), default="lmstudio",
-              show_default=True)
+@click.option("--backend", type=BackendName(lambda cls: not cls.owns_server, "talks to a server at a URL"),
+              default="lmstudio", show_default=True, help="e.g. lmstudio, openai")
 @click.pass_context
 def models(ctx: click.Context, url: str, backend: str) -> None:
     """List a server's models: key, loaded or not, declared and loaded context."""
@@ -459,8 +480,9 @@ def models_unload(key: str | None, everything: bool, url: str) -> None:
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--server", "url", default="http://127.0.0.1:1234", show_default=True)
-@click.option("--backend", type=click.Choice(["lmstudio", "local"]), default="lmstudio",
-              show_default=True, help="local: lmflow's managed llama.cpp engine (give --max).")
+@click.option("--backend", type=BackendName(lambda cls: cls.manages_models, "loads models"),
+              default="lmstudio", show_default=True,
+              help="e.g. lmstudio; local: lmflow's managed llama.cpp engine (give --max).")
 @click.option("--min", "minimum", type=int, default=1024, show_default=True)
 @click.option("--max", "maximum", type=int, default=None, help="Default: the declared maximum.")
 @click.option("--granularity", type=int, default=1024, show_default=True)
@@ -494,7 +516,10 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
             click.echo(f"  load at {attempt.size:>6}: {attempt.outcome} in {attempt.seconds:.2f}s{extra}",
                        err=True)
 
-    config = ServerConfig(name="probe", backend=backend, url=url if backend == "lmstudio" else None)
+    from .backends import backend_class
+
+    runs_itself = backend_class(backend).owns_server
+    config = ServerConfig(name="probe", backend=backend, url=None if runs_itself else url)
     with create_backend(config) as server:
         target = ModelConfig(alias="probe", key=model)
         report = probing.probe_loadable(server, target, minimum=minimum, maximum=maximum,

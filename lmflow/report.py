@@ -7,6 +7,7 @@ import shutil
 import textwrap
 from typing import Any
 
+from .backends import backend_class
 from .runtime import RunResult, StepRecord
 from .spec.model import Spec
 
@@ -165,13 +166,14 @@ def plan(spec: Spec) -> str:
     if spec.params:
         lines.append("params: " + ", ".join(f"{k}={v!r}" for k, v in spec.params.items()))
     for name, server in spec.servers.items():
-        where = server.url or "managed llama-server on 127.0.0.1"
+        where = server.url or "started by lmflow on 127.0.0.1"
         lines.append(f"server {name}: {server.backend} ({where})")
     loaded_by_step = {s.options.get("model") for s in spec.by_id.values()
                       if s.kind in ("load_model", "reload_model")}
     for alias, model in spec.models.items():
         ctx = f", context {model.context_length}" if model.context_length else ""
-        if ctx and alias not in loaded_by_step and spec.servers[model.server].backend != "openai":
+        manages = backend_class(spec.servers[model.server].backend).manages_models
+        if ctx and alias not in loaded_by_step and manages:
             ctx += " (loaded so at its first use)"
         chain = "".join(f", then {link.describe()}" for link in model.fallback)
         lines.append(f"model {alias}: {model.key} on {model.server}{ctx}{chain}")
@@ -277,8 +279,8 @@ class Progress:
                      "PREFECT_API_URL": f"Prefect API {api.url}"}[api.source]
             self.line(f"lmflow: running {spec.name} ({len(spec.steps)} steps, {data['max_parallel']} at "
                       f"once) on {where}")
-        elif event == "backend_starting" and data["backend"] == "local":
-            self.line("  starting the local llama.cpp engine…")
+        elif event == "backend_starting" and data.get("message"):
+            self.line(f"  {data['message']}")
         elif event in ("step_started", "step_finished"):
             record = data["step"]
             if event == "step_finished":

@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .backends import Backend, ModelInfo, create_backend
+from .backends import Backend, ModelInfo, backend_class, create_backend
 from .cache import ResponseCache
 from .errors import BackendTimeout, LmflowError, StepFailure, describe
 from .home import subdir
@@ -421,18 +421,35 @@ class Runtime:
     # -- backends ---------------------------------------------------------
 
     def backend_for(self, alias: str) -> tuple[Backend, ModelConfig]:
-        """The model's server and its effective settings (a probed size read once per run)."""
-        backend = self.server_backend(self.spec.models[alias].server)
+        """The model's server and the resolved model (see `resolved`)."""
+        return self.server_backend(self.spec.models[alias].server), self.resolved(alias)
+
+    def resolved(self, alias: str) -> ModelConfig:
+        """The model as this run uses it: a `probed` context length replaced by the size the
+        probe registry holds (less its margin). The one place that resolves a model: loads,
+        chats, step and response cache keys and unload tracking all use what it returns.
+        Resolved once per run (the registry is read and the server fingerprinted once), and
+        again after a probe_context step of the model (`model_probed`)."""
         with self._lock:
             model = self._resolved.get(alias)
-            if model is None:
-                model = self.spec.models[alias]
-                if isinstance(model.context_length, str):  # "probed": the registry's measured size
-                    from .probe import probed_size
+        if model is not None:
+            return model
+        model = self.spec.models[alias]
+        if isinstance(model.context_length, str):  # "probed": the registry's measured size
+            from .probe import probed_size
 
-                    model = dataclasses.replace(model, context_length=probed_size(backend, model))
-                self._resolved[alias] = model
-        return backend, model
+            backend = self.server_backend(model.server)
+            model = dataclasses.replace(model, context_length=probed_size(backend, model))
+        with self._lock:
+            return self._resolved.setdefault(alias, model)
+
+    def model_probed(self, alias: str) -> None:
+        """A probe of this model finished: every alias of its key on its server resolves again."""
+        probed = self.spec.models[alias]
+        with self._lock:
+            for other, model in self.spec.models.items():
+                if (model.key, model.server) == (probed.key, probed.server):
+                    self._resolved.pop(other, None)
 
     def raw_model(self, alias: str) -> tuple[Backend, ModelConfig]:
         """The model as the spec declares it (a probe must not need its own result)."""
@@ -443,7 +460,8 @@ class Runtime:
         with self._lock:
             if name not in self.backends:
                 config = self.spec.servers[name]
-                self.recorder.emit("backend_starting", server=name, backend=config.backend)
+                self.recorder.emit("backend_starting", server=name, backend=config.backend,
+                                   message=backend_class(config.backend).starting_message)
                 backend = create_backend(config, self.spec.dir)
                 backend.slots.gate = self.gates.get(name)
                 backend.set_listener(
@@ -525,9 +543,9 @@ class Runtime:
         for journal, leftovers in killed_runs_loads(self.spec):
             for entry in leftovers:
                 name = entry.get("server")
-                if entry.get("backend") != "lmstudio" or name not in self.spec.servers \
-                        or self.spec.servers[name].backend != "lmstudio":
-                    continue  # a managed engine dies with its owner; nothing to unload elsewhere
+                if name not in self.spec.servers or entry.get("backend") != self.spec.servers[name].backend \
+                        or backend_class(entry["backend"]).owns_server:
+                    continue  # a server lmflow ran died with its owner, and what it had loaded
                 hint = f"`lmflow models unload {entry['key']} --server URL` unloads it by hand"
                 try:
                     backend = self.server_backend(name)
@@ -706,12 +724,20 @@ class Runtime:
         return {"until": getattr(step.loop.until, "text", None), "checkpoints": checkpoints}
 
     def model_identity(self, alias: str) -> dict[str, Any]:
-        """What about a model changes its answers (cache keys)."""
-        model = self.spec.models[alias]
+        """What about a model changes its answers (step and response cache keys): the resolved
+        model (a probed size as a number, so a new probe is a new key), its server, and the code
+        of its python fallbacks."""
+        from .steps.python import source_hash
+
+        model = self.resolved(alias)
         server = self.spec.servers[model.server]
-        # a local engine's port changes every run; what it serves does not
-        url = None if server.backend == "local" else server.url
-        return {**model.identity(), "backend": server.backend, "url": url}
+        # the port of a server lmflow runs itself changes every run; what it serves does not
+        url = None if backend_class(server.backend).owns_server else server.url
+        identity = {**model.identity(), "backend": server.backend, "url": url}
+        if model.fallback:  # (only then: keys of models without one stay as they were)
+            identity["fallback"] = [[link.kind, link.target, source_hash(link.target, self.spec.dir)
+                                     if link.kind == "python" else None] for link in model.fallback]
+        return identity
 
     # -- steps ------------------------------------------------------------
 

@@ -16,12 +16,12 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+from .backends import backend_class
 from .errors import PrefectServerError
 from .spec.model import ServerConfig, Spec
 
 #: LM Studio 0.4's "Max Concurrent Predictions"
 DEFAULT_SIZE = 4
-SHARED_BACKENDS = ("lmstudio", "openai")
 #: the shortest lease Prefect grants: a killed run's slot is free again within a minute
 LEASE_SECONDS = 60
 
@@ -41,7 +41,8 @@ def shared_servers(spec: Spec) -> list[ServerConfig]:
     """The servers the spec's models use that other runs may use at the same time."""
     used = {model.server for model in spec.models.values()}
     return [config for name, config in spec.servers.items()
-            if name in used and config.backend in SHARED_BACKENDS and config.url and config.shared_limit]
+            if name in used and not backend_class(config.backend).owns_server
+            and config.url and config.shared_limit]
 
 
 def ensure(name: str, size: int) -> int:

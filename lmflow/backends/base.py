@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import MalformedAnswer
@@ -88,16 +89,66 @@ class Slots:
             yield
 
 
-class Backend(ABC):
-    """A model server. Capabilities are class attributes; steps check them."""
+#: the options of a server that someone else runs, read by the lmstudio and openai backends
+REMOTE_SERVER_OPTIONS: dict[str, dict[str, Any]] = {
+    "url": {"type": "string", "pattern": "^(https?://|\\$\\{\\{)",
+            "description": "Base URL of the running server; may be ${{ params.NAME }}."},
+    "api_key_env": {"type": "string",
+                    "description": "Name of the environment variable holding the API key/token."},
+    "start": {"type": "string", "description": "Shell command that starts the server when it is down."},
+    "stop": {"type": "string", "description": (
+        "Shell command that stops the server, run at the end of a run whose start command left it "
+        "running as a daemon (default: `lms server stop` after `lms server start`). A start command "
+        "that stays in the foreground is stopped by PID instead.")},
+    "max_restarts": {"type": "integer", "minimum": 0, "description": (
+        "How often lmflow may restart a server that died during a run (needs start).")},
+    "shared_limit": {"type": "boolean", "description": (
+        "Hold a Prefect global concurrency limit named after this server (size: parallel, else 4) "
+        "around every model call, shared by every run and worker (costs ~0.1 s per call); default "
+        "false (one run's own requests are already bounded by parallel).")},
+}
 
+
+class Backend(ABC):
+    """A model server. What it can do is declared as class attributes; steps, validation and the
+    CLI read them, never the backend's name. Registered like a step kind (`lmflow.backends`)."""
+
+    #: the name a spec gives as `server.backend`
     kind: str
+    #: one line on what it talks to (the schema's description of `backend`)
+    summary: str = ""
+    #: JSON Schema of each server option it reads beyond the common ones (backend, parallel,
+    #: startup_timeout); merged into the spec's schema, where the other backends' options are
+    #: refused for it. Built-in options become `ServerConfig` fields, any other `config.options`.
+    server_options: dict[str, dict[str, Any]] = {}
+    #: the server's URL when a spec gives none; None: a spec must give one (unless owns_server)
+    default_url: str | None = None
     #: whether the backend can load and unload models itself
     manages_models: bool = False
+    #: lmflow starts this server itself and stops it with the run: its URL (a new port each time)
+    #: is in no cache key or probe record, what it loaded dies with it (nothing for a later run to
+    #: release, `keep_loaded` cannot outlive the run) and no other run can share it
+    owns_server: bool = False
+    #: the model options beyond key/context_length/parallel that its loads honour (LM Studio's
+    #: gpu, ttl, identifier)
+    load_options: frozenset[str] = frozenset()
+    #: what the terminal says when a run first needs the server (None: nothing worth saying)
+    starting_message: str | None = None
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.slots = Slots(config.parallel)
+
+    @classmethod
+    def create(cls, config: ServerConfig, spec_dir: Path | None = None) -> Backend:
+        """The backend for a server of a spec in `spec_dir` (paths in its options are relative to it)."""
+        return cls(config)
+
+    @classmethod
+    def model_problem(cls, key: str, path: str | None) -> tuple[str, str] | None:
+        """What is wrong with a model declared on a server of this backend, as (message, hint);
+        None when nothing is (checked by `lmflow validate`)."""
+        return None
 
     @property
     def url(self) -> str | None:

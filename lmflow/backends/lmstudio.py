@@ -20,7 +20,7 @@ import httpx
 
 from ..errors import BackendError, BackendHTTPError, ContextOverflow
 from ..spec.model import ModelConfig, ServerConfig
-from .base import Backend, ChatRequest, ChatResponse, ModelInfo, checked
+from .base import REMOTE_SERVER_OPTIONS, Backend, ChatRequest, ChatResponse, ModelInfo, checked
 from .openai import OpenAIClient
 from .supervisor import Supervisor
 
@@ -82,7 +82,11 @@ class WrongModel(BackendError):
 
 class LMStudioBackend(Backend):
     kind = "lmstudio"
+    summary = "LM Studio (REST v1 and v0, its SDK for what REST cannot say)"
+    server_options = REMOTE_SERVER_OPTIONS
+    default_url = "http://127.0.0.1:1234"
     manages_models = True
+    load_options = frozenset({"gpu", "ttl", "identifier"})
 
     def __init__(self, config: ServerConfig, *, transport: httpx.BaseTransport | None = None):
         super().__init__(config)
@@ -90,7 +94,7 @@ class LMStudioBackend(Backend):
         self._token = token
         hint = (f"start it with `{config.start}`" if config.start
                 else "start LM Studio's server (`lms server start`) or fix server.url")
-        self.client = OpenAIClient(config.url or "http://127.0.0.1:1234", api_key=token,
+        self.client = OpenAIClient(config.url or self.default_url, api_key=token,
                                    transport=transport, start_hint=hint)
         #: instance ids chats go to, by model alias: loaded by this backend, or found loaded
         #: (`find_loaded`: another client's, never unloaded unless asked for every instance)

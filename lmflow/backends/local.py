@@ -159,7 +159,26 @@ class LocalBackend(Backend):
     """llama-server processes that lmflow starts and stops itself (safe to call from several threads)."""
 
     kind = "local"
+    summary = "lmflow runs llama.cpp's llama-server itself, one process per model"
+    server_options = {
+        "threads": {"type": "integer", "minimum": 1, "description": "CPU threads for llama-server."},
+        "args": {"type": "array", "items": {"type": "string"},
+                 "description": "Extra llama-server arguments."},
+    }
     manages_models = True
+    owns_server = True
+    starting_message = "starting the local llama.cpp engine…"
+
+    @classmethod
+    def create(cls, config: ServerConfig, spec_dir: Path | None = None) -> LocalBackend:
+        return cls(config, spec_dir)
+
+    @classmethod
+    def model_problem(cls, key: str, path: str | None) -> tuple[str, str] | None:
+        if path or key in BUNDLED:
+            return None
+        return (f"'{key}' is not a bundled model",
+                f"bundled: {', '.join(BUNDLED)}; or give path: /path/to/model.gguf")
 
     def __init__(self, config: ServerConfig, spec_dir: Path | None = None):
         super().__init__(config)

@@ -23,7 +23,7 @@ from ..errors import (
     ModelNotFound,
 )
 from ..spec.model import ModelConfig, ServerConfig
-from .base import Backend, ChatRequest, ChatResponse, ModelInfo, checked
+from .base import REMOTE_SERVER_OPTIONS, Backend, ChatRequest, ChatResponse, ModelInfo, checked
 from .supervisor import Supervisor
 
 # "maximum context length is 4096 tokens. However, your messages resulted in 5000 tokens"
@@ -250,6 +250,8 @@ class OpenAIBackend(Backend):
     """A server someone else runs, spoken to over the OpenAI-compatible API."""
 
     kind = "openai"
+    summary = "any OpenAI-compatible server (llama-server, vLLM, Ollama...) at its url"
+    server_options = REMOTE_SERVER_OPTIONS
 
     def __init__(self, config: ServerConfig, *, transport: httpx.BaseTransport | None = None):
         super().__init__(config)

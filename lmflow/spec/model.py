@@ -40,7 +40,7 @@ def parse_duration(value: float | int | str) -> float:
 @dataclass(frozen=True)
 class ServerConfig:
     name: str
-    backend: str = "local"
+    backend: str = "local"  # lmflow.backends.DEFAULT_BACKEND
     url: str | None = None
     api_key_env: str | None = None
     start: str | None = None
@@ -55,6 +55,8 @@ class ServerConfig:
     #: hold a Prefect global concurrency limit per server around every model call, shared by all
     #: runs and workers (lmflow.shared_limit); off unless asked: it costs ~0.1 s per call
     shared_limit: bool = False
+    #: the options of a plugin backend (server keys that are none of the fields above)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import yaml
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
 
+from ..backends import DEFAULT_BACKEND, Backend, backend_classes
 from ..errors import Problem, SpecError
 from ..steps import CheckContext, kinds
 from ..steps.base import FUNCTION_PATTERN
@@ -37,9 +39,8 @@ from .model import (
     parse_duration,
     parse_size,
 )
-from .schema import COMMON_STEP_KEYS, base_schema, spec_schema
+from .schema import COMMON_SERVER_KEYS, COMMON_STEP_KEYS, base_schema, spec_schema
 
-DEFAULT_URLS = {"lmstudio": "http://127.0.0.1:1234"}
 _JSON_TYPES = {
     dict: "object", list: "array", str: "string", bool: "boolean",
     int: "integer", float: "number", type(None): "null",
@@ -99,6 +100,8 @@ def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Proble
     path: PathT = tuple(err.absolute_path)
     value = err.instance
     kind = err.validator
+    if kind is None:  # a `false` schema: another backend's server option, said by _backend_options
+        return
     if kind == "additionalProperties":
         allowed = list(err.schema.get("properties", {}))
         for extra in sorted(set(value) - set(allowed), key=str):
@@ -378,38 +381,65 @@ def _servers(doc: Document, params: dict[str, Any], problems: list[Problem]) -> 
         raw = {DEFAULT_SERVER: (data["server"], ("server",))}
     else:
         raw = {DEFAULT_SERVER: ({}, ())}
+    classes = backend_classes()
     servers = {}
     for name, (cfg, path) in raw.items():
         if not isinstance(cfg, dict):
             continue
         cfg = {k: _server_field(doc, path + (k,), v, params, problems) for k, v in cfg.items()}
-        backend = cfg.get("backend", "local")
-        url = cfg.get("url") or DEFAULT_URLS.get(backend)
-        if backend == "openai" and not url:
-            problems.append(doc.problem(path, "an openai server needs a url",
-                                        "e.g. url: http://127.0.0.1:8080"))
-        if backend == "local" and cfg.get("url"):
-            problems.append(doc.problem(path + ("url",), "a local server has no url: lmflow starts it",
-                                        "use backend: openai to talk to a server you run yourself",
-                                        key=True))
+        backend = cfg.get("backend", DEFAULT_BACKEND)
+        cls = classes.get(backend) if isinstance(backend, str) else None  # else: the schema says so
+        url = cfg.get("url") or (cls.default_url if cls else None)
+        if cls is not None:
+            _backend_options(doc, path, cfg, backend, cls, classes, problems)
+            if "url" in cls.server_options and not url:  # it reads one and has no default
+                article = "an" if backend[:1] in tuple("aeiou") else "a"
+                problems.append(doc.problem(path, f"{article} {backend} server needs a url",
+                                            "e.g. url: http://127.0.0.1:8080"))
         try:
             startup = parse_duration(cfg.get("startup_timeout", 60))
         except (ValueError, TypeError):
             startup = 60.0
         servers[name] = ServerConfig(
-            name=name, backend=backend, url=url, api_key_env=cfg.get("api_key_env"),
+            name=name, backend=str(backend), url=url, api_key_env=cfg.get("api_key_env"),
             start=cfg.get("start"), stop=cfg.get("stop"), startup_timeout=startup, threads=cfg.get("threads"),
             max_restarts=cfg.get("max_restarts", 3) if isinstance(cfg.get("max_restarts", 3), int) else 3,
-            parallel=cfg.get("parallel"), args=tuple(cfg.get("args") or ()),
+            parallel=cfg.get("parallel"),
+            args=tuple(map(str, cfg["args"])) if isinstance(cfg.get("args"), list) else (),
             shared_limit=cfg.get("shared_limit") is True,
+            options={k: v for k, v in cfg.items() if k not in _SERVER_FIELDS},
         )
     return servers
 
 
+#: the model keys that only some backends' loads honour (`Backend.load_options`)
+_LOAD_OPTIONS = {"ttl", "gpu", "identifier"}
+#: the server keys that are `ServerConfig` fields; a plugin backend's own go to `options`
+_SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"name", "options"}
+
+
+def _backend_options(doc: Document, path: PathT, cfg: dict[str, Any], backend: str, cls: type[Backend],
+                     classes: dict[str, type[Backend]], problems: list[Problem]) -> None:
+    """Options of other backends given to this one (the schema refuses them; this says why)."""
+    for key in cfg:
+        if key in COMMON_SERVER_KEYS or key in cls.server_options:
+            continue
+        owners = [name for name, other in classes.items() if key in other.server_options]
+        if not owners:
+            continue  # no backend's: the schema calls it an unknown key, with a suggestion
+        if key == "url" and cls.owns_server:
+            message, hint = (f"a {backend} server has no url: lmflow starts it",
+                             "use backend: openai to talk to a server you run yourself")
+        else:
+            own = ", ".join([*COMMON_SERVER_KEYS, *cls.server_options])
+            message = f"'{key}' is an option of the {' and '.join(owners)} backend{'s' * (len(owners) > 1)}"
+            hint = f"the {backend} backend reads {own}: remove it or change the backend"
+        problems.append(doc.problem(path + (key,), message, hint, key=True))
+
+
 def _models(doc: Document, servers: dict[str, ServerConfig],
             problems: list[Problem]) -> dict[str, ModelConfig]:
-    from ..backends.catalog import BUNDLED  # light: a table of names
-
+    classes = backend_classes()
     raw = doc.data.get("models")
     models: dict[str, ModelConfig] = {}
     if not isinstance(raw, dict):
@@ -421,14 +451,21 @@ def _models(doc: Document, servers: dict[str, ServerConfig],
         if server not in servers:
             problems.append(doc.problem(("models", alias, "server"), f"unknown server '{server}'",
                                         _suggest(server, servers)))
-        elif servers[server].backend == "local" and not cfg.get("path") and cfg["key"] not in BUNDLED:
-            problems.append(doc.problem(
-                ("models", alias, "key"), f"'{cfg['key']}' is not a bundled model",
-                f"bundled: {', '.join(BUNDLED)}; or give path: /path/to/model.gguf"))
-        for option in ("ttl", "gpu", "identifier"):
-            if option in cfg and server in servers and servers[server].backend != "lmstudio":
+        elif (cls := classes.get(servers[server].backend)) is not None:
+            problem = cls.model_problem(cfg["key"], cfg.get("path"))
+            if problem:
+                problems.append(doc.problem(("models", alias, "key"), *problem))
+            if cls.owns_server and cfg.get("keep_loaded") is True:
+                problems.append(doc.problem(
+                    ("models", alias, "keep_loaded"),
+                    f"nothing stays loaded on a {servers[server].backend} server: lmflow runs it for "
+                    "the run and stops it at the end",
+                    "remove keep_loaded, or run the server yourself (backend: openai or lmstudio) to "
+                    "keep a model loaded between runs", key=True))
+            for option in sorted(set(cfg) & _LOAD_OPTIONS - cls.load_options):
+                owners = " and ".join(name for name, other in classes.items() if option in other.load_options)
                 problems.append(doc.problem(("models", alias, option),
-                                            f"'{option}' is an LM Studio load option",
+                                            f"'{option}' is a load option of the {owners} backend",
                                             f"the {servers[server].backend} backend ignores it: remove it",
                                             key=True))
         if cfg.get("path") and not Path(doc.file).parent.joinpath(cfg["path"]).expanduser().exists():

@@ -23,12 +23,13 @@ def load(options: dict[str, Any], ctx: StepContext) -> StepResult:
         overrides["ttl"] = parse_duration(overrides["ttl"])
     if overrides:
         model = dataclasses.replace(model, **overrides)
-    if backend.kind != "lmstudio" and {"gpu", "ttl", "identifier"} & set(overrides):
-        raise LmflowError(f"gpu, ttl and identifier are LM Studio load options; the {backend.kind} "
-                          "backend cannot apply them: remove them from the step")
+    refused = sorted({"gpu", "ttl", "identifier"} & set(overrides) - backend.load_options)
+    if refused:
+        raise LmflowError(f"the {backend.kind} backend cannot apply the load option(s) "
+                          f"{', '.join(refused)}: remove them from the step")
     if not backend.manages_models:
-        raise LmflowError(f"the {backend.kind} backend cannot load models: use backend: lmstudio or "
-                          "local, or drop the load_model step")
+        raise LmflowError(f"the {backend.kind} backend cannot load models: use a backend that "
+                          "manages models (lmstudio, local), or drop the load_model step")
     info = ctx.session.load(options["model"], model)
     asked, actual = model.context_length, info.loaded_context_length
     output = {"model": model.key, "instance": info.instance_id, "context_length": actual,
