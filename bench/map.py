@@ -6,10 +6,15 @@ binary and flags) answers both. For each concurrency N:
 (b) `lmflow run` of a spec whose one step maps the same 200 prompts over a
     JSONL dataset with `parallel: N` (server.parallel N, max_parallel N,
     no caches), against a running Prefect server.
+(c) a bare Prefect flow sending the same requests, one task run per item, N
+    at a time (a sliding window of submits, as lmflow runs a map): what one
+    Prefect task run per item costs without lmflow.
 Throughput share = plain seconds / lmflow seconds for the map itself (the map
 step's wall time from the run record; the whole process, with Python start,
-Prefect import and flow set-up, is printed too). Target: share >= 90%. Also
-the speed-up of N=4 over N=1 for both. Run: .venv/bin/python bench/map.py [ITEMS]
+Prefect import and flow set-up, is printed too), and the same for the bare
+Prefect flow (its first submit to its last result). Target: lmflow's share
+>= 90%. Also the speed-up of N=4 over N=1 for plain and lmflow.
+Run: .venv/bin/python bench/map.py [ITEMS]
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+BARE = sys.argv[1:2] == ["--bare"]  # map.py --bare URL N NONCE ITEMS: the bare Prefect map, (c)
+ITEMS = int(sys.argv[5] if BARE else sys.argv[1]) if len(sys.argv) > 1 else 200
 LEVELS = (1, 2, 4)
 MAX_TOKENS = 8
 
@@ -49,6 +55,52 @@ def plain(url: str, texts: list[str], parallel: int) -> float:
         elapsed = time.perf_counter() - started
     assert len(answers) == len(texts)
     return elapsed
+
+
+def bare_prefect(url: str, texts: list[str], parallel: int) -> float:
+    """(c), run in a process of its own: seconds of the map."""
+    import concurrent.futures
+
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    body = {"model": "smol", "temperature": 0, "max_tokens": MAX_TOKENS}
+    http = httpx.Client(base_url=url, timeout=120)
+
+    @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="ask[{index}]")
+    def ask(text: str, index: int) -> str:
+        r = http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": text}]})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    @flow(name=f"bare-map-{parallel}", persist_result=False, task_runner=ThreadPoolTaskRunner(parallel))
+    def bare_map() -> float:
+        started = time.perf_counter()
+        running, answers = set(), 0
+        for index, text in enumerate(texts):
+            if len(running) >= parallel:
+                done, running = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+                answers += sum(1 for f in done if f.result().is_completed())
+            running.add(ask.submit(text, index).wrapped_future)
+        answers += sum(1 for f in concurrent.futures.wait(running)[0] if f.result().is_completed())
+        assert answers == len(texts), answers
+        return time.perf_counter() - started
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), http:
+        return bare_map()
+
+
+def through_bare_prefect(url: str, api: str, nonce: str, parallel: int) -> float:
+    from lmflow import prefect_server
+
+    out = subprocess.run([sys.executable, __file__, "--bare", url, str(parallel), nonce, str(ITEMS)],
+                         capture_output=True, text=True,
+                         env={**os.environ, **prefect_server.QUIET, "PREFECT_API_URL": api})
+    if out.returncode != 0:
+        raise SystemExit(f"the bare Prefect map failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.split()[-1])
 
 
 def spec_text(url: str, parallel: int) -> str:
@@ -98,16 +150,20 @@ def main() -> None:
         try:
             plain(engine.url, prompts("warm")[:8], 4)
             through_lmflow(folder, engine.url, prompts("warm")[:4], 2)  # registers the flow
+            through_bare_prefect(engine.url, server.url, "warm", 2)
             print(f"{ITEMS} items, max_tokens {MAX_TOKENS}, llama-server -np {max(LEVELS)} at {engine.url}, "
                   f"Prefect server {server.url}")
-            print(f"{'N':>2}  {'plain (s)':>9}  {'lmflow map (s)':>14}  {'share':>6}  {'lmflow run (s)':>14}")
+            print(f"{'N':>2}  {'plain (s)':>9}  {'lmflow map (s)':>14}  {'share':>6}  {'lmflow run (s)':>14}"
+                  f"  {'bare Prefect map (s)':>20}  {'share':>6}")
             rows = {}
             for n in LEVELS:
                 texts = prompts(f"run{n}")
                 a = plain(engine.url, texts, n)
                 b, whole = through_lmflow(folder, engine.url, texts, n)
+                c = through_bare_prefect(engine.url, server.url, f"bare{n}", n)
                 rows[n] = (a, b)
-                print(f"{n:>2}  {a:>9.2f}  {b:>14.2f}  {a / b:>6.1%}  {whole:>14.2f}")
+                print(f"{n:>2}  {a:>9.2f}  {b:>14.2f}  {a / b:>6.1%}  {whole:>14.2f}  "
+                      f"{c:>20.2f}  {a / c:>6.1%}")
             low, high = LEVELS[0], LEVELS[-1]
             print(f"speed-up of parallel {high} over {low}: plain {rows[low][0] / rows[high][0]:.2f}x, "
                   f"lmflow {rows[low][1] / rows[high][1]:.2f}x")
@@ -120,4 +176,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if BARE:
+        print(bare_prefect(sys.argv[2], prompts(sys.argv[4]), int(sys.argv[3])))
+    else:
+        main()
