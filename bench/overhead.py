@@ -133,14 +133,17 @@ def main() -> None:
                 specs[n].write_text(spec_text(n, engine.url, "B"))
             through(lmflow + [str(specs[1])])  # the first flow runs register their flows
             through(bare(1), bare_env)
-            print(f"llama-server {engine.url}, Prefect server {server.url}, median of {REPEATS} runs each")
+            print(f"llama-server {engine.url}, Prefect server {server.url}, "
+                  f"median of {REPEATS} runs each, interleaved")
             print(f"{'N':>4}  {'httpx (s)':>10}  {'bare Prefect (s)':>17}  {'lmflow run (s)':>15}  "
                   f"{'Prefect over (s)':>17}  {'lmflow over (s)':>16}")
             prefect_points, lmflow_points = [], []
             for n in SIZES:
-                a = statistics.median(plain(engine.url, n, "A") for _ in range(REPEATS))
-                b = statistics.median(through(bare(n), bare_env) for _ in range(REPEATS))
-                c = statistics.median(through(lmflow + [str(specs[n])]) for _ in range(REPEATS))
+                # interleaved, not three of each in a row: a Prefect server still busy with the
+                # events of the runs before (and its growing database) weighs on (b) and (c) alike
+                runs = [(plain(engine.url, n, "A"), through(bare(n), bare_env),
+                         through(lmflow + [str(specs[n])])) for _ in range(REPEATS)]
+                a, b, c = (statistics.median(column) for column in zip(*runs, strict=True))
                 prefect_points.append((n, b - a))
                 lmflow_points.append((n, c - a))
                 print(f"{n:>4}  {a:>10.3f}  {b:>17.3f}  {c:>15.3f}  {b - a:>17.3f}  {c - a:>16.3f}")
