@@ -152,7 +152,8 @@ def test_keep_loaded_on_a_server_lmflow_runs_is_refused(tmp_path: Path) -> None:
     from lmflow.spec import load_spec
 
     spec = tmp_path / "keep.yaml"
-    spec.write_text("version: 1\nname: keep\nmodels:\n  smol: {key: smollm2-135m-instruct, keep_loaded: true}\n"
+    spec.write_text("version: 1\nname: keep\n"
+                    "models:\n  smol: {key: smollm2-135m-instruct, keep_loaded: true}\n"
                     "steps:\n  - id: x\n    prompt: {model: smol, user: hi}\n")
     with pytest.raises(SpecError) as info:
         load_spec(spec)

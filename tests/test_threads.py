@@ -30,7 +30,13 @@ from lmflow.cache import MISSING, ResponseCache
 from lmflow.errors import BackendUnreachable
 from lmflow.resilience import BreakerBoard, ResourceGuard
 from lmflow.spec.model import Breaker, Guard, ServerConfig
-from lmflow.steps.python import UserCodeFailed, UserCodeTimeout, call_function, load_function
+from lmflow.steps.python import (
+    UserCodeFailed,
+    UserCodeTimeout,
+    _UserThreads,
+    call_function,
+    load_function,
+)
 
 
 @pytest.fixture
@@ -260,8 +266,10 @@ def test_user_code_past_its_timeout_raises_and_is_left_running(user_code: Path) 
         assert len(worker) == 1 and worker[0].daemon and worker[0].is_alive()
     finally:
         release.set()
-    worker[0].join(5)
-    assert not worker[0].is_alive()
+    deadline = time.monotonic() + 5
+    while worker[0].name != "lmflow python (idle)" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker[0].name == "lmflow python (idle)"  # released, it waits for the next call
     assert raised.value.retryable
     assert str(raised.value) == (
         "usercode_threads:slow did not return within 0.3s: raise the step's `timeout:` if it needs "
@@ -291,6 +299,37 @@ def test_user_code_with_a_timeout_returns_or_fails_as_without_one(
     assert inline == {"double": 42, "thread": threading.current_thread().name, "request": "r-1"}
     # its own thread, with the caller's context (Prefect's run context lives in contextvars)
     assert timed == {"double": 42, "thread": "lmflow python usercode_threads:fast", "request": "r-1"}
+
+
+def test_user_code_threads_are_reused_and_a_hung_call_keeps_its_own() -> None:
+    threads = _UserThreads(idle=0.3)
+    ran: list[tuple[threading.Thread, str]] = []
+
+    def job(then: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            ran.append((threading.current_thread(), threading.current_thread().name))
+            then()
+        return run
+
+    for i in range(20):  # one after another: one thread serves them all
+        finished = threading.Event()
+        threads.run(job(finished.set), f"lmflow python n{i}")
+        assert finished.wait(5)
+    assert len({thread for thread, _ in ran}) == 1
+    assert [name for _, name in ran] == [f"lmflow python n{i}" for i in range(20)]
+
+    release, last = threading.Event(), threading.Event()
+    threads.run(job(lambda: release.wait(10)), "lmflow python hung")
+    assert wait_for(lambda: len(ran) == 21, timeout=5)
+    threads.run(job(last.set), "lmflow python last")  # the hung thread is busy: another one answers
+    try:
+        assert last.wait(5)
+        assert ran[-1][0] is not ran[-2][0] and ran[-2][0].name == "lmflow python hung"
+    finally:
+        release.set()
+    used = {thread for thread, _ in ran}
+    assert len(used) == 2
+    assert wait_for(lambda: not any(t.is_alive() for t in used), timeout=5)  # idle threads end
 
 
 def test_user_code_with_a_timeout_from_a_worker_thread(user_code: Path) -> None:

@@ -3,8 +3,8 @@
 Steps run in worker threads. `sys.path` and the import system are process-wide, so
 every lookup or import that puts a spec's folder on `sys.path` holds one process-wide
 lock (`_IMPORTS`) for as long as the folder is there; the user's function is then
-called outside it. With a timeout, the function runs in a thread of its own that the
-caller stops waiting for: Python cannot kill a thread, so a function past its time
+called outside it. With a timeout, the function runs in another thread (a daemon thread,
+kept for later calls) that the caller stops waiting for: Python cannot kill a thread, so a function past its time
 is left running in the background (and whatever it raises later is dropped).
 """
 
@@ -14,6 +14,7 @@ import contextvars
 import hashlib
 import importlib
 import importlib.util
+import queue
 import re
 import sys
 import threading
@@ -260,6 +261,51 @@ def call(ref: str, function: Any, kwargs: dict[str, Any], timeout: float | None 
     return _call_with_timeout(ref, function, kwargs, timeout, cancel)
 
 
+class _UserThreads:
+    """Daemon threads that run user code under a timeout, kept for the next call.
+
+    Starting a thread per call cost 2-5 ms an item in a busy run (`Thread.start` waits for the
+    new thread to get the GIL while Prefect's threads hold it). A thread whose call hangs stays
+    with it (daemon: it does not hold up the interpreter's exit) and the next call gets another;
+    a thread left idle for `idle` seconds ends. Not ThreadPoolExecutor: its threads are joined at
+    exit, so one hung function would keep the process alive.
+    """
+
+    def __init__(self, idle: float = 30.0):
+        self.idle = idle
+        self._lock = threading.Lock()
+        self._waiting: list[queue.SimpleQueue[Any]] = []  # the inboxes of idle threads
+
+    def run(self, job: Any, name: str) -> None:
+        """Run `job()` (which must not raise) in an idle thread, or a new one, named `name`."""
+        with self._lock:
+            inbox = self._waiting.pop() if self._waiting else None  # the last to finish: still warm
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
+        inbox.put((job, name))
+
+    def _serve(self, inbox: queue.SimpleQueue[Any]) -> None:
+        while True:
+            try:
+                job, name = inbox.get(timeout=self.idle)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._waiting:
+                        self._waiting.remove(inbox)
+                        return
+                continue  # a caller took this inbox just now: its job is on the way
+            me = threading.current_thread()
+            me.name = name
+            job()
+            me.name = "lmflow python (idle)"
+            with self._lock:
+                self._waiting.append(inbox)
+
+
+_USER_THREADS = _UserThreads()
+
+
 def _finished_in_time(done: threading.Event, timeout: float | None, cancel: threading.Event | None) -> bool:
     """Wait for `done`; False after `timeout`; raises when the run is being stopped."""
     if cancel is None:
@@ -290,8 +336,7 @@ def _call_with_timeout(ref: str, function: Any, kwargs: dict[str, Any], timeout:
         finally:
             done.set()
 
-    worker = threading.Thread(target=run, name=f"lmflow python {ref}", daemon=True)
-    worker.start()
+    _USER_THREADS.run(run, f"lmflow python {ref}")
     if not _finished_in_time(done, timeout, cancel):
         raise UserCodeTimeout(
             f"{ref} did not return within {timeout:g}s: raise the step's `timeout:` if it needs "
