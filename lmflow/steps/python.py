@@ -4,8 +4,9 @@ Steps run in worker threads. `sys.path` and the import system are process-wide, 
 every lookup or import that puts a spec's folder on `sys.path` holds one process-wide
 lock (`_IMPORTS`) for as long as the folder is there; the user's function is then
 called outside it. With a timeout, the function runs in another thread (a daemon thread,
-kept for later calls) that the caller stops waiting for: Python cannot kill a thread, so a function past its time
-is left running in the background (and whatever it raises later is dropped).
+kept for later calls) that the caller stops waiting for: Python cannot kill a thread, so
+a function past its time is left running in the background (and whatever it raises later
+is dropped).
 """
 
 from __future__ import annotations
@@ -298,6 +299,7 @@ class _UserThreads:
             me = threading.current_thread()
             me.name = name
             job()
+            del job  # its arguments and answer are not kept alive while the thread waits
             me.name = "lmflow python (idle)"
             with self._lock:
                 self._waiting.append(inbox)
