@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,13 +38,23 @@ def cli() -> None:
     """Declarative pipelines for local LLM servers, run as Prefect flows."""
 
 
+_NO_IMPORT = click.option(
+    "--no-import", is_flag=True,
+    help="Run none of the spec's Python: check its modules' functions by reading their source. "
+         "Without it, the modules the spec names are imported (their top-level code runs; no "
+         "function is called), as a run imports them.")
+
+
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path))
-def validate(specs: tuple[Path, ...]) -> None:
-    """Check specs; report every problem as file:line:col: path: message (hint)."""
+@_NO_IMPORT
+def validate(specs: tuple[Path, ...], no_import: bool) -> None:
+    """Check specs; report every problem as file:line:col: path: message (hint).
+
+    The Python modules a spec names are imported to check them (see --no-import)."""
     from .spec import validate_files
 
-    problems = validate_files(specs)
+    problems = validate_files(specs, import_code=not no_import)
     if problems:
         raise SpecError(problems)
     click.echo(f"ok: {len(specs)} spec{'s' if len(specs) != 1 else ''} valid")
@@ -52,12 +63,15 @@ def validate(specs: tuple[Path, ...]) -> None:
 @cli.command()
 @click.argument("spec", type=click.Path(path_type=Path))
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE")
-def plan(spec: Path, params: tuple[str, ...]) -> None:
-    """Show the steps a run would execute, in order, with their policies."""
+@_NO_IMPORT
+def plan(spec: Path, params: tuple[str, ...], no_import: bool) -> None:
+    """Show the steps a run would execute, in order, with their policies.
+
+    The Python modules the spec names are imported to check them (see --no-import)."""
     from .report import plan as render_plan
     from .spec import load_spec
 
-    click.echo(render_plan(load_spec(spec, _params(params))))
+    click.echo(render_plan(load_spec(spec, _params(params), import_code=not no_import)))
 
 
 @cli.command()
@@ -103,8 +117,11 @@ def _run_and_report(spec: Path | Spec, params: dict[str, Any] | None, refresh: b
     from . import run as run_spec
 
     progress = report.Progress(sys.stderr) if not as_json else None
+    finished: list[Any] = []
 
     def listen(event: str, data: dict[str, Any]) -> None:
+        if event == "run_finished":
+            finished.append(data["result"])
         if progress is not None:
             progress.event(event, data)
         elif event in ("warning", "cache_error"):  # on stderr also with --json: stdout stays pure JSON
@@ -114,6 +131,14 @@ def _run_and_report(spec: Path | Spec, params: dict[str, Any] | None, refresh: b
     try:
         result = run_spec(spec, params, refresh_cache=refresh, listener=listen,
                           verbose=verbose, max_parallel=max_parallel)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: what was done, then the exit code
+        if progress is not None:
+            progress.close()
+        if finished:
+            with contextlib.suppress(OSError):  # a closed stdout must not hide the exit code
+                click.echo(report.table(finished[0]), err=True)
+                click.echo(f"error: {finished[0].error}\nrun record: {finished[0].record_path}", err=True)
+        raise
     finally:
         if progress is not None:
             progress.close()
@@ -354,9 +379,13 @@ def server_status() -> None:
     from . import prefect_server
 
     state = prefect_server.read_state()
-    if state:
+    answering = state is not None and prefect_server.answers(state.url)
+    if state and answering:
         click.echo(f"running: {state.ui_url} (pid {state.pid}, log {state.log})")
         click.echo(_lifetime(state))
+    elif state:
+        click.echo(f"not answering: its watchdog (pid {state.pid}) runs, but {state.url} does not "
+                   f"answer; it is starting, or restarting after a crash (see {state.log})")
     else:
         click.echo("not running (`lmflow server start` starts it, and so does `lmflow run` when no "
                    "server runs)")
@@ -369,7 +398,7 @@ def server_status() -> None:
     else:
         uses = f"a temporary Prefect server per run ({prefect_server.MODE_SETTING}=temporary)"
     click.echo(f"lmflow run uses: {uses}")
-    if not state:
+    if not answering:
         sys.exit(1)
 
 

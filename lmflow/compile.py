@@ -226,13 +226,17 @@ class Scheduler:
 
     def run(self) -> None:
         while True:
-            while self.ready:
-                ready, self.ready = self.ready, []
-                for step in ready:
-                    self._start(step)
-            self._fill()
-            if self.ready:  # a map whose items were all skipped finished while filling
-                continue
+            if self.recorder.write_error is not None:  # a full disk: start nothing it cannot record
+                if not self.running:
+                    return
+            else:
+                while self.ready:
+                    ready, self.ready = self.ready, []
+                    for step in ready:
+                        self._start(step)
+                self._fill()
+                if self.ready:  # a map whose items were all skipped finished while filling
+                    continue
             if not self.running:
                 if len(self.status) < len(self.unfinished):  # cannot happen: validation rejects cycles
                     raise RuntimeError("lmflow scheduler stalled: "
@@ -336,7 +340,6 @@ class Scheduler:
             task_ = task_.with_options(refresh_cache=True)
         upstream = [f for dep in step.depends_on for f in self.futures.get(dep, ())]
         future = task_.submit(step.id, step.kind, options, index, key, wait_for=upstream)
-        self.futures.setdefault(step.id, []).append(future)
         self.running[future.wrapped_future] = (_Unit(step, index, key, time.perf_counter()), future)
 
     def _task(self, step: StepSpec) -> Any:
@@ -355,6 +358,10 @@ class Scheduler:
         if batch is not None:
             batch.in_flight -= 1
         if state.is_completed():
+            # an edge for the dependents' task runs. Only completed ones: Prefect would refuse to
+            # start a task run that waits for a failed one (NotReady), and a map that skips or
+            # collects its failed items hands its dependents an output all the same
+            self.futures.setdefault(step.id, []).append(future)
             result: StepResult = state.result()
             cached = state.name == "Cached"
             if unit.key is not None and not cached:
@@ -566,11 +573,15 @@ def _cause(state: Any) -> BaseException | str:
 
 
 def _flow_stopped(recorder: RunRecorder, cause: BaseException | str) -> None:
-    """The flow died outside any step's own error handling (Prefect's machinery, a failed setup):
-    the run's error names the cause, and no step is left looking as if it still ran."""
-    if isinstance(cause, BaseException):
-        cause = str(cause) if isinstance(cause, LmflowError) else f"{type(cause).__name__}: {cause}"
-    recorder.result.error = f"the flow stopped: {cause} (`lmflow run -v` shows Prefect's traceback)"
+    """The flow died outside any step's own error handling (Prefect's machinery, a failed setup, a
+    signal): the run's error names the cause, and no step is left looking as if it still ran."""
+    if isinstance(cause, (KeyboardInterrupt, SystemExit)):
+        recorder.result.error = f"the run was {_interruption(cause)}; what finished is kept (a re-run " \
+                                "reuses the cached steps and items)"
+    else:
+        if isinstance(cause, BaseException):
+            cause = str(cause) if isinstance(cause, LmflowError) else f"{type(cause).__name__}: {cause}"
+        recorder.result.error = f"the flow stopped: {cause} (`lmflow run -v` shows Prefect's traceback)"
     for record in recorder.result.steps:  # the table and the record, not the progress: the run is over
         if record.status == "running":
             record.status, record.reason = "interrupted", "the flow stopped while it ran"
@@ -602,9 +613,30 @@ def run(spec_path: str | Path | Spec, params: dict[str, Any] | None = None, *,
         raise
     except Exception as exc:  # noqa: BLE001 - the run's top level: what stopped the flow is its error
         _flow_stopped(recorder, exc)
+    except (KeyboardInterrupt, SystemExit) as exc:  # recorded as such, then on its way up
+        _flow_stopped(recorder, exc)
+        raise
     finally:
         _RECORDER.reset(token)
-        recorder.save()
-        _drain()
-    recorder.emit("run_finished", result=recorder.result)
+        try:
+            recorder.save()  # RecordNotWritten on a full disk: the run's one error
+        finally:
+            _drain()
+            recorder.emit("run_finished", result=recorder.result)
     return recorder.result
+
+
+def _interruption(exc: BaseException) -> str:
+    """What interrupted a run, in words (the CLI turns SIGTERM into SystemExit(128 + 15))."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code > 128:
+        import signal
+
+        try:
+            return f"interrupted by {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted by SIGINT (Ctrl-C)"
+    return f"interrupted (exit {code})"
+

@@ -4,6 +4,8 @@
     ├── SpecError                    exit 2: the spec (or a -p value) is wrong
     │     carries a list of Problem(file, line, col, path, message, hint)
     ├── StepFailed                   exit 1: a step failed after its retries
+    ├── RunStopping                  the run is ending (Ctrl-C, SIGTERM, a failure): nothing new starts
+    ├── RecordNotWritten             the run cannot write its journal or record (a full disk)
     ├── BackendError                 exit 3: talking to a model server failed
     │   ├── BackendUnreachable       retryable: connection refused/reset
     │   │   └── ConnectionRefused    nothing listens (a fallback is tried at once)
@@ -86,6 +88,16 @@ class StepFailed(LmflowError):
         self.failure = failure
         attempts = f" after {failure.attempts} attempts" if failure.attempts > 1 else ""
         super().__init__(f"step '{failure.step}' failed{attempts}: {failure.message}")
+
+
+class RunStopping(LmflowError):
+    """The run is ending (Ctrl-C, SIGTERM, the flow failed): a unit still in flight starts nothing new,
+    such as loading a model that the run's end has just unloaded."""
+
+
+class RecordNotWritten(LmflowError):
+    """A write under lmflow's home failed (a full disk): the run stops starting work it could not
+    record, and says so once."""
 
 
 class BackendError(LmflowError):

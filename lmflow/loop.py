@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import jsonl
 from .errors import LmflowError
 from .spec.model import ApplyField, Checkpoint, StepSpec, parse_duration
 from .steps import StepContext, StepResult
@@ -439,17 +440,10 @@ def _stats(value: Any, ref: str) -> dict[str, Any]:
 def _read_stats(path: Path, upto: int) -> list[dict[str, Any]]:
     """Each generation's stats up to `upto` (a line torn by a kill, or past the state, is left out)."""
     found: dict[int, dict[str, Any]] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry["g"] <= upto:
-            found[entry["g"]] = {"generation": entry["g"], **entry["stats"]}
+    for entry in jsonl.read(path):
+        g, stats = entry.get("g"), entry.get("stats")
+        if isinstance(g, int) and isinstance(stats, dict) and g <= upto:
+            found[g] = {"generation": g, **stats}
     return [found[g] for g in sorted(found)]
 
 

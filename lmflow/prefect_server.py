@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ PORT_SETTING = "LMFLOW_PREFECT_SERVER_PORT"
 STARTED_BY_RUN = "lmflow run"
 STARTED_BY_COMMAND = "lmflow server start"
 IN_PROGRESS = ["PENDING", "RUNNING", "CANCELLING", "PAUSED"]
+_LOG = logging.getLogger("lmflow")
 
 # Prefect settings lmflow applies unless the user set them: no telemetry, no
 # log flood on the terminal (logs still reach the API and the UI), results
@@ -107,6 +109,11 @@ def _locked() -> Iterator[None]:
         yield
 
 
+def answers(api_url: str) -> bool:
+    """Whether the Prefect API at `api_url` answers its health check now."""
+    return _healthy(api_url)
+
+
 def _healthy(api_url: str, timeout: float = 1.0) -> bool:
     try:
         return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
@@ -133,8 +140,14 @@ def read_state() -> ServerState | None:
     here could remove the state another lmflow has just written."""
     try:
         state = ServerState(**json.loads(_state_file().read_text()))
-    except (OSError, ValueError, TypeError):
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, TypeError) as exc:  # damaged: is the server it named still there?
+        state = _running_watchdog()
+        if state is not None:
+            _LOG.warning(f"lmflow: {_state_file()} cannot be read ({type(exc).__name__}); the Prefect "
+                         f"server it named still runs (pid {state.pid}, {state.url}): using that one")
+        return state
     try:
         proc = psutil.Process(state.pid)
         if (abs(proc.create_time() - state.create_time) < 0.01 and proc.is_running()
@@ -143,6 +156,36 @@ def read_state() -> ServerState | None:
     except psutil.Error:
         pass
     return None
+
+
+def _running_watchdog() -> ServerState | None:
+    """The managed server's watchdog, found by its command line and folder (for a state file that
+    was damaged: starting a second server on the same database would leave the first untracked)."""
+    folder = str(_dir().resolve())
+    for proc in psutil.process_iter(["cmdline", "cwd", "create_time"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline[1:3] != ["-m", "lmflow.prefect_server"] or len(cmdline) < 5 or proc.info["cwd"] != folder:
+            continue
+        try:
+            port, idle = int(cmdline[3]), float(cmdline[4])
+            database = proc.environ().get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+        except (ValueError, psutil.Error):
+            continue
+        return ServerState(proc.pid, proc.info["create_time"], f"http://127.0.0.1:{port}/api",
+                           str(_dir() / "server.log"), str(_dir() / "home"),
+                           redact(database) if database else None,
+                           STARTED_BY_RUN if idle else STARTED_BY_COMMAND, idle or None)
+    return None
+
+
+def _state_file_damaged() -> bool:
+    try:
+        ServerState(**json.loads(_state_file().read_text()))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, TypeError):
+        return True
+    return False
 
 
 def _port_free(port: int) -> bool:
@@ -167,6 +210,8 @@ def start(port: int | None = None, timeout: float = 90.0, database: str | None =
     """
     with _locked():
         state = read_state()
+        if state is not None and _state_file_damaged():
+            _write_state(state)  # found by its process: written again, whole
         if state is not None:
             if idle_stop is None and state.idle_stop is not None:
                 state.idle_stop = None
@@ -498,36 +543,67 @@ def temporary_server(timeout: float = 120.0) -> Iterator[str]:
         processes.stop(proc)
 
 
+#: a server that dies more often than this is not restarted again: something is wrong with it
+RESTARTS_ALLOWED, RESTART_WINDOW = 5, 600.0
+
+
 def _watch(port: int, idle_stop: float | None) -> int:
-    """The watchdog: run the Prefect server as a child (PDEATHSIG: it dies with us), stop it on
-    SIGTERM, and after `idle_stop` seconds without flow runs unless the state file, read each
-    time, says otherwise (`lmflow server start` turns the idle stop off)."""
+    """The watchdog: run the Prefect server as a child (PDEATHSIG: it dies with us), restart it when
+    it dies on its own (a run in progress keeps its history: the database outlives the server),
+    stop it on SIGTERM, and after `idle_stop` seconds without flow runs unless the state file,
+    read each time, says otherwise (`lmflow server start` turns the idle stop off)."""
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     url = f"http://127.0.0.1:{port}/api"
     started = psutil.Process().create_time()
-    server = processes.spawn(_server_command(port), log_path=_dir() / "server.log", env=dict(os.environ),
-                             label="managed Prefect server")
+    restarts: list[float] = []
+    server = _spawn_server(port)
     try:
-        if idle_stop is None:
-            return server.wait()
-        every = min(30.0, max(0.5, idle_stop / 10))
-        while server.poll() is None:
-            time.sleep(every)
-            if not _idle_for(url, started, idle_stop):
-                continue
-            with _locked():  # no lmflow chooses this server while it stops
-                state = read_state()
-                mine = state is not None and state.pid == os.getpid()
-                limit = state.idle_stop if state is not None and mine else idle_stop
-                if limit is None or not _idle_for(url, started, limit):
-                    continue
-                print(f"lmflow: no flow runs for {limit:g}s: stopping the Prefect server", flush=True)
-                if mine:
-                    _state_file().unlink(missing_ok=True)
-                processes.stop(server, grace=10.0)
-        return server.returncode or 0
+        while True:
+            if _serve_until_exit_or_idle(server, url, started, idle_stop):
+                return 0
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW]
+            if len(restarts) >= RESTARTS_ALLOWED:
+                print(f"lmflow: the Prefect server exited with code {server.returncode}, the "
+                      f"{len(restarts) + 1}th time in {RESTART_WINDOW / 60:g} minutes: not restarting it",
+                      flush=True)
+                return server.returncode or 1
+            print(f"{datetime.now():%Y-%m-%d %H:%M:%S} lmflow: the Prefect server exited with code "
+                  f"{server.returncode}: restarting it", flush=True)
+            restarts.append(now)
+            server = _spawn_server(port)
     finally:
         processes.stop(server, grace=10.0)
+
+
+def _spawn_server(port: int) -> subprocess.Popen:
+    return processes.spawn(_server_command(port), log_path=_dir() / "server.log", env=dict(os.environ),
+                           label="managed Prefect server")
+
+
+def _serve_until_exit_or_idle(server: subprocess.Popen, url: str, started: float,
+                              idle_stop: float | None) -> bool:
+    """Wait until the server exits on its own (False) or was stopped for being idle (True)."""
+    every = min(30.0, max(0.5, idle_stop / 10)) if idle_stop is not None else None
+    while True:
+        try:
+            server.wait(every)  # returns at once when the server dies
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        if not _idle_for(url, started, idle_stop):  # type: ignore[arg-type] - every is set: idle_stop is
+            continue
+        with _locked():  # no lmflow chooses this server while it stops
+            state = read_state()
+            mine = state is not None and state.pid == os.getpid()
+            limit = state.idle_stop if state is not None and mine else idle_stop
+            if limit is None or not _idle_for(url, started, limit):
+                continue
+            print(f"lmflow: no flow runs for {limit:g}s: stopping the Prefect server", flush=True)
+            if mine:
+                _state_file().unlink(missing_ok=True)
+            processes.stop(server, grace=10.0)
+        return True
 
 
 def _idle_for(url: str, started: float, limit: float) -> bool:

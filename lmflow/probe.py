@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import jsonl
 from .backends.base import Backend, ModelInfo
 from .errors import BackendError, BackendTimeout, EngineError, EngineNotInstalled, LmflowError
 from .home import subdir
@@ -74,25 +75,33 @@ def record_path(key: dict[str, Any]) -> Path:
 
 
 def _entries(path: Path | None) -> Iterator[dict[str, Any]]:
-    """The entries of a probe's journal (none if it has none), skipping a line torn by a kill."""
-    if path is None or not path.exists():
-        return
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except ValueError:
-            continue
+    """The entries of a probe's journal (none if it has none); a line that cannot be read is
+    skipped with a warning naming the file and line (lmflow.jsonl)."""
+    if path is not None:
+        yield from jsonl.read(path)
 
 
 def _replay(path: Path) -> dict[int, Attempt]:
     """Attempts that finished in an earlier (maybe killed) run of the same probe."""
-    return {entry["size"]: Attempt(**{k: entry[k] for k in Attempt.__dataclass_fields__})
-            for entry in _entries(path) if "outcome" in entry}
+    done = {}
+    for entry in _entries(path):
+        if "outcome" in entry:
+            attempt = _parsed(Attempt, {k: entry.get(k) for k in Attempt.__dataclass_fields__})
+            if attempt is not None and isinstance(attempt.size, int):
+                done[attempt.size] = attempt
+    return done
+
+
+def _parsed(cls: Any, fields: Any) -> Any:
+    """`cls(**fields)`, or None when a journal line (edited by hand) does not fit: asked again."""
+    try:
+        return cls(**fields)
+    except TypeError:
+        return None
 
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
-    with path.open("a") as out:
-        out.write(json.dumps(entry, default=str) + "\n")
+    jsonl.append(path, entry)
 
 
 def probe_loadable(backend: Backend, model: ModelConfig, *, minimum: int = 1024,
@@ -183,9 +192,9 @@ def _release(backend: Backend, journal: Path | None) -> None:
     its journal names, never another client's instance of the same model."""
     left: dict[str, None] = {}
     for entry in _entries(journal):
-        if "instance" in entry:
+        if isinstance(entry.get("instance"), str):
             left[entry["instance"]] = None
-        elif "instance_unloaded" in entry:
+        elif isinstance(entry.get("instance_unloaded"), str):
             left.pop(entry["instance_unloaded"], None)
     for instance in left:
         try:
@@ -224,7 +233,7 @@ def registry() -> list[dict[str, Any]]:
     for path in sorted(subdir("probes").glob("*.jsonl")):
         key, best, finished, working, measured = None, None, False, None, False
         for entry in _entries(path):
-            key = entry.get("probe", key)
+            key = entry["probe"] if isinstance(entry.get("probe"), dict) else key
             if entry.get("finished"):
                 best, finished = entry.get("loadable_max"), True
             if "working_max" in entry and entry.get("verdict") == VERDICT:
@@ -355,8 +364,9 @@ def _replay_trials(journal: Path | None, context_length: int
         if entry.get("at_context") != context_length or entry.get("verdict") != VERDICT:
             continue
         if "trial" in entry:
-            trial = Trial(**entry["trial"])
-            done[(trial.fill, trial.position, trial.key)] = trial
+            trial = _parsed(Trial, entry["trial"]) if isinstance(entry["trial"], dict) else None
+            if trial is not None:
+                done[(trial.fill, trial.position, trial.key)] = trial
         elif "working_max" in entry:
             finished = (entry["working_max"],)
     return done, finished

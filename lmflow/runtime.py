@@ -6,6 +6,7 @@ at run time lives here, so steps stay plain callables that tests can drive.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import glob
@@ -22,10 +23,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from . import jsonl, processes
 from .backends import Backend, ModelInfo, backend_class, create_backend
 from .cache import ResponseCache
-from .errors import BackendTimeout, LmflowError, StepFailure, describe
+from .errors import BackendTimeout, LmflowError, RecordNotWritten, RunStopping, StepFailure, describe
 from .home import subdir
+from .leases import Lease
 from .resilience import Resilience
 from .spec import templates
 from .spec.model import ModelConfig, ResponseCacheConfig, Spec, StepSpec
@@ -152,6 +155,8 @@ class RunRecorder:
         self.listener = listener
         self.started = time.perf_counter()
         self._lock = threading.RLock()
+        #: why a write of the journal or record failed (a full disk); the run then starts nothing new
+        self.write_error: str | None = None
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()
         self._append({"run": self.result.run_id, "spec": self.result.spec, "name": spec.name,
                       "pid": os.getpid(), "spec_version": self.result.spec_version,
@@ -176,8 +181,19 @@ class RunRecorder:
 
     def _append(self, entry: dict[str, Any]) -> None:
         if not self._journal.closed:
-            self._journal.write(json.dumps(entry, default=str) + "\n")
-            self._journal.flush()
+            try:
+                self._journal.write(json.dumps(entry, default=str) + "\n")
+                self._journal.flush()
+            except OSError as exc:  # the line may be torn: readers skip it, and nothing follows it
+                self._write_failed(self.journal_path, exc)
+
+    def _write_failed(self, path: Path, exc: OSError) -> None:
+        if self.write_error is None:
+            self.write_error = (
+                f"cannot write {path}: {exc.strerror or exc}; free space there (or set LMFLOW_HOME to "
+                "a disk with room) and run again: what finished before is kept, and reused")
+        with contextlib.suppress(OSError):  # its buffer cannot be written either
+            self._journal.close()
 
     def update(self, step_id: str, **changes: Any) -> None:
         with self._lock:
@@ -207,13 +223,22 @@ class RunRecorder:
                       progress=progress or {})
 
     def save(self) -> None:
-        """Write the whole record (atomically) and close the journal."""
+        """Write the whole record (atomically) and close the journal; RecordNotWritten when a write
+        failed (a half-written record is removed, never left to be read)."""
         with self._lock:
             self.result.seconds = round(time.perf_counter() - self.started, 3)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
-            tmp.replace(self.path)
-            self._journal.close()
+            try:
+                tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
+                tmp.replace(self.path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                self._write_failed(self.path, exc)
+            with contextlib.suppress(OSError):
+                self._journal.close()
+            if self.write_error is not None:
+                self.result.error = self.result.error or self.write_error
+                raise RecordNotWritten(self.write_error)
 
 
 _run_ids: set[str] = set()
@@ -235,13 +260,9 @@ def new_run_id(name: str) -> str:
     return run_id
 
 
-def journal_entries(path: Path) -> Iterator[dict[str, Any]]:
-    """The entries of a run's journal, skipping a line torn by a kill."""
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            yield json.loads(line)
-        except ValueError:
-            continue
+def journal_entries(path: Path, warn: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The entries of a run's journal; a line that cannot be read is skipped (lmflow.jsonl)."""
+    return jsonl.read(path, warn)
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
@@ -254,16 +275,22 @@ def read_record(path: str | Path) -> dict[str, Any]:
     header: dict[str, Any] = {}
     items: dict[str, dict[int, dict[str, Any]]] = {}
     for entry in journal_entries(path.with_suffix(".jsonl")):
+        step = entry.get("step")
         if "run" in entry:
             header = entry
-            steps = {sid: {"id": sid, "kind": kind, "status": "pending"} for sid, kind in entry["steps"]}
-        elif "item" in entry and entry.get("step") in steps:
-            items.setdefault(entry["step"], {})[entry["item"]] = entry
-        elif entry.get("step") in steps:
-            steps[entry["step"]].update({k: v for k, v in entry.items() if k != "step"})
-            steps[entry["step"]]["id"] = entry["step"]
+            steps = {sid: {"id": sid, "kind": kind, "status": "pending"} for sid, kind in
+                     (pair for pair in entry.get("steps") or () if isinstance(pair, list) and len(pair) == 2)
+                     if isinstance(sid, str)}
+        elif not isinstance(step, str) or step not in steps:
+            continue
+        elif "item" in entry:
+            if isinstance(entry["item"], int):
+                items.setdefault(step, {})[entry["item"]] = entry
+        else:
+            steps[step].update({k: v for k, v in entry.items() if k != "step"})
+            steps[step]["id"] = step
     for step_id, finished in items.items():  # a map the kill interrupted: the items it finished
-        if steps[step_id]["status"] == "running":
+        if steps[step_id].get("status") == "running":
             steps[step_id]["finished_items"] = [finished[i] for i in sorted(finished)]
     return {"run_id": header.get("run"), "spec": header.get("spec"), "name": header.get("name"),
             "spec_version": header.get("spec_version"), "params": header.get("params"),
@@ -312,12 +339,14 @@ def _declares_load(model: ModelConfig) -> bool:
                 or model.identifier)
 
 
-def killed_runs_loads(spec: Spec) -> list[tuple[Path, list[dict[str, Any]]]]:
+def killed_runs_loads(spec: Spec, warn: Callable[[str], None] | None = None
+                      ) -> list[tuple[Path, list[dict[str, Any]]]]:
     """Runs of this spec that were killed, with what each loaded and did not unload.
 
     A run is killed when its journal has no final record and its process is gone;
     one already released by a later run is skipped. An entry with an `instance` was loaded;
     one with `loading` (and no instance) was being loaded when the run was killed.
+    A line that is not what lmflow wrote is skipped with a warning (`warn`).
     """
     found = []
     for journal in sorted(subdir("runs").glob(f"{glob.escape(spec.name)}-*.jsonl")):
@@ -326,15 +355,18 @@ def killed_runs_loads(spec: Spec) -> list[tuple[Path, list[dict[str, Any]]]]:
         loads: dict[str, dict[str, Any]] = {}
         header: dict[str, Any] = {}
         released = False
-        for entry in journal_entries(journal):
+        for entry in journal_entries(journal, warn):
+            alias = entry.get("loaded", entry.get("loading", entry.get("unloaded")))
             if "run" in entry:
                 header = entry
-            elif "loading" in entry or "loaded" in entry:
-                loads[entry.get("loaded", entry.get("loading"))] = entry
-            elif "unloaded" in entry:
-                loads.pop(entry["unloaded"], None)
             elif "released_by" in entry:
                 released = True
+            elif not isinstance(alias, str) or not isinstance(entry.get("key", ""), str):
+                continue  # not a load of lmflow's (a line edited by hand)
+            elif "loading" in entry or "loaded" in entry:
+                loads[alias] = entry
+            else:
+                loads.pop(alias, None)
         if released or header.get("spec") != str(spec.file) or _alive(header.get("pid")):
             continue
         found.append((journal, list(loads.values())))
@@ -390,6 +422,11 @@ class Runtime:
         self._load_locks: dict[str, threading.Lock] = {}
         #: journal entries of loads that timed out (the instance may appear after the run gave up)
         self._timed_out_loads: list[dict[str, Any]] = []
+        #: this run's use of a model on a server other lmflow runs may use too (lmflow.leases)
+        self._leases: dict[tuple[str, str], Lease] = {}
+        #: instances this run loaded, by alias, and those it handed over at its end
+        self._instances: dict[str, str] = {}
+        self._handed_over: dict[str, tuple[str, str]] = {}  # instance -> (alias, model key)
         self._lock = threading.RLock()
         #: set when the run ends or is interrupted: user code still running is no longer waited for
         self.stopping = threading.Event()
@@ -488,6 +525,8 @@ class Runtime:
             with self._lock:
                 if alias in self.loaded or alias in self._in_use:
                     return backend, model
+            self._refuse_when_stopping(f"not loading '{model.key}'")
+            self._lease(model)  # before looking: an instance another run is unloading is not found
             found = backend.find_loaded(model)
             if found is not None:
                 with self._lock:
@@ -518,6 +557,7 @@ class Runtime:
         except LmflowError:
             before = None  # a server that cannot list them: a kill mid-load is left to the user
         loading = {"loading": alias, **where, "context_length": model.context_length, "before": before}
+        self._lease(model)
         self.recorder.journal(loading)
         try:
             info = backend.load(model)
@@ -527,10 +567,58 @@ class Runtime:
             raise
         with self._lock:
             self.loaded[alias] = model
+            self._instances[alias] = info.instance_id
             self._in_use.discard(alias)
             # journaled: the next run of this spec unloads it if this one is killed
             self.recorder.journal({"loaded": alias, **where, "instance": info.instance_id})
+        if self.stopping.is_set():  # the run ended while it loaded: `close` may have run already
+            self._unload_owned(alias)
+            self._refuse_when_stopping(f"unloaded '{model.key}' again")
         return info
+
+    def _refuse_when_stopping(self, what: str) -> None:
+        if self.stopping.is_set():
+            raise RunStopping(f"the run is stopping: {what}")
+
+    def _lease(self, model: ModelConfig) -> Lease | None:
+        """This run's lease on the model's key on its server (None for a server lmflow owns)."""
+        server = self.spec.servers.get(model.server)
+        if server is None or not server.url or backend_class(server.backend).owns_server:
+            return None
+        name = (model.server, model.key)
+        with self._lock:
+            lease = self._leases.get(name)
+        if lease is None:
+            lease = Lease(server.url, model.key)  # outside the lock: it waits while another run unloads
+            with self._lock:
+                kept = self._leases.setdefault(name, lease)
+            if kept is not lease:
+                lease.close()
+            lease = kept
+        return lease
+
+    def _unload_owned(self, alias: str) -> None:
+        """Unload a model this run loaded (unless kept loaded); a failure is a warning. Where
+        another lmflow run may use it too, it is handed over to its lease instead (see `close`)."""
+        with self._lock:
+            model = self.loaded.pop(alias, None)
+            backend = self.backends.get(model.server) if model is not None else None
+            instance = self._instances.pop(alias, None)
+            if model is None or backend is None:
+                return
+            if model.keep_loaded:
+                return
+            lease = self._leases.get((model.server, model.key))
+            if lease is not None and lease.held and instance is not None:
+                lease.hand_over(instance, self.recorder.result.run_id)
+                self._handed_over[instance] = (alias, model.key)
+                return
+            try:
+                backend.unload(model)
+            except LmflowError as exc:
+                self.recorder.emit("warning", message=f"could not unload {model.key}: {exc}")
+                return
+            self.recorder.journal({"unloaded": alias})
 
     def model_unloaded(self, alias: str) -> None:
         with self._lock:
@@ -539,8 +627,11 @@ class Runtime:
             self._in_use.discard(alias)
 
     def release_leftovers(self) -> None:
-        """Unload what an earlier run of this spec loaded and could not unload (it was killed)."""
-        for journal, leftovers in killed_runs_loads(self.spec):
+        """Unload what an earlier run of this spec loaded and could not unload (it was killed), and
+        stop (or forget the PID files of) children of any lmflow process that died without it."""
+        processes.reap_orphans()
+        for journal, leftovers in killed_runs_loads(
+                self.spec, lambda message: self.recorder.emit("warning", message=message)):
             for entry in leftovers:
                 name = entry.get("server")
                 if name not in self.spec.servers or entry.get("backend") != self.spec.servers[name].backend \
@@ -568,8 +659,8 @@ class Runtime:
                     self.recorder.emit("warning", message=(
                         f"unloaded '{entry['key']}' (instance {instance}), left loaded by the "
                         f"killed run {journal.stem}"))
-            with open(journal, "a", encoding="utf-8") as out:  # handled: the next run looks no more
-                out.write(json.dumps({"released_by": self.recorder.result.run_id}) + "\n")
+            # handled: the next run looks no more
+            jsonl.append(journal, {"released_by": self.recorder.result.run_id})
 
     @staticmethod
     def _made_by_unfinished_load(backend: Backend, entry: dict[str, Any]) -> str | list[str] | None:
@@ -586,15 +677,11 @@ class Runtime:
 
     def close(self) -> None:
         """Unload what this run loaded (unless kept) and stop its engines, also after a failure."""
+        self.stopping.set()  # a unit still in flight loads nothing from now on (see `ready`)
         with self._lock:
-            for model in list(self.loaded.values()):
-                if model.keep_loaded or model.server not in self.backends:
-                    continue
-                try:
-                    self.backends[model.server].unload(model)
-                except LmflowError as exc:
-                    self.recorder.emit("warning", message=f"could not unload {model.key}: {exc}")
-            self.loaded.clear()
+            for alias in list(self.loaded):
+                self._unload_owned(alias)
+            self._release_leases()
             for entry in self._timed_out_loads:
                 backend = self.backends.get(entry["server"])
                 try:
@@ -613,6 +700,36 @@ class Runtime:
             self.recorder.result.stats.update(response_cache=cache.stats.summary(),
                                               fallback_answers=self.resilience.fallbacks)
         self.resilience.close()
+
+    def _release_leases(self) -> None:
+        """End this run's use of shared models: the last run to use one unloads what runs loaded."""
+        for (server, key), lease in self._leases.items():
+            backend = self.backends.get(server)
+
+            def unload(note: dict[str, Any], backend: Backend | None = backend) -> None:
+                alias = self._handed_over.pop(note["instance"], (None, None))[0]
+                try:
+                    if backend is not None:
+                        backend.unload_instance(note["instance"])
+                except LmflowError as exc:
+                    self.recorder.emit("warning", message=f"could not unload {note['key']}: {exc}")
+                    return
+                if alias is not None:
+                    self.recorder.journal({"unloaded": alias})
+                else:
+                    self.recorder.emit("warning", message=(
+                        f"unloaded '{note['key']}' (instance {note['instance']}), which the run "
+                        f"{note.get('loaded_by')} loaded and left to the last run using it"))
+
+            if not lease.release(unload):
+                for instance, (alias, handed_key) in list(self._handed_over.items()):
+                    if handed_key == key:
+                        del self._handed_over[instance]
+                        self.recorder.journal({"handed_over": alias, "instance": instance})
+                        self.recorder.emit("warning", message=(
+                            f"left '{key}' loaded (instance {instance}): another lmflow run on this "
+                            "machine uses it, and the last of them to end unloads it"))
+        self._leases.clear()
 
     def __enter__(self) -> Runtime:
         return self
@@ -721,7 +838,34 @@ class Runtime:
                 dataclasses.asdict(f) for f in c.apply]
             source = source_hash(c.apply, self.spec.dir) if isinstance(c.apply, str) else None
             checkpoints.append([c.at, c.every, c.history, c.mode, steps, apply, source])
-        return {"until": getattr(step.loop.until, "text", None), "checkpoints": checkpoints}
+        return {"until": getattr(step.loop.until, "text", None), "checkpoints": checkpoints,
+                "refers_to": self._outside_values(step.loop)}
+
+    def _outside_values(self, loop: Any) -> dict[str, Any]:
+        """The params and top-level step outputs that a loop's checkpoint steps and `until` refer to.
+
+        Those are hashed unresolved (they also refer to `loop.*`, known only as the loop runs), so
+        the values they take from outside the loop go into the key beside them: `-p tag=B` after
+        `-p tag=A` is another loop, not A's answers served again.
+        """
+        refs: list[tuple[str, Any]] = []
+        expressions = [loop.until, *(s.when for c in loop.checkpoints for s in c.steps)]
+        for expression in expressions:
+            for ref in getattr(expression, "references", ()):
+                refs.append((ref.root, ref.path[0] if ref.path else None))
+        for checkpoint in loop.checkpoints:
+            for s in checkpoint.steps:
+                for _, text in templates.iter_templates(s.options):
+                    try:
+                        ref = templates.parse_ref(text)
+                    except templates.TemplateError:
+                        continue  # validation refused it already; nothing to hash
+                    refs.append((ref.root, ref.parts[0] if ref.parts else None))
+        top_level = {s.id for s in self.spec.steps}
+        params = sorted({str(name) for root, name in refs if root == "params"})
+        steps = sorted({str(name) for root, name in refs if root == "steps" and name in top_level})
+        return {"params": {name: self.spec.params.get(name) for name in params},
+                "steps": {name: self.outputs.get(name) for name in steps}}
 
     def model_identity(self, alias: str) -> dict[str, Any]:
         """What about a model changes its answers (step and response cache keys): the resolved

@@ -213,6 +213,13 @@ def test_item_errors_fail_skip_or_collect_and_items_retry(prefect_api: str, tmp_
             python: {function: "flowhelp:flaky", args: {x: "${{ item }}", log: "${{ params.log }}"}}
           - id: uses_failing
             python: {function: "flowhelp:echo", args: {value: "${{ steps.failing.output }}"}}
+          # a map that skips or collects its failed items hands its output on (Prefect must not
+          # refuse to start these because task runs they wait for failed)
+          - id: uses_skipping
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.skipping.output }}"}}
+          - id: uses_collecting
+            foreach: ${{ steps.collecting.output }}
+            python: {function: "flowhelp:echo", args: {value: "${{ item }}"}}
     """, name="itemerrors")
     result, out = run_json(spec, "-p", f"log={tmp_path / 'flaky'}", ok=False)
     steps = {s["id"]: s for s in result["steps"]}
@@ -228,6 +235,11 @@ def test_item_errors_fail_skip_or_collect_and_items_retry(prefect_api: str, tmp_
     assert [(p["index"], p["status"]) for p in steps["skipping"]["item_problems"]] == [
         (2, "failed"), (5, "failed")]
     assert steps["collecting"]["output"] == [10, 20, None, 40, 50, None, 70]
+    assert steps["uses_skipping"]["status"] == "completed", steps["uses_skipping"]
+    assert steps["uses_skipping"]["output"]["value"] == [10, 20, 40, 50, 70]
+    assert steps["uses_collecting"]["status"] == "completed", steps["uses_collecting"]
+    assert [o["value"] for o in steps["uses_collecting"]["output"]] == [10, 20, None, 40, 50, None, 70]
+    assert result["error"] is None  # the run failed for `failing` alone, not for Prefect's reasons
     assert steps["retried"]["output"] == [1, 2, 3]
     failed_items = {e["step"] for e in result["errors"]}
     assert {"failing[2]", "skipping[2]", "skipping[5]", "collecting[2]", "collecting[5]"} <= failed_items

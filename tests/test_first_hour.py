@@ -31,6 +31,7 @@ def loaded(url: str) -> list[tuple[str, str, int]]:
 
 HELPERS = """\
 import json
+import os
 import time
 import urllib.request
 
@@ -44,6 +45,13 @@ def loaded(url):
 def nap(seconds):
     time.sleep(seconds)
     return seconds
+
+
+def wait_for_file(path):
+    deadline = time.time() + 120
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.05)
+    return os.path.exists(path)
 """
 
 
@@ -146,7 +154,8 @@ def kill_when(spec: Path, ready: Callable[[], object]) -> None:
         proc.wait(10)
 
 
-def assert_next_run_unloads(spec: Path, url: str) -> None:
+def assert_next_run_unloads(spec: Path, url: str) -> list[str]:
+    """The next run unloads what the killed one left; returns that run's warnings."""
     out = lmflow_cmd("run", str(spec), "-p", "nap=0.1", "--json")
     assert out.returncode == 0, out.stderr
     events = json.loads(out.stdout)["events"]
@@ -155,6 +164,7 @@ def assert_next_run_unloads(spec: Path, url: str) -> None:
     again = lmflow_cmd("run", str(spec), "-p", "nap=0", "--json")  # handled once, not again
     assert again.returncode == 0, again.stderr
     assert not any("killed run" in e.get("message", "") for e in json.loads(again.stdout)["events"])
+    return [e["message"] for e in events if e.get("event") == "warning"]
 
 
 @pytest.mark.engine
@@ -165,7 +175,16 @@ def test_the_next_run_unloads_what_a_killed_run_loaded(lmstudio: str, prefect_ap
     earlier = journals("first-hour")
     kill_when(spec, lambda: journaled("first-hour", '"loaded": "smol"', earlier))
     assert [(k, c) for k, _i, c in loaded(lmstudio)] == [("smollm2-135m-instruct", 1536)]  # left behind
-    assert_next_run_unloads(spec, lmstudio)
+    # damaged lines in the killed run's journal (a disk error, a hand edit) cost a warning, not the run
+    (journal,) = journals("first-hour") - earlier
+    text = journal.read_bytes()
+    journal.write_bytes(text + (b"" if text.endswith(b"\n") else b"\n") + b'42\n\xff\xfe{"x": 1}\n')
+    lines = text.count(b"\n") + (0 if text.endswith(b"\n") else 1)
+    warnings = assert_next_run_unloads(spec, lmstudio)
+    assert f"{journal}:{lines + 1}: skipped a line that lmflow cannot read (a JSON int, not an object)" \
+        in warnings, warnings
+    assert f"{journal}:{lines + 2}: skipped a line that lmflow cannot read (not UTF-8 at byte 0)" \
+        in warnings, warnings
 
 
 @pytest.mark.engine
@@ -193,6 +212,60 @@ def test_the_next_run_unloads_what_a_run_killed_mid_load_loaded(
         assert [(i, c) for _k, i, c in loaded(url)] == [("smollm2-135m-instruct", 1024)]
     finally:
         stop_server(proc)
+
+
+SHARED = """\
+- id: ask
+  prompt: {model: smol, user: "Say hi.", max_tokens: 4}
+- id: hold
+  after: [ask]
+  python: {function: "helpers:wait_for_file", args: {path: "${{ params.flag }}"}}
+"""
+
+
+@pytest.mark.engine
+def test_a_run_does_not_unload_an_instance_another_run_still_uses(
+        lmstudio: str, prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, lmstudio, "{key: smollm2-135m-instruct, context_length: 1536}", SHARED,
+                      params="{flag: {type: string, default: none}}")
+    journals_before = journals("first-hour")
+
+    def start(flag: str) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "lmflow"), "run", str(spec), "-p", f"flag={tmp_path / flag}",
+                                 "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=os.environ.copy())
+
+    def holding(count: int) -> bool:  # `count` runs have asked the model and wait for their flag
+        return sum('{"step": "hold", "status": "running"}' in p.read_text()
+                   for p in journals("first-hour") - journals_before) == count
+
+    first = start("first-go")
+    second = None
+    try:
+        assert wait_for(lambda: holding(1), timeout=120)
+        second = start("second-go")  # finds the instance the first run loaded, and uses it
+        assert wait_for(lambda: holding(2), timeout=120)
+        assert [(k, c) for k, _i, c in loaded(lmstudio)] == [("smollm2-135m-instruct", 1536)]
+        (tmp_path / "first-go").touch()
+        out, _ = first.communicate(timeout=120)
+        assert first.returncode == 0
+        events = json.loads(out)["events"]
+        assert any("left 'smollm2-135m-instruct' loaded (instance" in e.get("message", "")
+                   and "another lmflow run on this machine uses it" in e["message"] for e in events), events
+        assert [(k, c) for k, _i, c in loaded(lmstudio)] == [("smollm2-135m-instruct", 1536)]  # still there
+        (tmp_path / "second-go").touch()
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 0, err
+        assert loaded(lmstudio) == []  # the last run to use it unloaded it
+        assert any("which the run first-hour-" in e.get("message", "") and "left to the last run using it"
+                   in e["message"] for e in json.loads(out)["events"])
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        if loaded(lmstudio):
+            lmflow_cmd("models", "unload", "--all", "--server", lmstudio)
 
 
 @pytest.mark.engine
@@ -292,7 +365,7 @@ def test_the_working_directory_is_restored_after_a_run_in_process(
                     "steps:\n  - id: where\n    python: {function: 'cwd_helpers:where'}\n")
     before = os.getcwd()
     result = run(spec)
-    assert result.ok, result.failure
+    assert result.ok, result.failure or result.error
     assert result.steps[0].output == str(tmp_path.resolve())
     assert os.getcwd() == before
 

@@ -429,3 +429,55 @@ def test_lm_studio_before_0_4_is_detected_and_used(tmp_path: Path, prefect_api: 
         assert backend(url).loaded_instances() == []  # and unloaded at the end
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"),
+                                                   (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_during_a_map_unloads_the_model_and_loads_nothing_on_the_way_out(
+        prefect_api: str, tmp_path: Path, sig: int, code: int, name: str) -> None:
+    import subprocess
+
+    server, url = start_server(tmp_path, CONFIG + "delay_seconds: 0.4\n")  # items stay in flight
+    try:
+        spec = write_spec(tmp_path, url, """\
+            - id: ask
+              foreach: ${{ params.xs }}
+              parallel: 4
+              retries: 3
+              retry_delay: 0.1s
+              prompt: {model: smol, user: "Say ${{ item }}.", max_tokens: 2}
+            - id: count
+              python: {function: "helpers:fail"}
+            """)
+        spec.write_text(spec.read_text() + "params: {xs: [" + ", ".join(map(str, range(60))) + "]}\n")
+        proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+        records = Path(os.environ["LMFLOW_HOME"]) / "runs"
+        try:
+            assert wait_for(lambda: any(p.read_text().count('"item":') >= 6
+                                        for p in records.glob("lifecycle-*.jsonl")), timeout=90)
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == code, stderr
+        assert loaded_instances(url) == []  # unloaded by the run's end, and not loaded again
+        journal = next(records.glob("lifecycle-*.jsonl"))
+        lines = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert [e for e in lines if "loading" in e or "loaded" in e or "unloaded" in e] == [
+            {"loading": "smol", "key": "smollm2-135m-instruct", "server": "default", "backend": "lmstudio",
+             "url": url, "context_length": 2048, "before": []},
+            {"loaded": "smol", "key": "smollm2-135m-instruct", "server": "default", "backend": "lmstudio",
+             "url": url, "instance": "smollm2-135m-instruct"},
+            {"unloaded": "smol"}]
+        record = json.loads(journal.with_suffix(".json").read_text())
+        assert record["error"].startswith(f"the run was interrupted by {name}"), record["error"]
+        steps = {s["id"]: s for s in record["steps"]}
+        assert steps["ask"]["status"] == "interrupted"
+        assert steps["count"]["status"] == "skipped"
+        assert f"error: the run was interrupted by {name}" in stderr
+        assert f"run record: {journal.with_suffix('.json')}" in stderr
+    finally:
+        stop_server(server)

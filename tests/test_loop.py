@@ -49,6 +49,10 @@ def counter():
 def count(state, generation):
     time.sleep(0.1)
     return {"rate": state["rate"]}  # the rate this generation ran with
+
+
+def tagged(tag, generation):
+    return {"tag": tag, "generation": generation}
 """
 
 def write_spec(folder: Path, body: str, name: str) -> Path:
@@ -143,6 +147,34 @@ def test_checkpoints_run_at_their_generations_and_bad_advice_is_recorded_not_app
         "sort": "CREATED_DESC"}).json()
     assert artifacts and "data:image/svg+xml;base64," in artifacts[0]["data"]
     assert "| 10 | 10 | blocking | applied |" in artifacts[0]["data"]
+
+
+def test_a_param_used_only_inside_a_checkpoint_changes_the_loops_cache_key(
+        prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        params: {tag: ALPHA}
+        steps:
+          - id: evolve
+            loop:
+              generations: 2
+              init: loophelp:counter
+              body: loophelp:count
+              checkpoints:
+                - at: [2]
+                  steps:
+                    - id: advise
+                      python:
+                        function: loophelp:tagged
+                        args: {tag: "${{ params.tag }}", generation: "${{ loop.generation }}"}
+    """, name="tagged")
+
+    def asked(*args: str) -> tuple[str, str]:
+        step = run_json(spec, *args)["steps"][0]
+        return step["status"], step["output"]["analyses"][0]["advice"]["tag"]
+
+    assert asked("-p", "tag=ALPHA") == ("completed", "ALPHA")
+    assert asked("-p", "tag=ALPHA") == ("cached", "ALPHA")  # the same loop: its cached answer
+    assert asked("-p", "tag=BETA") == ("completed", "BETA")  # not ALPHA's answer served as BETA's
 
 
 def test_a_killed_loop_resumes_asks_the_interrupted_analysis_again_and_ends_in_the_same_state(

@@ -274,3 +274,62 @@ def test_start_accepts_only_the_server_it_started(home: Path, monkeypatch: pytes
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
         fake.stdout.close()
+
+
+def test_a_prefect_server_that_dies_mid_run_is_restarted_and_the_run_goes_on(
+        home: Path, tmp_path: Path) -> None:
+    (tmp_path / "naps.py").write_text("import time\n\n\ndef nap(x):\n    time.sleep(0.2)\n    return x\n")
+    spec = tmp_path / "dies.yaml"
+    spec.write_text(textwrap.dedent("""\
+        version: 1
+        name: dies
+        defaults: {cache: false}
+        steps:
+          - id: nap
+            foreach: ${{ params.xs }}
+            parallel: 2
+            python: {function: "naps:nap", args: {x: "${{ item }}"}}
+          - id: after
+            python: {function: "naps:nap", args: {x: "${{ steps.nap.output }}"}}
+        """) + f"params: {{xs: {list(range(60))}}}\n")
+    run = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec), "--json"], cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        journals = home / "runs"
+        assert wait_for(lambda: any(p.read_text().count('"item":') >= 12 for p in journals.glob("*.jsonl")),
+                        timeout=120), "the map never got going"
+        watchdog = state_of(home)["pid"]
+        (server,) = servers_of(home)
+        server.kill()  # the Prefect server dies in the middle of the map
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, err
+    steps = {s["id"]: s for s in json.loads(out)["steps"]}
+    assert steps["nap"]["output"] == list(range(60))  # every item, once, in order
+    assert steps["after"]["output"] == list(range(60))
+    state = state_of(home)
+    assert state["pid"] == watchdog  # the same watchdog restarted its server
+    assert "the Prefect server exited with code -9: restarting it" in Path(state["log"]).read_text()
+    assert lmflow_cmd("server", "status").returncode == 0
+    runs = httpx.post(f"{state['url']}/flow_runs/filter", json={}, timeout=30).json()
+    assert wait_for(lambda: [r["state_type"] for r in httpx.post(
+        f"{state['url']}/flow_runs/filter", json={}, timeout=30).json()] == ["COMPLETED"], timeout=30), runs
+
+
+def test_a_damaged_state_file_does_not_start_a_second_server(home: Path, tmp_path: Path) -> None:
+    assert lmflow_cmd("server", "start").returncode == 0
+    state = state_of(home)
+    path = home / "prefect-server" / "server.json"
+    path.write_text(path.read_text()[:20])  # truncated
+    again = lmflow_cmd("server", "start")
+    assert again.returncode == 0, again.stderr
+    assert f"Prefect server already running: {state['url'].removesuffix('/api')} (pid {state['pid']}" \
+        in again.stdout
+    assert f"{path} cannot be read (JSONDecodeError); the Prefect server it named still runs" in again.stderr
+    assert state_of(home) == state  # written again, whole
+    assert len(servers_of(home)) == 1
+    assert lmflow_cmd("run", str(write_spec(tmp_path))).returncode == 0
+    assert len(servers_of(home)) == 1

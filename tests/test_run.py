@@ -209,8 +209,22 @@ def test_killed_run_leaves_no_engine_behind(prefect_api: str, tmp_path: Path,
         record = read_record(next(records.glob(f"kill{int(sig)}-*.jsonl")))
         assert record["steps"][0]["status"] == "completed"  # what was done is kept
         assert record["steps"][0]["output"]
-        assert record["steps"][1]["status"] == "running"
+        # a kill leaves the journal as it was; a signal the run hears is recorded as what it was
+        assert record["steps"][1]["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
         assert record.get("interrupted", False) is (sig == signal.SIGKILL)
+        if sig != signal.SIGKILL:
+            assert record["error"].startswith(f"the run was interrupted by {signal.Signals(sig).name}")
+        else:  # the engine's PID file outlived the killed run; the next run forgets it
+            pids = Path(os.environ["LMFLOW_HOME"]) / "pids"
+            assert list(pids.glob("*.json"))
+            after = write_spec(tmp_path, """\
+                defaults: {cache: false}
+                steps:
+                  - id: after
+                    python: {function: "helpers:add", args: {a: 1, b: 2}}
+            """, name="after")
+            assert lmflow_cmd("run", str(after)).returncode == 0
+            assert list(pids.glob("*.json")) == []
     finally:
         if proc.poll() is None:
             proc.kill()

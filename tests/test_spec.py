@@ -71,6 +71,28 @@ def test_bad_param_overrides_are_reported(tmp_path: Path) -> None:
     ]
 
 
+def test_a_param_value_nested_too_deep_is_refused_not_a_traceback(tmp_path: Path) -> None:
+    spec = """\
+        version: 1
+        name: deep
+        params: {x: {type: object, default: {}}}
+        steps:
+          - id: s
+            python: {function: "helpers:count", args: {score: 1, n: 2}}
+        """
+    deep = '{"a": ' * 500 + "1" + "}" * 500
+    assert problems(tmp_path, spec, x=deep) == [
+        "command line: -p x: cannot parse '" + deep[:60] + "...': the document is nested more than "
+        "64 levels deep (flatten the document)"]
+    from lmflow.spec.validate import ParamDecl, _coerce_param  # a deployment's value comes typed
+
+    value: object = 1
+    for _ in range(500):
+        value = {"a": value}
+    with pytest.raises(ValueError, match="nested more than 64 levels deep"):
+        _coerce_param("x", value, ParamDecl("object", {}, declared=True))
+
+
 def test_yaml_syntax_error_has_position(tmp_path: Path) -> None:
     found = problems(tmp_path, "version: 1\nname: x\nsteps:\n  - id: a\n   prompt: [\n")
     assert len(found) == 1
@@ -300,3 +322,39 @@ def test_a_valid_chain_and_its_settings_load(tmp_path: Path) -> None:
         2 * 2**30, 0.15, "wait", 10.0)
     assert (spec.response_cache.ttl, spec.response_cache.size_limit) == (86400.0, 500_000_000)
     assert [spec.step("ask").policy.attempt_timeout(n) for n in (1, 2, 3)] == [30.0, 45.0, 67.5]
+
+
+def test_no_import_checks_the_specs_modules_without_running_them(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lmflow.cli import cli
+
+    (tmp_path / "loud.py").write_text("open(__file__ + '.ran', 'w').close()\n\n\ndef works(x):\n"
+                                      "    return x\n")
+    spec = tmp_path / "loud.yaml"
+    spec.write_text(textwrap.dedent("""\
+        version: 1
+        name: loud
+        steps:
+          - id: a
+            python: {function: "loud:works", args: {x: 1}}
+          - id: b
+            python: {function: "loud:wroks", args: {x: 1}}
+          - id: c
+            python: {function: "json:dumps", args: {obj: 1}}
+          - id: d
+            python: {function: "nowhere:f"}
+        """))
+    runner = CliRunner()
+    for command in (["validate", "--no-import", str(spec)], ["plan", "--no-import", str(spec)]):
+        out = runner.invoke(cli, command)
+        assert isinstance(out.exception, SpecError), out.output
+        assert not (tmp_path / "loud.py.ran").exists(), command  # nothing of the spec's ran
+        problems = [p.render() for p in out.exception.problems]
+        assert [p.split(": ", 2)[1:] for p in problems] == [
+            ["steps[1].python.function", f"module 'loud' ({tmp_path / 'loud.py'}) has no function 'wroks' "
+             "(did you mean 'works'?)"],
+            ["steps[3].python.function",
+             "module 'nowhere' not found (put it next to the spec or install it)"]]
+    out = runner.invoke(cli, ["validate", str(spec)])  # as a run does: the module is imported
+    assert isinstance(out.exception, SpecError) and (tmp_path / "loud.py.ran").exists()

@@ -22,6 +22,15 @@ def test_nested_values_and_escape() -> None:
         "a": ["text", "${{ literal }}"]}
 
 
+def test_data_is_never_template_syntax() -> None:
+    # what a reference puts into a longer text stays as it was: `$${{` in data is not an escape
+    context = {"params": {"text": "costs $${{ price }} and ${{ params.n }}"}}
+    assert render("say: ${{ params.text }}!", context) == "say: costs $${{ price }} and ${{ params.n }}!"
+    assert render("${{ params.text }}", context) == context["params"]["text"]
+    assert render("$${{ a }} ${{ params.text }} $${{", context) == (
+        "${{ a }} costs $${{ price }} and ${{ params.n }} ${{")
+
+
 def test_missing_field_says_what_exists() -> None:
     with pytest.raises(TemplateError, match=r"steps.a.output has no 'nme' \(keys: items, name\)"):
         render("${{ steps.a.output.nme }}", CONTEXT)

@@ -190,7 +190,11 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
         self._model_locks: dict[str, threading.Lock] = {}
         self._closed = False
+        self.listener: Any = lambda event, data: None
         processes.reap_orphans()
+
+    def set_listener(self, listener: Any) -> None:
+        self.listener = listener
 
     @property
     def url(self) -> str | None:
@@ -232,7 +236,9 @@ class LocalBackend(Backend):
                 engine, client = self.engines.get(model.alias), self.clients.get(model.alias)
             if engine is not None and client is not None and engine.alive():
                 return engine, client
+            died = engine.proc.poll() if engine is not None and engine.proc is not None else None
             self._drop(model.alias)  # it died: start it again
+            noticed = time.monotonic()
             engine = LlamaServer(
                 llama_server_binary(), self._model_path(model), key=model.key,
                 context_length=model.context_length or DEFAULT_CONTEXT, alias=model.alias,
@@ -250,7 +256,14 @@ class LocalBackend(Backend):
             except BaseException:
                 engine.stop()
                 raise
-            return engine, client
+        if died is not None:  # said, and recorded in the run's events: a crash is never silent
+            record = {"url": engine.url, "model": model.alias, "exit_code": died,
+                      "recovered_in": round(time.monotonic() - noticed, 3), "log": str(engine.log_path)}
+            self.listener("server_restarted", record)
+            self.listener("warning", {"message": (
+                f"the local llama.cpp engine for '{model.alias}' died (exit code {died}); restarted it "
+                f"in {record['recovered_in']:.1f}s (its log: {engine.log_path})")})
+        return engine, client
 
     def _refuse_if_closed(self, model: ModelConfig) -> None:
         if self._closed:

@@ -18,6 +18,9 @@ from typing import Any
 
 # the expression never spans a `}}`: "${{ a }}-${{ b }}" is two references, not one
 _TEMPLATE = re.compile(r"(?<!\$)\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
+#: one pass over a text: `$${{` (a literal `${{`) or a reference; what a reference puts in is data,
+#: never read again for either
+_PIECE = re.compile(r"\$\$\{\{|\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 ROOTS = ("params", "steps", "item", "index", "loop")
 #: what `loop.` offers in a checkpoint's steps and in `until`
@@ -140,10 +143,8 @@ def render(value: Any, context: dict[str, Any]) -> Any:
         whole = _TEMPLATE.fullmatch(value)
         if whole:
             return lookup(parse_ref(whole.group(1)), context)
-        rendered = _TEMPLATE.sub(
-            lambda m: _as_text(lookup(parse_ref(m.group(1)), context)), value
-        )
-        return rendered.replace("$${{", "${{")
+        return _PIECE.sub(lambda m: "${{" if m.group(1) is None
+                          else _as_text(lookup(parse_ref(m.group(1)), context)), value)
     if isinstance(value, dict):
         return {k: render(v, context) for k, v in value.items()}
     if isinstance(value, list):

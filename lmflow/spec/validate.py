@@ -10,7 +10,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
 
@@ -20,7 +19,7 @@ from ..steps import CheckContext, kinds
 from ..steps.base import FUNCTION_PATTERN
 from . import graph, templates
 from .hints import suggest as _suggest
-from .loader import Document, PathT, format_path, load_yaml
+from .loader import MAX_DEPTH, Document, PathT, format_path, load_yaml, parse_yaml
 from .model import (
     DEFAULT_SERVER,
     ApplyField,
@@ -226,7 +225,25 @@ def _param_decl(doc: Document | None, name: str, raw: Any, problems: list[Proble
     return decl
 
 
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether a value (a deployment's typed parameter) nests more than `limit` levels, without
+    recursion."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [v for c in level if isinstance(c, (dict, list))
+                 for v in (c.values() if isinstance(c, dict) else c)]
+        if not level:
+            return False
+    return True
+
+
 def _check_param(decl: ParamDecl, value: Any) -> None:
+    if _nested_deeper(value, MAX_DEPTH):
+        raise ValueError(f"the value is nested more than {MAX_DEPTH} levels deep (flatten it)")
     kinds = PARAM_TYPES[decl.type] if decl.type else ()
     if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and decl.type != "boolean")):
         raise ValueError(f"expected {decl.type}, got {_type_name(value)} {value!r}")
@@ -243,10 +260,12 @@ def _coerce_param(name: str, raw: Any, decl: ParamDecl) -> Any:
     (typed), checked against the param's type."""
     value = raw
     if isinstance(raw, str) and decl.type not in (None, "string"):
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"cannot parse {raw!r}: {exc}") from None
+        try:  # the spec's own bounded reader: a value nested 500 deep is refused, not a RecursionError
+            value = parse_yaml(raw, f"-p {name}").data
+        except SpecError as exc:
+            problem = exc.problems[0]
+            raise ValueError(f"cannot parse {_short(raw)}: {problem.message}"
+                             + (f" ({problem.hint})" if problem.hint else "")) from None
         if decl.type == "number" and isinstance(value, str):
             try:  # `1e3`, which YAML 1.1 reads as text
                 value = float(value)
@@ -913,9 +932,22 @@ def _apply(doc: Document, path: PathT, raw: Any, spec_dir: Path,
 # ---------------------------------------------------------------- entry points
 
 
-def load_spec(path: str | Path, params: dict[str, Any] | None = None) -> Spec:
-    """Load and validate a spec; raise SpecError listing every problem found."""
-    path = Path(path)
+def load_spec(path: str | Path, params: dict[str, Any] | None = None, *, import_code: bool = True) -> Spec:
+    """Load and validate a spec; raise SpecError listing every problem found.
+
+    The Python modules the spec names are imported to check their functions (their top level
+    runs; nothing is called); `import_code=False` reads their source instead and runs nothing.
+    """
+    from ..steps.python import IMPORT_CODE
+
+    token = IMPORT_CODE.set(import_code)
+    try:
+        return _load_spec(Path(path), params)
+    finally:
+        IMPORT_CODE.reset(token)
+
+
+def _load_spec(path: Path, params: dict[str, Any] | None) -> Spec:
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise SpecError([doc.problem((), "a spec is a mapping with version, name and steps",
@@ -975,12 +1007,12 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return out
 
 
-def validate_files(paths: Iterable[str | Path]) -> list[Problem]:
-    """Every problem in every file (an empty list means all are valid)."""
+def validate_files(paths: Iterable[str | Path], *, import_code: bool = True) -> list[Problem]:
+    """Every problem in every file (an empty list means all are valid); see `load_spec`."""
     problems: list[Problem] = []
     for path in paths:
         try:
-            load_spec(path)
+            load_spec(path, import_code=import_code)
         except SpecError as exc:
             problems.extend(exc.problems)
     return problems

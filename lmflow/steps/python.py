@@ -159,15 +159,22 @@ def load_function(ref: str, spec_dir: Path) -> Any:
     return function
 
 
+#: False while a spec is checked without running any of its code (`lmflow validate --no-import`)
+IMPORT_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("lmflow_import_code", default=True)
+
+
 def function_problem(ref: str, spec_dir: Path) -> tuple[str, str | None] | None:
     """(message, hint) when `module:function` cannot be loaded from the spec's folder (None: it can).
 
     Validation loads it as a run does (`load_function`): the module is imported, so its top
     level runs, but the function is never called. The spec's own modules that this import
     added to `sys.modules` are dropped again, so the next import (a run in this process, or
-    another spec with a `helpers.py` of its own) reads them from its folder afresh.
+    another spec with a `helpers.py` of its own) reads them from its folder afresh. With
+    IMPORT_CODE false, the module's source is read instead (`static_function_problem`).
     """
     module_name, _, name = ref.partition(":")
+    if not IMPORT_CODE.get():
+        return static_function_problem(ref, spec_dir)
     with _IMPORTS:  # no other import from a spec's folder between the snapshot and the cleanup
         before = set(sys.modules)
         try:
@@ -179,6 +186,64 @@ def function_problem(ref: str, spec_dir: Path) -> tuple[str, str | None] | None:
             for added in set(sys.modules) - before:
                 if _in_folder(sys.modules.get(added), spec_dir):
                     sys.modules.pop(added, None)
+
+
+def static_function_problem(ref: str, spec_dir: Path) -> tuple[str, str | None] | None:
+    """`function_problem` without running anything: the module's source file is found (next to the
+    spec first, as a run finds it, else installed) and parsed, and the function must be a name its
+    top level defines. A compiled or built-in module cannot be read: it passes."""
+    import ast
+
+    from ..spec.hints import suggest
+
+    module_name, _, name = ref.partition(":")
+    path = _source_file(module_name.split("."), spec_dir)
+    if path is None:
+        return f"module '{module_name}' not found", "put it next to the spec or install it"
+    if path.suffix != ".py":
+        return None
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"cannot read module '{module_name}' ({path}): {exc}", "fix the module"
+    defined: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+    if name in defined or "*" in defined:
+        return None
+    return (f"module '{module_name}' ({path}) has no function '{name}'",
+            suggest(name, sorted(n for n in defined if not n.startswith("_"))))
+
+
+def _source_file(parts: list[str], spec_dir: Path) -> Path | None:
+    """The file a module's code is in, found without importing anything (for a dotted name, its
+    parent packages are not imported either)."""
+    def within(folders: Any, rest: list[str]) -> Path | None:
+        for folder in folders:
+            base = Path(folder).joinpath(*rest)
+            for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+                if candidate.is_file():
+                    return candidate
+        return None
+
+    local = within([spec_dir], parts)
+    if local is not None:
+        return local
+    try:
+        found = importlib.util.find_spec(parts[0])  # a top-level name: found, not imported
+    except (ImportError, ValueError):
+        return None
+    if found is None:
+        return None
+    if len(parts) == 1:
+        return Path(found.origin) if found.origin and found.has_location else Path("<built-in>")
+    return within(found.submodule_search_locations or (), parts[1:])
 
 
 def _why_not_loaded(exc: UserCodeError, module_name: str, name: str,
