@@ -86,7 +86,9 @@ def run_spec(spec_path: str, params: dict[str, Any] | None = None,
         recorder = _RECORDER.get()
         spec = recorder.spec
     recorder.result.flow_run_id = str(get_run_context().flow_run.id)
+    recorder.journal({"flow_run": recorder.result.flow_run_id})  # a kill: the next run marks it Crashed
     _label_flow_run(recorder)
+    _mark_killed_runs(recorder)
     runtime = Runtime(spec, recorder)
     runtime.refresh = refresh_cache
     runtime.nested = _nested_runner(runtime, refresh_cache)
@@ -134,6 +136,22 @@ def _label_flow_run(recorder: RunRecorder) -> None:
             client.update_flow_run(flow_run.id, name=result.run_id, tags=tags)
     except Exception as exc:  # noqa: BLE001 - labels are a convenience; the run goes on
         recorder.emit("warning", message=f"could not label the flow run in Prefect: {exc}")
+
+
+def _mark_killed_runs(recorder: RunRecorder) -> None:
+    """Killed runs of this spec on this machine: Crashed in Prefect, not Running for good."""
+    from prefect.client.orchestration import get_client
+
+    from .history import mark_killed_runs
+
+    try:
+        with get_client(sync_client=True) as client:
+            marked = mark_killed_runs(client, recorder.spec.name)
+    except Exception as exc:  # noqa: BLE001 - the run goes on; the next command tries again
+        recorder.emit("warning", message=f"could not mark killed runs as crashed in Prefect: {exc}")
+        return
+    for run_id in marked:
+        recorder.emit("warning", message=f"the run {run_id} was killed: marked Crashed in Prefect")
 
 
 def _summarize(recorder: RunRecorder) -> None:

@@ -180,10 +180,65 @@ def spec_name(spec: str) -> str:
     return load_spec(path).name  # raises the SpecError that says what is wrong
 
 
+#: after this long without a line in its journal, a killed run's task runs are all in Prefect's
+#: database (the server records events in batches, seconds late): the last look at them
+SETTLED = 300.0
+
+
+def mark_killed_runs(client: Any, spec_name: str | None = None) -> list[str]:
+    """Mark the flow runs of lmflow runs on this machine that were killed (a journal with no final
+    record, its process gone) Crashed in Prefect, and their unfinished task runs: Prefect itself
+    would show them running for good. Task runs the server records late are marked by a later
+    call; once a run has settled (SETTLED) it is not looked at again. Returns the runs that
+    this call marked Crashed."""
+    import time
+
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from . import jsonl
+    from .runtime import killed_journals
+
+    marked = []
+    for journal, entries in killed_journals(spec_name, marker="crash_marked"):
+        header = next((e for e in entries if "run" in e), {})
+        flow_run_id = next((e["flow_run"] for e in entries if isinstance(e.get("flow_run"), str)), None)
+        if flow_run_id is None:
+            continue
+        message = (f"the lmflow process of this run (pid {header.get('pid')}) ended without finishing it "
+                   "(killed); its journal keeps what was done, and a re-run reuses it")
+        try:
+            settled = time.time() - journal.stat().st_mtime > SETTLED
+            flow_run = client.read_flow_run(flow_run_id)
+            if not flow_run.state or not flow_run.state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+                marked.append(str(header.get("run")))
+            unfinished = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING]))))
+            for task_run in unfinished:
+                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+        except Exception:  # noqa: BLE001 - another server's run, or the API failed: next time, then
+            continue
+        if settled:
+            jsonl.append(journal, {"crash_marked": True})
+    return marked
+
+
 def list_runs(spec: str | None = None, limit: int = 20) -> list[Run]:
-    """lmflow's runs (of one spec: a file or a name), newest first; scheduled ones are left out."""
+    """lmflow's runs (of one spec: a file or a name), newest first; scheduled ones are left out.
+    Killed runs of this machine are marked Crashed first (`mark_killed_runs`)."""
     tags = ["lmflow"] + ([f"spec:{spec_name(spec)}"] if spec else [])
     with _client() as (client, ui):  # before Prefect's imports: they read its settings
+        mark_killed_runs(client)
         from prefect.client.schemas.filters import (
             FlowRunFilter,
             FlowRunFilterState,
@@ -206,6 +261,7 @@ def list_runs(spec: str | None = None, limit: int = 20) -> list[Run]:
 def show_run(ref: str) -> Run:
     """One run by its name or flow run id (or a unique prefix of either), with every step."""
     with _client() as (client, ui):
+        mark_killed_runs(client)
         found = _run(find_flow_run(client, ref), ui)
         _add_steps(client, [found])
     return found

@@ -339,37 +339,48 @@ def _declares_load(model: ModelConfig) -> bool:
                 or model.identifier)
 
 
+def killed_journals(spec_name: str | None = None, *, marker: str | None = None,
+                    warn: Callable[[str], None] | None = None) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """The journals (and their entries) of runs on this machine that were killed: no final record,
+    their process gone. Of one spec's runs, or all; without an entry `marker` when one is given."""
+    found = []
+    pattern = f"{glob.escape(spec_name)}-*.jsonl" if spec_name else "*.jsonl"
+    for journal in sorted(subdir("runs").glob(pattern)):
+        if journal.with_suffix(".json").exists():
+            continue
+        entries = list(journal_entries(journal, warn))
+        header = next((e for e in entries if "run" in e), {})
+        if spec_name and header.get("name") != spec_name or _alive(header.get("pid")):
+            continue
+        if marker is None or not any(marker in e for e in entries):
+            found.append((journal, entries))
+    return found
+
+
 def killed_runs_loads(spec: Spec, warn: Callable[[str], None] | None = None
                       ) -> list[tuple[Path, list[dict[str, Any]]]]:
     """Runs of this spec that were killed, with what each loaded and did not unload.
 
-    A run is killed when its journal has no final record and its process is gone;
-    one already released by a later run is skipped. An entry with an `instance` was loaded;
-    one with `loading` (and no instance) was being loaded when the run was killed.
-    A line that is not what lmflow wrote is skipped with a warning (`warn`).
+    See `killed_journals`; one already released by a later run is skipped. An entry with an
+    `instance` was loaded; one with `loading` (and no instance) was being loaded when the run was
+    killed. A line that is not what lmflow wrote is skipped with a warning (`warn`).
     """
     found = []
-    for journal in sorted(subdir("runs").glob(f"{glob.escape(spec.name)}-*.jsonl")):
-        if journal.with_suffix(".json").exists():
-            continue
+    for journal, entries in killed_journals(spec.name, marker="released_by", warn=warn):
         loads: dict[str, dict[str, Any]] = {}
         header: dict[str, Any] = {}
-        released = False
-        for entry in journal_entries(journal, warn):
+        for entry in entries:
             alias = entry.get("loaded", entry.get("loading", entry.get("unloaded")))
             if "run" in entry:
                 header = entry
-            elif "released_by" in entry:
-                released = True
             elif not isinstance(alias, str) or not isinstance(entry.get("key", ""), str):
                 continue  # not a load of lmflow's (a line edited by hand)
             elif "loading" in entry or "loaded" in entry:
                 loads[alias] = entry
             else:
                 loads.pop(alias, None)
-        if released or header.get("spec") != str(spec.file) or _alive(header.get("pid")):
-            continue
-        found.append((journal, list(loads.values())))
+        if header.get("spec") == str(spec.file):
+            found.append((journal, list(loads.values())))
     return found
 
 

@@ -351,6 +351,23 @@ def test_a_killed_map_leaves_no_engine_and_resumes_with_only_unfinished_items(
     assert steps["items"]["cached"] == 4 and steps["items"]["completed"] == 4
     assert steps["output"] == [x * x for x in range(8)]
     assert sorted(int(x) for x in log.read_text().split()) == [4, 5, 6, 7]
+    # the re-run marked the killed one Crashed in Prefect, with the items it had in flight
+    killed = journals()[0] if record["run_id"] in journals()[0].name else journals()[1]
+    assert f"the run {record['run_id']} was killed: marked Crashed in Prefect" in [
+        e["message"] for e in result["events"]]
+    flow_run = next(line for line in killed.read_text().splitlines() if '"flow_run"' in line)
+    flow_run_id = json.loads(flow_run)["flow_run"]
+    assert httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}").json()["state_type"] == "CRASHED"
+    # its task runs reach Prefect's database seconds late (recorded in batches): then any command
+    # that lists runs marks those too
+    def task_runs() -> list[dict]:
+        return httpx.post(f"{prefect_api}/task_runs/filter",
+                          json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
+
+    assert wait_for(lambda: len(task_runs()) == 7, timeout=60)  # warm, square[0..5]
+    assert lmflow_cmd("runs").returncode == 0
+    unfinished = [t["name"] for t in task_runs() if t["state_type"] in ("RUNNING", "PENDING")]
+    assert unfinished == []
 
 
 @pytest.mark.engine
