@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from .cache import ResponseCache
 from .errors import BackendTimeout, LmflowError, RecordNotWritten, RunStopping, StepFailure, describe
 from .home import subdir
 from .leases import Lease
+from .plugins import by_version
 from .resilience import Resilience
 from .spec import templates
 from .spec.model import ModelConfig, ResponseCacheConfig, Spec, StepSpec
@@ -396,7 +396,7 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-@cache
+@by_version
 def _options_validator(kind: str) -> Any:
     from jsonschema import Draft202012Validator
 

@@ -109,7 +109,7 @@ def test_registered_in_process() -> None:
     finally:
         from lmflow import backends
 
-        backends._BACKENDS.pop("echo-test")
+        backends._REGISTRY.unregister("echo-test")
     with pytest.raises(LmflowError, match="unknown backend 'echo-test': registered backends are "
                                           "lmstudio, local, openai"):
         backend_class("echo-test")
@@ -160,3 +160,52 @@ def test_keep_loaded_on_a_server_lmflow_runs_is_refused(tmp_path: Path) -> None:
     assert info.value.problems[0].render().startswith(
         f"{spec}:4:38: models.smol.keep_loaded: nothing stays loaded on a local server: lmflow runs it "
         "for the run and stops it at the end (remove keep_loaded, or run the server yourself")
+
+
+def test_a_kind_or_backend_registered_after_a_spec_was_loaded_is_usable_at_once(tmp_path: Path) -> None:
+    import lmflow
+    from lmflow.spec import load_spec
+    from lmflow.steps import _REGISTRY
+
+    spec = tmp_path / "echo.yaml"
+    spec.write_text("version: 1\nname: echo\nsteps:\n  - id: a\n    echo: {text: hi}\n")
+    with pytest.raises(lmflow.SpecError, match="echo"):
+        load_spec(spec)  # builds and caches the schema without the kind
+
+    @lmflow.register
+    class Echo(lmflow.Step):
+        kind = "echo"
+        options_schema = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}},
+                          "additionalProperties": False}
+
+        def run(self, options: dict, ctx: lmflow.StepContext) -> lmflow.StepResult:
+            return lmflow.StepResult(options["text"])
+
+    @register_backend
+    class Quiet(Backend):
+        kind = "quiet"
+        server_options = {"url": {"type": "string"}}
+
+    try:
+        assert load_spec(spec).steps[0].kind == "echo"
+        spec.write_text("version: 1\nname: echo\nserver: {backend: quiet, url: 'http://127.0.0.1:9'}\n"
+                        "steps:\n  - id: a\n    echo: {text: 3}\n")
+        with pytest.raises(lmflow.SpecError) as info:  # the new kind's own schema is used
+            load_spec(spec)
+        assert [p.path for p in info.value.problems] == ["steps[0].echo.text"]
+    finally:
+        from lmflow.backends import _REGISTRY as backends
+
+        _REGISTRY.unregister("echo")
+        backends.unregister("quiet")
+    with pytest.raises(lmflow.SpecError, match="echo"):
+        load_spec(spec)
+
+
+def test_registering_something_that_is_not_a_kind_says_so() -> None:
+    import lmflow
+
+    with pytest.raises(TypeError, match="is not a Step subclass with a kind"):
+        lmflow.register(object)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="is not a Backend subclass with a kind"):
+        register_backend(int)  # type: ignore[arg-type]

@@ -10,11 +10,10 @@ never for its name.
 
 from __future__ import annotations
 
-import threading
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..plugins import Registry
 from .base import Backend, ChatRequest, ChatResponse, ModelInfo
 
 if TYPE_CHECKING:
@@ -26,55 +25,18 @@ __all__ = ["Backend", "ChatRequest", "ChatResponse", "ModelInfo", "backend_class
 #: the backend of a server that names none
 DEFAULT_BACKEND = "local"
 
-_BACKENDS: dict[str, type[Backend]] = {}
-_lock = threading.Lock()
-_loaded_entry_points = False
+_REGISTRY: Registry[type[Backend]] = Registry("backend", "lmflow.backends", Backend)
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
-    """Register a backend class under its `kind` (usable as a class decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, Backend)) or not isinstance(
-            getattr(cls, "kind", None), str):
-        raise TypeError(f"{cls!r} is not a Backend subclass with a kind")
-    with _lock:
-        _BACKENDS[cls.kind] = cls
-    _forget_schema()
-    return cls
-
-
-def _forget_schema() -> None:
-    """A new backend changes the spec's schema (the backend enum, its options)."""
-    from ..spec import validate
-
-    validate._validator.cache_clear()
-
-
-def _load_entry_points() -> None:
-    global _loaded_entry_points
-    with _lock:
-        if _loaded_entry_points:
-            return
-        _loaded_entry_points = True
-        for ep in entry_points(group="lmflow.backends"):
-            if ep.name in _BACKENDS:
-                continue
-            try:
-                cls = ep.load()
-            except Exception as exc:  # noqa: BLE001 - a broken plugin is named, never a traceback
-                from ..errors import LmflowError
-
-                _loaded_entry_points = False
-                raise LmflowError(f"the backend plugin '{ep.name}' ({ep.value}) cannot be loaded: "
-                                  f"{type(exc).__name__}: {exc}; fix or uninstall the package that "
-                                  "provides it") from exc
-            _BACKENDS[getattr(cls, "kind", ep.name)] = cls
+    """Register a backend class under its `kind` (usable as a class decorator); the next spec
+    loaded can use it (the schema is rebuilt: `lmflow.plugins.by_version`)."""
+    return _REGISTRY.register(cls)
 
 
 def backend_classes() -> dict[str, type[Backend]]:
     """Every registered backend class, by kind (built-in ones and plugins)."""
-    _load_entry_points()
-    with _lock:
-        return dict(sorted(_BACKENDS.items()))
+    return _REGISTRY.all()
 
 
 def backend_class(kind: str) -> type[Backend]:

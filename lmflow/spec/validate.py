@@ -6,7 +6,6 @@ import dataclasses
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from jsonschema.exceptions import ValidationError
 
 from ..backends import DEFAULT_BACKEND, Backend, backend_classes
 from ..errors import Problem, SpecError
+from ..plugins import by_version
 from ..steps import CheckContext, kinds
 from ..steps.base import FUNCTION_PATTERN
 from . import graph, templates
@@ -50,7 +50,7 @@ def _type_name(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-@lru_cache(maxsize=1)
+@by_version
 def _validator() -> Draft202012Validator:
     return Draft202012Validator(spec_schema(), format_checker=_FORMATS)
 

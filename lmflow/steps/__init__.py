@@ -1,39 +1,25 @@
-"""Step kinds and their registry."""
+"""Step kinds and their registry (`lmflow.plugins.Registry`, the one backends use too)."""
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
+from ..plugins import Registry
 from .base import CheckContext, FixedModels, Session, Step, StepContext, StepResult
 
 __all__ = ["CheckContext", "FixedModels", "Session", "Step", "StepContext", "StepResult", "get_kind",
            "kinds", "register"]
 
-_KINDS: dict[str, Step] = {}
-_loaded_entry_points = False
+#: built-in kinds register through the entry point group, exactly as a third party's
+_REGISTRY: Registry[Step] = Registry("step kind", "lmflow.steps", Step, make=lambda cls: cls())
 
 
 def register(cls: type[Step]) -> type[Step]:
-    """Register a step kind (usable as a class decorator)."""
-    _KINDS[cls.kind] = cls()
-    return cls
-
-
-def _load_entry_points() -> None:
-    global _loaded_entry_points
-    if _loaded_entry_points:
-        return
-    _loaded_entry_points = True
-    for ep in entry_points(group="lmflow.steps"):
-        if ep.name not in _KINDS:
-            cls = ep.load()
-            _KINDS[cls.kind] = cls()
+    """Register a step kind (usable as a class decorator); the next spec loaded can use it."""
+    return _REGISTRY.register(cls)
 
 
 def kinds() -> dict[str, Step]:
     """All registered kinds, by name."""
-    _load_entry_points()
-    return dict(sorted(_KINDS.items()))
+    return _REGISTRY.all()
 
 
 def get_kind(name: str) -> Step:
