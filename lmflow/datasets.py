@@ -10,15 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import LmflowError
+from .errors import (
+    DatasetError,  # noqa: F401 - raised here, defined with the tree
+    )
 from .spec.model import Foreach
 
 #: dataset files `foreach: {file: ...}` reads, one object per row
 FORMATS = (".jsonl", ".json", ".csv")
-
-
-class DatasetError(LmflowError):
-    """A foreach source that cannot give a list of items."""
 
 
 def items(foreach: Foreach, spec_dir: Path, resolved: Any = None) -> list[Any]:

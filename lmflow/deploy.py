@@ -14,19 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LmflowError
+from .errors import (
+    DeployError,  # noqa: F401 - raised here, defined with the tree
+    )
 from .provenance import spec_version
 from .spec import load_spec
 from .spec.model import ScheduleSpec, Spec
 
 #: a module path (no colon): Prefect imports it, with no flow code to download
 ENTRYPOINT = "lmflow.compile.lmflow_flow"
-
-
-class DeployError(LmflowError):
-    """A deployment could not be made (a bad schedule, no Prefect server, an unknown pool)."""
-
-    exit_code = 2
 
 
 @dataclass

@@ -15,17 +15,35 @@
     │   ├── ContextOverflow          prompt larger than the loaded context
     │   ├── InvalidResponse          answer is not valid JSON / not the schema
     │   └── MalformedAnswer          the server broke its own API (a body not JSON, a bad chunk)
+    │   ├── ChainExhausted           no link of a fallback chain answered
+    │   └── WrongModel               the server answered with another model than asked
     ├── EngineError                  exit 3: the managed llama-server failed
     │   └── EngineNotInstalled       binary or model file missing
-    └── PrefectServerError           exit 3: lmflow's Prefect server
+    ├── PrefectServerError           exit 3: lmflow's Prefect server
+    ├── TemplateError                a `${{ }}` reference that cannot be parsed or resolved
+    ├── ExpressionError              a bad `when:` or `until:` expression, with its offset
+    ├── UserCodeError                a python step's, link's or loop's own code failed
+    │   ├── UserCodeFailed           it raised (retryable)
+    │   ├── UserCodeTimeout          it ran past the timeout
+    │   └── UserCodeCancelled        the run ended while it ran
+    ├── ResourceShortage             exit 3: the resource guard said no, and its action is fail
+    ├── ServerDown                   exit 3: a model server is down and could not be restarted
+    ├── ContextMismatch              a load applied another context length than asked
+    ├── ProbeMissing                 `context_length: probed` with no (usable) probe record
+    ├── DatasetError                 a foreach source that gives no list of items
+    ├── LoopStopped                  the run stopped while a loop ran (its state is saved)
+    ├── HistoryError                 a run that cannot be found or run again
+    └── DeployError                  exit 2: a deployment that cannot be made
 
-Messages are built from structured fields and end with what to do about it.
+TemplateError and ExpressionError are ValueErrors too. Messages are built from structured fields
+and end with what to do about it.
 The CLI (one place) turns them into text and an exit code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class LmflowError(Exception):
@@ -174,3 +192,98 @@ def describe(exc: BaseException) -> str:
     """A one-line description for errors that are not ours (user code in python steps)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class TemplateError(LmflowError, ValueError):
+    """A reference (`${{ ... }}`) that cannot be parsed or resolved."""
+
+
+class ExpressionError(LmflowError, ValueError):
+    """A bad expression: `message`, and `offset`, the 0-based character offset in the text (or None)."""
+
+    def __init__(self, message: str, offset: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+
+
+# -- raised by one module each (defined here, so the whole tree is in one place) --------------
+
+
+class ChainExhausted(BackendError):
+    """No link of a fallback chain gave an answer."""
+
+    def __init__(self, errors: list[dict[str, Any]], links: int):
+        self.errors = errors  # every attempt of every link (the message says why each link failed)
+        last: dict[int, dict[str, Any]] = {}
+        for error in errors:
+            last[error["link"]] = error
+        reasons = "; ".join(f"{e['target']}: {e['message']}" for e in last.values())
+        if links == 1:
+            super().__init__(f"{reasons} (declare a fallback to answer anyway)")
+        else:
+            super().__init__(f"all {links} links of the fallback chain failed: {reasons} "
+                             "(add a python or value link at the end to always answer)")
+
+
+class ResourceShortage(LmflowError):
+    """The resource guard says no, and its action is fail."""
+
+    exit_code = 3
+
+
+class HistoryError(LmflowError):
+    """A run could not be found, or run again as asked."""
+
+
+class DatasetError(LmflowError):
+    """A foreach source that cannot give a list of items."""
+
+
+class LoopStopped(LmflowError):
+    """The run was stopped while the loop ran; its state is saved and a re-run resumes it."""
+
+
+class DeployError(LmflowError):
+    """A deployment could not be made (a bad schedule, no Prefect server, an unknown pool)."""
+
+    exit_code = 2
+
+
+class WrongModel(BackendError):
+    """The server answered with another model than the one asked for."""
+
+
+class ServerDown(LmflowError):
+    """A model server is down and could not be (re)started with server.start."""
+
+    exit_code = 3
+
+
+class UserCodeError(LmflowError):
+    """The user's function raised; its message says where."""
+
+
+class UserCodeFailed(UserCodeError):
+    """The function itself raised: retried like any failure that may heal (a flaky call inside)."""
+
+    retryable = True
+
+
+class UserCodeTimeout(UserCodeError):
+    """The function did not return within the step's timeout: retried, like a backend timeout."""
+
+    retryable = True
+
+
+class UserCodeCancelled(UserCodeError):
+    """The run ended (a failure elsewhere, Ctrl-C, SIGTERM) while the function still ran."""
+
+
+class ContextMismatch(LmflowError):
+    """The server loaded the model at another context length than the spec asked for."""
+
+
+class ProbeMissing(LmflowError):
+    """A spec asks for `context_length: probed` but nothing was probed for that model, or the probe
+    found no size of the kind asked for (no working maximum)."""

@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from .errors import LmflowError, PrefectServerError
+from .errors import (
+    HistoryError,  # noqa: F401 - raised here, defined with the tree
+    PrefectServerError,
+)
 
 if TYPE_CHECKING:
     from .runtime import RunResult, StepRecord
@@ -35,10 +38,6 @@ SUMMARY_KEY = "lmflow-summary"
 #: columns of the summary table, in order
 COLUMNS = ("step", "kind", "status", "seconds", "attempts", "cached", "answered by", "result", "errors")
 PAGE = 200  # the most a Prefect API read returns at once
-
-
-class HistoryError(LmflowError):
-    """A run could not be found, or run again as asked."""
 
 
 # -- the summary a run writes (called by the compiler at the end of every flow run) ------------

@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonl
-from .errors import LmflowError
+from .errors import (
+    LmflowError,
+    LoopStopped,  # noqa: F401 - raised here, defined with the tree
+)
 from .spec.model import ApplyField, Checkpoint, StepSpec, parse_duration
 from .steps import StepContext, StepResult
 from .steps.python import UserCodeError, call, load_function
@@ -38,10 +41,6 @@ from .steps.python import UserCodeError, call, load_function
 STATE_VERSION = 1
 #: seconds between two updates of the loop's report in Prefect's UI (and at every advice)
 PUBLISH_EVERY = 30.0
-
-
-class LoopStopped(LmflowError):
-    """The run was stopped while the loop ran; its state is saved and a re-run resumes it."""
 
 
 def state_view(state: Any) -> dict[str, Any]:

@@ -29,7 +29,13 @@ from typing import Any
 
 from . import jsonl
 from .backends.base import Backend, ModelInfo
-from .errors import BackendError, BackendTimeout, EngineError, EngineNotInstalled, LmflowError
+from .errors import (
+    BackendError,
+    BackendTimeout,
+    EngineError,
+    EngineNotInstalled,
+    ProbeMissing,  # noqa: F401 - raised here, defined with the tree
+)
 from .home import subdir
 from .spec.model import ModelConfig
 
@@ -465,11 +471,6 @@ def record_working(report: ProbeReport, working: int | None, trials: list[Trial]
     """Attach the working search (already in the probe's journal) to the report."""
     report.working_max = working
     report.trials = trials
-
-
-class ProbeMissing(LmflowError):
-    """A spec asks for `context_length: probed` but nothing was probed for that model, or the probe
-    found no size of the kind asked for (no working maximum)."""
 
 
 #: "probed" / "probed - 10%": the working maximum; "probed: loadable" / "probed: loadable - 10%":

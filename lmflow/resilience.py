@@ -26,31 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import MISSING, ResponseCache
-from .errors import BackendError, BackendUnreachable, ConnectionRefused, ContextOverflow, LmflowError
+from .errors import (  # noqa: F401 - raised here, defined with the tree
+    BackendError,
+    BackendUnreachable,
+    ChainExhausted,
+    ConnectionRefused,
+    ContextOverflow,
+    LmflowError,
+    ResourceShortage,
+)
 from .spec.model import Breaker, Guard, Link, ModelConfig, Policy
-
-
-class ChainExhausted(BackendError):
-    """No link of a fallback chain gave an answer."""
-
-    def __init__(self, errors: list[dict[str, Any]], links: int):
-        self.errors = errors  # every attempt of every link (the message says why each link failed)
-        last: dict[int, dict[str, Any]] = {}
-        for error in errors:
-            last[error["link"]] = error
-        reasons = "; ".join(f"{e['target']}: {e['message']}" for e in last.values())
-        if links == 1:
-            super().__init__(f"{reasons} (declare a fallback to answer anyway)")
-        else:
-            super().__init__(f"all {links} links of the fallback chain failed: {reasons} "
-                             "(add a python or value link at the end to always answer)")
-
-
-class ResourceShortage(LmflowError):
-    """The resource guard says no, and its action is fail."""
-
-    exit_code = 3
-
 
 # ---------------------------------------------------------------- breaker
 

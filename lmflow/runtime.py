@@ -921,7 +921,7 @@ class Runtime:
         for attribute in ("status", "n_prompt", "n_ctx", "errors"):
             if getattr(exc, attribute, None) is not None:
                 extra[attribute] = getattr(exc, attribute)
-        message = str(exc) if isinstance(exc, (LmflowError, templates.TemplateError)) else describe(exc)
+        message = str(exc) if isinstance(exc, LmflowError) else describe(exc)
         attempts = getattr(exc, "attempts", None) or (record.attempts if index is None else 1)
         return StepFailure(step=name or (step.id if index is None else f"{step.id}[{index}]"),
                            error_type=type(exc).__name__, message=message,

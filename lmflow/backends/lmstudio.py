@@ -18,7 +18,12 @@ from urllib.parse import urlparse
 
 import httpx
 
-from ..errors import BackendError, BackendHTTPError, ContextOverflow
+from ..errors import (
+    BackendError,
+    BackendHTTPError,
+    ContextOverflow,
+    WrongModel,  # noqa: F401 - raised here, defined with the tree
+)
 from ..spec.model import ModelConfig, ServerConfig
 from .base import REMOTE_SERVER_OPTIONS, Backend, ChatRequest, ChatResponse, ModelInfo, checked
 from .openai import OpenAIClient
@@ -74,10 +79,6 @@ def prompt_text(messages: list[dict[str, Any]]) -> str:
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 texts.append(part["text"])
     return "\n".join(texts)
-
-
-class WrongModel(BackendError):
-    """The server answered with another model than the one asked for."""
 
 
 class LMStudioBackend(Backend):

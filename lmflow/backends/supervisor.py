@@ -23,16 +23,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import processes
-from ..errors import BackendUnreachable, LmflowError
+from ..errors import (
+    BackendUnreachable,
+    ServerDown,  # noqa: F401 - raised here, defined with the tree
+)
 from ..home import subdir
 from ..spec.model import ServerConfig
 
 T = TypeVar("T")
 Listener = Callable[[str, dict[str, Any]], None]
-
-
-class ServerDown(LmflowError):
-    exit_code = 3
 
 
 class Supervisor:

@@ -34,6 +34,7 @@ from typing import Any
 import simpleeval
 from simpleeval import InvalidExpression, IterableTooLong, NumberTooHigh, SimpleEval
 
+from ..errors import ExpressionError  # noqa: F401 - raised here, defined with the tree
 from .hints import suggest
 
 MAX_LENGTH = 1000
@@ -44,15 +45,6 @@ ROOTS = ("params", "steps", "item", "index", "loop")
 _LITERALS = {"true": True, "false": False, "null": None}
 _TOO_BIG = 10**MAX_DIGITS
 _WRAPPED = re.compile(r"\s*\$\{\{(.*)\}\}\s*", re.S)
-
-
-class ExpressionError(ValueError):
-    """A bad expression: `message`, and `offset`, the 0-based character offset in the text (or None)."""
-
-    def __init__(self, message: str, offset: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.offset = offset
 
 
 @dataclass(frozen=True)

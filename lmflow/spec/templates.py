@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import TemplateError  # noqa: F401 - raised here, defined with the tree
+
 # the expression never spans a `}}`: "${{ a }}-${{ b }}" is two references, not one
 _TEMPLATE = re.compile(r"(?<!\$)\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 #: one pass over a text: `$${{` (a literal `${{`) or a reference; what a reference puts in is data,
@@ -25,10 +27,6 @@ _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 ROOTS = ("params", "steps", "item", "index", "loop")
 #: what `loop.` offers in a checkpoint's steps and in `until`
 LOOP_FIELDS = ("generation", "generations", "state", "stats", "history", "previous", "asked_at")
-
-
-class TemplateError(ValueError):
-    """A reference that cannot be parsed or resolved."""
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..errors import LmflowError
+from ..errors import (
+    ContextMismatch,  # noqa: F401 - raised here, defined with the tree
+    LmflowError,
+)
 from ..spec.model import parse_duration
 from . import register
 from .base import MODEL_OPTION, ModelStep, StepContext, StepResult
-
-
-class ContextMismatch(LmflowError):
-    """The server loaded the model at another context length than the spec asked for."""
 
 
 def load(options: dict[str, Any], ctx: StepContext) -> StepResult:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import LmflowError, Problem
+from ..errors import LmflowError, Problem, UserCodeCancelled, UserCodeError, UserCodeFailed, UserCodeTimeout  # noqa: F401 - raised here, defined with the tree
 from . import register
 from .base import FUNCTION_PATTERN, CheckContext, Step, StepContext, StepResult
 
@@ -60,22 +60,6 @@ def _module_file(module: str, spec_dir: Path) -> Path | None:
         except (ImportError, ValueError):
             return None
     return Path(found.origin) if found and found.origin and found.has_location else None
-
-
-class UserCodeError(LmflowError):
-    """The user's function raised; its message says where."""
-
-
-class UserCodeFailed(UserCodeError):
-    """The function itself raised: retried like any failure that may heal (a flaky call inside)."""
-
-    retryable = True
-
-
-class UserCodeTimeout(UserCodeError):
-    """The function did not return within the step's timeout: retried, like a backend timeout."""
-
-    retryable = True
 
 
 @register
@@ -303,10 +287,6 @@ def _where(exc: BaseException, folder: Path) -> str:
             where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
         tb = tb.tb_next
     return where
-
-
-class UserCodeCancelled(UserCodeError):
-    """The run ended (a failure elsewhere, Ctrl-C, SIGTERM) while the function still ran."""
 
 
 def call_function(ref: str, kwargs: dict[str, Any], spec_dir: Path, timeout: float | None = None,
