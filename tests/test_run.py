@@ -312,3 +312,39 @@ def test_lifecycle_steps_run_unchanged_on_the_managed_engine(prefect_api: str, t
     assert steps["load"]["output"]["context_length"] == 1024
     assert steps["free"]["output"]["context_length"] == 2048
     assert engines_with_alias("lc") == []
+
+
+def test_a_managed_engine_killed_mid_map_is_restarted_and_recorded(prefect_api: str, tmp_path: Path) -> None:
+    alias = "crashing"
+    spec = write_spec(tmp_path, f"""\
+        models: {{{alias}: {{key: smollm2-135m-instruct, context_length: 512}}}}
+        defaults: {{cache: false, retries: 2, retry_delay: 0.5s}}
+        params: {{xs: {list(range(40))}}}
+        steps:
+          - id: ask
+            foreach: ${{{{ params.xs }}}}
+            parallel: 1
+            prompt: {{model: {alias}, user: "Count to ${{{{ item }}}}.", max_tokens: 8}}
+    """, name="crashing")
+    proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec), "--json"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        records = Path(os.environ["LMFLOW_HOME"]) / "runs"
+        assert wait_for(lambda: any(p.read_text().count('"item":') >= 5
+                                    for p in records.glob("crashing-*.jsonl")), timeout=120)
+        (engine,) = engines_with_alias(alias)
+        engine.kill()  # the engine dies in the middle of the map
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for orphan in engines_with_alias(alias):
+            orphan.kill()
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert len(result["steps"][0]["output"]) == 40  # every item answered
+    restarts = [e for e in result["events"] if e.get("event") == "server_restarted"]
+    assert [(r["model"], r["exit_code"]) for r in restarts] == [(alias, -9)]
+    said = f"the local llama.cpp engine for '{alias}' died (exit code -9); restarted it"
+    assert any(said in e.get("message", "") for e in result["events"])
