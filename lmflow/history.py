@@ -213,8 +213,8 @@ def mark_killed_runs(client: Any, spec_name: str | None = None) -> list[str]:
             continue
         message = (f"the lmflow process of this run (pid {header.get('pid')}) ended without finishing it "
                    "(killed); its journal keeps what was done, and a re-run reuses it")
+        settled = time.time() - journal.stat().st_mtime > SETTLED
         try:
-            settled = time.time() - journal.stat().st_mtime > SETTLED
             flow_run = client.read_flow_run(flow_run_id)
             if not flow_run.state or not flow_run.state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
@@ -226,8 +226,8 @@ def mark_killed_runs(client: Any, spec_name: str | None = None) -> list[str]:
             for task_run in unfinished:
                 client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
         except Exception:  # noqa: BLE001 - another server's run, or the API failed: next time, then
-            continue
-        if settled:
+            pass
+        if settled:  # (a run another server knows, or a server gone: not looked at for ever)
             jsonl.append(journal, {"crash_marked": True})
     return marked
 
