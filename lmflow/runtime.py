@@ -720,14 +720,13 @@ class Runtime:
             def unload(note: dict[str, Any], backend: Backend | None = backend) -> None:
                 alias = self._handed_over.pop(note["instance"], (None, None))[0]
                 try:
-                    if backend is not None:
-                        backend.unload_instance(note["instance"])
+                    done = backend is not None and backend.unload_instance(note["instance"])
                 except LmflowError as exc:
                     self.recorder.emit("warning", message=f"could not unload {note['key']}: {exc}")
                     return
                 if alias is not None:
                     self.recorder.journal({"unloaded": alias})
-                else:
+                elif done:  # (a killed run's instance may be gone already: released, or unloaded by hand)
                     self.recorder.emit("warning", message=(
                         f"unloaded '{note['key']}' (instance {note['instance']}), which the run "
                         f"{note.get('loaded_by')} loaded and left to the last run using it"))

@@ -214,15 +214,21 @@ def test_killed_run_leaves_no_engine_behind(prefect_api: str, tmp_path: Path,
         assert record.get("interrupted", False) is (sig == signal.SIGKILL)
         if sig != signal.SIGKILL:
             assert record["error"].startswith(f"the run was interrupted by {signal.Signals(sig).name}")
-        else:  # Prefect would show it running for good: the next command marks it Crashed, once
+        else:  # Prefect would show it running for good: the next command marks it Crashed
+            journal = next(records.glob(f"kill{int(sig)}-*.jsonl")).read_text()
+            flow_run_id = json.loads(next(x for x in journal.splitlines() if '"flow_run"' in x))["flow_run"]
+
+            def task_runs() -> list[dict]:
+                return httpx.post(f"{prefect_api}/task_runs/filter", timeout=30,
+                                  json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
+
+            # the server records task runs from events, seconds late (those the kill did not lose)
+            wait_for(lambda: {"warm", "wait"} <= {t["name"] for t in task_runs()}, timeout=20)
             listed = lmflow_cmd("runs", "--json")
             assert listed.returncode == 0, listed.stderr
             (killed,) = [r for r in json.loads(listed.stdout) if r["name"] == record["run_id"]]
             assert killed["state"] == "Crashed"
-            task_runs = httpx.post(f"{prefect_api}/task_runs/filter", timeout=30,
-                                   json={"flow_runs": {"id": {"any_": [killed["id"]]}}}).json()
-            # (those whose events reached the server before the kill): none is left running
-            assert [t["name"] for t in task_runs if t["state_type"] in ("RUNNING", "PENDING")] == []
+            assert [t["name"] for t in task_runs() if t["state_type"] in ("RUNNING", "PENDING")] == []
             # the engine's PID file outlived the killed run; the next run forgets it
             pids = Path(os.environ["LMFLOW_HOME"]) / "pids"
             assert list(pids.glob("*.json"))
