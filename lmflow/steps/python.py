@@ -25,7 +25,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import LmflowError, Problem, UserCodeCancelled, UserCodeError, UserCodeFailed, UserCodeTimeout  # noqa: F401 - raised here, defined with the tree
+from ..errors import (  # the UserCode errors: raised here, defined with the tree
+    Problem,
+    UserCodeCancelled,
+    UserCodeError,
+    UserCodeFailed,
+    UserCodeTimeout,
+)
 from . import register
 from .base import FUNCTION_PATTERN, CheckContext, Step, StepContext, StepResult
 
