@@ -143,7 +143,10 @@ def _mark_killed_runs(recorder: RunRecorder) -> None:
     from prefect.client.orchestration import get_client
 
     from .history import mark_killed_runs
+    from .runtime import killed_journals
 
+    if not killed_journals(recorder.spec.name, marker="crash_marked"):
+        return  # the common case: no client opened at the start of every run
     try:
         with get_client(sync_client=True) as client:
             marked = mark_killed_runs(client, recorder.spec.name)
