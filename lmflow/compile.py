@@ -1,12 +1,13 @@
-"""Spec -> Prefect flow. The only module that imports Prefect's flow machinery.
+"""Spec -> Prefect flow: the flow, and the executor that makes units Prefect task runs.
 
 `lmflow_flow` is one top-level, importable flow that takes the spec's path, so
 a deployment can re-import it by name; `run()` gives it the spec's name for
-the UI. A scheduler in the flow's thread starts every step whose dependencies
-have finished, at most `max_parallel` task runs at once (Prefect's
-ThreadPoolTaskRunner); a map step's items are task runs `step[i]` in a sliding
-window. Each task run waits for (`wait_for`) the task runs of the steps it
-depends on, so Prefect's graph is the spec's graph. See docs/dataflow.md.
+the UI. In the flow's thread, lmflow.engine's scheduler starts every step whose
+dependencies have finished and hands their units (steps, map items `step[i]`,
+checkpoint steps `loop@5.step`) to `PrefectExecutor`: each a task run of Prefect's
+ThreadPoolTaskRunner with its step's retries and cache, waiting for (`wait_for`) the
+task runs of the steps it depends on, so Prefect's graph is the spec's graph. See
+docs/architecture.md and docs/dataflow.md.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import os
-import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,16 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from . import shared_limit
-from .errors import LmflowError, StepFailed, StepFailure
+from .engine.scheduler import Scheduler
+from .engine.unit import Lifecycle, Ran, Unit
+from .errors import LmflowError, StepFailed
 from .prefect_server import configure_environment
 from .runtime import Listener, RunRecorder, RunResult, Runtime, working_directory
 from .spec import load_spec
 from .spec.model import Spec, StepSpec
 from .steps import StepResult, get_kind
 
-_RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar("lmflow_runtime")
+_LIFECYCLE: contextvars.ContextVar[Lifecycle] = contextvars.ContextVar("lmflow_lifecycle")
 _RECORDER: contextvars.ContextVar[RunRecorder] = contextvars.ContextVar("lmflow_recorder")
 #: the pool's ceiling; the scheduler keeps at most the spec's max_parallel task runs in flight,
 #: so only that many threads are ever created
@@ -42,11 +44,12 @@ POOL_SIZE = 256
 
 
 @task(persist_result=True)
-def run_step(step_id: str, kind: str, options: dict[str, Any], index: int | None = None,
+def run_step(name: str, step_id: str, options: dict[str, Any], index: int | None = None,
              cache_key: str | None = None) -> StepResult:
-    """One step of a spec, or one item of a map step (task runs `step` / `step[i]`)."""
-    runtime = _RUNTIME.get()
-    result = runtime.execute(runtime.spec.step(step_id), options, index)
+    """One unit of a run: a step, a map item or a checkpoint's step (task runs `step`, `step[i]`,
+    `loop@5.step`): one attempt, through the unit's lifecycle."""
+    lifecycle = _LIFECYCLE.get()
+    result = lifecycle.attempt(lifecycle.runtime.spec.step(step_id), options, name, index)
     if result.errors:  # in Prefect's history too: what failed before an answer came
         from prefect.logging import get_run_logger
 
@@ -57,6 +60,66 @@ def run_step(step_id: str, kind: str, options: dict[str, Any], index: int | None
         if result.answered_by:
             logger.warning(f"answered by {result.answered_by['target']}")
     return result
+
+
+class PrefectExecutor:
+    """Units as Prefect task runs, with their step's retries, timeouts and cache (lmflow.engine's
+    `Executor`). One task per step, made once; a unit whose cached answer must not be used is
+    submitted with `refresh_cache`."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Any] = {}
+        self._running: dict[concurrent.futures.Future, tuple[Unit, Any]] = {}
+
+    def _task(self, unit: Unit) -> Any:
+        task_ = self._tasks.get(unit.step.id)
+        if task_ is None:
+            task_ = self._tasks[unit.step.id] = _step_task(unit.step)
+        return task_.with_options(refresh_cache=True) if unit.refresh else task_
+
+    def submit(self, unit: Unit, after: Sequence[Any]) -> None:
+        future = self._task(unit).submit(unit.name, unit.step.id, unit.options, unit.index, unit.key,
+                                         wait_for=after)
+        self._running[future.wrapped_future] = (unit, future)
+
+    def wait(self) -> list[tuple[Unit, Ran]]:
+        done, _ = concurrent.futures.wait(list(self._running), return_when=concurrent.futures.FIRST_COMPLETED)
+        finished = []
+        for wrapped in done:
+            unit, future = self._running.pop(wrapped)
+            # the final State from the future itself (asking the API could lag behind)
+            finished.append((unit, _ran(wrapped.result(), future)))
+        return finished
+
+    def call(self, unit: Unit) -> Ran:
+        state = self._task(unit)(unit.name, unit.step.id, unit.options, unit.index, unit.key,
+                                 return_state=True)
+        return _ran(state, None)
+
+    def publish(self, step_id: str, markdown: str) -> None:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown, key=_artifact_key(step_id), description=step_id)
+
+    def track(self, step_id: str, description: str) -> Any:
+        from prefect.artifacts import create_progress_artifact
+
+        return create_progress_artifact(0.0, key=_artifact_key(step_id) + "-progress",
+                                        description=description)
+
+    def advance(self, handle: Any, percent: float) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(handle, percent)
+
+
+def _ran(state: Any, edge: Any) -> Ran:
+    if state.is_completed():
+        return Ran(result=state.result(), cached=state.name == "Cached", edge=edge)
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, BaseException):
+        error = RuntimeError(state.message or state.name)
+    return Ran(error=error)
 
 
 def _retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -89,23 +152,21 @@ def run_spec(spec_path: str, params: dict[str, Any] | None = None,
     recorder.journal({"flow_run": recorder.result.flow_run_id})  # a kill: the next run marks it Crashed
     _label_flow_run(recorder)
     _mark_killed_runs(recorder)
-    runtime = Runtime(spec, recorder)
-    runtime.refresh = refresh_cache
-    runtime.nested = _nested_runner(runtime, refresh_cache)
-    runtime.publish = _publish
-    token = _RUNTIME.set(runtime)
+    # a server other runs use too (not this run's temporary one): a limit per model server they share
+    gates = shared_limit.install(spec) if owned or recorder.result.api_url else None
+    runtime = Runtime(spec, recorder, gates)
+    lifecycle = Lifecycle(runtime, PrefectExecutor(), refresh=refresh_cache)
+    token = _LIFECYCLE.set(lifecycle)
     try:
-        if owned or recorder.result.api_url:  # a server other runs use too, not this run's temporary one
-            runtime.gates = shared_limit.install(spec)
         with working_directory(spec.dir, lambda message: recorder.emit("warning", message=message)), \
                 runtime:
             runtime.release_leftovers()
             try:
-                Scheduler(runtime, refresh_cache, max_parallel or spec.max_parallel).run()
+                Scheduler(lifecycle, max_parallel or spec.max_parallel).run()
             finally:
                 runtime.stopping.set()  # user code still running stops being waited for
     finally:
-        _RUNTIME.reset(token)
+        _LIFECYCLE.reset(token)
         _summarize(recorder)
         if owned:
             recorder.save()
@@ -172,345 +233,15 @@ def _summarize(recorder: RunRecorder) -> None:
         recorder.emit("warning", message=f"could not write the run's summary to Prefect: {exc}")
 
 
-_SKIPPED = object()  # an item whose condition was false, or that failed with on_item_error: skip
-
-
-@dataclass
-class _Map:
-    """A map step in progress: its items, the window of items in flight, their outcomes."""
-
-    step: StepSpec
-    items: list[Any]
-    window: int
-    started: float
-    outputs: list[Any] = field(default_factory=list)
-    next: int = 0
-    in_flight: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("completed", "cached", "failed", "skipped"), 0))
-    problems: list[dict[str, Any]] = field(default_factory=list)
-    first_failure: StepFailure | None = None
-    artifact_id: Any = None
-    reported: float = 0.0
-
-    @property
-    def done(self) -> int:
-        return sum(self.counts.values())
-
-    def progress(self) -> dict[str, Any]:
-        elapsed = max(time.perf_counter() - self.started, 1e-6)
-        rate = self.done / elapsed
-        left = len(self.items) - self.done
-        return {"total": len(self.items), "done": self.done, **self.counts,
-                "rate": round(rate, 2), "eta": round(left / rate, 1) if rate else None}
-
-
-@dataclass
-class _Unit:
-    step: StepSpec
-    index: int | None
-    key: str | None  # its cache key (None: not cached)
-    started: float
-
-
-class Scheduler:
-    """Starts ready steps and map items, at most `max_parallel` task runs at once; records outcomes.
-
-    Runs in the flow's thread only: its own state needs no lock. Readiness is counted
-    (each step knows how many of its dependencies are unfinished), so a 1,000-step
-    spec costs O(steps + edges), not a scan of every waiting step per event.
-    """
-
-    def __init__(self, runtime: Runtime, refresh_cache: bool, max_parallel: int):
-        self.runtime = runtime
-        self.recorder = runtime.recorder
-        self.refresh = refresh_cache
-        self.max_parallel = max_parallel
-        steps = runtime.spec.steps  # dependencies first
-        self.unfinished = {s.id: len(s.depends_on) for s in steps}
-        self.dependents: dict[str, list[StepSpec]] = {}
-        for s in steps:
-            for dep in s.depends_on:
-                self.dependents.setdefault(dep, []).append(s)
-        self.ready: list[StepSpec] = [s for s in steps if not s.depends_on]
-        self.status: dict[str, str] = {}  # done | failed | skipped (condition) | blocked (upstream)
-        #: started steps with units left to submit, in the order they became ready
-        self.queue: dict[str, StepSpec] = {}
-        #: resolved options and cache key of steps waiting for a slot
-        self.singles: dict[str, tuple[dict[str, Any], str | None]] = {}
-        self.maps: dict[str, _Map] = {}
-        self.futures: dict[str, list[Any]] = {}  # each step's task runs: the edges of its dependents
-        self.running: dict[concurrent.futures.Future, tuple[_Unit, Any]] = {}
-        self.tasks: dict[str, Any] = {}
-
-    # -- the loop ---------------------------------------------------------
-
-    def run(self) -> None:
-        while True:
-            if self.recorder.write_error is not None:  # a full disk: start nothing it cannot record
-                if not self.running:
-                    return
-            else:
-                while self.ready:
-                    ready, self.ready = self.ready, []
-                    for step in ready:
-                        self._start(step)
-                self._fill()
-                if self.ready:  # a map whose items were all skipped finished while filling
-                    continue
-            if not self.running:
-                if len(self.status) < len(self.unfinished):  # cannot happen: validation rejects cycles
-                    raise RuntimeError("lmflow scheduler stalled: "
-                                       + ", ".join(s for s in self.unfinished if s not in self.status))
-                return
-            done, _ = concurrent.futures.wait(list(self.running),
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            for wrapped in done:
-                unit, future = self.running.pop(wrapped)
-                self._finished(unit, future)
-
-    def _settle(self, step: StepSpec, status: str) -> None:
-        """A step is over (done, failed, skipped or blocked): its dependents may become ready."""
-        self.status[step.id] = status
-        for dependent in self.dependents.get(step.id, ()):
-            self.unfinished[dependent.id] -= 1
-            if self.unfinished[dependent.id] == 0:
-                self.ready.append(dependent)
-
-    def _start(self, step: StepSpec) -> None:
-        blocked = next((d for d in step.depends_on if self.status[d] in ("failed", "blocked")), None)
-        if blocked is not None:
-            reason = self.recorder.record(blocked).reason or ""
-            cause = reason.removeprefix("upstream failed: ") if reason.startswith("upstream") else blocked
-            self.recorder.update(step.id, status="skipped", reason=f"upstream failed: {cause}")
-            self._settle(step, "blocked")
-            return
-        started = time.perf_counter()
-        runtime = self.runtime
-        try:
-            if not runtime.item_condition(step) and not runtime.condition(step):
-                runtime.set_output(step.id, None)
-                self.recorder.update(step.id, status="skipped", reason="condition false")
-                self._settle(step, "skipped")
-                return
-            if step.foreach is None:
-                options = runtime.resolve(step)
-                self.singles[step.id] = (options, self._key(step, options))
-            else:
-                items = runtime.items(step)
-                self.recorder.update(step.id, status="running")
-                if not items:
-                    self.recorder.emit("warning", step=step.id,
-                                       message="foreach has no items: the output is an empty list")
-                    self._complete(step, [], seconds=0.0, items={"total": 0})
-                    return
-                self.maps[step.id] = _Map(step, items, step.parallel or self.max_parallel, started,
-                                          outputs=[_SKIPPED] * len(items))
-                self._progress_artifact(self.maps[step.id])
-        except Exception as exc:  # noqa: BLE001 - a template, condition or dataset error fails the step
-            self._fail(step, runtime.failure(step, exc), time.perf_counter() - started)
-            return
-        self.queue[step.id] = step
-
-    def _fill(self) -> None:
-        """Submit units, earlier steps first, while fewer than max_parallel run."""
-        for step in list(self.queue.values()):
-            if len(self.running) >= self.max_parallel:
-                return
-            if step.id in self.singles:
-                del self.queue[step.id]
-                self.recorder.update(step.id, status="running")
-                self._submit(step, None, *self.singles.pop(step.id))
-                continue
-            batch = self.maps[step.id]
-            while (len(self.running) < self.max_parallel and batch.in_flight < batch.window
-                   and batch.next < len(batch.items) and batch.first_failure is None):
-                index = batch.next
-                batch.next += 1
-                self._submit_item(batch, index)
-            if batch.next >= len(batch.items) or batch.first_failure is not None:
-                del self.queue[step.id]
-                if batch.in_flight == 0:
-                    self._finish_map(batch)
-
-    def _submit_item(self, batch: _Map, index: int) -> None:
-        step, item = batch.step, batch.items[index]
-        try:
-            if self.runtime.item_condition(step) and not self.runtime.condition(step, item, index):
-                self._item_done(batch, index, "skipped", reason="condition false")
-                return
-            options = self.runtime.resolve(step, item, index)
-            key = self._key(step, options)
-        except Exception as exc:  # noqa: BLE001 - a bad item fails alone (on_item_error decides)
-            self._item_failed(batch, index, self.runtime.failure(step, exc, index), 0.0)
-            return
-        batch.in_flight += 1
-        self._submit(step, index, options, key)
-
-    def _key(self, step: StepSpec, options: dict[str, Any]) -> str | None:
-        """The step's (or item's) cache key; it resolves the models it names, so it can fail (a
-        `probed` size with no probe) like resolving a template: the step fails, not the run."""
-        if not (step.policy.cache and get_kind(step.kind).cacheable):
-            return None
-        return self.runtime.cache_key(step, options)
-
-    def _submit(self, step: StepSpec, index: int | None, options: dict[str, Any], key: str | None) -> None:
-        task_ = self._task(step)
-        if key is not None and (self.refresh or _degraded(key).exists()):
-            # an answer that came from a fallback is not reused: the next run asks again
-            task_ = task_.with_options(refresh_cache=True)
-        upstream = [f for dep in step.depends_on for f in self.futures.get(dep, ())]
-        future = task_.submit(step.id, step.kind, options, index, key, wait_for=upstream)
-        self.running[future.wrapped_future] = (_Unit(step, index, key, time.perf_counter()), future)
-
-    def _task(self, step: StepSpec) -> Any:
-        """The step's task, made once: retries, cache and the name of its task runs."""
-        if step.id not in self.tasks:
-            self.tasks[step.id] = _step_task(step, step.id if step.foreach is None else step.id + "[{index}]")
-        return self.tasks[step.id]
-
-    # -- outcomes ---------------------------------------------------------
-
-    def _finished(self, unit: _Unit, future: Any) -> None:
-        state = future.wrapped_future.result()  # the final State (asking the API could lag behind)
-        seconds = round(time.perf_counter() - unit.started, 3)
-        step = unit.step
-        batch = self.maps.get(step.id) if unit.index is not None else None
-        if batch is not None:
-            batch.in_flight -= 1
-        if state.is_completed():
-            # an edge for the dependents' task runs. Only completed ones: Prefect would refuse to
-            # start a task run that waits for a failed one (NotReady), and a map that skips or
-            # collects its failed items hands its dependents an output all the same
-            self.futures.setdefault(step.id, []).append(future)
-            result: StepResult = state.result()
-            cached = state.name == "Cached"
-            if unit.key is not None and not cached:
-                if result.degraded:
-                    _degraded(unit.key).touch()
-                else:
-                    _degraded(unit.key).unlink(missing_ok=True)
-            if batch is None:
-                self._complete(step, result.output, seconds=seconds, result=result, cached=cached)
-            else:
-                self._item_done(batch, unit.index, "cached" if cached else "completed",  # type: ignore[arg-type]
-                                output=result.output, seconds=seconds)
-            return
-        exc = state.result(raise_on_failure=False)
-        if not isinstance(exc, BaseException):
-            exc = RuntimeError(state.message or state.name)
-        failure = self.runtime.failure(step, exc, unit.index)
-        if batch is None:
-            self._fail(step, failure, seconds)
-        else:
-            self._item_failed(batch, unit.index, failure, seconds)  # type: ignore[arg-type]
-
-    def _complete(self, step: StepSpec, output: Any, *, seconds: float, result: StepResult | None = None,
-                  cached: bool = False, items: dict[str, int] | None = None,
-                  problems: list[dict[str, Any]] | None = None) -> None:
-        self.runtime.set_output(step.id, output)
-        changes: dict[str, Any] = {"status": "cached" if cached else "completed", "output": output,
-                                   "seconds": seconds}
-        if result is not None:
-            changes.update(meta=result.meta, answered_by=result.answered_by, errors=result.errors)
-            if result.artifact:  # a report for the UI (a probe's table)
-                from prefect.artifacts import create_markdown_artifact
-
-                create_markdown_artifact(result.artifact, key=_artifact_key(step.id), description=step.id)
-        if items is not None:
-            changes.update(items=items, item_problems=problems or [])
-        self.recorder.update(step.id, **changes)
-        self._settle(step, "done")
-
-    def _fail(self, step: StepSpec, failure: StepFailure, seconds: float,
-              items: dict[str, int] | None = None, problems: list[dict[str, Any]] | None = None) -> None:
-        changes: dict[str, Any] = {"status": "failed", "error": failure, "seconds": round(seconds, 3)}
-        if items is not None:
-            changes.update(items=items, item_problems=problems or [])
-        self.recorder.update(step.id, **changes)
-        self._settle(step, "failed")
-
-    def _item_done(self, batch: _Map, index: int, status: str, *, output: Any = _SKIPPED,
-                   seconds: float = 0.0, reason: str | None = None) -> None:
-        batch.counts[status] += 1
-        if status in ("completed", "cached"):
-            batch.outputs[index] = output
-        else:
-            batch.problems.append({"index": index, "status": status, "reason": reason})
-        self.recorder.item(batch.step.id, index, status, output=None if output is _SKIPPED else output,
-                           reason=reason, seconds=seconds, progress=batch.progress())
-        self._report_progress(batch)
-        if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
-            self._finish_map(batch)
-
-    def _item_failed(self, batch: _Map, index: int, failure: StepFailure, seconds: float) -> None:
-        mode = batch.step.on_item_error
-        batch.counts["failed"] += 1
-        batch.problems.append({"index": index, "status": "failed", "error_type": failure.error_type,
-                               "reason": failure.message, "attempts": failure.attempts})
-        if mode == "collect":
-            batch.outputs[index] = None
-        elif mode == "fail" and batch.first_failure is None:
-            batch.first_failure = failure
-        self.recorder.item(batch.step.id, index, "failed", error=failure, seconds=seconds,
-                           progress=batch.progress())
-        self._report_progress(batch)
-        if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
-            self._finish_map(batch)
-
-    def _finish_map(self, batch: _Map) -> None:
-        step = batch.step
-        if step.id in self.status:
-            return
-        self.maps.pop(step.id, None)  # its items are no longer needed
-        seconds = time.perf_counter() - batch.started
-        counts = {"total": len(batch.items), **batch.counts}
-        self._report_progress(batch, final=True)
-        if batch.first_failure is not None:
-            first = batch.first_failure
-            not_run = len(batch.items) - batch.done
-            message = (f"item {first.step.removeprefix(step.id).strip('[]')} failed: {first.message} "
-                       f"({batch.counts['failed']} of {len(batch.items)} items failed"
-                       + (f", {not_run} not started" if not_run else "")
-                       + "; on_item_error: skip or collect keeps going)")
-            failure = StepFailure(step=step.id, error_type=first.error_type, message=message,
-                                  attempts=first.attempts, retryable=first.retryable, extra=first.extra)
-            self._fail(step, failure, seconds, counts, batch.problems)
-            return
-        output = [o for o in batch.outputs if o is not _SKIPPED]
-        self._complete(step, output, seconds=round(seconds, 3), items=counts, problems=batch.problems,
-                       cached=batch.counts["cached"] == len(batch.items))
-
-    # -- progress in Prefect's UI ------------------------------------------
-
-    def _progress_artifact(self, batch: _Map) -> None:
-        from prefect.artifacts import create_progress_artifact
-
-        batch.artifact_id = create_progress_artifact(
-            0.0, key=_artifact_key(batch.step.id) + "-progress",
-            description=f"{batch.step.id}: {len(batch.items)} items")
-        batch.reported = time.perf_counter()
-
-    def _report_progress(self, batch: _Map, final: bool = False) -> None:
-        """At most once a second (and at the end): each update is an API call."""
-        now = time.perf_counter()
-        if batch.artifact_id is None or (not final and now - batch.reported < 1.0):
-            return
-        from prefect.artifacts import update_progress_artifact
-
-        batch.reported = now
-        update_progress_artifact(batch.artifact_id, 100.0 * batch.done / max(len(batch.items), 1))
-
-
-def _step_task(step: StepSpec, run_name: str) -> Any:
-    """`run_step` with the step's retries, cache and the name of its task runs."""
+def _step_task(step: StepSpec) -> Any:
+    """`run_step` with the step's retries and cache; its task runs are named after their unit."""
     policy = step.policy
     kind = get_kind(step.kind)
     # kinds that retry their model calls per link (with fallbacks) are not retried again as a whole
     retries = 0 if kind.retries_inside else policy.retries
     settings: dict[str, Any] = {
         "name": step.id,
-        "task_run_name": run_name,
+        "task_run_name": "{name}",
         "retries": retries,
         "retry_delay_seconds": policy.retry_delays() if retries else 0,
         "retry_condition_fn": _retry_condition,
@@ -521,38 +252,6 @@ def _step_task(step: StepSpec, run_name: str) -> Any:
     else:
         settings.update(cache_policy=NO_CACHE, persist_result=False)
     return run_step.with_options(**settings)
-
-
-def _nested_runner(runtime: Runtime, refresh: bool) -> Any:
-    """Runs a loop checkpoint's step as a task run of its own (`evolve@5.advise`) inside the loop's."""
-
-    def run(step: StepSpec, options: dict[str, Any], name: str) -> StepResult:
-        kind = get_kind(step.kind)
-        key = runtime.cache_key(step, options) if step.policy.cache and kind.cacheable else None
-        task_ = _step_task(step, name)
-        if refresh and key is not None:
-            task_ = task_.with_options(refresh_cache=True)
-        state = task_(step.id, step.kind, options, None, key, return_state=True)
-        if state.is_completed():
-            return state.result()
-        exc = state.result(raise_on_failure=False)
-        raise exc if isinstance(exc, BaseException) else RuntimeError(state.message or state.name)
-
-    return run
-
-
-def _publish(step_id: str, markdown: str) -> None:
-    """A step's report in Prefect's UI (a new version of the artifact each time)."""
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(markdown, key=_artifact_key(step_id), description=step_id)
-
-
-def _degraded(key: str) -> Path:
-    """Marks a step cache key whose answer came from a fallback link."""
-    from .home import subdir
-
-    return subdir("degraded") / key
 
 
 def _artifact_key(step_id: str) -> str:

@@ -57,11 +57,11 @@ def _snapshot(value: Any) -> Any:
 class LoopRunner:
     """Runs one loop step to its end (or its stop), resuming from a saved state when there is one."""
 
-    def __init__(self, runtime: Any, step: StepSpec, options: dict[str, Any], ctx: StepContext):
+    def __init__(self, step: StepSpec, options: dict[str, Any], ctx: StepContext):
         from .home import subdir
 
-        assert step.loop is not None
-        self.runtime, self.step, self.ctx = runtime, step, ctx
+        assert step.loop is not None and ctx.units is not None
+        self.step, self.ctx, self.units = step, ctx, ctx.units
         self.checkpoints = step.loop.checkpoints
         self.until = step.loop.until
         self.body_ref: str = options["body"]
@@ -72,7 +72,7 @@ class LoopRunner:
         self.max_seconds = parse_duration(options["max_seconds"]) if "max_seconds" in options else None
         self.chart = options.get("chart")
         self.window = max([options.get("history") or 5] + [c.history for c in self.checkpoints])
-        key = runtime.cache_key(step, options)
+        key = self.units.key(step, options)
         folder = subdir("loops")
         self.state_path = folder / f"{key}.state"
         self.stats_path = folder / f"{key}.stats.jsonl"
@@ -97,9 +97,9 @@ class LoopRunner:
     # -- the loop ---------------------------------------------------------
 
     def run(self) -> StepResult:
-        spec_dir, policy, cancel = self.runtime.spec.dir, self.ctx.policy, self.ctx.stopping
+        spec_dir, policy, cancel = self.ctx.spec_dir, self.ctx.policy, self.ctx.stopping
         body = load_function(self.body_ref, spec_dir)
-        if self.runtime.refresh or not self._resume():
+        if self.units.refresh or not self._resume():
             self._start_fresh()
         self.started = time.perf_counter()
         stats_file = open(self.stats_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
@@ -169,7 +169,7 @@ class LoopRunner:
                 "history": self.history[-(history or self.window):],
                 "previous": self.previous.get(checkpoint.index) if checkpoint else None,
                 "asked_at": self.generation}
-        return self.runtime.loop_names(loop, {})
+        return self.units.names({"loop": loop})
 
     # -- checkpoints ------------------------------------------------------
 
@@ -236,30 +236,17 @@ class LoopRunner:
             self._pool.shutdown(wait=True)
 
     def _ask(self, checkpoint: Checkpoint, loop: dict[str, Any], g: int) -> dict[str, Any]:
-        """Run the checkpoint's steps in order; never raises (a failure is part of the answer)."""
+        """Run the checkpoint's steps in order, each a unit like any other (lmflow.engine.unit); never
+        raises (a failure is part of the answer)."""
         outputs: dict[str, Any] = {}
         steps: dict[str, Any] = {}
         for step in checkpoint.steps:
-            name = f"{self.step.id}@{g}.{step.id}"
-            started = time.perf_counter()
-            try:
-                names = self.runtime.loop_names(loop, outputs)
-                if step.when is not None and (step.when is False or (
-                        not isinstance(step.when, bool) and not step.when.test(names))):
-                    outputs[step.id] = None
-                    steps[step.id] = {"status": "skipped", "reason": "condition false"}
-                    continue
-                options = self.runtime.resolve(step, names=names)
-                result = self.runtime.run_nested(step, options, name)
-            except Exception as exc:  # noqa: BLE001 - recorded; the loop goes on
-                failure = self.runtime.failure(step, exc, name=name)
-                steps[step.id] = {"status": "failed", "error_type": failure.error_type,
-                                  "message": failure.message, "seconds": _since(started)}
-                return {"outputs": outputs, "steps": steps, "error": f"{step.id}: {failure.message}"}
-            outputs[step.id] = result.output
-            steps[step.id] = {"status": "completed", "output": result.output, "options": options,
-                              "meta": result.meta, "answered_by": result.answered_by,
-                              "errors": result.errors, "seconds": _since(started)}
+            outcome = self.units.run(step, self.units.names({"loop": loop}, outputs),
+                                     f"{self.step.id}@{g}.{step.id}")
+            steps[step.id] = outcome.summary()
+            if outcome.failure is not None:  # recorded; the loop goes on
+                return {"outputs": outputs, "steps": steps, "error": f"{step.id}: {outcome.failure.message}"}
+            outputs[step.id] = outcome.output
         return {"outputs": outputs, "steps": steps, "error": None}
 
     def _conclude(self, checkpoint: Checkpoint, analysis: dict[str, Any], answer: dict[str, Any],
@@ -291,7 +278,7 @@ class LoopRunner:
         if isinstance(checkpoint.apply, str):
             ref = checkpoint.apply
             try:
-                function = load_function(ref, self.runtime.spec.dir)
+                function = load_function(ref, self.ctx.spec_dir)
                 state = self.state
                 new = call(ref, lambda: function(state, advice), {}, self.ctx.policy.timeout,
                            self.ctx.stopping)
@@ -320,7 +307,7 @@ class LoopRunner:
 
     def _start_fresh(self) -> None:
         self._remove_files()
-        init = load_function(self.init_ref, self.runtime.spec.dir)
+        init = load_function(self.init_ref, self.ctx.spec_dir)
         self.state = call(self.init_ref, lambda: init(**self.init_args), {}, self.ctx.policy.timeout,
                           self.ctx.stopping)
         if self.state is None:
@@ -390,16 +377,14 @@ class LoopRunner:
             self._publish(final=False)
 
     def _publish(self, final: bool, force: bool = False) -> None:
-        publish = getattr(self.runtime, "publish", None)
-        if publish is None or (not final and not force and
-                               time.perf_counter() - self.published < PUBLISH_EVERY):
+        if not final and not force and time.perf_counter() - self.published < PUBLISH_EVERY:
             return
         self.published = time.perf_counter()
         from .loop_report import markdown
 
         try:
-            publish(self.step.id, markdown(self.step.id, self.total, self.history, self.analyses, self.chart,
-                                           final))
+            self.units.publish(self.step.id, markdown(self.step.id, self.total, self.history, self.analyses,
+                                                      self.chart, final))
         except Exception as exc:  # noqa: BLE001 - the UI's report is not worth stopping the loop for
             self.ctx.emit("warning", {"message": f"could not update the loop's report in Prefect: {exc}"})
 

@@ -1,7 +1,8 @@
-"""Running steps without Prefect: templates, backends, cache keys, run records.
+"""What a run holds while it runs: its record and journal, backends and models, values and keys.
 
-The compiler wraps `Runtime.execute` in Prefect tasks; everything a step needs
-at run time lives here, so steps stay plain callables that tests can drive.
+`Runtime` is the `Session` every step sees (backends, the models the run loaded, the
+shared resilience) and what units are made from: the names templates refer to, resolved
+options, cache keys. What happens to a unit with them is lmflow.engine.unit's.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from typing import Any
 from . import jsonl, processes
 from .backends import Backend, ModelInfo, backend_class, create_backend
 from .cache import ResponseCache
-from .errors import BackendTimeout, LmflowError, RecordNotWritten, RunStopping, StepFailure, describe
+from .errors import BackendTimeout, LmflowError, RecordNotWritten, RunStopping, StepFailure
 from .home import subdir
 from .leases import Lease
 from .plugins import by_version
 from .resilience import Resilience
 from .spec import templates
 from .spec.model import ModelConfig, ResponseCacheConfig, Spec, StepSpec
-from .steps import StepContext, StepResult, get_kind
+from .steps import get_kind
 
 #: bump when the meaning of cached results changes (2: a step's result is a StepResult)
 CACHE_VERSION = 2
@@ -411,7 +412,7 @@ CURRENT_STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmflo
 
 
 class Runtime:
-    """Backends and outputs of one run; executes steps with resolved options.
+    """Backends, models and outputs of one run; resolves what its units run with.
 
     Shared by every worker thread of a run: backends are created once under a lock,
     a model's effective settings (a probed context length) are resolved once, and the
@@ -419,7 +420,8 @@ class Runtime:
     scheduler (one thread) before any dependent starts.
     """
 
-    def __init__(self, spec: Spec, recorder: RunRecorder):
+    def __init__(self, spec: Spec, recorder: RunRecorder,
+                 gates: dict[str, Callable[[], AbstractContextManager[Any]]] | None = None):
         self.spec = spec
         self.recorder = recorder
         self.backends: dict[str, Backend] = {}
@@ -441,15 +443,9 @@ class Runtime:
         self._lock = threading.RLock()
         #: set when the run ends or is interrupted: user code still running is no longer waited for
         self.stopping = threading.Event()
-        #: recompute cached steps, and start loops afresh instead of resuming them
-        self.refresh = False
-        #: runs a checkpoint's step as a task run of its own (set by the compiler; None: call it here)
-        self.nested: Callable[[StepSpec, dict[str, Any], str], StepResult] | None = None
-        #: shows a step's markdown report in the run's UI (set by the compiler)
-        self.publish: Callable[[str, str], None] | None = None
         #: per server name, a slot of the limit shared with other runs, held around each model call
-        #: (set by the compiler when the run talks to a Prefect server others may use)
-        self.gates: dict[str, Callable[[], AbstractContextManager[Any]]] = {}
+        #: (given when the run talks to a Prefect server others may use)
+        self.gates = gates or {}
         config = spec.response_cache or ResponseCacheConfig()
         cache = ResponseCache(config.directory, size_limit=config.size_limit,
                               warn=lambda message: recorder.emit("cache_error", step=CURRENT_STEP.get(),
@@ -761,24 +757,11 @@ class Runtime:
             names.update(item=item, index=index)
         return names
 
-    def loop_names(self, loop: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
-        """What a checkpoint's steps (and a loop's until) can refer to: the loop, and the outputs of
-        the top-level steps and of the checkpoint's steps that ran before."""
+    def nested_names(self, extra: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        """What steps nested in a kind (a loop's checkpoints) refer to: params, the outputs of the
+        top-level steps and of the nested steps that ran before, and the kind's own (`loop`)."""
         steps = {**self._steps, **{k: {"output": v} for k, v in outputs.items()}} if outputs else self._steps
-        return {"params": self.spec.params, "steps": steps, "loop": loop}
-
-    def run_loop(self, ctx: StepContext, options: dict[str, Any]) -> StepResult:
-        """Run a loop step (see lmflow.loop)."""
-        from .loop import LoopRunner
-
-        step = self.spec.step(ctx.step_id)
-        return LoopRunner(self, step, options, ctx).run()
-
-    def run_nested(self, step: StepSpec, options: dict[str, Any], name: str) -> StepResult:
-        """One step of a checkpoint: a task run of its own under `lmflow run`."""
-        if self.nested is not None:
-            return self.nested(step, options, name)
-        return self.execute(step, options, name=name)
+        return {"params": self.spec.params, "steps": steps, **extra}
 
     def items(self, step: StepSpec) -> list[Any]:
         """The items of a map step (its foreach resolved)."""
@@ -788,17 +771,6 @@ class Runtime:
         assert foreach is not None
         value = templates.render(foreach.value, self.names(step)) if foreach.source == "value" else None
         return items(foreach, self.spec.dir, value)
-
-    def condition(self, step: StepSpec, item: Any = None, index: int | None = None) -> bool:
-        """Whether `when` lets the step (or item) run; True without a condition."""
-        from .spec.expressions import ExpressionError
-
-        if step.when is None or isinstance(step.when, bool):
-            return step.when is not False
-        try:
-            return step.when.test(self.names(step, item, index))
-        except ExpressionError as exc:
-            raise templates.TemplateError(f"when: {exc.message}") from None
 
     def item_condition(self, step: StepSpec) -> bool:
         """True when `when` refers to the item, so it is decided per item, not for the step."""
@@ -892,37 +864,3 @@ class Runtime:
             identity["fallback"] = [[link.kind, link.target, source_hash(link.target, self.spec.dir)
                                      if link.kind == "python" else None] for link in model.fallback]
         return identity
-
-    # -- steps ------------------------------------------------------------
-
-    def execute(self, step: StepSpec, options: dict[str, Any], index: int | None = None,
-                name: str | None = None) -> StepResult:
-        """Run one step (or one item of a map, or a checkpoint's step) with resolved options: one attempt."""
-        name = name or (step.id if index is None else f"{step.id}[{index}]")
-        token = CURRENT_STEP.set(name)
-        try:
-            if index is None and step.parent is None:
-                with self._lock:
-                    self.recorder.record(step.id).attempts += 1
-            ctx = StepContext(step_id=name, spec_dir=self.spec.dir, session=self, policy=step.policy,
-                              emit=lambda event, data: self.recorder.emit(event, step=name, **data),
-                              stopping=self.stopping)
-            return get_kind(step.kind).run(options, ctx)
-        finally:
-            CURRENT_STEP.reset(token)
-
-    def failure(self, step: StepSpec, exc: BaseException, index: int | None = None,
-                name: str | None = None) -> StepFailure:
-        record = self.recorder.record(step.parent or step.id)
-        extra = {}
-        if getattr(exc, "url", None):
-            extra["url"] = exc.url
-        for attribute in ("status", "n_prompt", "n_ctx", "errors"):
-            if getattr(exc, attribute, None) is not None:
-                extra[attribute] = getattr(exc, attribute)
-        message = str(exc) if isinstance(exc, LmflowError) else describe(exc)
-        attempts = getattr(exc, "attempts", None) or (record.attempts if index is None else 1)
-        return StepFailure(step=name or (step.id if index is None else f"{step.id}[{index}]"),
-                           error_type=type(exc).__name__, message=message,
-                           attempts=max(attempts, 1),
-                           retryable=bool(getattr(exc, "retryable", False)), extra=extra)

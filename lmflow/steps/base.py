@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from ..backends.base import Backend, ModelInfo
+    from ..engine.unit import Lifecycle
     from ..errors import Problem
     from ..resilience import Resilience
-    from ..spec.model import ModelConfig, Policy, ResponseCacheConfig
+    from ..spec.model import ModelConfig, Policy, ResponseCacheConfig, StepSpec
 
 
 @dataclass
@@ -139,6 +140,12 @@ class StepContext:
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
     #: set when the run is being stopped: long waits (user code) end early
     stopping: threading.Event | None = None
+    #: the spec's step this unit runs (None: a kind run outside a spec)
+    step: StepSpec | None = None
+    #: how a kind that holds steps of its own (a loop's checkpoints) runs them, each one a unit
+    #: like any other: `units.run(step, units.names(extra, outputs), name)` -> its Outcome
+    #: (lmflow.engine.unit.Lifecycle; None outside a spec)
+    units: Lifecycle | None = None
 
     @property
     def timeout(self) -> float:

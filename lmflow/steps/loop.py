@@ -2,8 +2,8 @@
 
 The options here are what is resolved once when the loop starts (how many generations,
 the init and body functions). `until` and the checkpoints' steps are parsed by the
-validator into `StepSpec.loop`, and the runtime runs them (`lmflow.loop`), because a
-checkpoint's steps are ordinary steps that run as task runs of their own.
+validator into `StepSpec.loop`; `lmflow.loop` runs them through the Step contract's
+`units` (each checkpoint step is a unit like any other: a task run of its own).
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ class LoopStep(Step):
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         from ..errors import LmflowError
+        from ..loop import LoopRunner
 
-        run_loop = getattr(ctx.session, "run_loop", None)
-        if run_loop is None:
+        if ctx.units is None or ctx.step is None or ctx.step.loop is None:
             raise LmflowError("a loop runs inside a spec (lmflow run): its checkpoints are steps of the spec")
-        return run_loop(ctx, options)
+        return LoopRunner(ctx.step, options, ctx).run()

@@ -1,0 +1,312 @@
+"""Which units are ready, and how many run at once: steps in dependency order, map items in a window.
+
+The scheduler starts every step whose dependencies have finished and hands its units to
+the `Lifecycle` (lmflow.engine.unit), which prepares them and submits them to the run's
+`Executor`; at most `max_parallel` units are in flight. A map step's items are units
+`step[i]` in a sliding window. Each unit waits for the completed units of the steps it
+depends on (their edges), so the executor's graph (Prefect's) is the spec's graph.
+See docs/dataflow.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import StepFailure
+from ..spec.model import StepSpec
+from .unit import Executor, Lifecycle, Outcome, Ran, Unit
+
+_SKIPPED = object()  # an item whose condition was false, or that failed with on_item_error: skip
+
+
+@dataclass
+class _Map:
+    """A map step in progress: its items, the window of items in flight, their outcomes."""
+
+    step: StepSpec
+    items: list[Any]
+    window: int
+    started: float
+    outputs: list[Any] = field(default_factory=list)
+    next: int = 0
+    in_flight: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("completed", "cached", "failed", "skipped"), 0))
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    first_failure: StepFailure | None = None
+    progress_handle: Any = None
+    reported: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def progress(self) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - self.started, 1e-6)
+        rate = self.done / elapsed
+        left = len(self.items) - self.done
+        return {"total": len(self.items), "done": self.done, **self.counts,
+                "rate": round(rate, 2), "eta": round(left / rate, 1) if rate else None}
+
+
+class Scheduler:
+    """Starts ready steps and map items, at most `max_parallel` units at once; records outcomes.
+
+    Runs in one thread only (the flow's): its own state needs no lock. Readiness is counted
+    (each step knows how many of its dependencies are unfinished), so a 1,000-step
+    spec costs O(steps + edges), not a scan of every waiting step per event.
+    """
+
+    def __init__(self, lifecycle: Lifecycle, max_parallel: int):
+        self.lifecycle = lifecycle
+        self.runtime = lifecycle.runtime
+        self.executor: Executor = lifecycle.executor
+        self.recorder = self.runtime.recorder
+        self.max_parallel = max_parallel
+        steps = self.runtime.spec.steps  # dependencies first
+        self.unfinished = {s.id: len(s.depends_on) for s in steps}
+        self.dependents: dict[str, list[StepSpec]] = {}
+        for s in steps:
+            for dep in s.depends_on:
+                self.dependents.setdefault(dep, []).append(s)
+        self.ready: list[StepSpec] = [s for s in steps if not s.depends_on]
+        self.status: dict[str, str] = {}  # done | failed | skipped (condition) | blocked (upstream)
+        #: started steps with units left to submit, in the order they became ready
+        self.queue: dict[str, StepSpec] = {}
+        #: prepared units of steps (not maps) waiting for a slot
+        self.singles: dict[str, Unit] = {}
+        self.maps: dict[str, _Map] = {}
+        #: each step's completed units' edges: what its dependents wait for
+        self.edges: dict[str, list[Any]] = {}
+        self.in_flight = 0
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            if self.recorder.write_error is not None:  # a full disk: start nothing it cannot record
+                if not self.in_flight:
+                    return
+            else:
+                while self.ready:
+                    ready, self.ready = self.ready, []
+                    for step in ready:
+                        self._start(step)
+                self._fill()
+                if self.ready:  # a map whose items were all skipped finished while filling
+                    continue
+            if not self.in_flight:
+                if len(self.status) < len(self.unfinished):  # cannot happen: validation rejects cycles
+                    raise RuntimeError("lmflow scheduler stalled: "
+                                       + ", ".join(s for s in self.unfinished if s not in self.status))
+                return
+            for unit, ran in self.executor.wait():
+                self.in_flight -= 1
+                self._finished(unit, ran)
+
+    def _settle(self, step: StepSpec, status: str) -> None:
+        """A step is over (done, failed, skipped or blocked): its dependents may become ready."""
+        self.status[step.id] = status
+        for dependent in self.dependents.get(step.id, ()):
+            self.unfinished[dependent.id] -= 1
+            if self.unfinished[dependent.id] == 0:
+                self.ready.append(dependent)
+
+    def _start(self, step: StepSpec) -> None:
+        blocked = next((d for d in step.depends_on if self.status[d] in ("failed", "blocked")), None)
+        if blocked is not None:
+            reason = self.recorder.record(blocked).reason or ""
+            cause = reason.removeprefix("upstream failed: ") if reason.startswith("upstream") else blocked
+            self.recorder.update(step.id, status="skipped", reason=f"upstream failed: {cause}")
+            self._settle(step, "blocked")
+            return
+        runtime, lifecycle = self.runtime, self.lifecycle
+        names = runtime.names(step)
+        if step.foreach is None:
+            prepared = lifecycle.prepare(step, names)
+            if isinstance(prepared, Unit):
+                self.singles[step.id] = prepared
+                self.queue[step.id] = step
+            elif prepared.status == "skipped":
+                self._skip(step)
+            else:
+                assert prepared.failure is not None
+                self._fail(step, prepared.failure, 0.0)
+            return
+        started = time.perf_counter()
+        try:
+            if not runtime.item_condition(step) and not lifecycle.condition(step, names):
+                self._skip(step)
+                return
+            items = runtime.items(step)
+        except Exception as exc:  # noqa: BLE001 - a condition or dataset error fails the step
+            self._fail(step, lifecycle.failure(step, exc, step.id), time.perf_counter() - started)
+            return
+        self.recorder.update(step.id, status="running")
+        if not items:
+            self.recorder.emit("warning", step=step.id,
+                               message="foreach has no items: the output is an empty list")
+            self._complete(step, [], seconds=0.0, items={"total": 0})
+            return
+        batch = _Map(step, items, step.parallel or self.max_parallel, started,
+                     outputs=[_SKIPPED] * len(items))
+        batch.progress_handle = self.executor.track(step.id, f"{step.id}: {len(items)} items")
+        batch.reported = time.perf_counter()
+        self.maps[step.id] = batch
+        self.queue[step.id] = step
+
+    def _skip(self, step: StepSpec) -> None:
+        self.runtime.set_output(step.id, None)
+        self.recorder.update(step.id, status="skipped", reason="condition false")
+        self._settle(step, "skipped")
+
+    def _fill(self) -> None:
+        """Submit units, earlier steps first, while fewer than max_parallel run."""
+        for step in list(self.queue.values()):
+            if self.in_flight >= self.max_parallel:
+                return
+            if step.id in self.singles:
+                del self.queue[step.id]
+                self.recorder.update(step.id, status="running")
+                self._submit(self.singles.pop(step.id))
+                continue
+            batch = self.maps[step.id]
+            while (self.in_flight < self.max_parallel and batch.in_flight < batch.window
+                   and batch.next < len(batch.items) and batch.first_failure is None):
+                index = batch.next
+                batch.next += 1
+                self._submit_item(batch, index)
+            if batch.next >= len(batch.items) or batch.first_failure is not None:
+                del self.queue[step.id]
+                if batch.in_flight == 0:
+                    self._finish_map(batch)
+
+    def _submit_item(self, batch: _Map, index: int) -> None:
+        step = batch.step
+        prepared = self.lifecycle.prepare(step, self.runtime.names(step, batch.items[index], index),
+                                          index=index, when=self.runtime.item_condition(step))
+        if isinstance(prepared, Outcome):
+            if prepared.failure is not None:  # a bad item fails alone (on_item_error decides)
+                self._item_failed(batch, index, prepared.failure, 0.0)
+            else:
+                self._item_done(batch, index, "skipped", reason=prepared.reason)
+            return
+        batch.in_flight += 1
+        self._submit(prepared)
+
+    def _submit(self, unit: Unit) -> None:
+        upstream = [edge for dep in unit.step.depends_on for edge in self.edges.get(dep, ())]
+        self.lifecycle.submit(unit, upstream)
+        self.in_flight += 1
+
+    # -- outcomes ---------------------------------------------------------
+
+    def _finished(self, unit: Unit, ran: Ran) -> None:
+        outcome = self.lifecycle.finish(unit, ran)
+        step = unit.step
+        batch = self.maps.get(step.id) if unit.index is not None else None
+        if batch is not None:
+            batch.in_flight -= 1
+        if outcome.ok:
+            # an edge for the dependents' units. Only completed ones: Prefect would refuse to
+            # start a task run that waits for a failed one (NotReady), and a map that skips or
+            # collects its failed items hands its dependents an output all the same
+            self.edges.setdefault(step.id, []).append(outcome.edge)
+            result = outcome.result
+            assert result is not None
+            if batch is None:
+                self._complete(step, result.output, seconds=outcome.seconds, result=result,
+                               cached=outcome.status == "cached")
+            else:
+                self._item_done(batch, unit.index, outcome.status,  # type: ignore[arg-type]
+                                output=result.output, seconds=outcome.seconds)
+            return
+        assert outcome.failure is not None
+        if batch is None:
+            self._fail(step, outcome.failure, outcome.seconds)
+        else:
+            self._item_failed(batch, unit.index, outcome.failure, outcome.seconds)  # type: ignore[arg-type]
+
+    def _complete(self, step: StepSpec, output: Any, *, seconds: float, result: Any = None,
+                  cached: bool = False, items: dict[str, int] | None = None,
+                  problems: list[dict[str, Any]] | None = None) -> None:
+        self.runtime.set_output(step.id, output)
+        changes: dict[str, Any] = {"status": "cached" if cached else "completed", "output": output,
+                                   "seconds": seconds}
+        if result is not None:
+            changes.update(meta=result.meta, answered_by=result.answered_by, errors=result.errors)
+            if result.artifact:  # a report for the UI (a probe's table)
+                self.executor.publish(step.id, result.artifact)
+        if items is not None:
+            changes.update(items=items, item_problems=problems or [])
+        self.recorder.update(step.id, **changes)
+        self._settle(step, "done")
+
+    def _fail(self, step: StepSpec, failure: StepFailure, seconds: float,
+              items: dict[str, int] | None = None, problems: list[dict[str, Any]] | None = None) -> None:
+        changes: dict[str, Any] = {"status": "failed", "error": failure, "seconds": round(seconds, 3)}
+        if items is not None:
+            changes.update(items=items, item_problems=problems or [])
+        self.recorder.update(step.id, **changes)
+        self._settle(step, "failed")
+
+    def _item_done(self, batch: _Map, index: int, status: str, *, output: Any = _SKIPPED,
+                   seconds: float = 0.0, reason: str | None = None) -> None:
+        batch.counts[status] += 1
+        if status in ("completed", "cached"):
+            batch.outputs[index] = output
+        else:
+            batch.problems.append({"index": index, "status": status, "reason": reason})
+        self.recorder.item(batch.step.id, index, status, output=None if output is _SKIPPED else output,
+                           reason=reason, seconds=seconds, progress=batch.progress())
+        self._report_progress(batch)
+        if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
+            self._finish_map(batch)
+
+    def _item_failed(self, batch: _Map, index: int, failure: StepFailure, seconds: float) -> None:
+        mode = batch.step.on_item_error
+        batch.counts["failed"] += 1
+        batch.problems.append({"index": index, "status": "failed", "error_type": failure.error_type,
+                               "reason": failure.message, "attempts": failure.attempts})
+        if mode == "collect":
+            batch.outputs[index] = None
+        elif mode == "fail" and batch.first_failure is None:
+            batch.first_failure = failure
+        self.recorder.item(batch.step.id, index, "failed", error=failure, seconds=seconds,
+                           progress=batch.progress())
+        self._report_progress(batch)
+        if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
+            self._finish_map(batch)
+
+    def _finish_map(self, batch: _Map) -> None:
+        step = batch.step
+        if step.id in self.status:
+            return
+        self.maps.pop(step.id, None)  # its items are no longer needed
+        seconds = time.perf_counter() - batch.started
+        counts = {"total": len(batch.items), **batch.counts}
+        self._report_progress(batch, final=True)
+        if batch.first_failure is not None:
+            first = batch.first_failure
+            not_run = len(batch.items) - batch.done
+            message = (f"item {first.step.removeprefix(step.id).strip('[]')} failed: {first.message} "
+                       f"({batch.counts['failed']} of {len(batch.items)} items failed"
+                       + (f", {not_run} not started" if not_run else "")
+                       + "; on_item_error: skip or collect keeps going)")
+            failure = StepFailure(step=step.id, error_type=first.error_type, message=message,
+                                  attempts=first.attempts, retryable=first.retryable, extra=first.extra)
+            self._fail(step, failure, seconds, counts, batch.problems)
+            return
+        output = [o for o in batch.outputs if o is not _SKIPPED]
+        self._complete(step, output, seconds=round(seconds, 3), items=counts, problems=batch.problems,
+                       cached=batch.counts["cached"] == len(batch.items))
+
+    def _report_progress(self, batch: _Map, final: bool = False) -> None:
+        """At most once a second (and at the end): each update may be an API call."""
+        now = time.perf_counter()
+        if batch.progress_handle is None or (not final and now - batch.reported < 1.0):
+            return
+        batch.reported = now
+        self.executor.advance(batch.progress_handle, 100.0 * batch.done / max(len(batch.items), 1))

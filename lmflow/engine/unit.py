@@ -1,0 +1,254 @@
+"""The life of one unit of work, wherever it stands: here and nowhere else.
+
+A unit is a top-level step, one item of a map step, or one step of a loop's checkpoint.
+Whoever asks for it (the scheduler, a loop), it goes through the same stages:
+
+1. condition: `when` decides whether it runs (skipped: "condition false"; a `when` that
+   cannot be evaluated fails the unit, with the same message everywhere);
+2. options: its templates resolved and checked against its kind's schema;
+3. cache key, and whether the cache may answer: not with `--refresh`, and not when the
+   answer cached under the key came from a fallback link (the next run asks again);
+4. submission to an `Executor`, which calls `attempt` once per try (the executor owns
+   retries, timeouts and the cache, from the step's policy) or answers from its cache;
+5. outcome: completed, cached, failed (its error shaped into a `StepFailure` that counts
+   the unit's own attempts) or skipped; the fallback marker is set or cleared.
+
+Where an outcome is recorded is the asker's: a step's record and a map's item lines (the
+scheduler), a checkpoint's analysis (`Outcome.summary`, the loop).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import ExpressionError, LmflowError, StepFailure, TemplateError, describe
+from ..steps import StepContext, StepResult, get_kind
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from ..spec.model import StepSpec
+
+
+@dataclass
+class Unit:
+    """One unit ready to run: its options resolved, its cache key known."""
+
+    step: StepSpec
+    #: its name in records and the UI: `step`, `step[3]`, `loop@5.step`
+    name: str
+    options: dict[str, Any]
+    index: int | None = None  # a map item's place in its list
+    key: str | None = None  # None: never answered from the cache
+    #: the cache must not answer (--refresh, or the cached answer came from a fallback)
+    refresh: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Ran:
+    """What an executor reports of one unit: its result, or the error of its last attempt."""
+
+    result: StepResult | None = None
+    error: BaseException | None = None
+    cached: bool = False
+    #: what units depending on this one wait for (the executor's handle of it)
+    edge: Any = None
+
+
+@dataclass
+class Outcome:
+    """How a unit ended."""
+
+    name: str
+    status: str  # completed | cached | failed | skipped
+    result: StepResult | None = None
+    failure: StepFailure | None = None
+    reason: str | None = None  # why it was skipped
+    seconds: float = 0.0
+    options: dict[str, Any] | None = None
+    edge: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("completed", "cached")
+
+    @property
+    def output(self) -> Any:
+        return self.result.output if self.result is not None else None
+
+    def summary(self) -> dict[str, Any]:
+        """The outcome as a checkpoint's analysis records each of its steps."""
+        if self.status == "skipped":
+            return {"status": "skipped", "reason": self.reason}
+        if self.failure is not None:
+            return {"status": "failed", "error_type": self.failure.error_type,
+                    "message": self.failure.message, "attempts": self.failure.attempts,
+                    "seconds": self.seconds}
+        result = self.result
+        assert result is not None
+        return {"status": self.status, "output": result.output, "options": self.options,
+                "meta": result.meta, "answered_by": result.answered_by, "errors": result.errors,
+                "seconds": self.seconds}
+
+
+class Executor(Protocol):
+    """Where units run (Prefect task runs under `lmflow run`): the engine's one way out."""
+
+    def submit(self, unit: Unit, after: Sequence[Any]) -> None:
+        """Start the unit once the units whose edges are `after` have completed."""
+
+    def wait(self) -> list[tuple[Unit, Ran]]:
+        """Block until at least one submitted unit is over; every one that is."""
+
+    def call(self, unit: Unit) -> Ran:
+        """Run a unit in this thread (a checkpoint's step, inside its loop's own unit)."""
+
+    def publish(self, step_id: str, markdown: str) -> None:
+        """A step's report where the run is watched (a new version each time)."""
+
+    def track(self, step_id: str, description: str) -> Any:
+        """Start showing a map's progress; a handle for `advance`."""
+
+    def advance(self, handle: Any, percent: float) -> None:
+        """Show how far a map has come."""
+
+
+class Lifecycle:
+    """The one place that decides what happens to a unit (see the module's docstring).
+
+    Shared by the scheduler's thread and the executor's worker threads: attempts are
+    counted under a lock; everything else it holds is read-only during the run.
+    """
+
+    def __init__(self, runtime: Runtime, executor: Executor, *, refresh: bool = False):
+        self.runtime = runtime
+        self.executor = executor
+        #: recompute cached units, and start loops afresh instead of resuming them
+        self.refresh = refresh
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- before it runs ------------------------------------------------------
+
+    def condition(self, step: StepSpec, names: dict[str, Any]) -> bool:
+        """Whether `when` lets the unit run; True without a condition."""
+        if step.when is None or isinstance(step.when, bool):
+            return step.when is not False
+        try:
+            return step.when.test(names)
+        except ExpressionError as exc:
+            raise TemplateError(f"when: {exc.message}") from None
+
+    def key(self, step: StepSpec, options: dict[str, Any]) -> str:
+        """The hash of everything that changes the unit's answer (also of one that is not cached:
+        a loop names its resumable state with it)."""
+        return self.runtime.cache_key(step, options)
+
+    def prepare(self, step: StepSpec, names: dict[str, Any], *, name: str | None = None,
+                index: int | None = None, when: bool = True) -> Unit | Outcome:
+        """The unit with its options and key; or its outcome when it does not run (its condition is
+        false, or a reference, the condition or its key cannot be resolved: it fails alone).
+        `when=False`: the condition was decided for the whole step already."""
+        name = name or (step.id if index is None else f"{step.id}[{index}]")
+        try:
+            if when and not self.condition(step, names):
+                return Outcome(name, "skipped", reason="condition false")
+            options = self.runtime.resolve(step, names=names)
+            # a key resolves the models it names, so it can fail (a `probed` size with no probe)
+            key = self.key(step, options) if step.policy.cache and get_kind(step.kind).cacheable else None
+        except Exception as exc:  # noqa: BLE001 - a bad unit fails alone
+            return Outcome(name, "failed", failure=self.failure(step, exc, name))
+        # an answer that came from a fallback is not reused: the next run asks again
+        refresh = key is not None and (self.refresh or _degraded(key).exists())
+        return Unit(step, name, options, index, key, refresh)
+
+    def submit(self, unit: Unit, after: Sequence[Any] = ()) -> None:
+        unit.started = time.perf_counter()
+        self.executor.submit(unit, after)
+
+    # -- while it runs (in the executor's worker) -------------------------------
+
+    def attempt(self, step: StepSpec, options: dict[str, Any], name: str,
+                index: int | None = None) -> StepResult:
+        """One try of a unit: what the executor calls, once per attempt."""
+        from ..runtime import CURRENT_STEP
+
+        token = CURRENT_STEP.set(name)
+        try:
+            with self._lock:
+                attempts = self._attempts[name] = self._attempts.get(name, 0) + 1
+                if index is None and step.parent is None:  # live in the step's record
+                    self.runtime.recorder.record(step.id).attempts = attempts
+            recorder = self.runtime.recorder
+            ctx = StepContext(step_id=name, spec_dir=self.runtime.spec.dir, session=self.runtime,
+                              policy=step.policy, stopping=self.runtime.stopping, step=step, units=self,
+                              emit=lambda event, data: recorder.emit(event, step=name, **data))
+            return get_kind(step.kind).run(options, ctx)
+        finally:
+            CURRENT_STEP.reset(token)
+
+    # -- after it ran ----------------------------------------------------------
+
+    def finish(self, unit: Unit, ran: Ran) -> Outcome:
+        seconds = round(time.perf_counter() - unit.started, 3)
+        if ran.error is None and ran.result is not None:
+            with self._lock:
+                self._attempts.pop(unit.name, None)
+            if unit.key is not None and not ran.cached:
+                marker = _degraded(unit.key)
+                if ran.result.degraded:
+                    marker.touch()
+                else:
+                    marker.unlink(missing_ok=True)
+            return Outcome(unit.name, "cached" if ran.cached else "completed", result=ran.result,
+                           seconds=seconds, options=unit.options, edge=ran.edge)
+        error = ran.error if ran.error is not None else RuntimeError("the unit ended without a result")
+        return Outcome(unit.name, "failed", failure=self.failure(unit.step, error, unit.name),
+                       seconds=seconds, options=unit.options)
+
+    def failure(self, step: StepSpec, exc: BaseException, name: str) -> StepFailure:
+        """An error shaped for the record: its type, message, the unit's attempts, what to retry."""
+        extra = {}
+        if getattr(exc, "url", None):
+            extra["url"] = exc.url  # type: ignore[attr-defined]
+        for attribute in ("status", "n_prompt", "n_ctx", "errors"):
+            if getattr(exc, attribute, None) is not None:
+                extra[attribute] = getattr(exc, attribute)
+        message = str(exc) if isinstance(exc, LmflowError) else describe(exc)
+        with self._lock:
+            counted = self._attempts.pop(name, 0)
+        attempts = getattr(exc, "attempts", None) or counted
+        return StepFailure(step=name, error_type=type(exc).__name__, message=message,
+                           attempts=max(attempts, 1), retryable=bool(getattr(exc, "retryable", False)),
+                           extra=extra)
+
+    # -- what a kind holding steps of its own uses (the Step contract's `units`) ---
+
+    def run(self, step: StepSpec, names: dict[str, Any], name: str) -> Outcome:
+        """A nested unit (a loop's checkpoint step) from start to outcome, in this thread."""
+        prepared = self.prepare(step, names, name=name)
+        if isinstance(prepared, Outcome):
+            return prepared
+        prepared.started = time.perf_counter()
+        return self.finish(prepared, self.executor.call(prepared))
+
+    def names(self, extra: dict[str, Any], outputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What nested steps refer to: params, the top-level steps' outputs and those of the nested
+        steps that ran before (`outputs`), and the kind's own names (`extra`, e.g. `loop`)."""
+        return self.runtime.nested_names(extra, outputs or {})
+
+    def publish(self, step_id: str, markdown: str) -> None:
+        self.executor.publish(step_id, markdown)
+
+
+def _degraded(key: str) -> Path:
+    """Marks a cache key whose answer came from a fallback link."""
+    from ..home import subdir
+
+    return subdir("degraded") / key
+

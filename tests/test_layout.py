@@ -1,0 +1,76 @@
+"""What each package may import (docs/architecture.md draws it): read from the source, lazy imports too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lmflow"
+
+#: the only modules that import Prefect: the adapter between the engine and Prefect
+PREFECT_ADAPTER = {"lmflow.compile", "lmflow.deploy", "lmflow.history", "lmflow.shared_limit"}
+
+#: package (or module) -> lmflow modules it must not import, at any depth
+FORBIDDEN = {
+    "lmflow.engine": ("lmflow.compile", "lmflow.cli", "lmflow.deploy", "lmflow.history", "lmflow.report"),
+    "lmflow.steps": ("lmflow.compile", "lmflow.cli", "lmflow.engine.scheduler", "lmflow.runtime",
+                     "lmflow.report"),
+    "lmflow.backends": ("lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.steps", "lmflow.runtime"),
+    # (the spec reads the kinds and backends registered, to assemble its schema)
+    "lmflow.spec": ("lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.runtime"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module the file imports, wherever the import statement stands (lazy ones included)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import x`
+    return found
+
+
+def _modules() -> dict[str, set[str]]:
+    return {_module_name(path): _imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_only_the_prefect_adapter_imports_prefect() -> None:
+    importers = {name for name, imports in _modules().items() if any(_under(i, "prefect") for i in imports)}
+    assert importers == PREFECT_ADAPTER
+
+
+def test_each_layer_imports_only_what_is_below_it() -> None:
+    broken = []
+    for name, imports in _modules().items():
+        for package, forbidden in FORBIDDEN.items():
+            if _under(name, package):
+                broken += [f"{name} imports {i}" for i in sorted(imports)
+                           if any(_under(i, f) for f in forbidden)]
+    assert broken == []
+
+
+def test_the_rules_read_lazy_and_relative_imports() -> None:
+    """The reader itself: an import inside a function, and `from ..x import y`, are seen."""
+    imports = _modules()
+    assert "lmflow.engine.unit" in imports["lmflow.engine.scheduler"]  # `from .unit import ...`
+    assert "lmflow.loop" in imports["lmflow.steps.loop"]  # inside LoopStep.run
