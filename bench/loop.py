@@ -321,8 +321,8 @@ def main() -> None:
         os.environ["LMFLOW_HOME"] = str(folder / "home")
         os.environ["PREFECT_HOME"] = str(folder / "prefect")
         os.environ.pop("PREFECT_API_URL", None)
-        from lmflow import prefect_server
         from lmflow.backends.local import free_port
+        from lmflow.prefect import server as prefect_server
 
         # a port of its own: with the default (4200 when free) a server another process starts
         # there at the same moment answers start()'s health check in place of ours

@@ -93,7 +93,7 @@ def bare_prefect(url: str, texts: list[str], parallel: int) -> float:
 
 
 def through_bare_prefect(url: str, api: str, nonce: str, parallel: int) -> float:
-    from lmflow import prefect_server
+    from lmflow.prefect import server as prefect_server
 
     out = subprocess.run([sys.executable, __file__, "--bare", url, str(parallel), nonce, str(ITEMS)],
                          capture_output=True, text=True,
@@ -138,9 +138,9 @@ def main() -> None:
         os.environ["LMFLOW_HOME"] = str(folder / "home")
         os.environ["PREFECT_HOME"] = str(folder / "prefect")
         os.environ.pop("PREFECT_API_URL", None)
-        from lmflow import prefect_server
         from lmflow.backends.catalog import llama_server_binary, locate
         from lmflow.backends.local import LlamaServer
+        from lmflow.prefect import server as prefect_server
 
         engine = LlamaServer(llama_server_binary(), locate("smollm2-135m-instruct", folder),
                              key="smollm2-135m-instruct", context_length=1024, alias="smol",

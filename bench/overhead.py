@@ -111,9 +111,9 @@ def main() -> None:
         os.environ["LMFLOW_HOME"] = str(Path(tmp) / "home")
         os.environ["PREFECT_HOME"] = str(Path(tmp) / "prefect")
         os.environ.pop("PREFECT_API_URL", None)
-        from lmflow import prefect_server
         from lmflow.backends.catalog import llama_server_binary, locate
         from lmflow.backends.local import LlamaServer
+        from lmflow.prefect import server as prefect_server
 
         engine = LlamaServer(llama_server_binary(), locate("smollm2-135m-instruct", Path(tmp)),
                              key="smollm2-135m-instruct", context_length=2048, alias="smol")

@@ -71,7 +71,7 @@ def main() -> None:
         os.environ["LMFLOW_HOME"] = str(folder / "home")
         os.environ["PREFECT_HOME"] = str(folder / "prefect")
         os.environ.pop("PREFECT_API_URL", None)
-        from lmflow import prefect_server
+        from lmflow.prefect import server as prefect_server
 
         (folder / "scalehelp.py").write_text(HELPER)
         server = prefect_server.start()

@@ -78,9 +78,9 @@ def gate_ms(api: str, holds: int = 30) -> float:
 import os, time
 os.environ["PREFECT_API_URL"] = {api!r}
 os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
-from lmflow import shared_limit
-shared_limit.ensure("lmflow-bench-gate", 4)
-hold = shared_limit.gate("lmflow-bench-gate")
+from lmflow.prefect import limits
+limits.ensure("lmflow-bench-gate", 4)
+hold = limits.gate("lmflow-bench-gate")
 with hold():
     pass
 t = time.perf_counter()

@@ -4,6 +4,6 @@ The flow takes the spec's path (and optional params), so one deployment per
 spec re-imports the same top-level flow by name.
 """
 
-from lmflow.compile import lmflow_flow
+from lmflow.prefect.flow import lmflow_flow
 
 __all__ = ["lmflow_flow"]

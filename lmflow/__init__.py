@@ -24,10 +24,10 @@ __all__ = [
 
 def run(spec_path: Any, params: dict[str, Any] | None = None, **options: Any) -> RunResult:
     """Validate, compile to a Prefect flow and run a spec: a path, or a `Spec` loaded with these
-    params (see `lmflow.compile.run`)."""
+    params (see `lmflow.prefect.flow.run`)."""
     from contextlib import nullcontext
 
-    from .prefect_server import configure_environment, temporary_server
+    from .prefect.server import configure_environment, temporary_server
 
     # spec errors cost nothing: no Prefect import yet; loaded once (validation imports its modules)
     spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path, params)
@@ -37,7 +37,7 @@ def run(spec_path: Any, params: dict[str, Any] | None = None, **options: Any) ->
     if choice.url is None and listener:
         listener("temporary_server_starting", {})
     with temporary_server() if choice.url is None else nullcontext():
-        from .compile import run as _run
+        from .prefect.flow import run as _run
 
         return _run(spec, params, **options)
 

@@ -17,7 +17,7 @@ import click
 from .errors import LmflowError, Problem, SpecError
 
 if TYPE_CHECKING:
-    from .prefect_server import ServerState
+    from .prefect.server import ServerState
     from .spec.model import Spec
 
 
@@ -100,7 +100,7 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
     server stop` ends it). LMFLOW_PREFECT_SERVER=temporary: a temporary server per run instead.
     """
     from . import load_spec
-    from .prefect_server import configure_environment
+    from .prefect.server import configure_environment
 
     values = _params(params)
     loaded = load_spec(spec, values)  # a wrong spec starts no Prefect server
@@ -188,7 +188,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
     the spec's commit. SPEC (a spec file or a spec's name) keeps that spec's runs."""
     if ctx.invoked_subcommand is not None:
         return
-    from . import history
+    from .prefect import history
 
     found = history.list_runs(ctx.meta.get("lmflow.runs.spec"), limit=limit)
     if as_json:
@@ -203,7 +203,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
 def runs_show(run_ref: str, as_json: bool) -> None:
     """Every step of RUN (its name or flow run id, or a unique prefix): status, time, attempts,
     answered by, errors; the run's params, spec version and its page in the UI."""
-    from . import history
+    from .prefect import history
 
     found = history.show_run(run_ref)
     click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else history.run_text(found))
@@ -218,8 +218,8 @@ def runs_show(run_ref: str, as_json: bool) -> None:
 def rerun(run_ref: str, current: bool, refresh: bool, as_json: bool, verbose: bool) -> None:
     """Run RUN again: the spec version it ran (from git when the file has changed since), its params
     and max_parallel."""
-    from . import history
-    from .prefect_server import configure_environment
+    from .prefect import history
+    from .prefect.server import configure_environment
 
     configure_environment(verbose)  # what -v asks, before the history's client imports Prefect
     with history.rerun_target(run_ref, current=current) as target:
@@ -276,8 +276,8 @@ def deploy(specs: tuple[Path, ...], pool: str, crons: tuple[str, ...], intervals
     Specs must be committed in a git repository: workers (`lmflow worker --pool NAME`) run them
     from their own checkout, by their path in the repository.
     """
-    from . import deploy as deploying
-    from .prefect_server import configure_environment
+    from .prefect import deploy as deploying
+    from .prefect.server import configure_environment
 
     configure_environment()
     done = deploying.deploy(list(specs), pool=pool, schedules=_cli_schedules(crons, intervals, timezone))
@@ -296,8 +296,8 @@ def deploy(specs: tuple[Path, ...], pool: str, crons: tuple[str, ...], intervals
 def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ...],
                 intervals: tuple[str, ...], timezone: str | None) -> None:
     """Serve each SPEC from this machine on its schedule until stopped (Ctrl-C)."""
-    from . import deploy as deploying
-    from .prefect_server import configure_environment
+    from .prefect import deploy as deploying
+    from .prefect.server import configure_environment
 
     choice = configure_environment()
     # a run started from the UI waits for the next poll: 2 s instead of Prefect's 10
@@ -318,7 +318,7 @@ def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ..
 @click.option("--limit", type=click.IntRange(1), default=None, metavar="N", help="Runs at once.")
 def worker(pool: str, repo: Path | None, limit: int | None) -> None:
     """Run deployments of a process work pool on this machine (Prefect's process worker)."""
-    from .prefect_server import configure_environment
+    from .prefect.server import configure_environment
     from .provenance import _git
 
     choice = configure_environment()
@@ -350,7 +350,7 @@ def server() -> None:
                    "(for many workers; needs asyncpg). Default: SQLite in lmflow's home.")
 def server_start(port: int | None, database: str | None) -> None:
     """Start a local Prefect server with its UI in the background."""
-    from . import prefect_server
+    from .prefect import server as prefect_server
 
     already = prefect_server.read_state()
     state = prefect_server.start(port, database=database)
@@ -364,7 +364,7 @@ def server_start(port: int | None, database: str | None) -> None:
 @server.command("stop")
 def server_stop() -> None:
     """Stop the managed Prefect server."""
-    from . import prefect_server
+    from .prefect import server as prefect_server
 
     state = prefect_server.stop()
     if state:
@@ -376,7 +376,7 @@ def server_stop() -> None:
 @server.command("status")
 def server_status() -> None:
     """Say whether the managed server runs, and which API `lmflow run` would use."""
-    from . import prefect_server
+    from .prefect import server as prefect_server
 
     state = prefect_server.read_state()
     answering = state is not None and prefect_server.answers(state.url)
@@ -416,7 +416,7 @@ def _lifetime(state: ServerState) -> str:
     """How the managed server came to run and when it stops."""
     import time
 
-    from . import prefect_server
+    from .prefect import server as prefect_server
 
     how = ("started by `lmflow run`, in the background" if state.started_by == prefect_server.STARTED_BY_RUN
            else "started by `lmflow server start`")
@@ -433,7 +433,7 @@ def _lifetime(state: ServerState) -> str:
 
 def _announce(state: ServerState) -> None:
     """The one line `lmflow run` prints when it starts the managed server."""
-    from .prefect_server import MODE_SETTING
+    from .prefect.server import MODE_SETTING
 
     until = f"{_duration(state.idle_stop)} without runs or " if state.idle_stop else ""
     click.echo(f"lmflow: starting a Prefect server in the background, UI at {state.ui_url}; it keeps "
@@ -545,24 +545,19 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
             click.echo(f"  load at {attempt.size:>6}: {attempt.outcome} in {attempt.seconds:.2f}s{extra}",
                        err=True)
 
+    def show_trial(t: Any) -> None:
+        if not as_json:
+            click.echo(f"  fill {t.fill:>6} ({t.position:<6}): {t.outcome}, "
+                       f"{t.prompt_tokens} tokens in {t.seconds:.2f}s", err=True)
+
     from .backends import backend_class
 
     runs_itself = backend_class(backend).owns_server
     config = ServerConfig(name="probe", backend=backend, url=None if runs_itself else url)
     with create_backend(config) as server:
-        target = ModelConfig(alias="probe", key=model)
-        report = probing.probe_loadable(server, target, minimum=minimum, maximum=maximum,
-                                        granularity=granularity, on_attempt=show, fresh=fresh)
-        if report.loadable_max and not load_only:
-            def show_trial(t: Any) -> None:
-                if not as_json:
-                    click.echo(f"  fill {t.fill:>6} ({t.position:<6}): {t.outcome}, "
-                               f"{t.prompt_tokens} tokens in {t.seconds:.2f}s", err=True)
-
-            working, trials = probing.probe_working(server, target, context_length=report.loadable_max,
-                                                    granularity=granularity, on_trial=show_trial,
-                                                    journal=probing.record_path(report.key))
-            probing.record_working(report, working, trials)
+        report = probing.measure(server, ModelConfig(alias="probe", key=model), minimum=minimum,
+                                 maximum=maximum, granularity=granularity, fresh=fresh,
+                                 load_only=load_only, on_attempt=show, on_trial=show_trial)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2, default=str))
         return

@@ -473,6 +473,23 @@ def record_working(report: ProbeReport, working: int | None, trials: list[Trial]
     report.trials = trials
 
 
+def measure(backend: Backend, model: ModelConfig, *, minimum: int = 1024, maximum: int | None = None,
+            granularity: int = 1024, fresh: bool = False, load_only: bool = False,
+            on_attempt: Callable[[Attempt], None] = lambda a: None,
+            on_trial: Callable[[Trial], None] = lambda t: None) -> ProbeReport:
+    """The whole probe, as `lmflow probe` and the `probe_context` step run it: the loadable maximum,
+    then (unless `load_only`, and when the model loads at all) the working maximum at that size;
+    every attempt and trial journaled, so a killed probe resumes."""
+    report = probe_loadable(backend, model, minimum=minimum, maximum=maximum, granularity=granularity,
+                            on_attempt=on_attempt, fresh=fresh)
+    if report.loadable_max and not load_only:
+        working, trials = probe_working(backend, model, context_length=report.loadable_max,
+                                        granularity=granularity, on_trial=on_trial,
+                                        journal=record_path(report.key))
+        record_working(report, working, trials)
+    return report
+
+
 #: "probed" / "probed - 10%": the working maximum; "probed: loadable" / "probed: loadable - 10%":
 #: the loadable one (the spec's schema has the same pattern)
 PROBED = re.compile(r"probed(?P<loadable>:\s*loadable)?(?:\s*-\s*(?P<margin>[0-9]{1,2})%)?")

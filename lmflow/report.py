@@ -10,6 +10,7 @@ from typing import Any
 from .backends import backend_class
 from .runtime import RunResult, StepRecord
 from .spec.model import Spec
+from .steps import get_kind
 
 MARK = {"completed": "ok", "cached": "ok", "failed": "FAILED", "skipped": "skipped"}
 
@@ -211,33 +212,8 @@ def plan(spec: Spec) -> str:
             lines.append(f"     when {getattr(step.when, 'text', step.when)}")
         growth = f" (x{p.timeout_growth:g} per attempt)" if p.timeout_growth != 1 else ""
         lines.append(f"     retries {p.retries}, timeout {p.timeout:g}s{growth}, {cache}")
-        if step.loop is not None:
-            lines += _loop_plan(step, spec.params)
+        lines += get_kind(step.kind).plan_lines(step, spec.params)
     return "\n".join(lines)
-
-
-def _loop_plan(step: Any, params: dict[str, Any]) -> list[str]:
-    """How a loop stops, and what each checkpoint runs when and applies."""
-    from .spec import templates
-
-    options, loop = step.options, step.loop
-    try:  # `generations: ${{ params.n }}` shows its value
-        generations = templates.render(options.get("generations"), {"params": params})
-    except templates.TemplateError:
-        generations = options.get("generations")
-    stops = [f"{generations} generations" if generations is not None else "",
-             f"until {loop.until.text}" if loop.until is not None else "",
-             f"at most {options['max_seconds']}" if "max_seconds" in options else ""]
-    init = options["init"] if isinstance(options["init"], str) else options["init"]["function"]
-    lines = [f"     body {options['body']}, init {init}; stops after " + ", or ".join(x for x in stops if x)]
-    for c in loop.checkpoints:
-        when = ", ".join(filter(None, [f"at {', '.join(map(str, c.at))}" if c.at else "",
-                                       f"every {c.every} (first at {c.every})" if c.every else ""]))
-        apply = c.apply if isinstance(c.apply, str) else (
-            "sets " + ", ".join(f.target for f in c.apply) if c.apply else "records only")
-        lines.append(f"     checkpoint {when}, {c.mode}, history {c.history}: "
-                     + " -> ".join(f"{s.id} [{s.kind}]" for s in c.steps) + f"; {apply}")
-    return lines
 
 
 class Progress:

@@ -801,53 +801,9 @@ class Runtime:
             "v": CACHE_VERSION, "step": step.id, "kind": step.kind, "options": resolved,
             "models": models, "extra": kind.cache_material(resolved, self.spec.dir),
         }
-        if step.loop is not None:  # what its checkpoints ask, and of which models
-            material["loop"] = self._loop_material(step)
+        material.update(kind.nested_material(step, self) or {})  # steps of its own (a loop's checkpoints)
         digest = hashlib.sha256(canonical_json(material).encode()).hexdigest()
         return f"lmflow-{step.id}-{digest[:40]}"
-
-    def _loop_material(self, step: StepSpec) -> Any:
-        from .steps.python import source_hash
-
-        assert step.loop is not None
-        checkpoints = []
-        for c in step.loop.checkpoints:
-            steps = [[s.id, s.kind, s.options, dataclasses.asdict(s.policy),
-                      getattr(s.when, "text", s.when),
-                      {a: self.model_identity(a) for a in get_kind(s.kind).models(s.options)},
-                      get_kind(s.kind).cache_material(s.options, self.spec.dir)] for s in c.steps]
-            apply = c.apply if isinstance(c.apply, str) or c.apply is None else [
-                dataclasses.asdict(f) for f in c.apply]
-            source = source_hash(c.apply, self.spec.dir) if isinstance(c.apply, str) else None
-            checkpoints.append([c.at, c.every, c.history, c.mode, steps, apply, source])
-        return {"until": getattr(step.loop.until, "text", None), "checkpoints": checkpoints,
-                "refers_to": self._outside_values(step.loop)}
-
-    def _outside_values(self, loop: Any) -> dict[str, Any]:
-        """The params and top-level step outputs that a loop's checkpoint steps and `until` refer to.
-
-        Those are hashed unresolved (they also refer to `loop.*`, known only as the loop runs), so
-        the values they take from outside the loop go into the key beside them: `-p tag=B` after
-        `-p tag=A` is another loop, not A's answers served again.
-        """
-        refs: list[tuple[str, Any]] = []
-        expressions = [loop.until, *(s.when for c in loop.checkpoints for s in c.steps)]
-        for expression in expressions:
-            for ref in getattr(expression, "references", ()):
-                refs.append((ref.root, ref.path[0] if ref.path else None))
-        for checkpoint in loop.checkpoints:
-            for s in checkpoint.steps:
-                for _, text in templates.iter_templates(s.options):
-                    try:
-                        ref = templates.parse_ref(text)
-                    except templates.TemplateError:
-                        continue  # validation refused it already; nothing to hash
-                    refs.append((ref.root, ref.parts[0] if ref.parts else None))
-        top_level = {s.id for s in self.spec.steps}
-        params = sorted({str(name) for root, name in refs if root == "params"})
-        steps = sorted({str(name) for root, name in refs if root == "steps" and name in top_level})
-        return {"params": {name: self.spec.params.get(name) for name in params},
-                "steps": {name: self.outputs.get(name) for name in steps}}
 
     def model_identity(self, alias: str) -> dict[str, Any]:
         """What about a model changes its answers (step and response cache keys): the resolved

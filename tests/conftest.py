@@ -80,8 +80,8 @@ def isolated_home(session_home: Path, tmp_path_factory: pytest.TempPathFactory, 
 @pytest.fixture(scope="session")
 def prefect_api(session_home: Path) -> Iterator[str]:
     """A real Prefect server started the way users start it: `lmflow server start`."""
-    from lmflow import prefect_server
     from lmflow.backends.local import free_port
+    from lmflow.prefect import server as prefect_server
 
     # never 4200: the UI must talk to its own server on any port (and a user's server may be there)
     state = prefect_server.start(port=free_port())

@@ -352,7 +352,8 @@ def test_python_steps_run_in_the_specs_folder(prefect_api: str, tmp_path: Path) 
 
 def test_the_working_directory_is_restored_after_a_run_in_process(
         prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lmflow import prefect_server, run
+    from lmflow import run
+    from lmflow.prefect import server as prefect_server
 
     # a run in this process sets Prefect's environment: undone afterwards, so that later tests'
     # `lmflow` processes choose their API themselves

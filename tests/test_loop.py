@@ -97,8 +97,9 @@ def replay(generations: int, due: list[int]) -> dict:
     """The same optimiser with the same advice, applied by hand at the same generations."""
     import importlib.util
 
-    from lmflow.loop import apply_fields, state_view
     from lmflow.spec.model import ApplyField
+    from lmflow.steps.loop.apply import apply_fields
+    from lmflow.steps.loop.runner import state_view
 
     spec = importlib.util.spec_from_file_location("ga_replay", GA)
     ga = importlib.util.module_from_spec(spec)

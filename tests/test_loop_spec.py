@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from lmflow import SpecError, load_spec
-from lmflow.loop import apply_fields
 from lmflow.report import analysis_line, plan
 from lmflow.spec.model import ApplyField, Spec, StepSpec
+from lmflow.steps.loop.apply import apply_fields
 
 HELPERS = """\
 def init(**kw):

@@ -241,7 +241,7 @@ server.serve_forever()
 def test_start_accepts_only_the_server_it_started(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The port was free when checked and another process took it before our server bound it: the
     other's healthy answer is not taken for ours, and the server starts on a free port instead."""
-    from lmflow import prefect_server
+    from lmflow.prefect import server as prefect_server
 
     port = int(os.environ["LMFLOW_PREFECT_SERVER_PORT"])
     fake = subprocess.Popen([sys.executable, "-c", FAKE, str(port)], stdout=subprocess.PIPE, text=True)

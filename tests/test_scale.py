@@ -24,7 +24,7 @@ import pytest
 from conftest import BIN, CONFIG, lmflow_cmd, start_server, stop_server, wait_for
 from test_deploy import api, git, stop
 
-from lmflow.shared_limit import limit_name
+from lmflow.prefect.limits import limit_name
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 

@@ -53,7 +53,7 @@ class ServerConfig:
     parallel: int | None = None
     args: tuple[str, ...] = ()
     #: hold a Prefect global concurrency limit per server around every model call, shared by all
-    #: runs and workers (lmflow.shared_limit); off unless asked: it costs ~0.1 s per call
+    #: runs and workers (lmflow.prefect.limits); off unless asked: it costs ~0.1 s per call
     shared_limit: bool = False
     #: the options of a plugin backend (server keys that are none of the fields above)
     options: dict[str, Any] = field(default_factory=dict, hash=False)

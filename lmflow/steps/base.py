@@ -93,6 +93,17 @@ class Session(Protocol):
         """A probe of this model finished: a `probed` size is read again at its next use."""
 
 
+class KeySource(Protocol):
+    """What a step's cache key may read of its run (`Step.nested_material`)."""
+
+    spec: Any  # the run's Spec: its params, steps and folder
+    #: the outputs of the top-level steps that have finished
+    outputs: dict[str, Any]
+
+    def model_identity(self, alias: str) -> dict[str, Any]:
+        """What about a model changes its answers."""
+
+
 class FixedModels:
     """A `Session` of fixed models on fixed backends: a kind run outside a spec (tests, embedding)."""
 
@@ -200,6 +211,15 @@ class Step(ABC):
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         """Extra data that changes the answer and is not in the options (file hashes)."""
         return None
+
+    def nested_material(self, step: StepSpec, run: KeySource) -> dict[str, Any] | None:
+        """For a kind that holds steps of its own (a loop's checkpoints): what those steps ask
+        and of which models, added to the step's cache key (None: nothing)."""
+        return None
+
+    def plan_lines(self, step: StepSpec, params: dict[str, Any]) -> list[str]:
+        """Lines `lmflow plan` adds under the step (how a loop stops, what its checkpoints run)."""
+        return []
 
     @abstractmethod
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:

@@ -37,22 +37,17 @@ class ProbeContextStep(ModelStep):
         from .. import probe
 
         backend, model = ctx.session.raw_model(options["model"])
-        granularity = options.get("granularity", 1024)
-        report = probe.probe_loadable(
+        report = probe.measure(
             backend, model, minimum=options.get("min", 1024), maximum=options.get("max"),
-            granularity=granularity, fresh=options.get("fresh", False),
+            granularity=options.get("granularity", 1024), fresh=options.get("fresh", False),
+            load_only=options.get("load_only", False),
             on_attempt=lambda a: ctx.emit("probe_attempt", asdict(a)))
         if report.loadable_max is None:  # on the run's stderr too, with why the smallest size failed
             why = report.attempts[0].detail if report.attempts else ""
             ctx.emit("warning", {"message": f"{model.key}: {probe.loadable_text(report)}"
                                             + (f": {why}" if why else "")})
-        if report.loadable_max and not options.get("load_only"):
-            working, trials = probe.probe_working(backend, model, context_length=report.loadable_max,
-                                                  granularity=granularity,
-                                                  journal=probe.record_path(report.key))
-            probe.record_working(report, working, trials)
-            if working is None:  # on the run's stderr too, not only in the artifact
-                ctx.emit("warning", {"message": f"{model.key}: {probe.working_text(report)}"})
+        elif not options.get("load_only") and report.working_max is None:  # not only in the artifact
+            ctx.emit("warning", {"message": f"{model.key}: {probe.working_text(report)}"})
         ctx.session.model_probed(options["model"])
         output = {"model": model.key, "declared_max": report.declared_max,
                   "loadable_max": report.loadable_max, "working_max": report.working_max,

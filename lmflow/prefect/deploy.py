@@ -1,6 +1,6 @@
 """Deployments of specs: served from this machine, or sent to a Prefect process work pool.
 
-Every deployment is of the one flow (`lmflow.compile.lmflow_flow`, imported by module path,
+Every deployment is of the one flow (`lmflow.prefect.flow.lmflow_flow`, imported by module path,
 so a worker needs lmflow installed, not a copy of a flows file), named after the spec, with
 the spec's path as its parameter and the spec's `schedule:` (or the command line's) as its
 schedules. A spec inside a git repository is referred to by its path in the repository, and
@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from ..errors import (
     DeployError,  # noqa: F401 - raised here, defined with the tree
     )
-from .provenance import spec_version
-from .spec import load_spec
-from .spec.model import ScheduleSpec, Spec
+from ..provenance import spec_version
+from ..spec import load_spec
+from ..spec.model import ScheduleSpec, Spec
 
 #: a module path (no colon): Prefect imports it, with no flow code to download
-ENTRYPOINT = "lmflow.compile.lmflow_flow"
+ENTRYPOINT = "lmflow.prefect.flow.lmflow_flow"
 
 
 @dataclass
@@ -82,7 +82,7 @@ def runner_deployment(target: Target, *, pool: str | None = None) -> Any:
     from prefect.deployments.runner import RunnerDeployment
     from prefect.types.entrypoint import EntrypointType
 
-    from .compile import lmflow_flow
+    from .flow import lmflow_flow
 
     flow = lmflow_flow.with_options(name=target.name)
     description = (target.spec.description or f"lmflow spec {target.spec_path}").strip()

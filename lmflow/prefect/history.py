@@ -1,6 +1,6 @@
 """Run history through the Prefect API: `lmflow runs`, `lmflow runs show`, `lmflow rerun`.
 
-Every run, however started, is a flow run of `lmflow.compile.lmflow_flow` named after its run
+Every run, however started, is a flow run of `lmflow.prefect.flow.lmflow_flow` named after its run
 id, tagged `lmflow`, `spec:NAME`, `commit:SHA12` (+ `dirty`) and `sha256:HASH12`, whose
 parameters are the spec's path, the params given, `refresh_cache` and `max_parallel`. When it
 ends it writes a table artifact (`lmflow-summary-NAME`): a row per step, built here by
@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from .errors import (
+from ..errors import (
     HistoryError,  # noqa: F401 - raised here, defined with the tree
     PrefectServerError,
 )
 
 if TYPE_CHECKING:
-    from .runtime import RunResult, StepRecord
+    from ..runtime import RunResult, StepRecord
 
 #: the key of every run's summary is this plus the spec's name (the UI keeps the latest per spec)
 SUMMARY_KEY = "lmflow-summary"
@@ -50,7 +50,7 @@ def summary_key(spec_name: str) -> str:
 
 def summary_rows(result: RunResult) -> list[dict[str, Any]]:
     """The run's terminal table as rows for a Prefect table artifact: one per step, errors whole."""
-    from .report import item_summary, short
+    from ..report import item_summary, short
 
     errors = result.errors()
     rows = []
@@ -169,12 +169,12 @@ def spec_name(spec: str) -> str:
     path = Path(spec)
     if not path.is_file() and not spec.endswith((".yaml", ".yml")):
         return spec
-    from .spec.loader import load_yaml
+    from ..spec.loader import load_yaml
 
     data = load_yaml(path).data
     if isinstance(data, dict) and isinstance(data.get("name"), str):
         return data["name"]
-    from .spec import load_spec
+    from ..spec import load_spec
 
     return load_spec(path).name  # raises the SpecError that says what is wrong
 
@@ -202,8 +202,8 @@ def mark_killed_runs(client: Any, spec_name: str | None = None) -> list[str]:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    from . import jsonl
-    from .runtime import killed_journals
+    from .. import jsonl
+    from ..runtime import killed_journals
 
     marked = []
     for journal, entries in killed_journals(spec_name, marker="crash_marked"):
@@ -308,7 +308,7 @@ def find_flow_run(client: Any, ref: str) -> Any:
 def _client() -> Iterator[tuple[Any, str]]:
     """Prefect's sync client on the API `lmflow run` would use, and the UI's address; never a
     temporary server: history lives on a server that outlives its runs."""
-    from .prefect_server import _healthy, configure_environment
+    from .server import _healthy, configure_environment
 
     choice = configure_environment()
     if choice.url is None:
@@ -543,7 +543,7 @@ def runs_table(runs: list[Run]) -> str:
 
 def run_text(run: Run, width: int | None = None) -> str:
     """`lmflow runs show`: the run, its spec version and params, then every step and its errors."""
-    from .report import whole
+    from ..report import whole
 
     given = run.parameters.get("params")
     head = [

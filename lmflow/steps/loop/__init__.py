@@ -2,8 +2,10 @@
 
 The options here are what is resolved once when the loop starts (how many generations,
 the init and body functions). `until` and the checkpoints' steps are parsed by the
-validator into `StepSpec.loop`; `lmflow.loop` runs them through the Step contract's
-`units` (each checkpoint step is a unit like any other: a task run of its own).
+validator into `StepSpec.loop`. The package holds the rest: `runner` (generations,
+checkpoints, resume), `apply` (advice into the state), `key` (what changes its answer),
+`report` (its chart in the UI). A checkpoint's steps run through the Step contract's
+`units`: each one a unit like any other, a task run of its own.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import Problem
-from . import register
-from .base import FUNCTION_PATTERN, CheckContext, Step, StepContext, StepResult
+from ...errors import Problem
+from ...spec.model import StepSpec
+from .. import register
+from ..base import FUNCTION_PATTERN, CheckContext, KeySource, Step, StepContext, StepResult
 
 _FUNCTION = {"type": "string", "pattern": f"^{FUNCTION_PATTERN}$", "description": "module:function"}
 _COUNT = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\$\{\{"}],
@@ -96,7 +99,7 @@ class LoopStep(Step):
     }
 
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        from .python import function_problem
+        from ..python import function_problem
 
         if not any(k in options for k in ("generations", "until", "max_seconds")):
             yield ctx.problem((), "a loop needs generations, until or max_seconds (else it never ends)",
@@ -116,15 +119,46 @@ class LoopStep(Step):
 
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         """The source of the modules the loop calls: a changed optimiser is a changed loop."""
-        from .python import source_hash
+        from ..python import source_hash
 
         refs = [options.get("body"), options.get("init")]
         refs = [r.get("function") if isinstance(r, dict) else r for r in refs]
         return {ref: source_hash(ref, spec_dir) for ref in refs if isinstance(ref, str)}
 
+    def nested_material(self, step: StepSpec, run: KeySource) -> dict[str, Any] | None:
+        """What its checkpoints ask and of which models (lmflow.steps.loop.key)."""
+        from .key import loop_material
+
+        return {"loop": loop_material(step, run)}
+
+    def plan_lines(self, step: StepSpec, params: dict[str, Any]) -> list[str]:
+        """How the loop stops, and what each checkpoint runs when and applies."""
+        from ...spec import templates
+
+        options, loop = step.options, step.loop
+        assert loop is not None
+        try:  # `generations: ${{ params.n }}` shows its value
+            generations = templates.render(options.get("generations"), {"params": params})
+        except templates.TemplateError:
+            generations = options.get("generations")
+        stops = [f"{generations} generations" if generations is not None else "",
+                 f"until {loop.until.text}" if loop.until is not None else "",
+                 f"at most {options['max_seconds']}" if "max_seconds" in options else ""]
+        init = options["init"] if isinstance(options["init"], str) else options["init"]["function"]
+        stop = ", or ".join(x for x in stops if x)
+        lines = [f"     body {options['body']}, init {init}; stops after {stop}"]
+        for c in loop.checkpoints:
+            when = ", ".join(filter(None, [f"at {', '.join(map(str, c.at))}" if c.at else "",
+                                           f"every {c.every} (first at {c.every})" if c.every else ""]))
+            apply = c.apply if isinstance(c.apply, str) else (
+                "sets " + ", ".join(f.target for f in c.apply) if c.apply else "records only")
+            lines.append(f"     checkpoint {when}, {c.mode}, history {c.history}: "
+                         + " -> ".join(f"{s.id} [{s.kind}]" for s in c.steps) + f"; {apply}")
+        return lines
+
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
-        from ..errors import LmflowError
-        from ..loop import LoopRunner
+        from ...errors import LmflowError
+        from .runner import LoopRunner
 
         if ctx.units is None or ctx.step is None or ctx.step.loop is None:
             raise LmflowError("a loop runs inside a spec (lmflow run): its checkpoints are steps of the spec")

@@ -6,7 +6,7 @@ for `lmflow run`, the managed server started in the background on first use
 a temporary server for that run only (8-9 s per run).
 
 The managed server's process, the one its state file names, is a watchdog
-(`python -m lmflow.prefect_server PORT IDLE`) with the Prefect server as its
+(`python -m lmflow.prefect.server PORT IDLE`) with the Prefect server as its
 child: it stops the server on SIGTERM and, when it has an idle period, after
 that long without flow runs. Checking for a server and starting one happen
 under a lock file, so two lmflow commands started at once start one server.
@@ -34,9 +34,9 @@ from typing import IO
 import httpx
 import psutil
 
-from . import processes
-from .errors import PrefectServerError
-from .home import subdir
+from .. import processes
+from ..errors import PrefectServerError
+from ..home import subdir
 
 DEFAULT_PORT = 4200
 #: what `lmflow run` does when no Prefect server runs: `background` (the default) starts the
@@ -164,7 +164,7 @@ def _running_watchdog() -> ServerState | None:
     folder = str(_dir().resolve())
     for proc in psutil.process_iter(["cmdline", "cwd", "create_time"]):
         cmdline = proc.info["cmdline"] or []
-        if cmdline[1:3] != ["-m", "lmflow.prefect_server"] or len(cmdline) < 5 or proc.info["cwd"] != folder:
+        if cmdline[1:3] != ["-m", "lmflow.prefect.server"] or len(cmdline) < 5 or proc.info["cwd"] != folder:
             continue
         try:
             port, idle = int(cmdline[3]), float(cmdline[4])
@@ -265,7 +265,7 @@ def _launch_on(port: int, timeout: float, database: str | None, idle_stop: float
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lmflow.prefect_server", str(port), f"{idle_stop or 0:g}"],
+            [sys.executable, "-m", "lmflow.prefect.server", str(port), f"{idle_stop or 0:g}"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=_dir(),
             start_new_session=True,  # outlives the lmflow that starts it, on purpose
         )
@@ -417,7 +417,7 @@ def background_mode() -> bool:
 
 def idle_setting() -> float | None:
     """Seconds without flow runs after which a server `lmflow run` started stops; None: never."""
-    from .spec.model import parse_duration
+    from ..spec.model import parse_duration
 
     value = os.environ.get(IDLE_SETTING, "").strip().lower()
     if not value:
@@ -477,7 +477,7 @@ def configure_environment(verbose: bool = False, *, start: bool = False,
     background unless LMFLOW_PREFECT_SERVER=temporary; `announce` is called with it as soon as
     its process is started.
     """
-    from .home import home
+    from ..home import home
 
     global _configured
     if _configured is not None:

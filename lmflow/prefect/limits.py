@@ -16,9 +16,9 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from .backends import backend_class
-from .errors import PrefectServerError
-from .spec.model import ServerConfig, Spec
+from ..backends import backend_class
+from ..errors import PrefectServerError
+from ..spec.model import ServerConfig, Spec
 
 #: LM Studio 0.4's "Max Concurrent Predictions"
 DEFAULT_SIZE = 4
