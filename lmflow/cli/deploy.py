@@ -1,0 +1,122 @@
+"""`lmflow deploy`, `serve` and `worker`: specs on a schedule, here or on a work pool."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .main import cli
+
+#: how often `lmflow serve` and `lmflow worker` ask for runs to start (Prefect's default is 10 s)
+POLL_SECONDS = 2
+
+
+def _schedule_options(fn: Any) -> Any:
+    for option in reversed([
+        click.option("--cron", "crons", multiple=True, metavar="LINE",
+                     help="Run on this cron line (repeatable); replaces the spec's schedule."),
+        click.option("--interval", "intervals", multiple=True, metavar="DURATION",
+                     help="Run every so long, e.g. 15m (repeatable); replaces the spec's schedule."),
+        click.option("--timezone", default=None, help="IANA time zone of --cron/--interval."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _cli_schedules(crons: tuple[str, ...], intervals: tuple[str, ...], timezone: str | None) -> tuple:
+    """Schedules given on the command line, checked like a spec's `schedule:`."""
+    from ..spec.validate import schedules
+
+    if not crons and not intervals:
+        if timezone:
+            raise click.UsageError("--timezone needs --cron or --interval")
+        return ()
+    entries = [{"cron": c} for c in crons] + [{"interval": i} for i in intervals]
+    for entry in entries:
+        if timezone:
+            entry["timezone"] = timezone
+    problems: list[str] = []
+    found = schedules(entries, {}, lambda path, message, hint=None: problems.append(
+        f"{'--cron' if 'cron' in entries[path[1]] else '--interval'} {message}"
+        + (f" ({hint})" if hint else "")))
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    return found
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--pool", required=True, metavar="NAME",
+              help="The Prefect process work pool (created if missing) whose workers run the specs.")
+@_schedule_options
+def deploy(specs: tuple[Path, ...], pool: str, crons: tuple[str, ...], intervals: tuple[str, ...],
+           timezone: str | None) -> None:
+    """Register each SPEC as a Prefect deployment on a work pool, with its schedule.
+
+    Specs must be committed in a git repository: workers (`lmflow worker --pool NAME`) run them
+    from their own checkout, by their path in the repository.
+    """
+    from ..prefect import deploy as deploying
+    from ..prefect.server import configure_environment
+
+    configure_environment()
+    done = deploying.deploy(list(specs), pool=pool, schedules=_cli_schedules(crons, intervals, timezone))
+    for target, deployment_id in done:
+        when = ", ".join(s.describe() for s in target.schedules) or "no schedule (run it from the UI)"
+        click.echo(f"deployed {target.name}/{target.name} ({target.spec_path} at "
+                   f"{(target.version.get('commit') or target.version['sha256'])[:12]}) on pool "
+                   f"'{pool}': {when} [{deployment_id}]")
+
+
+@cli.command("serve")
+@click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="Runs at once (default: no limit).")
+@_schedule_options
+def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ...],
+                intervals: tuple[str, ...], timezone: str | None) -> None:
+    """Serve each SPEC from this machine on its schedule until stopped (Ctrl-C)."""
+    from ..prefect import deploy as deploying
+    from ..prefect.server import configure_environment
+
+    choice = configure_environment()
+    # a run started from the UI waits for the next poll: 2 s instead of Prefect's 10
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(POLL_SECONDS))
+    schedules = _cli_schedules(crons, intervals, timezone)
+    for target in deploying.targets(list(specs), schedules):
+        when = ", ".join(s.describe() for s in target.schedules) or "no schedule (run it from the UI)"
+        click.echo(f"serving {target.name}: {when}", err=True)
+    if choice.url:
+        click.echo(f"runs appear in {choice.url.removesuffix('/api')}; Ctrl-C stops serving", err=True)
+    deploying.serve(list(specs), schedules=schedules, limit=limit)
+
+
+@cli.command()
+@click.option("--pool", required=True, metavar="NAME", help="The work pool to take runs from.")
+@click.option("--repo", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="This machine's checkout of the specs' repository (default: the one around here).")
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N", help="Runs at once.")
+def worker(pool: str, repo: Path | None, limit: int | None) -> None:
+    """Run deployments of a process work pool on this machine (Prefect's process worker)."""
+    from ..prefect.server import configure_environment
+    from ..provenance import _git
+
+    choice = configure_environment()
+    if not choice.url:
+        raise click.ClickException("no Prefect server to take runs from: start one with `lmflow server "
+                                   "start` (or set PREFECT_API_URL to the shared one)")
+    root = _git(repo or Path.cwd(), "rev-parse", "--show-toplevel")
+    if root is None:
+        raise click.ClickException(f"{repo or Path.cwd()} is not in a git repository: give --repo, "
+                                   "this machine's checkout of the specs' repository")
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+    if limit:
+        command += ["--limit", str(limit)]
+    click.echo(f"worker for pool '{pool}': specs from {root}, runs in {choice.url.removesuffix('/api')}",
+               err=True)
+    os.execvpe(command[0], command, {"PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS), **os.environ,
+                                     "LMFLOW_REPO": root})
