@@ -169,12 +169,14 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def lmstudio(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The LM Studio-compatible test server, as users start it: `lmflow testing serve --config`."""
-    proc, url = start_server(tmp_path_factory.mktemp("lmstudio"), CONFIG)
-    try:
-        yield url
-    finally:
-        stop_server(proc)
+    """The LM Studio-compatible test server, through the pytest plugin lmflow ships to users
+    (`running_lmstudio_server`: `lmflow testing serve --config`, stopped by PID at the end)."""
+    import yaml
+
+    from lmflow.testing.pytest_plugin import running_lmstudio_server
+
+    with running_lmstudio_server(tmp_path_factory.mktemp("lmstudio"), **yaml.safe_load(CONFIG)) as server:
+        yield server.url
 
 
 #: fixtures that need a real Prefect server, or the managed engine (llama-server and the model)
