@@ -76,3 +76,13 @@ def test_the_rules_read_lazy_and_relative_imports() -> None:
     imports = _modules()
     assert "lmflow.engine.unit" in imports["lmflow.engine.scheduler"]  # `from .unit import ...`
     assert "lmflow.steps.loop.runner" in imports["lmflow.steps.loop"]  # inside LoopStep.run
+
+
+def test_deployments_registered_before_the_adapter_package_still_find_the_flow() -> None:
+    """A deployment stores its entrypoint in Prefect's database: the old name must keep working."""
+    from lmflow.compile import lmflow_flow as old
+    from lmflow.prefect.deploy import ENTRYPOINT
+    from lmflow.prefect.flow import lmflow_flow
+
+    assert old is lmflow_flow
+    assert ENTRYPOINT == "lmflow.prefect.flow.lmflow_flow"
