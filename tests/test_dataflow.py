@@ -176,7 +176,7 @@ def test_map_over_a_list_jsonl_csv_and_glob_keeps_input_order(prefect_api: str, 
     assert "warning: nothing: foreach has no items: the output is an empty list" in out.stderr
 
     # the graph in Prefect: items are task runs step[i] that wait for what the step depends on
-    runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", json={
+    runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
         "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=20)
     assert runs, "task runs did not reach the Prefect server"
     by_name = {r["name"]: r for r in runs}
@@ -357,11 +357,11 @@ def test_a_killed_map_leaves_no_engine_and_resumes_with_only_unfinished_items(
         e["message"] for e in result["events"]]
     flow_run = next(line for line in killed.read_text().splitlines() if '"flow_run"' in line)
     flow_run_id = json.loads(flow_run)["flow_run"]
-    assert httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}").json()["state_type"] == "CRASHED"
+    assert httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=30).json()["state_type"] == "CRASHED"
     # its task runs reach Prefect's database seconds late (recorded in batches): then any command
     # that lists runs marks those too
     def task_runs() -> list[dict]:
-        return httpx.post(f"{prefect_api}/task_runs/filter",
+        return httpx.post(f"{prefect_api}/task_runs/filter", timeout=30,
                           json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
 
     assert wait_for(lambda: len(task_runs()) == 7, timeout=60)  # warm, square[0..5]

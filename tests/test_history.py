@@ -107,7 +107,7 @@ def test_runs_lists_a_specs_runs_newest_first(prefect_api: str, tmp_path: Path) 
     assert lmflow_cmd("runs", name, "--limit", "1").stdout == out.stdout
 
     # the summary in Prefect's UI is the run's table, errors whole
-    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": [second["flow_run_id"]]}}}).json()
     summary = next(a for a in artifacts if a["key"] == f"lmflow-summary-{name}")
     assert summary["type"] == "table"
@@ -221,7 +221,7 @@ def test_rerun_runs_the_committed_version_it_ran_from_a_temporary_worktree(
             "has changed since; run from a temporary worktree of ") in stderr
     assert git(repo, "worktree", "list").count("\n") == 0  # only the repository itself
     # the same params and max_parallel, the same version in Prefect
-    flow_run = httpx.get(f"{prefect_api}/flow_runs/{again['flow_run_id']}").json()
+    flow_run = httpx.get(f"{prefect_api}/flow_runs/{again['flow_run_id']}", timeout=30).json()
     assert flow_run["parameters"]["params"] == {"word": "two"}
     assert flow_run["parameters"]["max_parallel"] == 1
     assert f"commit:{v1}" in flow_run["tags"] and "dirty" not in flow_run["tags"]

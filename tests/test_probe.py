@@ -260,7 +260,7 @@ def test_probe_step_then_load_at_the_probed_size(lmstudio: str, prefect_api: str
     assert steps["load"]["output"]["context_length"] == int(2048 * 0.9)
     assert steps["ask"]["output"] == "424242"
     assert nothing_loaded(lmstudio)
-    artifacts = httpx.post(f"{prefect_api}/artifacts/filter",
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", timeout=30,
                            json={"artifacts": {"key": {"any_": ["measure"]}}}).json()
     report = next(a["data"] for a in artifacts if "Context probe: retriever" in (a.get("data") or ""))
     # the chart is in the artifact as an image the UI shows (an SVG data URI)

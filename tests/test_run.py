@@ -72,8 +72,8 @@ def test_quickstart_runs_then_reuses_its_cache(prefect_api: str) -> None:
     assert [s["output"] for s in result["steps"]] == [s["output"] for s in record["steps"]]
 
     # the run is in Prefect: a flow named after the spec, one task run per step id
-    flow_run = httpx.get(f"{prefect_api}/flow_runs/{result['flow_run_id']}").json()
-    flow = httpx.get(f"{prefect_api}/flows/{flow_run['flow_id']}").json()
+    flow_run = httpx.get(f"{prefect_api}/flow_runs/{result['flow_run_id']}", timeout=30).json()
+    flow = httpx.get(f"{prefect_api}/flows/{flow_run['flow_id']}", timeout=30).json()
     assert flow["name"] == "quickstart"
     assert flow_run["state"]["type"] == "COMPLETED"
     tasks = wait_for(lambda: (r := httpx.post(
