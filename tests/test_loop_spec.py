@@ -12,8 +12,9 @@ import pytest
 
 from lmflow import SpecError, load_spec
 from lmflow.report import analysis_line, plan
-from lmflow.spec.model import ApplyField, Spec, StepSpec
+from lmflow.spec.model import Spec, StepSpec
 from lmflow.steps.loop.apply import apply_fields
+from lmflow.steps.loop.spec import ApplyField
 
 HELPERS = """\
 def init(**kw):
@@ -91,7 +92,7 @@ steps:
 
 def test_a_valid_loop_loads_with_its_checkpoints(tmp_path: Path) -> None:
     spec = load(tmp_path, VALID)
-    loop = spec.step("evolve").loop
+    loop = spec.step("evolve").nested
     assert loop is not None
     first, second = loop.checkpoints
     assert (first.index, first.at, first.every, first.history, first.mode) == (0, (3, 6), 4, 2, "background")
@@ -124,7 +125,7 @@ def test_what_a_loop_refers_to_makes_its_dependencies(tmp_path: Path) -> None:
     assert spec.step("result").depends_on == ("evolve",)
     # inside a checkpoint the order is the written one: no dependencies between its steps
     assert spec.step("advise").depends_on == ()
-    assert spec.step("evolve").loop.until.test(
+    assert spec.step("evolve").nested.until.test(
         {"loop": {"stats": {"best": 0.1}}, "steps": {"goal": {"output": {"best": 0.5}}}, "params": {}})
 
 

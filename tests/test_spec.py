@@ -84,13 +84,13 @@ def test_a_param_value_nested_too_deep_is_refused_not_a_traceback(tmp_path: Path
     assert problems(tmp_path, spec, x=deep) == [
         "command line: -p x: cannot parse '" + deep[:60] + "...': the document is nested more than "
         "64 levels deep (flatten the document)"]
-    from lmflow.spec.validate import ParamDecl, _coerce_param  # a deployment's value comes typed
+    from lmflow.spec.params import ParamDecl, coerce_param  # a deployment's value comes typed
 
     value: object = 1
     for _ in range(500):
         value = {"a": value}
     with pytest.raises(ValueError, match="nested more than 64 levels deep"):
-        _coerce_param("x", value, ParamDecl("object", {}, declared=True))
+        coerce_param("x", value, ParamDecl("object", {}, declared=True))
 
 
 def test_yaml_syntax_error_has_position(tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_all_problems_reported_at_once_with_positions_and_hints(tmp_path: Path) 
         "(declare it under params)",
         "spec.yaml:23:13: steps[4].prompt.user: unknown reference 'foo.bar': "
         "a reference starts with 'params.', 'steps.', in a step with foreach 'item' or 'index', "
-            "in a loop's checkpoint 'loop.'",
+            "in a loop's checkpoint and until 'loop.'",
         "spec.yaml:23:13: steps[4].prompt.user: unknown step 'ghost' "
         "(expected one of: 3bad, ask, both)",
     ]

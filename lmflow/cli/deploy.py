@@ -29,7 +29,7 @@ def _schedule_options(fn: Any) -> Any:
 
 def _cli_schedules(crons: tuple[str, ...], intervals: tuple[str, ...], timezone: str | None) -> tuple:
     """Schedules given on the command line, checked like a spec's `schedule:`."""
-    from ..spec.validate import schedules
+    from ..spec.schedules import schedules
 
     if not crons and not intervals:
         if timezone:

@@ -40,7 +40,6 @@ from .hints import suggest
 MAX_LENGTH = 1000
 MAX_DIGITS = 4300  # as Python's int <-> str conversion limit
 MAX_DEPTH = 100
-ROOTS = ("params", "steps", "item", "index", "loop")
 
 _LITERALS = {"true": True, "false": False, "null": None}
 _TOO_BIG = 10**MAX_DIGITS
@@ -81,8 +80,13 @@ class Expression:
         return bool(self.evaluate(names))
 
 
-def parse_expression(text: str, roots: Collection[str] = ROOTS) -> Expression:
-    """Parse `params.n > 3` or `${{ params.n > 3 }}`; errors carry offsets into `text`."""
+def parse_expression(text: str, roots: Collection[str] | None = None) -> Expression:
+    """Parse `params.n > 3` or `${{ params.n > 3 }}` over `roots` (default: every root, those the
+    kinds holding steps offer included); errors carry offsets into `text`."""
+    if roots is None:
+        from .templates import ROOTS, held_roots
+
+        roots = ROOTS + tuple(held_roots())
     if len(text) > MAX_LENGTH:
         raise ExpressionError(f"expression is {len(text)} characters long; the limit is {MAX_LENGTH}",
                               MAX_LENGTH)

@@ -1,6 +1,6 @@
 """The step graph: `foreach` sources, `when` conditions, ordering beyond data references, cycles.
 
-`validate._check_steps` finds each step's references; the functions here turn
+`steps.StepsChecker` finds each step's references; the functions here turn
 the rest of a step's controls into dependencies and problems with positions.
 """
 
@@ -105,8 +105,10 @@ def foreach_source(doc: Document, i: int, raw: Any, spec_dir: Path,
 
 
 def condition(doc: Document, path: PathT, raw: Any, roots: tuple[str, ...], depend: Any,
-              problems: list[Problem]) -> Any:
-    """A parsed condition (its references become dependencies), or a constant bool."""
+              problems: list[Problem], defined_in: dict[str, str] | None = None) -> Any:
+    """A parsed condition (its references become dependencies), or a constant bool;
+    `defined_in`: where each root a kind offers is defined (`loop` -> "a loop's checkpoint and
+    until"), for the hint when a condition uses it elsewhere."""
     from .expressions import ExpressionError, parse_expression
 
     if isinstance(raw, bool) or not isinstance(raw, str):
@@ -117,8 +119,9 @@ def condition(doc: Document, path: PathT, raw: Any, roots: tuple[str, ...], depe
         hint = None
         if "item" not in roots and ("item" in str(exc) or "index" in str(exc)):
             hint = "item and index are only defined in a step with foreach"
-        elif "loop" not in roots and "loop" in str(exc):
-            hint = "loop is only defined in a loop's checkpoint and until"
+        else:
+            hint = next((f"{root} is only defined in {where}" for root, where in (defined_in or {}).items()
+                         if root not in roots and root in str(exc)), None)
         problems.append(at(doc, path, exc.offset)(f"invalid condition: {exc.message}", hint))
         return None
     for ref in expression.references:

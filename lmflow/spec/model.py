@@ -131,44 +131,6 @@ class Foreach:
 
 
 @dataclass(frozen=True)
-class ApplyField:
-    """One state field a coach's advice may set: where in the advice, and within which bounds."""
-
-    target: str  # dotted path in the state
-    source: str  # dotted path in the advice
-    minimum: float | None = None
-    maximum: float | None = None
-    #: allowed values; a mapping accepts its names or its values and sets the value
-    enum: tuple[Any, ...] | dict[str, Any] | None = None
-    bounds: str = "clamp"  # clamp | reject: what a value outside min..max does
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Ordinary steps a loop runs at some generations, and how their advice changes the state."""
-
-    index: int
-    at: tuple[int, ...] = ()
-    every: int | None = None  # first at `every`, then every `every` generations
-    history: int = 5  # generations of stats the steps see as loop.history
-    mode: str = "blocking"  # blocking | background
-    steps: tuple[StepSpec, ...] = ()  # in the order written
-    #: `module:function(state, advice) -> state`, or the fields set from the advice
-    apply: str | tuple[ApplyField, ...] | None = None
-
-    def due(self, generation: int) -> bool:
-        return generation in self.at or bool(self.every and generation % self.every == 0)
-
-
-@dataclass(frozen=True)
-class LoopSpec:
-    """The control of a `loop` step beyond its options: when it stops early, what it asks when."""
-
-    until: Any = None  # a parsed expression over params, steps and loop
-    checkpoints: tuple[Checkpoint, ...] = ()
-
-
-@dataclass(frozen=True)
 class StepSpec:
     id: str
     kind: str
@@ -183,8 +145,12 @@ class StepSpec:
     #: map items in flight at once (default: the run's max_parallel)
     parallel: int | None = None
     on_item_error: str = "fail"  # fail | skip | collect
-    loop: LoopSpec | None = None  # a loop step's stop condition and checkpoints
-    #: the loop step whose checkpoint this step belongs to (None: a top-level step)
+    #: for a kind that holds steps (`Step.holds`): what its `check_nested` parsed (a loop's
+    #: stop condition and checkpoints)
+    nested: Any = None
+    #: every step it holds, in the order written
+    held: tuple[StepSpec, ...] = ()
+    #: the step that holds this one (None: a top-level step)
     parent: str | None = None
 
 
@@ -259,12 +225,11 @@ class Spec:
 
     @property
     def by_id(self) -> dict[str, StepSpec]:
-        """Every step by id, the steps of loop checkpoints included (ids are unique in a spec)."""
+        """Every step by id, the steps that steps hold included (ids are unique in a spec)."""
         found = self.__dict__.get("_by_id")
         if found is None or self.__dict__.get("_by_id_of") != len(self.steps):
             found = {s.id: s for s in self.steps}
             for step in self.steps:
-                for checkpoint in step.loop.checkpoints if step.loop else ():
-                    found.update((s.id, s) for s in checkpoint.steps)
+                found.update((s.id, s) for s in step.held)
             self.__dict__["_by_id"], self.__dict__["_by_id_of"] = found, len(self.steps)
         return found

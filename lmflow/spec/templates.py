@@ -1,6 +1,7 @@
 """The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}`, in a
-step with `foreach` `${{ item.field }}` and `${{ index }}`, and in a loop's checkpoint
-`${{ loop.generation }}`, `${{ loop.state.X }}`, `${{ loop.history }}`...
+step with `foreach` `${{ item.field }}` and `${{ index }}`, and in the steps a kind holds
+the root that kind offers them (`Step.holds`): in a loop's checkpoint `${{ loop.generation }}`,
+`${{ loop.state.X }}`, `${{ loop.history }}`...
 
 A reference is a dotted path, never evaluated Python. A string that is exactly
 one reference takes the referenced value with its type (a number stays a
@@ -14,9 +15,13 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TemplateError  # noqa: F401 - raised here, defined with the tree
+from ..plugins import by_version
+
+if TYPE_CHECKING:
+    from ..steps.base import Holds
 
 # the expression never spans a `}}`: "${{ a }}-${{ b }}" is two references, not one
 _TEMPLATE = re.compile(r"(?<!\$)\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
@@ -24,9 +29,16 @@ _TEMPLATE = re.compile(r"(?<!\$)\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 #: never read again for either
 _PIECE = re.compile(r"\$\$\{\{|\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
-ROOTS = ("params", "steps", "item", "index", "loop")
-#: what `loop.` offers in a checkpoint's steps and in `until`
-LOOP_FIELDS = ("generation", "generations", "state", "stats", "history", "previous", "asked_at")
+#: the roots of every spec; each kind that holds steps adds its own (`held_roots`)
+ROOTS = ("params", "steps", "item", "index")
+
+
+@by_version
+def held_roots() -> dict[str, Holds]:
+    """The roots that kinds holding steps offer them (`loop` -> the loop kind's `Holds`)."""
+    from ..steps import kinds
+
+    return {k.holds.root: k.holds for k in kinds().values() if k.holds is not None}
 
 
 @dataclass(frozen=True)
@@ -51,10 +63,11 @@ def parse_ref(expr: str) -> Ref:
     text = expr.strip()
     root, _, rest = text.partition(".")
     root_match = re.fullmatch(r"[A-Za-z_]\w*", root)
-    if not root_match or root not in ROOTS:
+    held = held_roots()
+    if not root_match or (root not in ROOTS and root not in held):
         raise TemplateError(f"unknown reference '{text}': a reference starts with 'params.', "
-                            "'steps.', in a step with foreach 'item' or 'index', in a loop's "
-                            "checkpoint 'loop.'")
+                            "'steps.', in a step with foreach 'item' or 'index'"
+                            + "".join(f", in {h.defined_in} '{r}.'" for r, h in held.items()))
     parts: list[str | int] = []
     tail = "." + rest if rest else ""
     pos = 0
@@ -71,9 +84,9 @@ def parse_ref(expr: str) -> Ref:
         raise TemplateError(f"incomplete reference '{text}'")
     if root == "index" and parts:
         raise TemplateError(f"'{text}': the item's position is just `index`")
-    if root == "loop" and (not parts or parts[0] not in LOOP_FIELDS):
-        raise TemplateError(f"'{text}': a loop reference is loop.FIELD, FIELD one of "
-                            + ", ".join(LOOP_FIELDS))
+    if root in held and (not parts or parts[0] not in held[root].fields):
+        raise TemplateError(f"'{text}': a {root} reference is {root}.FIELD, FIELD one of "
+                            + ", ".join(held[root].fields))
     if root == "params" and len(parts) != 1:
         raise TemplateError(f"'{text}': a parameter reference is params.NAME")
     if root == "steps" and (len(parts) < 2 or parts[1] != "output"):
@@ -105,13 +118,14 @@ def lookup(ref: Ref, context: dict[str, Any]) -> Any:
     A step skipped because its condition was false has the output null, and so has every
     field of a null output: its dependents can test for it instead of failing.
     """
+    held = ref.root not in ROOTS  # a root a kind offers the steps it holds (`loop`)
     if ref.root not in context:
-        where = "a loop's checkpoint" if ref.root == "loop" else "a step with foreach"
+        where = held_roots()[ref.root].defined_in if held else "a step with foreach"
         raise TemplateError(f"{ref.text}: '{ref.root}' is only defined in {where}")
     current: Any = context[ref.root]
     walked = ref.root
     for n, part in enumerate(ref.parts):
-        if current is None and (ref.root == "steps" and n >= 2 or ref.root == "loop" and n >= 1):
+        if current is None and (ref.root == "steps" and n >= 2 or held and n >= 1):
             return None
         if isinstance(part, int):
             if not isinstance(current, list) or part >= len(current):

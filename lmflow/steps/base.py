@@ -22,6 +22,46 @@ if TYPE_CHECKING:
     from ..spec.model import ModelConfig, Policy, ResponseCacheConfig, StepSpec
 
 
+@dataclass(frozen=True)
+class Holds:
+    """What a kind that holds steps of its own (the loop's checkpoints) offers them, and the words
+    the validator's messages use for them."""
+
+    #: the template root its steps and its own conditions see (`loop`: `${{ loop.generation }}`)
+    root: str
+    #: the fields under that root
+    fields: tuple[str, ...]
+    #: what one list of its steps is called (`checkpoint`)
+    group: str
+    #: its options that `check_nested` parses, left out of the options the step runs with
+    options: tuple[str, ...] = ()
+    #: where the root is defined, for a reference made elsewhere (`a loop's checkpoint and until`)
+    defined_in: str = ""
+    #: the hint for a reference to the holding step from one of its own steps
+    sees_holder: str = ""
+    #: the hint for a reference to a held step from outside (`{holder}`: the holding step's id)
+    from_outside: str = ""
+    #: the hint when this kind is put inside another's steps (it cannot be)
+    not_nested: str = ""
+
+
+class Nest(Protocol):
+    """How a kind that holds steps validates them (`Step.check_nested`); paths are inside the
+    step's options, e.g. `("checkpoints", 0, "steps")`."""
+
+    spec_dir: Path
+
+    def steps(self, path: tuple, raw: Any) -> tuple[StepSpec, ...]:
+        """A list of held steps: checked like the spec's own, run in the order written; their
+        references to top-level steps become the holding step's dependencies."""
+
+    def condition(self, path: tuple, raw: Any) -> Any:
+        """A condition over params, steps and the kind's root (`Holds.root`), or None."""
+
+    def problem(self, path: tuple, message: str, hint: str | None = None) -> None:
+        """Report a problem at `path`."""
+
+
 @dataclass
 class CheckContext:
     """What a kind may look at while a spec is validated (no servers, no Prefect)."""
@@ -210,6 +250,16 @@ class Step(ABC):
 
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         """Extra data that changes the answer and is not in the options (file hashes)."""
+        return None
+
+    #: for a kind that holds steps of its own (a loop's checkpoints): what it offers them
+    holds: ClassVar[Holds | None] = None
+
+    def check_nested(self, options: dict[str, Any], nest: Nest) -> Any:
+        """For a kind that `holds` steps: validate what it holds through `nest` (its lists of
+        steps, its conditions) and return the parsed structure, which the run sees as
+        `StepSpec.nested`. Called after `check`, whatever it found, so that every problem
+        inside is reported at once."""
         return None
 
     def nested_material(self, step: StepSpec, run: KeySource) -> dict[str, Any] | None:

@@ -172,7 +172,7 @@ class PromptStep(ModelStep):
             yield ctx.problem(("response_schema",), "a JSON Schema must be an object")
 
     def _check_chain(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
-        from ..spec.validate import link_problem, parse_fallback
+        from ..spec.servers import link_problem, parse_fallback
 
         aliases = dict.fromkeys(ctx.model_aliases)
         for i, link in enumerate(parse_fallback(options.get("fallback"))):
@@ -204,7 +204,7 @@ class PromptStep(ModelStep):
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         """The content of the files the resolved options name (images, prompt files named by a
         reference): a changed file is a changed step."""
-        from ..spec.validate import parse_fallback
+        from ..spec.servers import parse_fallback
         from .python import source_hash
 
         files = [*(options.get("images") or []),
@@ -243,7 +243,7 @@ class PromptStep(ModelStep):
 
     def links(self, options: dict[str, Any], models: dict[str, Any]) -> list[Link]:
         """The fallback chain: the model, then the step's fallback, else the model's own."""
-        from ..spec.validate import parse_fallback
+        from ..spec.servers import parse_fallback
 
         model = models.get(options["model"])
         fallback = parse_fallback(options["fallback"]) if "fallback" in options else (

@@ -1,11 +1,12 @@
 """`loop`: the user's optimiser, one generation at a time, with checkpoints that ask a coach.
 
 The options here are what is resolved once when the loop starts (how many generations,
-the init and body functions). `until` and the checkpoints' steps are parsed by the
-validator into `StepSpec.loop`. The package holds the rest: `runner` (generations,
-checkpoints, resume), `apply` (advice into the state), `key` (what changes its answer),
-`report` (its chart in the UI). A checkpoint's steps run through the Step contract's
-`units`: each one a unit like any other, a task run of its own.
+the init and body functions). `until` and the checkpoints are parsed by `check_nested`
+(`spec`: the validator checks their steps like the spec's own) into `StepSpec.nested`. The
+package holds the rest: `runner` (generations, checkpoints, resume), `apply` (advice into
+the state), `key` (what changes its answer), `report` (its chart in the UI). A
+checkpoint's steps run through the Step contract's `units`: each one a unit like any
+other, a task run of its own.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import Problem
+from ...spec import templates
 from ...spec.model import StepSpec
 from .. import register
-from ..base import FUNCTION_PATTERN, CheckContext, KeySource, Step, StepContext, StepResult
+from ..base import FUNCTION_PATTERN, CheckContext, Holds, KeySource, Nest, Step, StepContext, StepResult
+from .spec import LoopSpec, check_loop
 
 _FUNCTION = {"type": "string", "pattern": f"^{FUNCTION_PATTERN}$", "description": "module:function"}
 _COUNT = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\$\{\{"}],
           "description": "A positive integer, or a reference such as ${{ params.generations }}."}
+
+#: what `loop.` offers in a checkpoint's steps and in `until`
+LOOP_FIELDS = ("generation", "generations", "state", "stats", "history", "previous", "asked_at")
 
 APPLY_FIELD = {
     "type": "object",
@@ -98,6 +104,13 @@ class LoopStep(Step):
         },
     }
 
+    holds = Holds(
+        root="loop", fields=LOOP_FIELDS, group="checkpoint", options=("checkpoints", "until"),
+        defined_in="a loop's checkpoint and until",
+        sees_holder="a checkpoint sees its loop as loop.state, loop.stats, loop.history and loop.generation",
+        from_outside="refer to the loop's output instead, e.g. steps.{holder}.output.analyses",
+        not_nested="put the inner loop's work in its body function")
+
     def check(self, options: dict[str, Any], ctx: CheckContext) -> Iterator[Problem]:
         from ..python import function_problem
 
@@ -117,6 +130,10 @@ class LoopStep(Step):
                 yield ctx.problem(("checkpoints", i), "a checkpoint needs at: or every:",
                                   "e.g. every: 5, which runs at 5, 10, 15...")
 
+    def check_nested(self, options: dict[str, Any], nest: Nest) -> LoopSpec:
+        """Its `until` and checkpoints (lmflow.steps.loop.spec)."""
+        return check_loop(options, nest)
+
     def cache_material(self, options: dict[str, Any], spec_dir: Path) -> Any:
         """The source of the modules the loop calls: a changed optimiser is a changed loop."""
         from ..python import source_hash
@@ -133,9 +150,7 @@ class LoopStep(Step):
 
     def plan_lines(self, step: StepSpec, params: dict[str, Any]) -> list[str]:
         """How the loop stops, and what each checkpoint runs when and applies."""
-        from ...spec import templates
-
-        options, loop = step.options, step.loop
+        options, loop = step.options, step.nested
         assert loop is not None
         try:  # `generations: ${{ params.n }}` shows its value
             generations = templates.render(options.get("generations"), {"params": params})
@@ -160,6 +175,6 @@ class LoopStep(Step):
         from ...errors import LmflowError
         from .runner import LoopRunner
 
-        if ctx.units is None or ctx.step is None or ctx.step.loop is None:
+        if ctx.units is None or ctx.step is None or ctx.step.nested is None:
             raise LmflowError("a loop runs inside a spec (lmflow run): its checkpoints are steps of the spec")
         return LoopRunner(ctx.step, options, ctx).run()

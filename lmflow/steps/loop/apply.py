@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from ...spec.model import ApplyField
+from .spec import ApplyField
 
 _NORMAL = re.compile(r"[\s_\-]+")
 

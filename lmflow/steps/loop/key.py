@@ -10,8 +10,9 @@ import dataclasses
 from typing import Any
 
 from ...spec import templates
-from ...spec.model import LoopSpec, StepSpec
+from ...spec.model import StepSpec
 from ..base import KeySource
+from .spec import LoopSpec
 
 
 def loop_material(step: StepSpec, run: KeySource) -> dict[str, Any]:
@@ -20,10 +21,10 @@ def loop_material(step: StepSpec, run: KeySource) -> dict[str, Any]:
     from .. import get_kind
     from ..python import source_hash
 
-    assert step.loop is not None
+    assert step.nested is not None
     spec_dir = run.spec.dir
     checkpoints = []
-    for c in step.loop.checkpoints:
+    for c in step.nested.checkpoints:
         steps = [[s.id, s.kind, s.options, dataclasses.asdict(s.policy),
                   getattr(s.when, "text", s.when),
                   {a: run.model_identity(a) for a in get_kind(s.kind).models(s.options)},
@@ -32,8 +33,8 @@ def loop_material(step: StepSpec, run: KeySource) -> dict[str, Any]:
             dataclasses.asdict(f) for f in c.apply]
         source = source_hash(c.apply, spec_dir) if isinstance(c.apply, str) else None
         checkpoints.append([c.at, c.every, c.history, c.mode, steps, apply, source])
-    return {"until": getattr(step.loop.until, "text", None), "checkpoints": checkpoints,
-            "refers_to": outside_values(step.loop, run)}
+    return {"until": getattr(step.nested.until, "text", None), "checkpoints": checkpoints,
+            "refers_to": outside_values(step.nested, run)}
 
 
 def outside_values(loop: LoopSpec, run: KeySource) -> dict[str, Any]:

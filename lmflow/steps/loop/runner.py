@@ -31,10 +31,11 @@ from ...errors import (
     LmflowError,
     LoopStopped,  # noqa: F401 - raised here, defined with the tree
 )
-from ...spec.model import Checkpoint, StepSpec, parse_duration
+from ...spec.model import StepSpec, parse_duration
 from ..base import StepContext, StepResult
 from ..python import UserCodeError, call, load_function
 from .apply import apply_fields
+from .spec import Checkpoint
 
 #: bump when the state file's layout changes (an old file is then not resumed)
 STATE_VERSION = 1
@@ -59,10 +60,10 @@ class LoopRunner:
     def __init__(self, step: StepSpec, options: dict[str, Any], ctx: StepContext):
         from ...home import subdir
 
-        assert step.loop is not None and ctx.units is not None
+        assert step.nested is not None and ctx.units is not None
         self.step, self.ctx, self.units = step, ctx, ctx.units
-        self.checkpoints = step.loop.checkpoints
-        self.until = step.loop.until
+        self.checkpoints = step.nested.checkpoints
+        self.until = step.nested.until
         self.body_ref: str = options["body"]
         init = options["init"]
         self.init_ref, self.init_args = (init, {}) if isinstance(init, str) else (
