@@ -12,7 +12,7 @@ from .spec import Spec, load_spec, spec_schema, validate_files
 from .steps import FixedModels, Session, Step, StepContext, StepResult, register
 
 if TYPE_CHECKING:
-    from .runtime import RunResult
+    from .engine.records import RunResult
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,7 +44,7 @@ def run(spec_path: Any, params: dict[str, Any] | None = None, **options: Any) ->
 
 def __getattr__(name: str) -> Any:
     if name == "RunResult":
-        from .runtime import RunResult
+        from .engine.records import RunResult
 
         return RunResult
     raise AttributeError(name)

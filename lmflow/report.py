@@ -8,7 +8,7 @@ import textwrap
 from typing import Any
 
 from .backends import backend_class
-from .runtime import RunResult, StepRecord
+from .engine.records import RunResult, StepRecord
 from .spec.model import Spec
 from .steps import get_kind
 

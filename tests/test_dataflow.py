@@ -14,7 +14,7 @@ import pytest
 from conftest import BIN, ROOT, lmflow_cmd, wait_for
 from test_run import engines_with_alias
 
-from lmflow.runtime import read_record
+from lmflow.engine.records import read_record
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 

@@ -480,8 +480,9 @@ def test_a_load_that_timed_out_is_unloaded_at_the_end_of_the_run(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LM Studio may finish a load after lmflow stopped waiting for it: the run's end unloads it."""
     import lmflow.backends.lmstudio as lmstudio_backend
+    from lmflow.engine.records import RunRecorder
+    from lmflow.engine.runtime import Runtime
     from lmflow.errors import BackendTimeout
-    from lmflow.runtime import RunRecorder, Runtime
 
     proc, url = start_server(tmp_path_factory.mktemp("slow-load"), """\
         models: [{key: smollm2-135m-instruct}]

@@ -13,12 +13,13 @@ PREFECT_ADAPTER = "lmflow.prefect"
 #: package (or module) -> lmflow modules it must not import, at any depth
 FORBIDDEN = {
     "lmflow.engine": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.report"),
+    # (a kind sees the run through its StepContext; it names lmflow.engine.unit's Lifecycle as a type)
     "lmflow.steps": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine.scheduler",
-                     "lmflow.runtime", "lmflow.report"),
-    "lmflow.backends": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.steps",
-                        "lmflow.runtime"),
+                     "lmflow.engine.runtime", "lmflow.engine.records", "lmflow.engine.recovery",
+                     "lmflow.engine.working_directory", "lmflow.report"),
+    "lmflow.backends": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.steps"),
     # (the spec reads the kinds and backends registered, to assemble its schema)
-    "lmflow.spec": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.runtime"),
+    "lmflow.spec": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine"),
 }
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from conftest import lmflow_cmd
 
-from lmflow.runtime import RunRecorder, Runtime
+from lmflow.engine.records import RunRecorder
+from lmflow.engine.runtime import Runtime
 from lmflow.spec import load_spec
 
 HELPERS = """\

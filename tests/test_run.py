@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import BIN, ROOT, lmflow_cmd, wait_for
 
-from lmflow.runtime import read_record
+from lmflow.engine.records import read_record
 
 pytestmark = [pytest.mark.engine, pytest.mark.prefect, pytest.mark.slow]
 

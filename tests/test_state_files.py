@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lmflow import jsonl
 from lmflow.cli import cli
-from lmflow.runtime import read_record
+from lmflow.engine.records import read_record
 
 DAMAGED = b'{"a": 1}\n42\n\xff\xfe{"b": 2}\nnot json\n[1, 2]\n{"c": 3}\n{"torn": '
 

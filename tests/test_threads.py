@@ -540,7 +540,7 @@ def test_no_restart_past_max_restarts(tmp_path: Path) -> None:
 def test_run_ids_are_unique_for_runs_of_one_spec_in_one_second(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from lmflow.runtime import new_run_id
+    from lmflow.engine.records import new_run_id
 
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda _: new_run_id("same"), range(40)))

@@ -30,8 +30,8 @@ from ..errors import ExpressionError, LmflowError, StepFailure, TemplateError, d
 from ..steps import StepContext, StepResult, get_kind
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
     from ..spec.model import StepSpec
+    from .runtime import Runtime
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Lifecycle:
     def attempt(self, step: StepSpec, options: dict[str, Any], name: str,
                 index: int | None = None) -> StepResult:
         """One try of a unit: what the executor calls, once per attempt."""
-        from ..runtime import CURRENT_STEP
+        from .runtime import CURRENT_STEP
 
         token = CURRENT_STEP.set(name)
         try:

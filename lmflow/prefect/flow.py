@@ -26,10 +26,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from ..engine.records import Listener, RunRecorder, RunResult
+from ..engine.recovery import release_leftovers
+from ..engine.runtime import Runtime
 from ..engine.scheduler import Scheduler
 from ..engine.unit import Lifecycle, Ran, Unit
+from ..engine.working_directory import working_directory
 from ..errors import LmflowError, StepFailed
-from ..runtime import Listener, RunRecorder, RunResult, Runtime, working_directory
 from ..spec import load_spec
 from ..spec.model import Spec, StepSpec
 from ..steps import StepResult, get_kind
@@ -160,7 +163,7 @@ def run_spec(spec_path: str, params: dict[str, Any] | None = None,
     try:
         with working_directory(spec.dir, lambda message: recorder.emit("warning", message=message)), \
                 runtime:
-            runtime.release_leftovers()
+            release_leftovers(spec, recorder, runtime.server_backend)
             try:
                 Scheduler(lifecycle, max_parallel or spec.max_parallel).run()
             finally:
@@ -203,7 +206,7 @@ def _mark_killed_runs(recorder: RunRecorder) -> None:
     """Killed runs of this spec on this machine: Crashed in Prefect, not Running for good."""
     from prefect.client.orchestration import get_client
 
-    from ..runtime import killed_journals
+    from ..engine.recovery import killed_journals
     from .history import mark_killed_runs
 
     if not killed_journals(recorder.spec.name, marker="crash_marked"):

@@ -31,7 +31,7 @@ from ..errors import (
 )
 
 if TYPE_CHECKING:
-    from ..runtime import RunResult, StepRecord
+    from ..engine.records import RunResult, StepRecord
 
 #: the key of every run's summary is this plus the spec's name (the UI keeps the latest per spec)
 SUMMARY_KEY = "lmflow-summary"
@@ -203,7 +203,7 @@ def mark_killed_runs(client: Any, spec_name: str | None = None) -> list[str]:
     from prefect.states import Crashed
 
     from .. import jsonl
-    from ..runtime import killed_journals
+    from ..engine.recovery import killed_journals
 
     marked = []
     for journal, entries in killed_journals(spec_name, marker="crash_marked"):
