@@ -49,8 +49,12 @@ def _options_validator(kind: str) -> Any:
 
     from ..spec.schema import spec_schema
 
+    step = get_kind(kind)
+    schema = {**step.options_schema, "$defs": spec_schema()["$defs"]}
+    if step.holds is not None:  # what it holds is parsed by its check_nested, not run as options
+        schema["required"] = [k for k in schema.get("required", ()) if k not in step.holds.options]
     # a kind's schema may refer to the spec's definitions (a loop's checkpoints hold steps)
-    return Draft202012Validator({**get_kind(kind).options_schema, "$defs": spec_schema()["$defs"]})
+    return Draft202012Validator(schema)
 
 
 #: the step (or item, `step[3]`) the current thread runs: backend events and cache warnings name it
