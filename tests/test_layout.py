@@ -87,3 +87,37 @@ def test_deployments_registered_before_the_adapter_package_still_find_the_flow()
 
     assert old is lmflow_flow
     assert ENTRYPOINT == "lmflow.prefect.flow.lmflow_flow"
+
+
+#: private names of the standard library that are its documented API
+DOCUMENTED_PRIVATE = {"os._exit"}
+
+
+def _private_reaches(path: Path) -> list[str]:
+    """Where a module uses another object's `_private` name: `x._name` (x not self or cls), or
+    `from m import _name`."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if owner not in ("self", "cls") and f"{owner}.{node.attr}" not in DOCUMENTED_PRIVATE:
+                found.append((node.lineno, f"{owner}.{node.attr}"))
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.lineno, f"from {'.' * node.level}{node.module or ''} import {alias.name}")
+                      for alias in node.names if alias.name.startswith("_")]
+    return [f"{path.name}:{line}: {what}" for line, what in sorted(found)]
+
+
+def test_the_test_servers_modules_use_each_other_only_through_public_names() -> None:
+    """The instance pool, the REST router, the SDK protocol and the stateful chats of the LM Studio
+    stand-in (lmflow/testing/) meet through public methods, never each other's private members."""
+    modules = sorted((PACKAGE / "testing").glob("*.py"))
+    assert [reach for path in modules for reach in _private_reaches(path)] == []
+
+
+def test_the_private_reach_reader_sees_attributes_and_imports(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from .server import _helper\n\nasync def f(self, server):\n"
+                      "    await self.server._expire()\n    self._own = server._lock\n    os._exit(1)\n")
+    assert _private_reaches(module) == ["m.py:1: from .server import _helper",
+                                        "m.py:4: self.server._expire", "m.py:5: server._lock"]

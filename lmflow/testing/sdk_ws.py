@@ -34,22 +34,22 @@ shared by its namespaces).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import os
-import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .pool import gguf_general
+from .refusals import Refusal
+
 if TYPE_CHECKING:
-    from .server import Instance, LMStudioTestServer, TestModel
+    from .config import TestModel
+    from .inference import Inference
+    from .pool import Instance, InstancePool
 
 CONTEXT_KEY = "llm.load.contextLength"
 PARALLEL_KEY = "llm.load.numParallelSessions"  # the SDKs' maxParallelPredictions
@@ -81,46 +81,6 @@ class SdkError(Exception):
 # -- what the SDK is told about models --------------------------------------------------
 
 
-@functools.lru_cache(maxsize=32)
-def gguf_general(path: Path) -> dict[str, str]:
-    """The architecture and size label a GGUF file declares (none for a file that does not parse)."""
-    wanted = {"general.architecture", "general.size_label"}
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by value type
-    found: dict[str, str] = {}
-    with open(path, "rb") as f:
-        def number(fmt: str) -> int:
-            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return f.read(number("Q")).decode("utf-8", "replace")
-
-        def skip(kind: int) -> None:
-            if kind == 8:
-                string()
-            elif kind == 9:  # an array: item type, count, items
-                item, count = number("I"), number("Q")
-                for _ in range(count):
-                    skip(item)
-            else:
-                f.seek(sizes[kind], os.SEEK_CUR)
-
-        if f.read(4) != b"GGUF":
-            return found
-        f.seek(4 + 8, os.SEEK_CUR)  # version, tensor count
-        try:
-            for _ in range(number("Q")):  # the general.* keys come first: stop once both are read
-                key, kind = string(), number("I")
-                if key in wanted and kind == 8:
-                    found[key] = string()
-                    if len(found) == len(wanted):
-                        break
-                else:
-                    skip(kind)
-        except (struct.error, KeyError):  # truncated, or a value type newer than this reader
-            pass
-    return found
-
-
 def model_info(model: TestModel) -> dict[str, Any]:
     """A model as LM Studio lists it (`LlmInfo`: downloaded models, a load's `resolved`)."""
     info: dict[str, Any] = {
@@ -134,6 +94,12 @@ def model_info(model: TestModel) -> dict[str, Any]:
     if "general.size_label" in general:
         info["paramsString"] = general["general.size_label"]
     return info
+
+
+def named(instances: list[Instance], wanted: str | None) -> list[Instance]:
+    """The instances an SDK name picks: by identifier, else by model key or path (None: all)."""
+    return [i for i in instances if wanted is None or i.id == wanted] or [
+        i for i in instances if wanted in (i.model.key, str(i.model.path))]
 
 
 def instance_info(instance: Instance) -> dict[str, Any]:
@@ -264,9 +230,12 @@ ChannelHandler = Callable[[Channel, dict[str, Any]], Awaitable[None]]
 class SdkSession:
     """One websocket client of the test server, in one namespace."""
 
-    def __init__(self, server: LMStudioTestServer, ws: WebSocket):
-        self.server = server
+    def __init__(self, ws: WebSocket, pool: InstancePool, inference: Inference, *,
+                 api_token: str | None = None):
         self.ws = ws
+        self.pool = pool
+        self.inference = inference
+        self.api_token = api_token
         self.namespace = ws.url.path.strip("/")
         self.channels: dict[int, Channel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -316,7 +285,7 @@ class SdkSession:
 
     async def _authenticate(self) -> bool:
         auth = await self.ws.receive_json()
-        token = self.server.behaviour.api_token
+        token = self.api_token
         presented = f"sk-lm-{auth.get('clientIdentifier')}:{auth.get('clientPasskey')}"
         if token and presented != token:
             await self.send({"success": False, "error": (
@@ -325,7 +294,7 @@ class SdkSession:
             await self.ws.close()
             return False
         await self.send({"success": True})
-        self.server.stats.sdk_clients.add(str(auth.get("clientIdentifier") or id(self)))
+        self.inference.stats.sdk_clients.add(str(auth.get("clientIdentifier") or id(self)))
         return True
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -350,7 +319,7 @@ class SdkSession:
             if handler is None:
                 raise SdkError(f"Unsupported RPC endpoint {endpoint!r} on /{self.namespace} "
                                "(lmflow test server)")
-            await self.server._expire()
+            await self.pool.expire()
             result = await handler(message.get("parameter") or {})
         except Exception as exc:  # noqa: BLE001 - as in LM Studio, a failed call is answered, never dropped
             await self.send({"type": "rpcError", "callId": call_id, "error": _error_json(exc)})
@@ -368,7 +337,7 @@ class SdkSession:
             if handler is None:
                 raise SdkError(f"Unsupported channel endpoint {endpoint!r} on /{self.namespace} "
                                "(lmflow test server)")
-            await self.server._expire()
+            await self.pool.expire()
             await handler(channel, message.get("creationParameter") or {})
         except Exception as exc:  # noqa: BLE001 - as in LM Studio, a failed channel is answered, never dropped
             await self.send({"type": "channelError", "channelId": channel.id, "error": _error_json(exc)})
@@ -381,13 +350,13 @@ class SdkSession:
 
     def _instances(self) -> list[Instance]:
         """The loaded instances this namespace sees (the test server's models are all LLMs)."""
-        return list(self.server.instances.values()) if self.namespace == "llm" else []
+        return list(self.pool.instances.values()) if self.namespace == "llm" else []
 
     def _not_found(self, query: dict[str, Any]) -> SdkError:
         instances = self._instances()
         if self.namespace == "embedding":
             title = ("No embedding model is loaded: the lmflow test server has no embedding model "
-                     f"(it serves LLMs: {', '.join(self.server.models)})")
+                     f"(it serves LLMs: {', '.join(self.pool.models)})")
         else:
             title = f"No loaded model satisfies all requirements specified in the query {query}"
         return SdkError(title, {"code": "generic.noModelMatchingQuery", "query": query,
@@ -404,16 +373,14 @@ class SdkSession:
                 raise SdkError("The model instance was unloaded", {"code": "generic.specificModelUnloaded"})
             return found[0]
         query = specifier.get("query") or {}
-        wanted = query.get("identifier") or query.get("path")
-        found = [i for i in instances if wanted is None or i.id == wanted] or [
-            i for i in instances if wanted in (i.model.key, str(i.model.path))]
+        found = named(instances, query.get("identifier") or query.get("path"))
         if not found:
             raise self._not_found(query)
         return found[0]
 
     def _model(self, key: str) -> TestModel:
         """The model a load asks for, by key or path."""
-        models = self.server.models
+        models = self.pool.models
         model = models.get(key) or next((m for m in models.values() if str(m.path) == key), None)
         if model is not None and self.namespace == "llm":
             return model
@@ -440,7 +407,7 @@ class SdkSession:
     async def unload_model(self, parameter: dict[str, Any]) -> Any:
         identifier = parameter.get("identifier", "")
         instances = self._instances()
-        if not any(i.id == identifier for i in instances) or not await self.server.unload(identifier):
+        if not any(i.id == identifier for i in instances) or not await self.pool.unload(identifier):
             raise SdkError(f"No loaded model with identifier {identifier!r}", {
                 "code": "generic.identifierNotFound", "identifier": identifier,
                 "loadedModelsSample": [i.id for i in instances[:10]], "totalLoadedModels": len(instances)})
@@ -464,7 +431,7 @@ class SdkSession:
 
     async def _engine(self, instance: Instance, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A call to the instance's llama-server."""
-        answer = await self.server.http.post(f"{instance.engine.url}{path}", json=body)
+        answer = await self.inference.http.post(f"{instance.engine.url}{path}", json=body)
         if answer.status_code != 200:
             raise SdkError(f"{instance.id}: {_engine_error(answer.json())}")
         return answer.json()
@@ -486,7 +453,7 @@ class SdkSession:
         return {"version": TEST_SERVER_VERSION, "build": TEST_SERVER_BUILD}
 
     async def list_downloaded(self, parameter: dict[str, Any]) -> Any:
-        return [model_info(m) for m in self.server.models.values()]
+        return [model_info(m) for m in self.pool.models.values()]
 
     # -- loading ----------------------------------------------------------------------
 
@@ -505,29 +472,34 @@ class SdkSession:
         As in LM Studio, the load config applies only to a new instance.
         """
         wanted = parameter.get("identifier", "")
-        async with self.server._jit_lock:  # clients asking at once for one model load it once
-            loaded = [i for i in self._instances() if i.id == wanted] or [
-                i for i in self._instances() if wanted in (i.model.key, str(i.model.path))]
-            if loaded:
-                await channel.send({"type": "alreadyLoaded", "info": instance_info(loaded[0])})
-                return
+
+        def find() -> Instance | None:
+            return next(iter(named(self._instances(), wanted)), None)
+
+        async def load() -> Instance:
             model = self._model(wanted)
             await channel.send({"type": "startLoading", "identifier": model.key, "info": model_info(model)})
-            instance = await self._load(model, parameter.get("loadConfigStack"),
-                                        ttl_ms=parameter.get("loadTtlMs"))
+            return await self._load(model, parameter.get("loadConfigStack"),
+                                    ttl_ms=parameter.get("loadTtlMs"))
+
+        instance, loaded_now = await self.pool.get_or_load(find, load)
+        if not loaded_now:
+            await channel.send({"type": "alreadyLoaded", "info": instance_info(instance)})
+            return
         await channel.send({"type": "loadProgress", "progress": 1.0})
         await channel.send({"type": "loadSuccess", "info": instance_info(instance)})
 
     async def _load(self, model: TestModel, stack: dict[str, Any] | None, *,
                     identifier: str | None = None, ttl_ms: int | None = None) -> Instance:
         config = collapse(stack)
-        result = await self.server.load_instance(model.key, config.get(CONTEXT_KEY), identifier=identifier,
-                                                 ttl_ms=ttl_ms, parallel=config.get(PARALLEL_KEY))
-        if isinstance(result, Response):
-            raise SdkError(_engine_error(json.loads(bytes(result.body))))
-        _asked_config[result.engine] = {k: v for k, v in config.items()
-                                        if k.startswith(("load.", "llm.load."))}
-        return result
+        try:
+            instance = await self.pool.load(model.key, config.get(CONTEXT_KEY), identifier=identifier,
+                                            ttl_ms=ttl_ms, parallel=config.get(PARALLEL_KEY))
+        except Refusal as refusal:
+            raise SdkError(refusal.message) from None
+        _asked_config[instance.engine] = {k: v for k, v in config.items()
+                                          if k.startswith(("load.", "llm.load."))}
+        return instance
 
     # -- predicting -------------------------------------------------------------------
 
@@ -541,8 +513,8 @@ class SdkSession:
         params = sampling(config)
         started = time.monotonic()
         instance.last_used = started
-        self.server.stats.chat_requests += 1
-        with self.server.stats.answering(instance.id):
+        self.inference.stats.chat_requests += 1
+        with self.inference.stats.answering(instance.id):
             model = instance.model
             if model.working_context_length is not None or model.answers == "retriever":
                 final, first_token = await self._answer_whole(channel, instance, messages, params)
@@ -559,7 +531,7 @@ class SdkSession:
     async def _relay(self, channel: Channel, instance: Instance, body: dict[str, Any]
                      ) -> tuple[dict[str, Any], float | None]:
         """llama-server's /completion stream as fragments; its last chunk and the first token's time."""
-        http = self.server.http
+        http = self.inference.http
         upstream = await http.send(http.build_request(
             "POST", f"{instance.engine.url}/completion", json={**body, "stream": True, "cache_prompt": True}),
             stream=True)
@@ -588,8 +560,8 @@ class SdkSession:
     async def _answer_whole(self, channel: Channel, instance: Instance, messages: list[dict[str, str]],
                             params: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
         """The answer of a model with a configured flaw (a working limit, the retriever): one fragment."""
-        status, payload = await self.server.complete(instance, {"messages": messages, "stream": False,
-                                                                **params})
+        status, payload = await self.inference.complete(instance, {"messages": messages, "stream": False,
+                                                                   **params})
         if status != 200:
             raise SdkError(f"{instance.id}: {_engine_error(payload)}")
         choice = payload["choices"][0]

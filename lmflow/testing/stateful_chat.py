@@ -42,7 +42,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .refusals import Refusal, UpstreamError, checked, json_body
 
 if TYPE_CHECKING:
-    from .server import Instance, LMStudioTestServer
+    from .inference import Inference
+    from .pool import Instance, InstancePool
 
 STORE_LIMIT = 1000
 
@@ -201,18 +202,19 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
 class StatefulChats:
     """The handlers of `/api/v1/chat` and `/v1/responses`, and the conversations they keep."""
 
-    def __init__(self, server: LMStudioTestServer):
-        self.server = server
+    def __init__(self, pool: InstancePool, inference: Inference):
+        self.pool = pool
+        self.inference = inference
         self.threads = Threads()
 
     # -- answering (shared) -----------------------------------------------------------
 
     async def _answer(self, instance: Instance, body: dict[str, Any]) -> Answer:
-        server = self.server
-        with server.stats.answering(instance.id):
-            await server.delay()
+        inference = self.inference
+        with inference.stats.answering(instance.id):
+            await inference.delay()
             started = time.monotonic()
-            status, payload = await server.complete(instance, body)
+            status, payload = await inference.complete(instance, body)
         if status != 200:
             raise UpstreamError(status, payload)
         choice = payload["choices"][0]
@@ -225,17 +227,17 @@ class StatefulChats:
 
     async def _open(self, instance: Instance, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The upstream stream; the request is in flight until the response made of it ends."""
-        server = self.server
-        server.stats.started(instance.id)
+        inference = self.inference
+        inference.stats.started(instance.id)
         chunks = None
         try:
-            await server.delay()
-            chunks = await server.open_stream(
+            await inference.delay()
+            chunks = await inference.open_stream(
                 instance, {**body, "stream": True, "stream_options": {"include_usage": True}})
             return chunks
         finally:
             if chunks is None:  # refused: no response will end it
-                server.stats.finished(instance.id)
+                inference.stats.finished(instance.id)
 
     @staticmethod
     async def _deltas(chunks: AsyncIterator[dict[str, Any]], answer: Answer) -> AsyncIterator[str]:
@@ -259,13 +261,13 @@ class StatefulChats:
             raise _Broken(f"the model stopped answering: {exc}") from None
 
     def _streamed(self, events: AsyncIterator[str], instance: Instance) -> StreamingResponse:
-        return StreamingResponse(self.server.counted(events, instance.id), media_type="text/event-stream")
+        return StreamingResponse(self.inference.counted(events, instance.id), media_type="text/event-stream")
 
     # -- POST /api/v1/chat ------------------------------------------------------------
 
     async def native(self, request: Request) -> Response:
         """LM Studio's native chat (stateful, with its own stats and stream events)."""
-        await self.server.admit()
+        await self.inference.admit()
         body = checked(await json_body(request), NATIVE_SCHEMA)
         if body.get("integrations"):
             raise Refusal(400, "Integrations (MCP servers, plugins) are not served by the lmflow test "
@@ -276,7 +278,7 @@ class StatefulChats:
         previous = self.threads.get(body.get("previous_response_id"))
         history = [*(previous.messages if previous else []), native_turn(body["input"])]
         system = body.get("system_prompt", previous.system if previous else None)
-        instance, load_seconds = await self.server.instance_for(body["model"], body.get("context_length"))
+        instance, load_seconds = await self.pool.instance_for(body["model"], body.get("context_length"))
         upstream = {"messages": _with_system(system, history), **{k: body[k] for k in SAMPLING if k in body}}
         if "max_output_tokens" in body:
             upstream["max_tokens"] = body["max_output_tokens"]
@@ -331,14 +333,14 @@ class StatefulChats:
 
     async def responses(self, request: Request) -> Response:
         """OpenAI's Responses API, as LM Studio serves it (text in, text out, stateful)."""
-        await self.server.admit()
+        await self.inference.admit()
         body = checked(await json_body(request), RESPONSES_SCHEMA)
         if body.get("tools"):
             raise Refusal(400, "Tools are not served by the lmflow test server (its models are not "
                                "trained for tool use)", param="tools")
         previous = self.threads.get(body.get("previous_response_id"))
         history = [*(previous.messages if previous else []), *response_messages(body["input"])]
-        instance, _ = await self.server.instance_for(body["model"])
+        instance, _ = await self.pool.instance_for(body["model"])
         upstream: dict[str, Any] = {"messages": _with_system(body.get("instructions"), history)}
         upstream.update({k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None})
         if body.get("max_output_tokens") is not None:
