@@ -6,7 +6,6 @@ started the way users start it and stopped by PID.
 
 from __future__ import annotations
 
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,13 +83,11 @@ def test_the_server_counts_requests_in_flight_and_loads_once_under_jit(tmp_path:
                               "max_in_flight_by_instance": {KEY: 6}, "sdk_clients": 0}
         assert reset(url) == ZEROED
 
-        started = time.monotonic()
         with ThreadPoolExecutor(6) as pool:
             codes = list(pool.map(lambda _: chat(url), range(6)))
-        seconds = time.monotonic() - started
         assert codes == [200] * 6
+        # the one-second delays overlapped: all six were in the server at once (counted, not timed)
         assert stats(url)["max_in_flight"] == 6
-        assert seconds < 4, seconds  # the one-second delays overlapped (one after another: 6 s)
 
         # a streamed answer is counted too, and released once it ends
         reset(url)
