@@ -3,8 +3,9 @@
 The scheduler starts every step whose dependencies have finished and hands its units to
 the `Lifecycle` (lmflow.engine.unit), which prepares them and submits them to the run's
 `Executor`; at most `max_parallel` units are in flight. A map step's items are units
-`step[i]` in a sliding window. Each unit waits for the completed units of the steps it
-depends on (their edges), so the executor's graph (Prefect's) is the spec's graph.
+`step[i]` in a sliding window. Each unit waits for the steps it depends on (their edges:
+a step's unit, or the one join of a map's completed items), so the executor's graph
+(Prefect's) is the spec's graph, and a map over a map's output costs O(items).
 See docs/dataflow.md.
 """
 
@@ -78,7 +79,7 @@ class Scheduler:
         #: prepared units of steps (not maps) waiting for a slot
         self.singles: dict[str, Unit] = {}
         self.maps: dict[str, _Map] = {}
-        #: each step's completed units' edges: what its dependents wait for
+        #: what each step's dependents wait for: its unit's edge, or the join of a map's items
         self.edges: dict[str, list[Any]] = {}
         self.in_flight = 0
 
@@ -300,6 +301,8 @@ class Scheduler:
             self._fail(step, failure, seconds, counts, batch.problems)
             return
         output = [o for o in batch.outputs if o is not _SKIPPED]
+        if step.id in self.dependents:  # they wait for one edge, not for every item
+            self.edges[step.id] = [self.executor.join(step.id, self.edges.get(step.id, []))]
         self._complete(step, output, seconds=round(seconds, 3), items=counts, problems=batch.problems,
                        cached=batch.counts["cached"] == len(batch.items))
 

@@ -108,6 +108,10 @@ class Executor(Protocol):
     def call(self, unit: Unit) -> Ran:
         """Run a unit in this thread (a checkpoint's step, inside its loop's own unit)."""
 
+    def join(self, name: str, after: Sequence[Any]) -> Any:
+        """One edge that stands for many (a map's items, once they are over): what the map's
+        dependents wait for, so that a chain of maps costs O(items), not O(items^2)."""
+
     def publish(self, step_id: str, markdown: str) -> None:
         """A step's report where the run is watched (a new version each time)."""
 

@@ -65,6 +65,11 @@ def run_step(name: str, step_id: str, options: dict[str, Any], index: int | None
     return result
 
 
+@task(task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
+def join_units(name: str) -> None:
+    """A map step's node in Prefect's graph: its items lead to it, its dependents leave from it."""
+
+
 class PrefectExecutor:
     """Units as Prefect task runs, with their step's retries, timeouts and cache (lmflow.engine's
     `Executor`). One task per step, made once; a unit whose cached answer must not be used is
@@ -98,6 +103,13 @@ class PrefectExecutor:
         state = self._task(unit)(unit.name, unit.step.id, unit.options, unit.index, unit.key,
                                  return_state=True)
         return _ran(state, None)
+
+    def join(self, name: str, after: Sequence[Any]) -> Any:
+        """A task run named after the map that waits for its completed items: the map's node in
+        Prefect's graph, and the one edge its dependents wait for. Over before this returns."""
+        future = join_units.submit(name, wait_for=after)
+        future.wait()
+        return future
 
     def publish(self, step_id: str, markdown: str) -> None:
         from prefect.artifacts import create_markdown_artifact
