@@ -189,7 +189,7 @@ class _Stream:
 
 
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
-    from lmflow.report import Progress
+    from lmflow.render.report import Progress
     from lmflow.runtime import StepRecord
 
     record = StepRecord("each", "prompt", status="running")

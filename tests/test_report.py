@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmflow.errors import StepFailure
-from lmflow.report import footer, table
+from lmflow.render.report import footer, table
 from lmflow.runtime import RunResult, StepRecord
 
 # 300 characters; the fix is at the end, as in every lmflow message
