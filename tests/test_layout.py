@@ -12,13 +12,17 @@ PREFECT_ADAPTER = "lmflow.prefect"
 
 #: package (or module) -> lmflow modules it must not import, at any depth
 FORBIDDEN = {
-    "lmflow.engine": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.report"),
+    "lmflow.engine": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.render"),
+    # (a kind may render its own text: the loop draws charts, probe_context words its verdicts)
     "lmflow.steps": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine.scheduler",
-                     "lmflow.runtime", "lmflow.report"),
+                     "lmflow.runtime", "lmflow.render.report", "lmflow.render.history"),
     "lmflow.backends": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.steps",
-                        "lmflow.runtime"),
+                        "lmflow.runtime", "lmflow.render"),
     # (the spec reads the kinds and backends registered, to assemble its schema)
-    "lmflow.spec": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.runtime"),
+    "lmflow.spec": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.runtime",
+                    "lmflow.render"),
+    # the text for humans: given its data by the commands and the adapter, which fetch it
+    "lmflow.render": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine.scheduler"),
 }
 
 
