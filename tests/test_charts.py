@@ -8,7 +8,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from lmflow.charts import data_uri, line_chart_svg
+from lmflow.render.charts import data_uri, line_chart_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -190,7 +190,7 @@ class _Stream:
 
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     from lmflow.engine.records import StepRecord
-    from lmflow.report import Progress
+    from lmflow.render.report import Progress
 
     record = StepRecord("each", "prompt", status="running")
     events = [{"step": record, "progress": {"total": 4, "done": n, "completed": n, "failed": 0,

@@ -423,7 +423,7 @@ def test_the_ui_of_a_server_on_another_port_talks_to_that_server(prefect_api: st
 
 
 def test_plan_says_a_declared_context_is_loaded_at_first_use(tmp_path: Path) -> None:
-    from lmflow.report import plan
+    from lmflow.render.report import plan
 
     implicit = write_spec(tmp_path, "http://127.0.0.1:1", "{key: k, context_length: 1536}",
                           ASK_THEN_LOOK % "u")

@@ -12,14 +12,18 @@ PREFECT_ADAPTER = "lmflow.prefect"
 
 #: package (or module) -> lmflow modules it must not import, at any depth
 FORBIDDEN = {
-    "lmflow.engine": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.report"),
-    # (a kind sees the run through its StepContext; it names lmflow.engine.unit's Lifecycle as a type)
+    "lmflow.engine": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.render"),
+    # (a kind sees the run through its StepContext; it names lmflow.engine.unit's Lifecycle as a type.
+    # It may render its own text: the loop draws charts, probe_context words its verdicts)
     "lmflow.steps": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine.scheduler",
                      "lmflow.engine.runtime", "lmflow.engine.records", "lmflow.engine.recovery",
-                     "lmflow.engine.working_directory", "lmflow.report"),
-    "lmflow.backends": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.steps"),
+                     "lmflow.engine.working_directory", "lmflow.render.report", "lmflow.render.history"),
+    "lmflow.backends": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.steps",
+                        "lmflow.render"),
     # (the spec reads the kinds and backends registered, to assemble its schema)
-    "lmflow.spec": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine"),
+    "lmflow.spec": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine", "lmflow.render"),
+    # the text for humans: given its data by the commands and the adapter, which fetch it
+    "lmflow.render": ("lmflow.prefect", "lmflow.compile", "lmflow.cli", "lmflow.engine.scheduler"),
 }
 
 

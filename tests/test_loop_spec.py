@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lmflow import SpecError, load_spec
-from lmflow.report import analysis_line, plan
+from lmflow.render.report import analysis_line, plan
 from lmflow.spec.model import Spec, StepSpec
 from lmflow.steps.loop.apply import apply_fields
 from lmflow.steps.loop.spec import ApplyField

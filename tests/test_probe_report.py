@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 
 from lmflow.backends.base import Backend, ChatRequest, ChatResponse, ModelInfo
-from lmflow.probe import (
-    FILLER,
-    Attempt,
-    ProbeReport,
-    Trial,
-    finds_key,
-    probe_working,
-    report_markdown,
-    working_text,
-)
+from lmflow.probe import FILLER, Attempt, ProbeReport, Trial, finds_key, probe_working
+from lmflow.render.probe import report_markdown, working_text
 from lmflow.spec.model import ModelConfig, ServerConfig
 
 

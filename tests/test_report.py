@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmflow.engine.records import RunResult, StepRecord
 from lmflow.errors import StepFailure
-from lmflow.report import footer, table
+from lmflow.render.report import footer, table
 
 # 300 characters; the fix is at the end, as in every lmflow message
 HINT = ("LM Studio not reachable at http://127.0.0.1:1234 (connection refused after 3 attempts "

@@ -300,7 +300,7 @@ def test_a_flow_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
 def test_steps_a_dead_flow_left_are_not_shown_as_running(tmp_path: Path) -> None:
     from lmflow.engine.records import RunRecorder
     from lmflow.prefect.flow import _flow_stopped
-    from lmflow.report import footer, table
+    from lmflow.render.report import footer, table
 
     spec = load_spec(write(tmp_path, """\
         steps:

@@ -94,16 +94,14 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
           granularity: int, fresh: bool, load_only: bool, as_json: bool, list_only: bool) -> None:
     """Find the largest context MODEL really loads at, and the largest at which it still works."""
     from .. import probe as probing
+    from ..render import probe as text
 
     if list_only:
         entries = probing.registry()
         if as_json:
             click.echo(json.dumps(entries, indent=2))
         for e in entries if not as_json else []:
-            about = ", ".join(str(e[k]) for k in ("variant", "version") if e.get(k))
-            working = e["working_max"] or ("NONE FOUND" if e["working_measured"] else "not measured")
-            click.echo(f"{e['model']}  {e['server']}  loadable max {e['loadable_max'] or 'none'}  "
-                       f"working max {working}" + (f"  ({about})" if about else ""))
+            click.echo(text.registry_line(e))
         return
     if not model:
         raise click.UsageError("give a MODEL key, or --list")
@@ -112,14 +110,11 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
 
     def show(attempt: Any) -> None:
         if not as_json:
-            extra = f" ({attempt.detail})" if attempt.detail else ""
-            click.echo(f"  load at {attempt.size:>6}: {attempt.outcome} in {attempt.seconds:.2f}s{extra}",
-                       err=True)
+            click.echo(text.attempt_line(attempt), err=True)
 
     def show_trial(t: Any) -> None:
         if not as_json:
-            click.echo(f"  fill {t.fill:>6} ({t.position:<6}): {t.outcome}, "
-                       f"{t.prompt_tokens} tokens in {t.seconds:.2f}s", err=True)
+            click.echo(text.trial_line(t), err=True)
 
     from ..backends import backend_class
 
@@ -132,19 +127,9 @@ def probe(model: str | None, url: str, backend: str, minimum: int, maximum: int 
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2, default=str))
         return
-    click.echo(f"{model}: declared {report.declared_max}, {probing.loadable_text(report)} "
-               f"(granularity {granularity}, {report.loads} loads)")
+    click.echo(text.loadable_line(model, report, granularity))
     if not load_only and report.loadable_max:
-        click.echo(f"{model}: {probing.working_text(report)}")
-        click.echo("   fill  outcome  prompt tokens  first token  seconds  tokens/s")
-        for fill in sorted({t.fill for t in report.trials}):
-            rows = [t for t in report.trials if t.fill == fill]
-            outcome = "ok" if all(t.outcome == "ok" for t in rows) else ",".join(
-                sorted({t.outcome for t in rows if t.outcome != "ok"}))
-            speed = max((t.tokens_per_second or 0) for t in rows)
-            first = max((t.first_token_seconds or 0) for t in rows)
-            click.echo(f"{fill:>7}  {outcome:<7}  {rows[0].prompt_tokens or '?':>13}  {first:>10.2f}s  "
-                       f"{max(t.seconds for t in rows):>7.2f}  {speed:>8}")
+        click.echo(text.working_table(model, report))
         chart = probing.save_chart(report)
         if chart:
-            click.echo(f"chart (pass/fail and speed against the fill): {chart}")
+            click.echo(text.chart_line(chart))

@@ -49,8 +49,8 @@ def run(spec: Path, params: tuple[str, ...], refresh: bool, as_json: bool, verbo
 def _run_and_report(spec: Path | Spec, params: dict[str, Any] | None, refresh: bool, as_json: bool,
                     verbose: bool, max_parallel: int | None) -> None:
     """What `lmflow run` and `lmflow rerun` print: progress, the table, every failure; exit 1 on one."""
-    from .. import report
     from .. import run as run_spec
+    from ..render import report
 
     progress = report.Progress(sys.stderr) if not as_json else None
     finished: list[Any] = []

@@ -41,12 +41,13 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from ..prefect import history
+    from ..render.history import runs_table
 
     found = history.list_runs(ctx.meta.get("lmflow.runs.spec"), limit=limit)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in found], indent=2, default=str))
     else:
-        click.echo(history.runs_table(found))
+        click.echo(runs_table(found))
 
 
 @runs.command("show")
@@ -56,6 +57,7 @@ def runs_show(run_ref: str, as_json: bool) -> None:
     """Every step of RUN (its name or flow run id, or a unique prefix): status, time, attempts,
     answered by, errors; the run's params, spec version and its page in the UI."""
     from ..prefect import history
+    from ..render.history import run_text
 
     found = history.show_run(run_ref)
-    click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else history.run_text(found))
+    click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else run_text(found))

@@ -34,7 +34,7 @@ def plan(spec: Path, params: tuple[str, ...], no_import: bool) -> None:
     """Show the steps a run would execute, in order, with their policies.
 
     The Python modules the spec names are imported to check them (see --no-import)."""
-    from ..report import plan as render_plan
+    from ..render.report import plan as render_plan
     from ..spec import load_spec
 
     click.echo(render_plan(load_spec(spec, parse_params(params), import_code=not no_import)))

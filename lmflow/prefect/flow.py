@@ -235,15 +235,17 @@ def _mark_killed_runs(recorder: RunRecorder) -> None:
 
 def _summarize(recorder: RunRecorder) -> None:
     """The run's table in Prefect's UI (one API call, also when steps failed): a row per step,
-    errors whole. `lmflow runs` and `lmflow runs show` read it (lmflow.prefect.history)."""
+    errors whole (lmflow.render.history). `lmflow runs` and `lmflow runs show` read it
+    (lmflow.prefect.history)."""
     from prefect.artifacts import create_table_artifact
 
-    from . import history
+    from ..render.history import summary_description, summary_rows
+    from .history import summary_key
 
     result = recorder.result
     try:
-        create_table_artifact(history.summary_rows(result), key=history.summary_key(result.name),
-                              description=history.summary_description(result))
+        create_table_artifact(summary_rows(result), key=summary_key(result.name),
+                              description=summary_description(result))
     except Exception as exc:  # noqa: BLE001 - the summary is a convenience; the run's outcome stands
         recorder.emit("warning", message=f"could not write the run's summary to Prefect: {exc}")
 

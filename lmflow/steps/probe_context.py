@@ -35,6 +35,7 @@ class ProbeContextStep(ModelStep):
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         from .. import probe
+        from ..render.probe import loadable_text, report_markdown, working_text
 
         backend, model = ctx.session.raw_model(options["model"])
         report = probe.measure(
@@ -44,12 +45,12 @@ class ProbeContextStep(ModelStep):
             on_attempt=lambda a: ctx.emit("probe_attempt", asdict(a)))
         if report.loadable_max is None:  # on the run's stderr too, with why the smallest size failed
             why = report.attempts[0].detail if report.attempts else ""
-            ctx.emit("warning", {"message": f"{model.key}: {probe.loadable_text(report)}"
+            ctx.emit("warning", {"message": f"{model.key}: {loadable_text(report)}"
                                             + (f": {why}" if why else "")})
         elif not options.get("load_only") and report.working_max is None:  # not only in the artifact
-            ctx.emit("warning", {"message": f"{model.key}: {probe.working_text(report)}"})
+            ctx.emit("warning", {"message": f"{model.key}: {working_text(report)}"})
         ctx.session.model_probed(options["model"])
         output = {"model": model.key, "declared_max": report.declared_max,
                   "loadable_max": report.loadable_max, "working_max": report.working_max,
                   "loads": report.loads, "chart": str(probe.save_chart(report) or "") or None}
-        return StepResult(output, artifact=probe.report_markdown(report))
+        return StepResult(output, artifact=report_markdown(report))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...charts import data_uri, line_chart_svg
+from ...render.charts import data_uri, line_chart_svg
 
 MAX_SERIES = 4
 

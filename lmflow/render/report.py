@@ -7,10 +7,10 @@ import shutil
 import textwrap
 from typing import Any
 
-from .backends import backend_class
-from .engine.records import RunResult, StepRecord
-from .spec.model import Spec
-from .steps import get_kind
+from ..backends import backend_class
+from ..engine.records import RunResult, StepRecord
+from ..spec.model import Spec
+from ..steps import get_kind
 
 MARK = {"completed": "ok", "cached": "ok", "failed": "FAILED", "skipped": "skipped"}
 
