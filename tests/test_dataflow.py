@@ -175,18 +175,23 @@ def test_map_over_a_list_jsonl_csv_and_glob_keeps_input_order(prefect_api: str, 
     assert steps["nothing"]["output"] == [] and steps["nothing"]["status"] == "completed"
     assert "warning: nothing: foreach has no items: the output is an empty list" in out.stderr
 
-    # the graph in Prefect: items are task runs step[i] that wait for what the step depends on
+    # the graph in Prefect: items are task runs step[i]; a map with dependents joins its items in
+    # one task run named after it, and its dependents wait for that one (a chain stays linear)
     runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
-        "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=20)
+        "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 26 and r, timeout=20)
     assert runs, "task runs did not reach the Prefect server"
     by_name = {r["name"]: r for r in runs}
+
+    def waits_for(name: str) -> set[str]:
+        return {e["id"] for e in by_name[name]["task_inputs"].get("wait_for", [])}
+
     assert {f"listed[{i}]" for i in range(5)} <= set(by_name)
-    listed = {by_name[f"listed[{i}]"]["id"] for i in range(5)}
+    assert waits_for("listed") == {by_name[f"listed[{i}]"]["id"] for i in range(5)}
     for i in range(5):
-        edges = {e["id"] for e in by_name[f"chained[{i}]"]["task_inputs"]["wait_for"]}
-        assert edges == listed
-    assert {e["id"] for e in by_name["second"]["task_inputs"]["wait_for"]} == {
-        by_name[f"jsonl[{i}]"]["id"] for i in range(8)}
+        assert waits_for(f"chained[{i}]") == {by_name["listed"]["id"]}
+    assert waits_for("jsonl") == {by_name[f"jsonl[{i}]"]["id"] for i in range(8)}
+    assert waits_for("second") == {by_name["jsonl"]["id"]}
+    assert "chained" not in by_name and "csv" not in by_name  # no dependents: no join
 
 
 def test_item_errors_fail_skip_or_collect_and_items_retry(prefect_api: str, tmp_path: Path) -> None:
@@ -368,6 +373,25 @@ def test_a_killed_map_leaves_no_engine_and_resumes_with_only_unfinished_items(
     assert lmflow_cmd("runs").returncode == 0
     unfinished = [t["name"] for t in task_runs() if t["state_type"] in ("RUNNING", "PENDING")]
     assert unfinished == []
+
+
+def test_a_map_s_rate_counts_only_the_items_it_computes(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        steps:
+          - id: each
+            foreach: [1, 2, 3, 4]
+            python: {function: "flowhelp:echo", args: {value: "${{ item }}"}}
+        """, name="rated")
+    first = lmflow_cmd("run", str(spec))
+    assert first.returncode == 0, first.stderr
+    assert "each: 4/4 items (" in first.stderr, first.stderr
+    assert "each: 4/4 items (0.0/s)" not in first.stderr  # it computed them: a rate above zero
+    again = lmflow_cmd("run", str(spec))
+    assert again.returncode == 0, again.stderr
+    assert "4 cached" in again.stdout, again.stdout
+    # every item came from the cache: nothing computed, no rate (no "400/s, ~0s left" for a
+    # resumed map whose cached items came back at once)
+    assert "each: 4/4 items (0.0/s)" in again.stderr, again.stderr
 
 
 @pytest.mark.engine

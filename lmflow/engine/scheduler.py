@@ -45,8 +45,10 @@ class _Map:
         return sum(self.counts.values())
 
     def progress(self) -> dict[str, Any]:
+        """Counts, and the rate and time left over the items computed in this run: a resumed map's
+        cached items (and skipped ones) come back at once and would promise far too soon an end."""
         elapsed = max(time.perf_counter() - self.started, 1e-6)
-        rate = self.done / elapsed
+        rate = (self.counts["completed"] + self.counts["failed"]) / elapsed
         left = len(self.items) - self.done
         return {"total": len(self.items), "done": self.done, **self.counts,
                 "rate": round(rate, 2), "eta": round(left / rate, 1) if rate else None}
