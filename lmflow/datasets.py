@@ -1,12 +1,15 @@
 """The items a `foreach` runs over: a list, a dataset file (JSONL, JSON, CSV) or text files by glob.
 
-Paths are relative to the spec's folder, like every other path in a spec.
+Paths are relative to the spec's folder, like every other path in a spec. A row that cannot
+be read (a broken JSONL line, a CSV row wider than its header) is a `BrokenRow` in its place:
+that item fails with a message naming its line, and the step's `on_item_error` decides.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,17 @@ from .spec.model import Foreach
 
 #: dataset files `foreach: {file: ...}` reads, one object per row
 FORMATS = (".jsonl", ".json", ".csv")
+
+
+@dataclass(frozen=True)
+class BrokenRow:
+    """A dataset row that could not be read: its item fails with `error()`, the others run."""
+
+    where: str  # `data.jsonl:12`
+    problem: str
+
+    def error(self) -> DatasetError:
+        return DatasetError(f"{self.where}: {self.problem}")
 
 
 def items(foreach: Foreach, spec_dir: Path, resolved: Any = None) -> list[Any]:
@@ -44,11 +58,9 @@ def read_dataset(path: Path, name: str) -> list[Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read dataset {name}: {exc}") from None
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        if rows and any(None in row for row in rows):
-            bad = next(i for i, row in enumerate(rows) if None in row)
-            raise DatasetError(f"{name}:{bad + 2}: the row has more fields than the header")
-        return rows
+        reader = csv.DictReader(text.splitlines())
+        return [BrokenRow(f"{name}:{reader.line_num}", "the row has more fields than the header")
+                if None in row else row for row in reader]
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -65,8 +77,8 @@ def read_dataset(path: Path, name: str) -> list[Any]:
         try:
             rows.append(json.loads(line))
         except ValueError as exc:
-            raise DatasetError(f"{name}:{number}: not a JSON value ({exc}); JSONL has one JSON "
-                               "object per line") from None
+            rows.append(BrokenRow(f"{name}:{number}", f"not a JSON value ({exc}); JSONL has one JSON "
+                                  "object per line"))
     return rows
 
 

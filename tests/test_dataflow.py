@@ -252,6 +252,38 @@ def test_item_errors_fail_skip_or_collect_and_items_retry(prefect_api: str, tmp_
         "error: step 'failing' failed: " + failing["error"]["message"]]
 
 
+def test_a_broken_dataset_row_is_its_item_s_error(prefect_api: str, tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text('{"x": 1}\n{"x": 2\n\n{"x": 4}\n')
+    (tmp_path / "rows.csv").write_text("x\n1\n2,3\n4\n")
+    spec = write_spec(tmp_path, """\
+        defaults: {cache: false}
+        steps:
+          - id: collected
+            foreach: {file: rows.jsonl}
+            on_item_error: collect
+            python: {function: "flowhelp:echo", args: {value: "${{ item.x }}"}}
+          - id: skipped
+            foreach: {file: rows.csv}
+            on_item_error: skip
+            python: {function: "flowhelp:echo", args: {value: "${{ item.x }}"}}
+          - id: failed
+            foreach: {file: rows.jsonl}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.x }}"}}
+    """, name="brokenrows")
+    result, out = run_json(spec, ok=False)
+    steps = {s["id"]: s for s in result["steps"]}
+    assert [o and o["value"] for o in steps["collected"]["output"]] == [1, None, 4]
+    (problem,) = steps["collected"]["item_problems"]
+    assert problem["index"] == 1 and problem["error_type"] == "DatasetError"
+    assert problem["reason"].startswith("rows.jsonl:2: not a JSON value")
+    assert [o["value"] for o in steps["skipped"]["output"]] == ["1", "4"]
+    assert steps["skipped"]["item_problems"][0]["reason"] == (
+        "rows.csv:3: the row has more fields than the header")
+    assert steps["failed"]["status"] == "failed"
+    assert steps["failed"]["error"]["message"].startswith("item 1 failed: rows.jsonl:2: not a JSON value")
+    assert "Traceback" not in out.stderr
+
+
 def test_when_skips_steps_and_filters_items(prefect_api: str, tmp_path: Path) -> None:
     spec = write_spec(tmp_path, """\
         params: {notify: false, xs: [{n: 1, tag: keep}, {n: 2, tag: drop}, {n: 3, tag: KEEP}]}

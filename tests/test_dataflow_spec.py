@@ -162,12 +162,13 @@ def test_dataset_errors_say_where(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
     (tmp_path / "obj.json").write_text('{"a": 1}')
     (tmp_path / "wide.csv").write_text("a\n1,2\n")
-    with pytest.raises(DatasetError, match=r"bad.jsonl:2: not a JSON value"):
-        read_dataset(tmp_path / "bad.jsonl", "bad.jsonl")
+    good, broken = read_dataset(tmp_path / "bad.jsonl", "bad.jsonl")  # a broken row is its item's error
+    assert good == {"a": 1}
+    assert str(broken.error()).startswith("bad.jsonl:2: not a JSON value")
     with pytest.raises(DatasetError, match=r"obj.json holds a dict, not a list"):
         read_dataset(tmp_path / "obj.json", "obj.json")
-    with pytest.raises(DatasetError, match=r"wide.csv:2: the row has more fields than the header"):
-        read_dataset(tmp_path / "wide.csv", "wide.csv")
+    (broken,) = read_dataset(tmp_path / "wide.csv", "wide.csv")
+    assert str(broken.error()) == "wide.csv:2: the row has more fields than the header"
     with pytest.raises(DatasetError, match=r"foreach needs a list, got dict"):
         items(Foreach("value", "${{ params.x }}"), tmp_path, {"a": 1})
     with pytest.raises(DatasetError, match=r"dataset not found: gone.csv"):

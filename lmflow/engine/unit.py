@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..datasets import BrokenRow
 from ..errors import ExpressionError, LmflowError, StepFailure, TemplateError, describe
 from ..steps import StepContext, StepResult, get_kind
 
@@ -160,6 +161,8 @@ class Lifecycle:
         `when=False`: the condition was decided for the whole step already."""
         name = name or (step.id if index is None else f"{step.id}[{index}]")
         try:
+            if isinstance(names.get("item"), BrokenRow):  # a dataset row that could not be read
+                raise names["item"].error()
             if when and not self.condition(step, names):
                 return Outcome(name, "skipped", reason="condition false")
             options = self.runtime.resolve(step, names=names)
