@@ -252,6 +252,65 @@ def test_item_errors_fail_skip_or_collect_and_items_retry(prefect_api: str, tmp_
         "error: step 'failing' failed: " + failing["error"]["message"]]
 
 
+def test_large_or_chunked_maps_run_as_chunks_and_keep_each_item_s_record(
+        prefect_api: str, tmp_path: Path) -> None:
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"i": i}) + "\n" for i in range(250)))
+    spec = write_spec(tmp_path, """\
+        params: {log: ""}
+        steps:
+          - id: chunked
+            foreach: [1, 2, 3, 4, 5, 6, 7]
+            grain: 3
+            retries: 1
+            retry_delay: 0.1s
+            python: {function: "flowhelp:flaky", args: {x: "${{ item }}", log: "${{ params.log }}"}}
+          - id: collected
+            foreach: ${{ steps.chunked.output }}
+            grain: 4
+            on_item_error: collect
+            python: {function: "flowhelp:picky", args: {x: "${{ item }}"}}
+          - id: stopped
+            foreach: [1, 2, 3, 4, 5, 6, 7]
+            grain: 5
+            parallel: 1
+            python: {function: "flowhelp:picky", args: {x: "${{ item }}"}}
+          - id: big
+            foreach: {file: big.jsonl}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.i }}"}}
+    """, name="chunks")
+    result, _ = run_json(spec, "-p", f"log={tmp_path / 'flaky'}", ok=False)
+    steps = {s["id"]: s for s in result["steps"]}
+    # every item of a chunk has its own tries: each failed its first and answered on its retry
+    assert steps["chunked"]["output"] == [1, 2, 3, 4, 5, 6, 7]
+    assert steps["chunked"]["items"]["completed"] == 7
+    # ... its own outcome and record
+    assert steps["collected"]["output"] == [10, 20, None, 40, 50, None, 70]
+    assert [(p["index"], p["status"]) for p in steps["collected"]["item_problems"]] == [
+        (2, "failed"), (5, "failed")]
+    # the first failure stops the map's chunks from starting more items
+    assert steps["stopped"]["status"] == "failed"
+    assert steps["stopped"]["error"]["message"].startswith("item 2 failed: flowhelp:picky raised ValueError")
+    assert "4 not started" in steps["stopped"]["error"]["message"], steps["stopped"]["error"]
+    assert [o["value"] for o in steps["big"]["output"]] == list(range(250))
+
+    runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
+        "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=20)
+    names = sorted(r["name"] for r in runs)
+    by_name = {r["name"]: r for r in runs}
+    assert [n for n in names if n.startswith("chunked")] == ["chunked", "chunked[0:3]", "chunked[3:6]",
+                                                           "chunked[6:7]"]
+    assert [n for n in names if n.startswith("collected")] == ["collected[0:4]", "collected[4:7]"]
+    # `grain: auto`: 250 items run in chunks, 16 items each at max_parallel 4
+    assert len([n for n in names if n.startswith("big[")]) == 16 and "big[0:16]" in names
+    edges = {e["id"] for e in by_name["collected[0:4]"]["task_inputs"]["wait_for"]}
+    assert edges == {by_name["chunked"]["id"]}
+
+    # the step cache is each item's, whatever the grain: item by item, all answered from it
+    spec.write_text(spec.read_text().replace("grain: 3", "grain: item"))
+    again, _ = run_json(spec, "-p", f"log={tmp_path / 'flaky'}", ok=False)
+    assert {s["id"]: s["items"]["cached"] for s in again["steps"]}["chunked"] == 7
+
+
 def test_a_broken_dataset_row_is_its_item_s_error(prefect_api: str, tmp_path: Path) -> None:
     (tmp_path / "rows.jsonl").write_text('{"x": 1}\n{"x": 2\n\n{"x": 4}\n')
     (tmp_path / "rows.csv").write_text("x\n1\n2,3\n4\n")

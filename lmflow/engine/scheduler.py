@@ -3,23 +3,41 @@
 The scheduler starts every step whose dependencies have finished and hands its units to
 the `Lifecycle` (lmflow.engine.unit), which prepares them and submits them to the run's
 `Executor`; at most `max_parallel` units are in flight. A map step's items are units
-`step[i]` in a sliding window. Each unit waits for the steps it depends on (their edges:
-a step's unit, or the one join of a map's completed items), so the executor's graph
-(Prefect's) is the spec's graph, and a map over a map's output costs O(items).
+`step[i]` in a sliding window, each submitted alone (grain `item`) or in chunks of many
+(`step[a:b]`, two chunks of a map in flight, their items sharing the map's window): the
+grain is chosen here (`grain`), by the map's size unless the step says. Each unit waits
+for the steps it depends on (their edges: a step's unit, or the one join of a map's
+completed items), so the executor's graph (Prefect's) is the spec's graph, and a map over a
+map's output costs O(items).
 See docs/dataflow.md.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StepFailure
 from ..spec.model import StepSpec
-from .unit import Executor, Lifecycle, Outcome, Ran, Unit
+from .unit import Chunk, Executor, Lifecycle, Outcome, Ran, Unit
 
 _SKIPPED = object()  # an item whose condition was false, or that failed with on_item_error: skip
+#: `grain: auto`: maps of up to this many items run an item per unit (a task run each in the UI)
+AUTO_ITEMS = 200
+#: chunks of a map in flight at once: while one drains, the next fills the window
+CHUNKS_IN_FLIGHT = 2
+
+
+def chunk_size(step: StepSpec, items: int, window: int) -> int | None:
+    """Items per chunk for this map, or None for a unit per item."""
+    if step.grain == "item" or (step.grain == "auto" and items <= AUTO_ITEMS):
+        return None
+    if isinstance(step.grain, int):
+        return step.grain
+    # about 100 chunks, each large enough to keep the window full, none above 1,000 items
+    return min(1000, max(-(-items // 100), 4 * window))
 
 
 @dataclass
@@ -39,6 +57,13 @@ class _Map:
     first_failure: StepFailure | None = None
     progress_handle: Any = None
     reported: float = 0.0
+    #: items per chunk (None: a unit per item); the window its chunks' items share
+    chunk: int | None = None
+    slots: threading.BoundedSemaphore | None = None
+    chunks_in_flight: int = 0
+    last_chunk: Chunk | None = None
+    #: set at its first failure with on_item_error: fail (its chunks start no more items)
+    stop: threading.Event = field(default_factory=threading.Event)
 
     @property
     def done(self) -> int:
@@ -106,7 +131,6 @@ class Scheduler:
                                        + ", ".join(s for s in self.unfinished if s not in self.status))
                 return
             for unit, ran in self.executor.wait():
-                self.in_flight -= 1
                 self._finished(unit, ran)
 
     def _settle(self, step: StepSpec, status: str) -> None:
@@ -153,8 +177,11 @@ class Scheduler:
                                message="foreach has no items: the output is an empty list")
             self._complete(step, [], seconds=0.0, items={"total": 0})
             return
-        batch = _Map(step, items, step.parallel or self.max_parallel, started,
-                     outputs=[_SKIPPED] * len(items))
+        window = step.parallel or self.max_parallel
+        batch = _Map(step, items, window, started, outputs=[_SKIPPED] * len(items),
+                     chunk=chunk_size(step, len(items), window))
+        if batch.chunk is not None:
+            batch.slots = threading.BoundedSemaphore(min(window, self.max_parallel))
         batch.progress_handle = self.executor.track(step.id, f"{step.id}: {len(items)} items")
         batch.reported = time.perf_counter()
         self.maps[step.id] = batch
@@ -176,8 +203,13 @@ class Scheduler:
                 self._submit(self.singles.pop(step.id))
                 continue
             batch = self.maps[step.id]
-            while (self.in_flight < self.max_parallel and batch.in_flight < batch.window
-                   and batch.next < len(batch.items) and batch.first_failure is None):
+            if batch.chunk is not None:
+                while (self.in_flight < self.max_parallel and batch.chunks_in_flight < CHUNKS_IN_FLIGHT
+                       and batch.next < len(batch.items) and batch.first_failure is None):
+                    self._submit_chunk(batch)
+            while (batch.chunk is None and self.in_flight < self.max_parallel
+                   and batch.in_flight < batch.window and batch.next < len(batch.items)
+                   and batch.first_failure is None):
                 index = batch.next
                 batch.next += 1
                 self._submit_item(batch, index)
@@ -186,7 +218,8 @@ class Scheduler:
                 if batch.in_flight == 0:
                     self._finish_map(batch)
 
-    def _submit_item(self, batch: _Map, index: int) -> None:
+    def _prepare_item(self, batch: _Map, index: int) -> Unit | None:
+        """The item's unit; None when it does not run (skipped, or failed before it ran: recorded)."""
         step = batch.step
         prepared = self.lifecycle.prepare(step, self.runtime.names(step, batch.items[index], index),
                                           index=index, when=self.runtime.item_condition(step))
@@ -195,23 +228,60 @@ class Scheduler:
                 self._item_failed(batch, index, prepared.failure, 0.0)
             else:
                 self._item_done(batch, index, "skipped", reason=prepared.reason)
+            return None
+        return prepared
+
+    def _submit_item(self, batch: _Map, index: int) -> None:
+        unit = self._prepare_item(batch, index)
+        if unit is not None:
+            batch.in_flight += 1
+            self._submit(unit)
+
+    def _submit_chunk(self, batch: _Map) -> None:
+        """The map's next `chunk` items as one chunk (those that do not run are recorded at once)."""
+        assert batch.chunk is not None and batch.slots is not None
+        start = batch.next
+        end = batch.next = min(start + batch.chunk, len(batch.items))
+        units = [u for u in (self._prepare_item(batch, i) for i in range(start, end)) if u is not None]
+        if not units:
             return
-        batch.in_flight += 1
-        self._submit(prepared)
+        step = batch.step
+        chunk = Chunk(step, f"{step.id}[{start}:{end}]", units, batch.slots,
+                      width=min(batch.window, self.max_parallel, len(units)), stop=batch.stop,
+                      previous=batch.last_chunk)
+        batch.last_chunk = chunk
+        batch.in_flight += len(units)
+        batch.chunks_in_flight += 1
+        self.in_flight += 1
+        self.lifecycle.submit_chunk(chunk, self._upstream(step))
 
     def _submit(self, unit: Unit) -> None:
-        upstream = [edge for dep in unit.step.depends_on for edge in self.edges.get(dep, ())]
-        self.lifecycle.submit(unit, upstream)
+        self.lifecycle.submit(unit, self._upstream(unit.step))
         self.in_flight += 1
+
+    def _upstream(self, step: StepSpec) -> list[Any]:
+        return [edge for dep in step.depends_on for edge in self.edges.get(dep, ())]
 
     # -- outcomes ---------------------------------------------------------
 
     def _finished(self, unit: Unit, ran: Ran) -> None:
-        outcome = self.lifecycle.finish(unit, ran)
-        step = unit.step
+        step, chunk = unit.step, unit.chunk
         batch = self.maps.get(step.id) if unit.index is not None else None
         if batch is not None:
             batch.in_flight -= 1
+        if chunk is None:
+            self.in_flight -= 1
+        else:
+            chunk.left -= 1
+            if chunk.left == 0:
+                self.in_flight -= 1
+                if batch is not None:
+                    batch.chunks_in_flight -= 1
+            if not ran.started:  # its map stopped at a failure first: counted as not started
+                if batch is not None and batch.in_flight == 0 and step.id not in self.queue:
+                    self._finish_map(batch)
+                return
+        outcome = self.lifecycle.finish(unit, ran)
         if outcome.ok:
             # an edge for the dependents' units. Only completed ones: Prefect would refuse to
             # start a task run that waits for a failed one (NotReady), and a map that skips or
@@ -277,6 +347,7 @@ class Scheduler:
             batch.outputs[index] = None
         elif mode == "fail" and batch.first_failure is None:
             batch.first_failure = failure
+            batch.stop.set()  # its chunks start no more items
         self.recorder.item(batch.step.id, index, "failed", error=failure, seconds=seconds,
                            progress=batch.progress())
         self._report_progress(batch)

@@ -9,7 +9,9 @@ Whoever asks for it (the scheduler, a loop), it goes through the same stages:
 3. cache key, and whether the cache may answer: not with `--refresh`, and not when the
    answer cached under the key came from a fallback link (the next run asks again);
 4. submission to an `Executor`, which calls `attempt` once per try (the executor owns
-   retries, timeouts and the cache, from the step's policy) or answers from its cache;
+   retries and the cache, from the step's policy) or answers from its cache; a map's
+   items may go as chunks (`Chunk`: one executor task for many items), and then each
+   item's tries and cache are `attempts` here, with the same policy;
 5. outcome: completed, cached, failed (its error shaped into a `StepFailure` that counts
    the unit's own attempts) or skipped; the fallback marker is set or cleared.
 
@@ -48,6 +50,39 @@ class Unit:
     #: the cache must not answer (--refresh, or the cached answer came from a fallback)
     refresh: bool = False
     started: float = field(default_factory=time.perf_counter)
+    #: the chunk it runs in (None: a unit of its own)
+    chunk: Chunk | None = None
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Items of one map that meet the executor as one task (`step[a:b]`); each item keeps its own
+    attempts, cache, outcome and record. The executor reports every unit of it exactly once."""
+
+    step: StepSpec
+    name: str
+    units: list[Unit]
+    #: the map's items in flight, shared by its chunks (its window)
+    slots: threading.BoundedSemaphore
+    width: int
+    #: set when the map stops starting items (its first failure with on_item_error: fail)
+    stop: threading.Event = field(default_factory=threading.Event)
+    #: the map's chunk before this one: its items start first (a map's items start in order)
+    previous: Chunk | None = None
+    #: set once every item of it has started (or will not)
+    dispatched: threading.Event = field(default_factory=threading.Event)
+    #: units not yet reported back (the scheduler counts them down)
+    left: int = 0
+
+
+class ResultCache(Protocol):
+    """Where a chunk's items find and keep their answers (the executor's step cache)."""
+
+    def read(self, key: str) -> StepResult | None:
+        """The answer kept under `key`, or None (none, expired or unreadable)."""
+
+    def write(self, key: str, result: StepResult, ttl: float | None) -> None:
+        """Keep an answer; a failed write is a warning, never the item's failure."""
 
 
 @dataclass
@@ -59,6 +94,8 @@ class Ran:
     cached: bool = False
     #: what units depending on this one wait for (the executor's handle of it)
     edge: Any = None
+    #: False for a chunk's unit that was never started (its map stopped first)
+    started: bool = True
 
 
 @dataclass
@@ -108,6 +145,9 @@ class Executor(Protocol):
 
     def call(self, unit: Unit) -> Ran:
         """Run a unit in this thread (a checkpoint's step, inside its loop's own unit)."""
+
+    def submit_chunk(self, chunk: Chunk, after: Sequence[Any]) -> None:
+        """Start a chunk once `after` have completed; `wait` reports each of its units."""
 
     def join(self, name: str, after: Sequence[Any]) -> Any:
         """One edge that stands for many (a map's items, once they are over): what the map's
@@ -178,6 +218,12 @@ class Lifecycle:
         unit.started = time.perf_counter()
         self.executor.submit(unit, after)
 
+    def submit_chunk(self, chunk: Chunk, after: Sequence[Any] = ()) -> None:
+        chunk.left = len(chunk.units)
+        for unit in chunk.units:
+            unit.chunk = chunk
+        self.executor.submit_chunk(chunk, after)
+
     # -- while it runs (in the executor's worker) -------------------------------
 
     def attempt(self, step: StepSpec, options: dict[str, Any], name: str,
@@ -198,6 +244,32 @@ class Lifecycle:
             return get_kind(step.kind).run(options, ctx)
         finally:
             CURRENT_STEP.reset(token)
+
+    def attempts(self, unit: Unit, cache: ResultCache) -> Ran:
+        """A chunk's unit, in this thread: its cached answer, or its tries with its step's retries
+        (those that can heal, after the step's delays) and the answer kept for the next run.
+        What an executor's own task does for a unit of its own (Prefect's retries and cache)."""
+        unit.started = time.perf_counter()
+        step, policy = unit.step, unit.step.policy
+        if unit.key is not None and not unit.refresh:
+            hit = cache.read(unit.key)
+            if hit is not None:
+                return Ran(result=hit, cached=True)
+        retries = 0 if get_kind(step.kind).retries_inside else policy.retries
+        delays = policy.retry_delays()
+        tried = 0
+        while True:
+            try:
+                result = self.attempt(step, unit.options, unit.name, unit.index)
+            except Exception as exc:  # noqa: BLE001 - the unit's error, shaped by `finish`
+                if tried < retries and getattr(exc, "retryable", False) \
+                        and not self.runtime.stopping.wait(delays[tried]):
+                    tried += 1
+                    continue
+                return Ran(error=exc)
+            if unit.key is not None:
+                cache.write(unit.key, result, policy.cache_ttl)
+            return Ran(result=result)
 
     # -- after it ran ----------------------------------------------------------
 

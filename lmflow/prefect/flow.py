@@ -12,10 +12,12 @@ docs/architecture.md and docs/dataflow.md.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextvars
 import os
+import queue
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +32,7 @@ from ..engine.records import Listener, RunRecorder, RunResult
 from ..engine.recovery import release_leftovers
 from ..engine.runtime import Runtime
 from ..engine.scheduler import Scheduler
-from ..engine.unit import Lifecycle, Ran, Unit
+from ..engine.unit import Chunk, Lifecycle, Ran, Unit
 from ..engine.working_directory import working_directory
 from ..errors import LmflowError, StepFailed
 from ..spec import load_spec
@@ -53,16 +55,101 @@ def run_step(name: str, step_id: str, options: dict[str, Any], index: int | None
     `loop@5.step`): one attempt, through the unit's lifecycle."""
     lifecycle = _LIFECYCLE.get()
     result = lifecycle.attempt(lifecycle.runtime.spec.step(step_id), options, name, index)
-    if result.errors:  # in Prefect's history too: what failed before an answer came
-        from prefect.logging import get_run_logger
-
-        logger = get_run_logger()
-        for error in result.errors:
-            attempt = f" (attempt {error['attempt']})" if error.get("attempt") else ""
-            logger.warning(f"{error['target']}{attempt}: {error['error_type']}: {error['message']}")
-        if result.answered_by:
-            logger.warning(f"answered by {result.answered_by['target']}")
+    _log_errors(result)
     return result
+
+
+def _log_errors(result: StepResult, name: str | None = None) -> None:
+    """What failed before an answer came, in Prefect's history too (`name`: the item in a chunk)."""
+    if not result.errors:
+        return
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    where = f"{name}: " if name else ""
+    for error in result.errors:
+        attempt = f" (attempt {error['attempt']})" if error.get("attempt") else ""
+        logger.warning(f"{where}{error['target']}{attempt}: {error['error_type']}: {error['message']}")
+    if result.answered_by:
+        logger.warning(f"{where}answered by {result.answered_by['target']}")
+
+
+@task(task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
+def run_chunk(name: str, step_id: str) -> dict[str, int]:
+    """Many items of a map as one task run (`step[a:b]`): each item with its own tries, cache and
+    outcome (`Lifecycle.attempts`), at most the map's window in flight across its chunks."""
+    lifecycle = _LIFECYCLE.get()
+    executor = lifecycle.executor
+    assert isinstance(executor, PrefectExecutor)
+    chunk = executor.chunks.pop(name)
+    cache = PrefectResults(lifecycle.runtime.recorder)
+    stopping = lifecycle.runtime.stopping
+    counts = {"completed": 0, "cached": 0, "failed": 0, "not started": 0}
+
+    def one(unit: Unit) -> None:
+        try:
+            ran = lifecycle.attempts(unit, cache)
+            if ran.result is not None and not ran.cached:
+                _log_errors(ran.result, unit.name)
+        except BaseException as exc:  # noqa: BLE001 - reported as the item's error, never lost
+            ran = Ran(error=exc)
+        if ran.error is not None and chunk.step.on_item_error == "fail":
+            chunk.stop.set()  # before its slot is free: no later item starts (as with grain: item)
+        chunk.slots.release()
+        counts["failed" if ran.error is not None else "cached" if ran.cached else "completed"] += 1
+        executor.report(chunk, unit, ran)
+
+    def stopped() -> bool:
+        return chunk.stop.is_set() or stopping.is_set()
+
+    try:
+        # the items of the chunk before start first: a map's items start in their order
+        while chunk.previous is not None and not chunk.previous.dispatched.wait(0.2) and not stopped():
+            pass
+        with ThreadPoolExecutor(max_workers=chunk.width, thread_name_prefix=f"lmflow-{step_id}") as pool:
+            for unit in chunk.units:
+                while not chunk.slots.acquire(timeout=0.2) and not stopped():
+                    pass
+                if stopped():
+                    counts["not started"] += 1
+                    executor.report(chunk, unit, Ran(started=False))
+                    continue
+                # with a copy of this context: Prefect's run context (its logger), the run's
+                pool.submit(contextvars.copy_context().run, one, unit)
+                # (a slot taken while stopping is not released: nothing starts after a stop)
+            chunk.dispatched.set()
+    finally:
+        chunk.dispatched.set()
+    return counts
+
+
+class PrefectResults:
+    """lmflow's step cache for a chunk's items: Prefect's result store, under the keys an item's
+    own task run uses, so a run at either grain reuses the other's answers."""
+
+    def __init__(self, recorder: RunRecorder):
+        from prefect.results import get_result_store
+
+        self.store = get_result_store()
+        self.recorder = recorder
+
+    def read(self, key: str) -> StepResult | None:
+        try:
+            if not self.store.exists(key):
+                return None
+            found = self.store.read(key).result
+        except Exception:  # noqa: BLE001 - a damaged or half-written entry is computed again
+            return None
+        return found if isinstance(found, StepResult) else None
+
+    def write(self, key: str, result: StepResult, ttl: float | None) -> None:
+        from datetime import datetime, timezone
+
+        expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl) if ttl else None
+        try:
+            self.store.write(result, key=key, expiration=expiration)
+        except OSError as exc:  # a full disk: the answer stands, the next run computes it again
+            self.recorder.emit("warning", message=f"the step cache could not keep an answer: {exc}")
 
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
@@ -77,7 +164,12 @@ class PrefectExecutor:
 
     def __init__(self) -> None:
         self._tasks: dict[str, Any] = {}
-        self._running: dict[concurrent.futures.Future, tuple[Unit, Any]] = {}
+        #: what finished, as it finishes: (unit, its task's future) or (a chunk's unit, Ran)
+        self._done: queue.SimpleQueue[tuple[Unit, Any]] = queue.SimpleQueue()
+        #: chunks submitted, until their task run takes them
+        self.chunks: dict[str, Chunk] = {}
+        self._reported: dict[int, set[int]] = {}  # id(chunk) -> id(unit) of the units reported
+        self._lock = threading.Lock()
 
     def _task(self, unit: Unit) -> Any:
         task_ = self._tasks.get(unit.step.id)
@@ -88,16 +180,46 @@ class PrefectExecutor:
     def submit(self, unit: Unit, after: Sequence[Any]) -> None:
         future = self._task(unit).submit(unit.name, unit.step.id, unit.options, unit.index, unit.key,
                                          wait_for=after)
-        self._running[future.wrapped_future] = (unit, future)
+        future.wrapped_future.add_done_callback(lambda _: self._done.put((unit, future)))
+
+    def submit_chunk(self, chunk: Chunk, after: Sequence[Any]) -> None:
+        self.chunks[chunk.name] = chunk
+        self._reported[id(chunk)] = set()
+        future = run_chunk.submit(chunk.name, chunk.step.id, wait_for=after)
+        future.wrapped_future.add_done_callback(lambda done: self._chunk_over(chunk, done))
+
+    def report(self, chunk: Chunk, unit: Unit, ran: Ran) -> None:
+        """A chunk's unit is over: once, whatever reports it first (its thread, or the chunk's end)."""
+        with self._lock:
+            reported = self._reported.get(id(chunk))
+            if reported is None or id(unit) in reported:
+                return
+            reported.add(id(unit))
+        self._done.put((unit, ran))
+
+    def _chunk_over(self, chunk: Chunk, done: Any) -> None:
+        """Units a chunk did not report (its task run failed or never started) fail with its reason."""
+        self.chunks.pop(chunk.name, None)
+        state = done.result() if not done.exception() else None
+        error = None if state is not None and state.is_completed() else RuntimeError(
+            f"chunk {chunk.name} ended without running this item: "
+            + (state.message or state.name if state is not None else str(done.exception())))
+        chunk.dispatched.set()  # (one that never ran must not hold up the next)
+        for unit in chunk.units:
+            self.report(chunk, unit, Ran(error=error) if error else Ran(started=False))
+        with self._lock:
+            self._reported.pop(id(chunk), None)
 
     def wait(self) -> list[tuple[Unit, Ran]]:
-        done, _ = concurrent.futures.wait(list(self._running), return_when=concurrent.futures.FIRST_COMPLETED)
-        finished = []
-        for wrapped in done:
-            unit, future = self._running.pop(wrapped)
-            # the final State from the future itself (asking the API could lag behind)
-            finished.append((unit, _ran(wrapped.result(), future)))
-        return finished
+        finished = [self._done.get()]
+        while True:
+            try:
+                finished.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        # a unit's final State from its future itself (asking the API could lag behind)
+        return [(unit, got if isinstance(got, Ran) else _ran(got.wrapped_future.result(), got))
+                for unit, got in finished]
 
     def call(self, unit: Unit) -> Ran:
         state = self._task(unit)(unit.name, unit.step.id, unit.options, unit.index, unit.key,

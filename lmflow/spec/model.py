@@ -145,6 +145,8 @@ class StepSpec:
     #: map items in flight at once (default: the run's max_parallel)
     parallel: int | None = None
     on_item_error: str = "fail"  # fail | skip | collect
+    #: how a map's items meet the executor: "item" (a unit each), N (chunks of N), "auto"
+    grain: str | int = "auto"
     #: for a kind that holds steps (`Step.holds`): what its `check_nested` parsed (a loop's
     #: stop condition and checkpoints)
     nested: Any = None

@@ -23,7 +23,7 @@ from .policy import step_policy
 from .schema import COMMON_STEP_KEYS
 
 #: keys of a step that only a top-level step has (a held list runs in the order written)
-_TOP_LEVEL_ONLY = ("foreach", "parallel", "on_item_error", "after")
+_TOP_LEVEL_ONLY = ("foreach", "parallel", "on_item_error", "grain", "after")
 
 
 def _field_problem(schema: dict[str, Any] | None, field_path: tuple) -> str | None:
@@ -135,7 +135,7 @@ class StepsChecker:
                 depends_on=tuple(self.deps.get(p.id, ())),
                 foreach=control.get("foreach"), when=control.get("when"),
                 parallel=p.raw.get("parallel") if isinstance(p.raw.get("parallel"), int) else None,
-                on_item_error=p.raw.get("on_item_error", "fail"),
+                on_item_error=p.raw.get("on_item_error", "fail"), grain=p.raw.get("grain", "auto"),
                 nested=control.get("nested"), held=control.get("held", ()), parent=self.scope.holder,
             ))
         by_id = {s.id: s for s in steps}
@@ -230,8 +230,8 @@ class StepsChecker:
             control["foreach"] = graph.foreach_source(doc, p.i, raw["foreach"], self.spec_dir, self.problems)
             if control["foreach"] is not None and control["foreach"].source == "value":
                 self._template_refs(p, raw["foreach"], ("steps", p.i, "foreach"), item_allowed=False)
-        elif not self.nested and ("parallel" in raw or "on_item_error" in raw):
-            key = "parallel" if "parallel" in raw else "on_item_error"
+        elif not self.nested and any(k in raw for k in ("parallel", "on_item_error", "grain")):
+            key = next(k for k in ("parallel", "on_item_error", "grain") if k in raw)
             self.problems.append(doc.problem(("steps", p.i, key),
                                              f"'{key}' applies to the items of a foreach",
                                              "add foreach: to this step, or remove it", key=True))
