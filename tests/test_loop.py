@@ -97,7 +97,7 @@ def replay(generations: int, due: list[int]) -> dict:
     """The same optimiser with the same advice, applied by hand at the same generations."""
     import importlib.util
 
-    from lmflow.spec.model import ApplyField
+    from lmflow.steps.loop.spec import ApplyField
     from lmflow.steps.loop.apply import apply_fields
     from lmflow.steps.loop.runner import state_view
 
