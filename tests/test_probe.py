@@ -16,30 +16,22 @@ from conftest import closing
 from lmflow.backends.lmstudio import LMStudioBackend
 from lmflow.probe import CLAMPED, LOAD_FAILED, probe_loadable, registry
 from lmflow.spec.model import ModelConfig, ServerConfig
+from lmflow.testing.pytest_plugin import running_lmstudio_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-FORGETFUL = """\
-models:
-  - key: forgetful                      # loads 2048, keeps only the last 200 tokens of a prompt
-    file: smollm2-135m-instruct
-    max_context_length: 2048
-    working_context_length: 200
-    answers: retriever
-"""
+FORGETFUL = [  # loads 2048, keeps only the last 200 tokens of a prompt
+    {"key": "forgetful", "file": "smollm2-135m-instruct", "max_context_length": 2048,
+     "working_context_length": 200, "answers": "retriever"},
+]
 
 
 @pytest.fixture(scope="module")
 def forgetful(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A test server whose model loads at 2048 but works nowhere: a key at the start of even the
     smallest fill is lost (the end's is still found)."""
-    from conftest import start_server, stop_server
-
-    proc, url = start_server(tmp_path_factory.mktemp("forgetful"), FORGETFUL)
-    try:
-        yield url
-    finally:
-        stop_server(proc)
+    with running_lmstudio_server(tmp_path_factory.mktemp("forgetful"), models=FORGETFUL) as server:
+        yield server.url
 
 
 def backend(url: str) -> LMStudioBackend:
