@@ -7,14 +7,18 @@ Every process lmflow or these fixtures start is stopped by PID at the end.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from click.testing import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -113,6 +117,36 @@ def lmflow_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 1
     """Run the installed `lmflow` command for real."""
     return subprocess.run([str(BIN / "lmflow"), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+class _Main:
+    """`lmflow.cli.main`, the installed command's entry point, in the shape CliRunner invokes."""
+
+    name = "lmflow"
+
+    @staticmethod
+    def main(args: list[str], prog_name: str | None = None, **_: object) -> None:
+        from lmflow.cli import main
+
+        main(list(args))
+
+
+def lmflow_in_process(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Result:
+    """`lmflow ARGS` run in this process by click's CliRunner, through `main`: the messages and exit
+    codes users get, not click's own. `env` is set on top of this process's environment for the
+    call, in `cwd`; an error `main` does not turn into an exit code fails the test. For quick
+    commands that leave no state behind in the process (no Prefect settings, no child processes):
+    a test about processes, signals, the environment at start-up or an install runs `lmflow_cmd`."""
+    from click.testing import CliRunner
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # main turns SIGTERM into SystemExit, for its own process
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(_Main, list(args), env=env, catch_exceptions=False)  # type: ignore[arg-type]
+    finally:
+        os.chdir(before)
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):

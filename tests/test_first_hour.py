@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, lmflow_cmd, wait_for
+from conftest import BIN, lmflow_cmd, lmflow_in_process, wait_for
 
 from lmflow.errors import SpecError
 from lmflow.spec import load_spec
@@ -271,18 +271,18 @@ def test_models_unload_by_key_and_all(lmstudio: str) -> None:
     httpx.post(f"{lmstudio}/api/v1/models/load", timeout=120,
                json={"model": "small-strict", "context_length": 1024}).raise_for_status()
     try:
-        out = lmflow_cmd("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
-        assert out.returncode == 0, out.stderr
+        out = lmflow_in_process("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
+        assert out.exit_code == 0, out.stderr
         assert out.stdout.count("unloaded smollm2-135m-instruct") == 2
         assert [k for k, _i, _c in loaded(lmstudio)] == ["small-strict"]
-        none = lmflow_cmd("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
-        assert none.returncode == 0, none.stderr
+        none = lmflow_in_process("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
+        assert none.exit_code == 0, none.stderr
         assert f"nothing to unload: {lmstudio} has no 'smollm2-135m-instruct' loaded" in none.stdout
-        bad = lmflow_cmd("models", "unload", "--server", lmstudio)
-        assert bad.returncode == 2 and "give a model KEY or --all" in bad.stderr
+        bad = lmflow_in_process("models", "unload", "--server", lmstudio)
+        assert bad.exit_code == 2 and "give a model KEY or --all" in bad.stderr
     finally:
-        everything = lmflow_cmd("models", "unload", "--all", "--server", lmstudio)
-    assert everything.returncode == 0, everything.stderr
+        everything = lmflow_in_process("models", "unload", "--all", "--server", lmstudio)
+    assert everything.exit_code == 0, everything.stderr
     assert "unloaded small-strict" in everything.stdout
     assert loaded(lmstudio) == []
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, MODELS, ROOT, closing, lmflow_cmd, wait_for
+from conftest import BIN, MODELS, ROOT, closing, lmflow_cmd, lmflow_in_process, wait_for
 
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
@@ -46,8 +46,8 @@ def ask(b: LMStudioBackend, model: ModelConfig = SMOL) -> str:
 
 
 def test_models_lists_declared_and_loaded_context(lmstudio: str) -> None:
-    out = lmflow_cmd("models", "--server", lmstudio)
-    assert out.returncode == 0, out.stderr
+    out = lmflow_in_process("models", "--server", lmstudio)
+    assert out.exit_code == 0, out.stderr
     assert out.stdout.splitlines()[0].split() == ["key", "loaded", "max", "context", "loaded", "context"]
     assert "smollm2-135m-instruct  no      8192" in out.stdout
 
@@ -402,8 +402,8 @@ def test_lm_studio_before_0_4_is_detected_and_used(
     assert b.unload(SMOL) == [info.instance_id]
     assert b.loaded_instances() == []
     b.close()
-    out = lmflow_cmd("models", "--server", url)
-    assert out.returncode == 0, out.stderr
+    out = lmflow_in_process("models", "--server", url)
+    assert out.exit_code == 0, out.stderr
     spec = write_spec(tmp_path, url, f"""\
         - id: ask
           prompt: {{model: smol, user: "Say hi.", max_tokens: 4}}

@@ -8,7 +8,6 @@ The 135M model is weak: answers are checked by their structure and the server's 
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BIN, MODELS
+from conftest import MODELS, lmflow_in_process
 
 from lmflow.testing.pytest_plugin import RunningServer
 
@@ -441,9 +440,8 @@ def test_before_0_4_there_is_no_rest_v1(lmstudio_server_factory: Callable[..., R
 def test_a_bad_config_value_exits_2_naming_its_key(tmp_path: Path, config: str, says: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(config)
-    out = subprocess.run([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2, out.stderr
+    out = lmflow_in_process("testing", "serve", "--config", str(path))
+    assert out.exit_code == 2, out.stderr
     assert says in out.stderr
     assert "Traceback" not in out.stderr
 
