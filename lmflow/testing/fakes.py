@@ -7,9 +7,9 @@ writes down what the server answers, runs the code under test, and asserts what 
                               BackendUnreachable("no server answers", url=None))
 
 Each chat takes the next reply, in order: a string is the answer's text, a `ChatResponse` the whole
-answer, an exception is raised (a server that fails). A chat with no reply left fails the test
-(AssertionError, which no retry or fallback of lmflow absorbs). Or one function answers every
-chat: `ScriptedBackend(respond=lambda request: ...)`, returning any of the same three.
+answer, an exception is raised (a server that fails). A chat with no reply left raises
+AssertionError, which no retry or fallback of lmflow takes for a server's failure. Or one function
+answers every chat: `ScriptedBackend(respond=lambda request: ...)`, returning any of the same three.
 
 What it was asked is kept: every chat's `ChatRequest` in `requests`, every `load` and `unload`
 in `loads` and `unloads`. Loads succeed at the context asked; `models` (keys or `ModelInfo`s) is
@@ -20,8 +20,8 @@ A step kind runs against it outside a spec through `lmflow.steps.FixedModels`:
     ctx = StepContext(step_id="s", spec_dir=tmp_path, session=FixedModels({"m": (backend, model)}))
     get_kind("prompt").run({"model": "m", "user": "hi"}, ctx)
 
-A spec runs against it once it is registered under a kind of the test's own (lmflow builds the
-backend from the spec's server, so it starts with no reply: override `reply`):
+A spec run in the test's own process (`lmflow.run`) uses it once it is registered under a kind of
+the test's own (lmflow builds the backend from the spec's server, with no reply: override `reply`):
 
     @register_backend
     class Parrot(ScriptedBackend):
