@@ -1,4 +1,5 @@
-"""Shared fixtures: isolated homes, a real llama-server engine, a real Prefect server.
+"""Shared fixtures: isolated homes, a real llama-server engine, a real Prefect server, and the LM
+Studio stand-in (through the pytest plugin lmflow ships to users).
 
 Every process lmflow or these fixtures start is stopped by PID at the end.
 """
@@ -6,15 +7,18 @@ Every process lmflow or these fixtures start is stopped by PID at the end.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from click.testing import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -115,6 +119,36 @@ def lmflow_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 1
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
+class _Main:
+    """`lmflow.cli.main`, the installed command's entry point, in the shape CliRunner invokes."""
+
+    name = "lmflow"
+
+    @staticmethod
+    def main(args: list[str], prog_name: str | None = None, **_: object) -> None:
+        from lmflow.cli import main
+
+        main(list(args))
+
+
+def lmflow_in_process(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Result:
+    """`lmflow ARGS` run in this process by click's CliRunner, through `main`: the messages and exit
+    codes users get, not click's own. `env` is set on top of this process's environment for the
+    call, in `cwd`; an error `main` does not turn into an exit code fails the test. For quick
+    commands that leave no state behind in the process (no Prefect settings, no child processes):
+    a test about processes, signals, the environment at start-up or an install runs `lmflow_cmd`."""
+    from click.testing import CliRunner
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # main turns SIGTERM into SystemExit, for its own process
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(_Main, list(args), env=env, catch_exceptions=False)  # type: ignore[arg-type]
+    finally:
+        os.chdir(before)
+        signal.signal(signal.SIGTERM, sigterm)
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -125,62 +159,35 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
     return None
 
 
-CONFIG = """\
-models:
-  - key: smollm2-135m-instruct          # declares 8192, loads at most 3072, clamps silently
-    max_context_length: 8192
-    loadable_context_length: 3072
-    clamp: true
-  - key: small-strict                   # declares 8192, fails above 2048
-    file: smollm2-135m-instruct
-    max_context_length: 8192
-    loadable_context_length: 2048
-  - key: retriever                      # declares 8192, loads 4096, loses its start past 2500
-    file: smollm2-135m-instruct
-    max_context_length: 8192
-    loadable_context_length: 4096
-    working_context_length: 2500
-    answers: retriever
-"""
-
-
-def start_server(tmp: Path, config: str) -> tuple[subprocess.Popen, str]:
-    path = tmp / "lmstudio.yaml"
-    path.write_text(textwrap.dedent(config))
-    proc = subprocess.Popen([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
-    url = proc.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
-    return proc, url
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
+#: the models of the LM Studio stand-in most tests use (`running_lmstudio_server(dir, models=MODELS)`,
+#: `lmstudio_server_factory(models=MODELS, ...)`)
+MODELS = [
+    # declares 8192, loads at most 3072, clamps silently
+    {"key": "smollm2-135m-instruct", "max_context_length": 8192, "loadable_context_length": 3072,
+     "clamp": True},
+    # declares 8192, fails above 2048
+    {"key": "small-strict", "file": "smollm2-135m-instruct", "max_context_length": 8192,
+     "loadable_context_length": 2048},
+    # declares 8192, loads 4096, loses its start past 2500
+    {"key": "retriever", "file": "smollm2-135m-instruct", "max_context_length": 8192,
+     "loadable_context_length": 4096, "working_context_length": 2500, "answers": "retriever"},
+]
 
 
 @pytest.fixture(scope="session")
 def lmstudio(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The LM Studio-compatible test server, through the pytest plugin lmflow ships to users
-    (`running_lmstudio_server`: `lmflow testing serve --config`, stopped by PID at the end)."""
-    import yaml
-
+    (`running_lmstudio_server`: `lmflow testing serve --config`, stopped by PID at the end). A test
+    that needs one of its own asks the plugin's `lmstudio_server_factory` fixture for it."""
     from lmflow.testing.pytest_plugin import running_lmstudio_server
 
-    with running_lmstudio_server(tmp_path_factory.mktemp("lmstudio"), **yaml.safe_load(CONFIG)) as server:
+    with running_lmstudio_server(tmp_path_factory.mktemp("lmstudio"), models=MODELS) as server:
         yield server.url
 
 
 #: fixtures that need a real Prefect server, or the managed engine (llama-server and the model)
-_NEEDS = {"prefect_api": "prefect", "engine": "engine", "lmstudio": "engine", "forgetful": "engine"}
+_NEEDS = {"prefect_api": "prefect", "engine": "engine", "lmstudio": "engine", "forgetful": "engine",
+          "lmstudio_server_factory": "engine"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, lmflow_cmd
 
-from lmflow.backends import Backend, backend_class, backend_classes, create_backend, register_backend
+from lmflow.backends import backend_class, backend_classes, create_backend, register_backend
 from lmflow.errors import LmflowError
 from lmflow.spec.model import ServerConfig
+from lmflow.testing.fakes import ScriptedBackend
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -90,17 +91,8 @@ def test_a_broken_plugin_is_named_not_a_traceback(tmp_path: Path) -> None:
 
 
 def test_registered_in_process() -> None:
-    class Echo(Backend):
+    class Echo(ScriptedBackend):
         kind = "echo-test"
-
-        def health(self) -> bool:
-            return True
-
-        def list_models(self) -> list:
-            return []
-
-        def chat(self, request):  # pragma: no cover - not asked here
-            raise NotImplementedError
 
     register_backend(Echo)
     try:
@@ -182,7 +174,7 @@ def test_a_kind_or_backend_registered_after_a_spec_was_loaded_is_usable_at_once(
             return lmflow.StepResult(options["text"])
 
     @register_backend
-    class Quiet(Backend):
+    class Quiet(ScriptedBackend):
         kind = "quiet"
         server_options = {"url": {"type": "string"}}
 

@@ -5,35 +5,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from lmflow.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, lmflow_in_process
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(*args: str) -> tuple[int, str, str]:
+    out = lmflow_in_process(*args)
+    return out.exit_code, out.stdout, out.stderr
 
 
-def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = cli(capsys, "validate", str(ROOT / "examples/quickstart.yaml"),
+def test_validate_ok() -> None:
+    code, out, err = cli("validate", str(ROOT / "examples/quickstart.yaml"),
                          str(ROOT / "specs/extract-ticket.yaml"))
     assert (code, out, err) == (0, "ok: 2 specs valid\n", "")
 
 
-def test_validate_reports_all_files_and_exits_2(capsys, tmp_path: Path) -> None:
+def test_validate_reports_all_files_and_exits_2(tmp_path: Path) -> None:
     a = tmp_path / "a.yaml"
     a.write_text("version: 1\nname: a\nsteps:\n  - id: x\n    python: {function: m:f, arg: 1}\n")
     b = tmp_path / "b.yaml"
     b.write_text("version: 1\nname: [b\n")
-    code, out, err = cli(capsys, "validate", str(a), str(b), str(tmp_path / "missing.yaml"))
+    code, out, err = cli("validate", str(a), str(b), str(tmp_path / "missing.yaml"))
     assert code == 2 and out == ""
     assert err.splitlines() == [
         f"{a}:5:24: steps[0].python.function: module 'm' not found (put it next to the spec or install it)",
@@ -46,14 +37,14 @@ def test_validate_reports_all_files_and_exits_2(capsys, tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def test_bad_param_syntax(capsys) -> None:
-    code, _, err = cli(capsys, "plan", str(ROOT / "examples/quickstart.yaml"), "-p", "topic")
+def test_bad_param_syntax() -> None:
+    code, _, err = cli("plan", str(ROOT / "examples/quickstart.yaml"), "-p", "topic")
     assert code == 2
     assert err.splitlines()[0] == "command line: -p topic: expected name=value (e.g. -p generations=10)"
 
 
-def test_plan_shows_order_dependencies_and_policies(capsys) -> None:
-    code, out, _ = cli(capsys, "plan", str(ROOT / "examples/quickstart.yaml"), "-p", "topic=sea")
+def test_plan_shows_order_dependencies_and_policies() -> None:
+    code, out, _ = cli("plan", str(ROOT / "examples/quickstart.yaml"), "-p", "topic=sea")
     assert code == 0
     lines = out.splitlines()
     assert lines[1] == "params: topic='sea'"
@@ -61,10 +52,10 @@ def test_plan_shows_order_dependencies_and_policies(capsys) -> None:
     assert "     retries 1, timeout 60s, step cache on" in lines
 
 
-def test_schema_is_valid_json_schema_and_matches_the_shipped_copy(capsys) -> None:
+def test_schema_is_valid_json_schema_and_matches_the_shipped_copy() -> None:
     from jsonschema import Draft202012Validator
 
-    code, out, _ = cli(capsys, "schema")
+    code, out, _ = cli("schema")
     assert code == 0
     schema = json.loads(out)
     Draft202012Validator.check_schema(schema)
@@ -73,16 +64,16 @@ def test_schema_is_valid_json_schema_and_matches_the_shipped_copy(capsys) -> Non
     assert schema == shipped, "run `lmflow schema > schema/lmflow-spec-v1.json`"
 
 
-def test_unknown_command_is_a_usage_error(capsys) -> None:
-    code, _, err = cli(capsys, "frobnicate")
+def test_unknown_command_is_a_usage_error() -> None:
+    code, _, err = cli("frobnicate")
     assert code == 2
     assert "No such command 'frobnicate'" in err
 
 
-def test_testing_serve_config_errors(capsys, tmp_path: Path) -> None:
+def test_testing_serve_config_errors(tmp_path: Path) -> None:
     config = tmp_path / "ts.yaml"
     config.write_text("models:\n  - key: my-model\n")
-    code, _, err = cli(capsys, "testing", "serve", "--config", str(config))
+    code, _, err = cli("testing", "serve", "--config", str(config))
     assert code == 2
     assert err.splitlines()[0] == (
         f"{config}:2:10: models[0].key: 'my-model' is not a bundled model (add file: one of "

@@ -7,14 +7,16 @@ import os
 import signal
 import subprocess
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, ROOT, lmflow_cmd, wait_for
+from conftest import BIN, MODELS, ROOT, lmflow_cmd, wait_for
 from test_run import engines_with_alias
 
 from lmflow.engine.records import read_record
+from lmflow.testing.pytest_plugin import RunningServer
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -487,13 +489,9 @@ def test_a_map_s_rate_counts_only_the_items_it_computes(prefect_api: str, tmp_pa
 
 @pytest.mark.engine
 def test_a_map_never_has_more_requests_in_flight_than_the_server_allows(
-        prefect_api: str, tmp_path: Path) -> None:
-    from conftest import start_server, stop_server
-
-    server, url = start_server(tmp_path, """\
-        models: [{key: smollm2-135m-instruct, max_context_length: 4096}]
-        delay_seconds: 0.05
-        """)
+        prefect_api: str, tmp_path: Path, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    url = lmstudio_server_factory(models=[{"key": "smollm2-135m-instruct", "max_context_length": 4096}],
+                                  delay_seconds=0.05).url
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(400)))
 
@@ -509,31 +507,23 @@ def test_a_map_never_has_more_requests_in_flight_than_the_server_allows(
                 prompt: {{model: smol, user: "Number ${{{{ item.n }}}}: say ok.", max_tokens: 1}}
             """, name=name)
 
-    try:
-        bounded, _ = run_json(spec("bounded", ", parallel: 4"))
-        seen = httpx.get(f"{url}/lmflow/stats").json()
-        assert bounded["steps"][0]["items"]["completed"] == 400
-        assert seen["chat_requests"] == 400
-        assert seen["max_in_flight"] == 4, seen
-        # the same map without the bound does send more at once: the check above can fail
-        httpx.post(f"{url}/lmflow/stats/reset")
-        items.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(40)))
-        run_json(spec("unbounded", ""))
-        assert httpx.get(f"{url}/lmflow/stats").json()["max_in_flight"] > 4
-    finally:
-        stop_server(server)
+    bounded, _ = run_json(spec("bounded", ", parallel: 4"))
+    seen = httpx.get(f"{url}/lmflow/stats").json()
+    assert bounded["steps"][0]["items"]["completed"] == 400
+    assert seen["chat_requests"] == 400
+    assert seen["max_in_flight"] == 4, seen
+    # the same map without the bound does send more at once: the check above can fail
+    httpx.post(f"{url}/lmflow/stats/reset")
+    items.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(40)))
+    run_json(spec("unbounded", ""))
+    assert httpx.get(f"{url}/lmflow/stats").json()["max_in_flight"] > 4
 
 
 @pytest.mark.engine
-def test_the_triage_spec_on_the_test_server(prefect_api: str, tmp_path: Path) -> None:
-    from conftest import CONFIG, start_server, stop_server
-
+def test_the_triage_spec_on_the_test_server(
+        prefect_api: str, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
     # its own test server: the spec's prompts JIT-load a model that stays loaded, as in LM Studio
-    server, lmstudio = start_server(tmp_path, CONFIG)
-    try:
-        _triage(lmstudio)
-    finally:
-        stop_server(server)
+    _triage(lmstudio_server_factory(models=MODELS).url)
 
 
 def _triage(lmstudio: str) -> None:

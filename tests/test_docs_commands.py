@@ -28,10 +28,10 @@ from pathlib import Path
 
 import click
 import pytest
+from conftest import ROOT, lmflow_in_process
 
-from lmflow.cli import cli, main
+from lmflow.cli import cli
 
-ROOT = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = set(cli.commands)
 
 #: the docs' placeholders and what stands in for them. `...` is in the README's spec block,
@@ -159,14 +159,9 @@ def expand(args: list[str], command: click.Command = cli,
     return found
 
 
-def lmflow(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+def lmflow(*args: str) -> tuple[int, str, str]:
+    out = lmflow_in_process(*args)
+    return out.exit_code, out.stdout, out.stderr
 
 
 def test_found() -> None:
@@ -191,10 +186,10 @@ def test_every_line_naming_a_subcommand_is_extracted(path_and_extract: tuple[Pat
 
 
 @pytest.mark.parametrize("q", CHECKED, ids=lambda q: f"{q.where} {q.text}")
-def test_quoted_command_works(q: Quoted, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+def test_quoted_command_works(q: Quoted, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     for path, command, args in expand(words(q)):
-        code, helptext, err = lmflow(capsys, *path, "--help")
+        code, helptext, err = lmflow(*path, "--help")
         assert code == 0, err
         for option in (a.split("=", 1)[0] for a in args if a.startswith("-")):
             assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", helptext), \
@@ -212,13 +207,13 @@ def test_quoted_command_works(q: Quoted, capsys: pytest.CaptureFixture[str], mon
         if path[0] == "run":  # the same spec and params, nothing else
             params = [x for p in ctx.params["params"] for x in ("-p", p)]
             path, args = ("plan",), [str(ctx.params["spec"]), *params]
-        code, out, err = lmflow(capsys, *path, *args)
+        code, out, err = lmflow(*path, *args)
         assert code == 0, f"`lmflow {' '.join((*path, *args))}` (as quoted: `{q.text}`) failed:\n{err}"
 
 
-def test_plan_takes_the_params_of_run_and_rejects_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_takes_the_params_of_run_and_rejects_unknown_ones() -> None:
     # what the check of a quoted `lmflow run` relies on; the spec's comment used to suggest this
-    code, _, err = lmflow(capsys, "plan", str(ROOT / "specs/extract-ticket.yaml"), "-p", "ticket_file=x.txt")
+    code, _, err = lmflow("plan", str(ROOT / "specs/extract-ticket.yaml"), "-p", "ticket_file=x.txt")
     assert code == 2 and "unknown parameter 'ticket_file'" in err
-    code, out, _ = lmflow(capsys, "plan", str(ROOT / "examples/quickstart.yaml"), "--param", "topic=the sea")
+    code, out, _ = lmflow("plan", str(ROOT / "examples/quickstart.yaml"), "--param", "topic=the sea")
     assert code == 0 and "params: topic='the sea'" in out

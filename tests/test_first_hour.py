@@ -17,10 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, lmflow_cmd, start_server, stop_server, wait_for
+from conftest import BIN, lmflow_cmd, lmflow_in_process, wait_for
 
 from lmflow.errors import SpecError
 from lmflow.spec import load_spec
+from lmflow.testing.pytest_plugin import RunningServer
 
 
 def loaded(url: str) -> list[tuple[str, str, int]]:
@@ -189,29 +190,23 @@ def test_the_next_run_unloads_what_a_killed_run_loaded(lmstudio: str, prefect_ap
 
 @pytest.mark.engine
 def test_the_next_run_unloads_what_a_run_killed_mid_load_loaded(
-        prefect_api: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+        prefect_api: str, tmp_path: Path, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
     # the server lists an instance 8 s before it answers its load: the kill falls in between
-    proc, url = start_server(tmp_path_factory.mktemp("slow-load"), """\
-        models: [{key: smollm2-135m-instruct}]
-        load_answer_delay_seconds: 8
-        """)
-    try:
-        httpx.post(f"{url}/api/v1/models/load", timeout=120,  # someone else's: never unloaded
-                   json={"model": "smollm2-135m-instruct", "context_length": 1024}).raise_for_status()
-        spec = write_spec(tmp_path, url, "{key: smollm2-135m-instruct, context_length: 1536}", KILLED,
-                          params="{nap: {type: number, default: 0}}")
-        earlier = journals("first-hour")
-        kill_when(spec, lambda: len(loaded(url)) == 2)
-        assert not journaled("first-hour", '"loaded": "smol"', earlier)  # the run never heard back
-        assert sorted(c for _k, _i, c in loaded(url)) == [1024, 1536]
-        out = lmflow_cmd("run", str(spec), "-p", "nap=0", "--json", timeout=300)
-        assert out.returncode == 0, out.stderr
-        events = json.loads(out.stdout)["events"]
-        assert any("(instance smollm2-135m-instruct:2), left loaded by the killed run first-hour-"
-                   in e.get("message", "") for e in events), events
-        assert [(i, c) for _k, i, c in loaded(url)] == [("smollm2-135m-instruct", 1024)]
-    finally:
-        stop_server(proc)
+    url = lmstudio_server_factory(models=[{"key": "smollm2-135m-instruct"}], load_answer_delay_seconds=8).url
+    httpx.post(f"{url}/api/v1/models/load", timeout=120,  # someone else's: never unloaded
+               json={"model": "smollm2-135m-instruct", "context_length": 1024}).raise_for_status()
+    spec = write_spec(tmp_path, url, "{key: smollm2-135m-instruct, context_length: 1536}", KILLED,
+                      params="{nap: {type: number, default: 0}}")
+    earlier = journals("first-hour")
+    kill_when(spec, lambda: len(loaded(url)) == 2)
+    assert not journaled("first-hour", '"loaded": "smol"', earlier)  # the run never heard back
+    assert sorted(c for _k, _i, c in loaded(url)) == [1024, 1536]
+    out = lmflow_cmd("run", str(spec), "-p", "nap=0", "--json", timeout=300)
+    assert out.returncode == 0, out.stderr
+    events = json.loads(out.stdout)["events"]
+    assert any("(instance smollm2-135m-instruct:2), left loaded by the killed run first-hour-"
+               in e.get("message", "") for e in events), events
+    assert [(i, c) for _k, i, c in loaded(url)] == [("smollm2-135m-instruct", 1024)]
 
 
 SHARED = """\
@@ -276,18 +271,18 @@ def test_models_unload_by_key_and_all(lmstudio: str) -> None:
     httpx.post(f"{lmstudio}/api/v1/models/load", timeout=120,
                json={"model": "small-strict", "context_length": 1024}).raise_for_status()
     try:
-        out = lmflow_cmd("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
-        assert out.returncode == 0, out.stderr
+        out = lmflow_in_process("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
+        assert out.exit_code == 0, out.stderr
         assert out.stdout.count("unloaded smollm2-135m-instruct") == 2
         assert [k for k, _i, _c in loaded(lmstudio)] == ["small-strict"]
-        none = lmflow_cmd("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
-        assert none.returncode == 0, none.stderr
+        none = lmflow_in_process("models", "unload", "smollm2-135m-instruct", "--server", lmstudio)
+        assert none.exit_code == 0, none.stderr
         assert f"nothing to unload: {lmstudio} has no 'smollm2-135m-instruct' loaded" in none.stdout
-        bad = lmflow_cmd("models", "unload", "--server", lmstudio)
-        assert bad.returncode == 2 and "give a model KEY or --all" in bad.stderr
+        bad = lmflow_in_process("models", "unload", "--server", lmstudio)
+        assert bad.exit_code == 2 and "give a model KEY or --all" in bad.stderr
     finally:
-        everything = lmflow_cmd("models", "unload", "--all", "--server", lmstudio)
-    assert everything.returncode == 0, everything.stderr
+        everything = lmflow_in_process("models", "unload", "--all", "--server", lmstudio)
+    assert everything.exit_code == 0, everything.stderr
     assert "unloaded small-strict" in everything.stdout
     assert loaded(lmstudio) == []
 
@@ -477,30 +472,25 @@ def test_unload_and_probes_leave_another_clients_instance_alone(lmstudio: str, p
 
 @pytest.mark.engine
 def test_a_load_that_timed_out_is_unloaded_at_the_end_of_the_run(
-        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        lmstudio_server_factory: Callable[..., RunningServer]) -> None:
     """LM Studio may finish a load after lmflow stopped waiting for it: the run's end unloads it."""
     import lmflow.backends.lmstudio as lmstudio_backend
     from lmflow.engine.records import RunRecorder
     from lmflow.engine.runtime import Runtime
     from lmflow.errors import BackendTimeout
 
-    proc, url = start_server(tmp_path_factory.mktemp("slow-load"), """\
-        models: [{key: smollm2-135m-instruct}]
-        load_answer_delay_seconds: 6
-        """)
-    try:
-        monkeypatch.setattr(lmstudio_backend, "LOAD_TIMEOUT", 2.0)
-        spec = load_spec(write_spec(tmp_path, url, "{key: smollm2-135m-instruct, context_length: 1536}",
-                                    "- {id: ask, prompt: {model: smol, user: hi}}\n"))
-        recorder = RunRecorder(spec)
-        runtime = Runtime(spec, recorder)
-        with pytest.raises(BackendTimeout):
-            runtime.ready("smol")
-        assert [c for _k, _i, c in loaded(url)] == [1536]  # the server went on with it
-        runtime.close()
-        recorder.save()
-        assert loaded(url) == []
-        assert any("its load timed out, and the server finished it later" in e.get("message", "")
-                   for e in recorder.result.events), recorder.result.events
-    finally:
-        stop_server(proc)
+    url = lmstudio_server_factory(models=[{"key": "smollm2-135m-instruct"}], load_answer_delay_seconds=6).url
+    monkeypatch.setattr(lmstudio_backend, "LOAD_TIMEOUT", 2.0)
+    spec = load_spec(write_spec(tmp_path, url, "{key: smollm2-135m-instruct, context_length: 1536}",
+                                "- {id: ask, prompt: {model: smol, user: hi}}\n"))
+    recorder = RunRecorder(spec)
+    runtime = Runtime(spec, recorder)
+    with pytest.raises(BackendTimeout):
+        runtime.ready("smol")
+    assert [c for _k, _i, c in loaded(url)] == [1536]  # the server went on with it
+    runtime.close()
+    recorder.save()
+    assert loaded(url) == []
+    assert any("its load timed out, and the server finished it later" in e.get("message", "")
+               for e in recorder.result.events), recorder.result.events

@@ -1,7 +1,8 @@
 """lmflow's LM Studio backend and lifecycle steps against the LM Studio-compatible test server.
 
-The server is started the way users start it (`lmflow testing serve --config`),
-answers with real inference through llama-server children, and is stopped by PID.
+The server is started the way users' own tests start it (the pytest plugin lmflow ships, which
+runs `lmflow testing serve --config`), answers with real inference through llama-server children,
+and is stopped by PID.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import json
 import os
 import signal
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, CONFIG, ROOT, closing, lmflow_cmd, start_server, stop_server, wait_for
+from conftest import BIN, MODELS, ROOT, closing, lmflow_cmd, lmflow_in_process, wait_for
 
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend, WrongModel
@@ -22,6 +24,7 @@ from lmflow.errors import BackendError, BackendHTTPError
 from lmflow.spec.model import ModelConfig, Policy, ServerConfig
 from lmflow.steps import FixedModels, StepContext, get_kind
 from lmflow.steps.load_model import ContextMismatch
+from lmflow.testing.pytest_plugin import RunningServer, running_lmstudio_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -43,8 +46,8 @@ def ask(b: LMStudioBackend, model: ModelConfig = SMOL) -> str:
 
 
 def test_models_lists_declared_and_loaded_context(lmstudio: str) -> None:
-    out = lmflow_cmd("models", "--server", lmstudio)
-    assert out.returncode == 0, out.stderr
+    out = lmflow_in_process("models", "--server", lmstudio)
+    assert out.exit_code == 0, out.stderr
     assert out.stdout.splitlines()[0].split() == ["key", "loaded", "max", "context", "loaded", "context"]
     assert "smollm2-135m-instruct  no      8192" in out.stdout
 
@@ -119,9 +122,8 @@ def test_unknown_model_lists_what_exists(lmstudio: str) -> None:
     b.close()
 
 
-def test_answer_from_another_model_is_caught(tmp_path: Path) -> None:
-    proc, url = start_server(tmp_path, CONFIG + "ignore_model_field: true\n")
-    b = backend(url)
+def test_answer_from_another_model_is_caught(lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    b = backend(lmstudio_server_factory(models=MODELS, ignore_model_field=True).url)
     try:
         b.load(ModelConfig(alias="s", key="small-strict", context_length=1024))
         with pytest.raises(WrongModel,
@@ -129,34 +131,31 @@ def test_answer_from_another_model_is_caught(tmp_path: Path) -> None:
             ask(b)
     finally:
         b.close()
-        stop_server(proc)
 
 
 TOKEN = "sk-lm-Ab3dEf7h:Q1w2E3r4T5y6U7i8O9p0"  # the shape LM Studio gives its API tokens
 
 
-def test_api_token_over_rest_and_the_sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    proc, url = start_server(tmp_path, CONFIG + f"api_token: {TOKEN}\n")
-    try:
-        with pytest.raises(BackendHTTPError) as info:
-            backend(url).list_models()
-        assert info.value.status == 401
-        assert "set the API token (server.api_key_env)" in str(info.value)
-        monkeypatch.setenv("LM_API_TOKEN", TOKEN)
-        b = backend(url)
-        assert [m.key for m in b.list_models()] == ["smollm2-135m-instruct", "small-strict", "retriever"]
-        # ttl needs the SDK: its websocket authenticates with the token's two halves
-        timed = ModelConfig(alias="timed", key="smollm2-135m-instruct", context_length=1024, ttl=600)
-        assert b.load(timed).loaded_context_length == 1024
-        assert ask(b, timed)
-        assert 2 <= (b.count_tokens(timed, "one two three") or 0) <= 6  # the server's own tokenizer
-        b.unload(timed)
-        b.close()
-        monkeypatch.setenv("LM_API_TOKEN", "s3cret")  # not an LM Studio token: the SDK cannot use it
-        with pytest.raises(BackendError, match=r"is not an LM Studio API token \(sk-lm-XXXXXXXX:"):
-            backend(url).load(timed)
-    finally:
-        stop_server(proc)
+def test_api_token_over_rest_and_the_sdk(monkeypatch: pytest.MonkeyPatch,
+                                         lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    url = lmstudio_server_factory(models=MODELS, api_token=TOKEN).url
+    with pytest.raises(BackendHTTPError) as info:
+        backend(url).list_models()
+    assert info.value.status == 401
+    assert "set the API token (server.api_key_env)" in str(info.value)
+    monkeypatch.setenv("LM_API_TOKEN", TOKEN)
+    b = backend(url)
+    assert [m.key for m in b.list_models()] == ["smollm2-135m-instruct", "small-strict", "retriever"]
+    # ttl needs the SDK: its websocket authenticates with the token's two halves
+    timed = ModelConfig(alias="timed", key="smollm2-135m-instruct", context_length=1024, ttl=600)
+    assert b.load(timed).loaded_context_length == 1024
+    assert ask(b, timed)
+    assert 2 <= (b.count_tokens(timed, "one two three") or 0) <= 6  # the server's own tokenizer
+    b.unload(timed)
+    b.close()
+    monkeypatch.setenv("LM_API_TOKEN", "s3cret")  # not an LM Studio token: the SDK cannot use it
+    with pytest.raises(BackendError, match=r"is not an LM Studio API token \(sk-lm-XXXXXXXX:"):
+        backend(url).load(timed)
 
 
 def write_spec(tmp: Path, url: str, steps: str) -> Path:
@@ -278,9 +277,8 @@ def test_server_started_by_lmflow_and_restarted_after_a_crash(prefect_api: str, 
 def test_fault_modes_of_the_test_server(tmp_path: Path) -> None:
     from lmflow.errors import BackendTimeout, BackendUnreachable
 
-    slow, url = start_server(tmp_path, CONFIG + "delay_seconds: 3\njit: false\n")
-    try:
-        b = backend(url)
+    with running_lmstudio_server(tmp_path / "slow", models=MODELS, delay_seconds=3, jit=False) as slow:
+        b = backend(slow.url)
         with pytest.raises(BackendHTTPError, match="not loaded and JIT loading is off"):
             ask(b)
         b.load(SMOL)
@@ -288,19 +286,15 @@ def test_fault_modes_of_the_test_server(tmp_path: Path) -> None:
             b.chat(ChatRequest(model=SMOL, messages=[{"role": "user", "content": "hi"}],
                                sampling={"max_tokens": 2}, timeout=1))
         b.close()
-    finally:
-        stop_server(slow)
-    crashing, url = start_server(tmp_path, CONFIG + "crash_on_request: 2\n")
-    try:
+    with running_lmstudio_server(tmp_path / "crashing", models=MODELS, crash_on_request=2) as crashing:
+        url = crashing.url
         b = backend(url)
         assert ask(b)  # JIT: loads on first use
         assert loaded_instances(url) == [("smollm2-135m-instruct", 3072)]  # 4096 by default, clamped
         with pytest.raises(BackendUnreachable):
             ask(b)  # the server dies in the middle of this request
-        assert crashing.wait(10) == 70
+        assert crashing.process.wait(10) == 70
         b.close()
-    finally:
-        stop_server(crashing)
 
 
 FAKE_LMS = """\
@@ -392,92 +386,88 @@ def test_a_prompt_that_cannot_fit_is_refused_with_the_servers_own_count(lmstudio
         b.close()
 
 
-def test_lm_studio_before_0_4_is_detected_and_used(tmp_path: Path, prefect_api: str) -> None:
+def test_lm_studio_before_0_4_is_detected_and_used(
+        tmp_path: Path, prefect_api: str, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
     """REST v0 only: lmflow lists with v0 and loads, lists and unloads instances with the SDK."""
-    proc, url = start_server(tmp_path, CONFIG + "rest_api: v0\n")
-    try:
-        assert httpx.get(f"{url}/api/v1/models").status_code == 404
-        b = backend(url)
-        assert b.health()  # up, not "down" because v1 is missing
-        assert [m.key for m in b.list_models()] == ["smollm2-135m-instruct", "small-strict", "retriever"]
-        info = b.load(SMOL)
-        assert (info.loaded_context_length, b.rest_v1) == (2048, False)
-        assert ask(b)
-        assert b.loaded_instances() == [("smollm2-135m-instruct", info.instance_id)]
-        assert b.find_loaded(SMOL).instance_id == info.instance_id
-        assert b.unload(SMOL) == [info.instance_id]
-        assert b.loaded_instances() == []
-        b.close()
-        out = lmflow_cmd("models", "--server", url)
-        assert out.returncode == 0, out.stderr
-        spec = write_spec(tmp_path, url, f"""\
-            - id: ask
-              prompt: {{model: smol, user: "Say hi.", max_tokens: 4}}
-            - id: look
-              after: [ask]
-              python: {{function: "v0:loaded", args: {{url: "{url}"}}}}
-            """)
-        (tmp_path / "v0.py").write_text(
-            "import json, urllib.request\n\n\ndef loaded(url):\n"
-            "    with urllib.request.urlopen(url + '/api/v0/models') as answer:\n"
-            "        return [[m['id'], m.get('loaded_context_length')] for m in json.load(answer)['data']\n"
-            "                if m['state'] == 'loaded']\n")
-        run = lmflow_cmd("run", str(spec), "--json")
-        assert run.returncode == 0, run.stderr
-        look = json.loads(run.stdout)["steps"][1]["output"]
-        assert look == [["smollm2-135m-instruct", 2048]]  # as declared, loaded through the SDK
-        assert backend(url).loaded_instances() == []  # and unloaded at the end
-    finally:
-        stop_server(proc)
+    url = lmstudio_server_factory(models=MODELS, rest_api="v0").url
+    assert httpx.get(f"{url}/api/v1/models").status_code == 404
+    b = backend(url)
+    assert b.health()  # up, not "down" because v1 is missing
+    assert [m.key for m in b.list_models()] == ["smollm2-135m-instruct", "small-strict", "retriever"]
+    info = b.load(SMOL)
+    assert (info.loaded_context_length, b.rest_v1) == (2048, False)
+    assert ask(b)
+    assert b.loaded_instances() == [("smollm2-135m-instruct", info.instance_id)]
+    assert b.find_loaded(SMOL).instance_id == info.instance_id
+    assert b.unload(SMOL) == [info.instance_id]
+    assert b.loaded_instances() == []
+    b.close()
+    out = lmflow_in_process("models", "--server", url)
+    assert out.exit_code == 0, out.stderr
+    spec = write_spec(tmp_path, url, f"""\
+        - id: ask
+          prompt: {{model: smol, user: "Say hi.", max_tokens: 4}}
+        - id: look
+          after: [ask]
+          python: {{function: "v0:loaded", args: {{url: "{url}"}}}}
+        """)
+    (tmp_path / "v0.py").write_text(
+        "import json, urllib.request\n\n\ndef loaded(url):\n"
+        "    with urllib.request.urlopen(url + '/api/v0/models') as answer:\n"
+        "        return [[m['id'], m.get('loaded_context_length')] for m in json.load(answer)['data']\n"
+        "                if m['state'] == 'loaded']\n")
+    run = lmflow_cmd("run", str(spec), "--json")
+    assert run.returncode == 0, run.stderr
+    look = json.loads(run.stdout)["steps"][1]["output"]
+    assert look == [["smollm2-135m-instruct", 2048]]  # as declared, loaded through the SDK
+    assert backend(url).loaded_instances() == []  # and unloaded at the end
 
 
 @pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"),
                                                    (signal.SIGINT, 130, "SIGINT")])
 def test_a_signal_during_a_map_unloads_the_model_and_loads_nothing_on_the_way_out(
-        prefect_api: str, tmp_path: Path, sig: int, code: int, name: str) -> None:
+        prefect_api: str, tmp_path: Path, sig: int, code: int, name: str,
+        lmstudio_server_factory: Callable[..., RunningServer]) -> None:
     import subprocess
 
-    server, url = start_server(tmp_path, CONFIG + "delay_seconds: 0.4\n")  # items stay in flight
+    url = lmstudio_server_factory(models=MODELS, delay_seconds=0.4).url  # items stay in flight
+    spec = write_spec(tmp_path, url, """\
+        - id: ask
+          foreach: ${{ params.xs }}
+          parallel: 4
+          retries: 3
+          retry_delay: 0.1s
+          prompt: {model: smol, user: "Say ${{ item }}.", max_tokens: 2}
+        - id: count
+          python: {function: "helpers:fail"}
+        """)
+    spec.write_text(spec.read_text() + "params: {xs: [" + ", ".join(map(str, range(60))) + "]}\n")
+    proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    records = Path(os.environ["LMFLOW_HOME"]) / "runs"
     try:
-        spec = write_spec(tmp_path, url, """\
-            - id: ask
-              foreach: ${{ params.xs }}
-              parallel: 4
-              retries: 3
-              retry_delay: 0.1s
-              prompt: {model: smol, user: "Say ${{ item }}.", max_tokens: 2}
-            - id: count
-              python: {function: "helpers:fail"}
-            """)
-        spec.write_text(spec.read_text() + "params: {xs: [" + ", ".join(map(str, range(60))) + "]}\n")
-        proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
-        records = Path(os.environ["LMFLOW_HOME"]) / "runs"
-        try:
-            assert wait_for(lambda: any(p.read_text().count('"item":') >= 6
-                                        for p in records.glob("lifecycle-*.jsonl")), timeout=90)
-            proc.send_signal(sig)
-            _, stderr = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == code, stderr
-        assert loaded_instances(url) == []  # unloaded by the run's end, and not loaded again
-        journal = next(records.glob("lifecycle-*.jsonl"))
-        lines = [json.loads(line) for line in journal.read_text().splitlines()]
-        assert [e for e in lines if "loading" in e or "loaded" in e or "unloaded" in e] == [
-            {"loading": "smol", "key": "smollm2-135m-instruct", "server": "default", "backend": "lmstudio",
-             "url": url, "context_length": 2048, "before": []},
-            {"loaded": "smol", "key": "smollm2-135m-instruct", "server": "default", "backend": "lmstudio",
-             "url": url, "instance": "smollm2-135m-instruct"},
-            {"unloaded": "smol"}]
-        record = json.loads(journal.with_suffix(".json").read_text())
-        assert record["error"].startswith(f"the run was interrupted by {name}"), record["error"]
-        steps = {s["id"]: s for s in record["steps"]}
-        assert steps["ask"]["status"] == "interrupted"
-        assert steps["count"]["status"] == "skipped"
-        assert f"error: the run was interrupted by {name}" in stderr
-        assert f"run record: {journal.with_suffix('.json')}" in stderr
+        assert wait_for(lambda: any(p.read_text().count('"item":') >= 6
+                                    for p in records.glob("lifecycle-*.jsonl")), timeout=90)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
     finally:
-        stop_server(server)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, stderr
+    assert loaded_instances(url) == []  # unloaded by the run's end, and not loaded again
+    journal = next(records.glob("lifecycle-*.jsonl"))
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [e for e in lines if "loading" in e or "loaded" in e or "unloaded" in e] == [
+        {"loading": "smol", "key": "smollm2-135m-instruct", "server": "default", "backend": "lmstudio",
+         "url": url, "context_length": 2048, "before": []},
+        {"loaded": "smol", "key": "smollm2-135m-instruct", "server": "default", "backend": "lmstudio",
+         "url": url, "instance": "smollm2-135m-instruct"},
+        {"unloaded": "smol"}]
+    record = json.loads(journal.with_suffix(".json").read_text())
+    assert record["error"].startswith(f"the run was interrupted by {name}"), record["error"]
+    steps = {s["id"]: s for s in record["steps"]}
+    assert steps["ask"]["status"] == "interrupted"
+    assert steps["count"]["status"] == "skipped"
+    assert f"error: the run was interrupted by {name}" in stderr
+    assert f"run record: {journal.with_suffix('.json')}" in stderr

@@ -8,11 +8,14 @@ import shutil
 import signal
 import subprocess
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, ROOT, lmflow_cmd, start_server, stop_server, wait_for
+from conftest import BIN, MODELS, ROOT, lmflow_cmd, wait_for
+
+from lmflow.testing.pytest_plugin import RunningServer
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -97,9 +100,9 @@ def replay(generations: int, due: list[int]) -> dict:
     """The same optimiser with the same advice, applied by hand at the same generations."""
     import importlib.util
 
-    from lmflow.steps.loop.spec import ApplyField
     from lmflow.steps.loop.apply import apply_fields
     from lmflow.steps.loop.runner import state_view
+    from lmflow.steps.loop.spec import ApplyField
 
     spec = importlib.util.spec_from_file_location("ga_replay", GA)
     ga = importlib.util.module_from_spec(spec)
@@ -214,12 +217,10 @@ def test_a_killed_loop_resumes_asks_the_interrupted_analysis_again_and_ends_in_t
 
 
 def test_background_advice_is_applied_at_the_first_generation_after_it_arrives(
-        prefect_api: str, tmp_path: Path) -> None:
+        prefect_api: str, tmp_path: Path, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
     # a slow coach on the LM Studio test server: 1.5 s per answer, 0.1 s per generation
-    server, url = start_server(tmp_path, """\
-        models: [{key: smollm2-135m-instruct, max_context_length: 4096}]
-        delay_seconds: 1.5
-        """)
+    url = lmstudio_server_factory(models=[{"key": "smollm2-135m-instruct", "max_context_length": 4096}],
+                                  delay_seconds=1.5).url
     spec = write_spec(tmp_path, f"""\
         server: {{backend: lmstudio, url: "{url}"}}
         models: {{coach: {{key: smollm2-135m-instruct, context_length: 1024}}}}
@@ -244,10 +245,7 @@ def test_background_advice_is_applied_at_the_first_generation_after_it_arrives(
                         max_tokens: 40
                   apply: {{rate: {{min: 0, max: 1}}}}
         """, "background")
-    try:
-        loop = run_json(spec)["steps"][0]["output"]
-    finally:
-        stop_server(server)
+    loop = run_json(spec)["steps"][0]["output"]
     analyses = loop["analyses"]
     first = analyses[0]  # in the order asked
     assert first["asked_at"] == 4 and first["status"] == "applied"
@@ -263,10 +261,9 @@ def test_background_advice_is_applied_at_the_first_generation_after_it_arrives(
 
 
 @pytest.mark.engine
-def test_reload_between_analyses_goes_through_one_sdk_client(prefect_api: str, tmp_path: Path) -> None:
-    from conftest import CONFIG
-
-    server, url = start_server(tmp_path, CONFIG)
+def test_reload_between_analyses_goes_through_one_sdk_client(
+        prefect_api: str, tmp_path: Path, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    url = lmstudio_server_factory(models=MODELS).url
     spec = write_spec(tmp_path, f"""\
         server: {{backend: lmstudio, url: "{url}"}}
         models:
@@ -291,12 +288,9 @@ def test_reload_between_analyses_goes_through_one_sdk_client(prefect_api: str, t
                         user: "Best ${{{{ loop.stats.best }}}}. Say ok."
                         max_tokens: 3
         """, "reload")
-    try:
-        result = run_json(spec)
-        stats = httpx.get(f"{url}/lmflow/stats").json()
-        loaded = httpx.get(f"{url}/api/v1/models").json()
-    finally:
-        stop_server(server)
+    result = run_json(spec)
+    stats = httpx.get(f"{url}/lmflow/stats").json()
+    loaded = httpx.get(f"{url}/api/v1/models").json()
     loop = result["steps"][1]["output"]
     assert [a["asked_at"] for a in loop["analyses"]] == [2, 4, 6]
     assert all(a["steps"]["fresh"]["status"] == "completed" for a in loop["analyses"])
@@ -323,17 +317,13 @@ def test_the_coach_example_runs_as_the_readme_says(prefect_api: str) -> None:
 
 
 @pytest.mark.engine
-def test_the_evolution_coach_spec_on_the_test_server(prefect_api: str, tmp_path: Path) -> None:
-    from conftest import CONFIG
-
-    server, url = start_server(tmp_path, CONFIG + "delay_seconds: 0.3\n")
-    try:
-        # the command in the spec's comment, as quoted there
-        out = lmflow_cmd("run", "specs/evolution-coach.yaml", "-p", f"lmstudio_url={url}",
-                         "-p", "generations=15", "--json")
-        loaded = httpx.get(f"{url}/api/v1/models").json()
-    finally:
-        stop_server(server)
+def test_the_evolution_coach_spec_on_the_test_server(
+        prefect_api: str, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    url = lmstudio_server_factory(models=MODELS, delay_seconds=0.3).url
+    # the command in the spec's comment, as quoted there
+    out = lmflow_cmd("run", "specs/evolution-coach.yaml", "-p", f"lmstudio_url={url}",
+                     "-p", "generations=15", "--json")
+    loaded = httpx.get(f"{url}/api/v1/models").json()
     assert out.returncode == 0, out.stderr
     probe, evolve, done = json.loads(out.stdout)["steps"]
     assert probe["output"]["loadable_max"] == 3072

@@ -182,7 +182,7 @@ def test_models_on_a_web_page_instead_of_a_model_server(tmp_path) -> None:
     import subprocess
     import sys
 
-    from conftest import lmflow_cmd
+    from conftest import lmflow_in_process
 
     (tmp_path / "api" / "v1").mkdir(parents=True)
     (tmp_path / "api" / "v1" / "models").write_text("<html>not a model server</html>")
@@ -193,8 +193,8 @@ def test_models_on_a_web_page_instead_of_a_model_server(tmp_path) -> None:
         from conftest import wait_for
 
         assert wait_for(lambda: _answers(port), timeout=30)
-        out = lmflow_cmd("models", "--server", f"http://127.0.0.1:{port}")
-        assert out.returncode == 3, out.stderr
+        out = lmflow_in_process("models", "--server", f"http://127.0.0.1:{port}")
+        assert out.exit_code == 3, out.stderr
         assert "with a body that is not JSON ('<html>not a model server</html>'): is server.url a model " \
                "server?" in out.stderr
         assert "Traceback" not in out.stderr

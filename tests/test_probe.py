@@ -16,30 +16,22 @@ from conftest import closing
 from lmflow.backends.lmstudio import LMStudioBackend
 from lmflow.probe import CLAMPED, LOAD_FAILED, probe_loadable, registry
 from lmflow.spec.model import ModelConfig, ServerConfig
+from lmflow.testing.pytest_plugin import running_lmstudio_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-FORGETFUL = """\
-models:
-  - key: forgetful                      # loads 2048, keeps only the last 200 tokens of a prompt
-    file: smollm2-135m-instruct
-    max_context_length: 2048
-    working_context_length: 200
-    answers: retriever
-"""
+FORGETFUL = [  # loads 2048, keeps only the last 200 tokens of a prompt
+    {"key": "forgetful", "file": "smollm2-135m-instruct", "max_context_length": 2048,
+     "working_context_length": 200, "answers": "retriever"},
+]
 
 
 @pytest.fixture(scope="module")
 def forgetful(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A test server whose model loads at 2048 but works nowhere: a key at the start of even the
     smallest fill is lost (the end's is still found)."""
-    from conftest import start_server, stop_server
-
-    proc, url = start_server(tmp_path_factory.mktemp("forgetful"), FORGETFUL)
-    try:
-        yield url
-    finally:
-        stop_server(proc)
+    with running_lmstudio_server(tmp_path_factory.mktemp("forgetful"), models=FORGETFUL) as server:
+        yield server.url
 
 
 def backend(url: str) -> LMStudioBackend:
@@ -172,17 +164,17 @@ def test_the_registry_key_holds_the_server_version_and_the_model_variant(lmstudi
 def test_probe_command(lmstudio: str) -> None:
     import json
 
-    from conftest import lmflow_cmd
+    from conftest import lmflow_in_process
 
-    out = lmflow_cmd("probe", "small-strict", "--server", lmstudio, "--json", "--fresh", "--load-only")
-    assert out.returncode == 0, out.stderr
+    out = lmflow_in_process("probe", "small-strict", "--server", lmstudio, "--json", "--fresh", "--load-only")
+    assert out.exit_code == 0, out.stderr
     assert json.loads(out.stdout)["loadable_max"] == 2048
-    listed = lmflow_cmd("probe", "--list")
+    listed = lmflow_in_process("probe", "--list")
     line = next(x for x in listed.stdout.splitlines() if x.startswith(f"small-strict  {lmstudio}  "))
     assert line.startswith(f"small-strict  {lmstudio}  loadable max 2048  working max not measured  (gguf Q")
     assert line.endswith(", 0.4.0-lmflow-test build 1)")  # the variant and the server's version
-    missing = lmflow_cmd("probe")
-    assert missing.returncode == 2 and "give a MODEL key, or --list" in missing.stderr
+    missing = lmflow_in_process("probe")
+    assert missing.exit_code == 2 and "give a MODEL key, or --list" in missing.stderr
 
 
 def test_finds_the_working_maximum_where_a_tiny_prompt_would_pass(lmstudio: str) -> None:
@@ -212,10 +204,10 @@ def test_finds_the_working_maximum_where_a_tiny_prompt_would_pass(lmstudio: str)
 
 
 def test_probe_command_reports_both_limits(lmstudio: str) -> None:
-    from conftest import lmflow_cmd
+    from conftest import lmflow_in_process
 
-    out = lmflow_cmd("probe", "retriever", "--server", lmstudio, "--granularity", "512", "--fresh")
-    assert out.returncode == 0, out.stderr
+    out = lmflow_in_process("probe", "retriever", "--server", lmstudio, "--granularity", "512", "--fresh")
+    assert out.exit_code == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "retriever: declared 8192, loads at most 4096 (granularity 512, 5 loads)"
     assert lines[1] == ("retriever: works (pass key found at start, middle and end) up to 2048 "

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from lmflow.backends.base import Backend, ChatRequest, ChatResponse, ModelInfo
+from lmflow.backends.base import ChatRequest, ChatResponse
 from lmflow.probe import FILLER, Attempt, ProbeReport, Trial, finds_key, probe_working
 from lmflow.render.probe import report_markdown, working_text
-from lmflow.spec.model import ModelConfig, ServerConfig
+from lmflow.spec.model import ModelConfig
+from lmflow.testing.fakes import ScriptedBackend
 
 
 def test_report_has_the_load_table_and_the_chart() -> None:
@@ -40,34 +42,16 @@ def test_a_trial_is_right_when_the_answer_states_the_key_as_a_whole_number(answe
     assert finds_key(answer, "65210") is right
 
 
-class Talkative(Backend):
+def talkative(sentence: str = "The pass key is {key}.") -> Callable[[ChatRequest], ChatResponse]:
     """Answers a pass-key question with the key it read, in the sentence it is given (`{key}` in it),
     as chat models do; a prompt's tokens are its words."""
 
-    kind = "talkative"
-
-    def __init__(self, sentence: str = "The pass key is {key}."):
-        super().__init__(ServerConfig(name="default", backend="openai", url="http://127.0.0.1:1"))
-        self.sentence = sentence
-        self.asked = 0
-
-    def health(self) -> bool:
-        return True
-
-    def list_models(self) -> list[ModelInfo]:
-        return []
-
-    def load(self, model: ModelConfig) -> ModelInfo:
-        return ModelInfo(model.key, True, loaded_context_length=model.context_length)
-
-    def unload(self, model: ModelConfig, *, every: bool = False) -> list[str]:
-        return []
-
-    def chat(self, request: ChatRequest) -> ChatResponse:
-        self.asked += 1
+    def respond(request: ChatRequest) -> ChatResponse:
         prompt = request.messages[0]["content"]
         key = re.search(r"pass key is (\d+)", prompt).group(1)
-        return ChatResponse(self.sentence.format(key=key), prompt_tokens=len(prompt.split()), seconds=0.01)
+        return ChatResponse(sentence.format(key=key), prompt_tokens=len(prompt.split()), seconds=0.01)
+
+    return respond
 
 
 MODEL = ModelConfig(alias="t", key="talkative")
@@ -75,15 +59,16 @@ MODEL = ModelConfig(alias="t", key="talkative")
 
 def test_a_key_answered_in_a_sentence_is_right_and_the_answer_is_kept_whole() -> None:
     sentence = "I read the whole text carefully, and I am sure that the pass key is {key}."
-    working, trials = probe_working(Talkative(sentence), MODEL, context_length=4096, granularity=1024)
+    working, trials = probe_working(ScriptedBackend(respond=talkative(sentence)), MODEL, context_length=4096,
+                                    granularity=1024)
     assert working == 3072  # the largest fill below 4096 less the answer's reserve
     assert trials and all(t.outcome == "ok" for t in trials)
     assert all(t.answer == sentence.format(key=t.key) for t in trials)  # not cut to 40 characters
 
 
 def test_a_longer_number_holding_the_key_is_wrong() -> None:
-    working, trials = probe_working(Talkative("The pass key is 1{key}."), MODEL, context_length=4096,
-                                    granularity=1024)
+    working, trials = probe_working(ScriptedBackend(respond=talkative("The pass key is 1{key}.")), MODEL,
+                                    context_length=4096, granularity=1024)
     assert working is None
     assert [t.outcome for t in trials] == ["wrong"] * 3  # the smallest fill failed: the search stops
 
@@ -94,12 +79,12 @@ def test_verdicts_of_the_exact_match_rule_are_asked_again(tmp_path: Path) -> Non
     old = Trial(1024, "start", "12345", "wrong", 1000, 0.5, "The pass key is 12345.")
     journal.write_text(json.dumps({"trial": asdict(old), "at_context": 4096}) + "\n"
                        + json.dumps({"working_max": None, "at_context": 4096}) + "\n")
-    backend = Talkative()
+    backend = ScriptedBackend(respond=talkative())
     working, _ = probe_working(backend, MODEL, context_length=4096, granularity=1024, journal=journal)
-    assert working == 3072 and backend.asked > 2  # not the old verdict replayed
-    asked = backend.asked
+    assert working == 3072 and len(backend.requests) > 2  # not the old verdict replayed
+    asked = len(backend.requests)
     again, trials = probe_working(backend, MODEL, context_length=4096, granularity=1024, journal=journal)
-    assert (again, backend.asked) == (3072, asked)  # this rule's verdicts replay without a question
+    assert (again, len(backend.requests)) == (3072, asked)  # this rule's verdicts replay without a question
     assert all(t.outcome == "ok" for t in trials)
 
 
@@ -124,11 +109,10 @@ def test_a_probe_that_found_no_working_context_says_so_plainly() -> None:
     assert "Working maximum not measured (load only, or nothing loads)." in report_markdown(load_only)
 
 
-class Curving(Talkative):
+class Curving(ScriptedBackend):
     """Counts tokens as a server would, where a long prompt costs more per word than a short one
-    (the line through two small calibration prompts then undershoots long fills)."""
-
-    kind = "curving"
+    (the line through two small calibration prompts then undershoots long fills). A subclass: the
+    server's own count (`count_tokens`) is asked apart from any chat, so no reply can script it."""
 
     def __init__(self, counts: bool):
         super().__init__()
@@ -142,8 +126,8 @@ class Curving(Talkative):
     def count_tokens(self, model: ModelConfig, text: str) -> int | None:
         return self.tokens(text) if self.counts else None
 
-    def chat(self, request: ChatRequest) -> ChatResponse:
-        answer = super().chat(request)
+    def reply(self, request: ChatRequest) -> ChatResponse:
+        answer = talkative()(request)
         answer.prompt_tokens = self.tokens(request.messages[0]["content"]) + 5  # 5: the chat template
         return answer
 

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import lmflow_cmd, start_server, stop_server, wait_for
+from conftest import lmflow_cmd, wait_for
 
 from lmflow.backends.local import free_port
 from lmflow.resilience import BreakerBoard
 from lmflow.spec.model import Breaker
+from lmflow.testing.pytest_plugin import RunningServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.prefect, pytest.mark.slow]
+
+#: the models of this file's own LM Studio stand-ins
+SMOL_4096 = [{"key": "smollm2-135m-instruct", "max_context_length": 4096}]
 
 HELPERS = """\
 def guess(request):
@@ -172,28 +177,24 @@ def test_the_summary_lists_errors_and_a_chain_without_an_answer_says_why(prefect
     assert "  ask model big attempt 1: ConnectionRefused: cannot reach" in out.stdout
 
 
-def test_a_server_killed_mid_request_falls_back(prefect_api: str, tmp_path: Path) -> None:
-    proc, url = start_server(tmp_path, """\
-        models: [{key: smollm2-135m-instruct, max_context_length: 4096}]
-        crash_on_request: 1
-        """)
-    try:
-        spec = write_spec(tmp_path, f"""\
-            servers:
-              default: {{backend: local}}
-              studio: {{backend: lmstudio, url: "{url}"}}
-            models:
-              remote: {{key: smollm2-135m-instruct, server: studio,
-                        fallback: [{{python: "fallbacks:guess"}}]}}
-            defaults: {{retries: 2, retry_delay: 0.1s, cache: false}}
-            steps:
-              - id: ask
-                prompt: {{model: remote, user: "Name a topic.", response_schema: {SCHEMA}, max_tokens: 30}}
-            """, "killed")
-        result, _ = run_json(spec)
-        assert proc.wait(10) == 70  # the server really died in the middle of the request
-    finally:
-        stop_server(proc)
+def test_a_server_killed_mid_request_falls_back(
+        prefect_api: str, tmp_path: Path, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    server = lmstudio_server_factory(models=SMOL_4096, crash_on_request=1)
+    url = server.url
+    spec = write_spec(tmp_path, f"""\
+        servers:
+          default: {{backend: local}}
+          studio: {{backend: lmstudio, url: "{url}"}}
+        models:
+          remote: {{key: smollm2-135m-instruct, server: studio,
+                    fallback: [{{python: "fallbacks:guess"}}]}}
+        defaults: {{retries: 2, retry_delay: 0.1s, cache: false}}
+        steps:
+          - id: ask
+            prompt: {{model: remote, user: "Name a topic.", response_schema: {SCHEMA}, max_tokens: 30}}
+        """, "killed")
+    result, _ = run_json(spec)
+    assert server.process.wait(10) == 70  # the server really died in the middle of the request
     ask = result["steps"][0]
     assert ask["output"]["source"] == "heuristic"
     # the connection broke mid-answer (may heal: retried), then nothing listened (fall back at once)
@@ -201,46 +202,34 @@ def test_a_server_killed_mid_request_falls_back(prefect_api: str, tmp_path: Path
     assert types == ["BackendUnreachable", "ConnectionRefused"]
 
 
-def test_slow_answers_get_a_longer_timeout_and_5xx_are_retried(prefect_api: str, tmp_path: Path) -> None:
-    proc, url = start_server(tmp_path, """\
-        models: [{key: smollm2-135m-instruct, max_context_length: 4096}]
-        delay_seconds: 1.0
-        """)
-    (tmp_path / "flaky").mkdir()
-    flaky, flaky_url = start_server(tmp_path / "flaky", """\
-        models: [{key: smollm2-135m-instruct, max_context_length: 4096}]
-        error_rate: 0.5
-        error_status: 503
-        error_seed: 3
-        """)
-    try:
-        # loaded before the run: the attempts measure the 1 s answers, not a load on a busy box
-        loaded = httpx.post(f"{url}/api/v1/models/load", json={"model": "smollm2-135m-instruct"}, timeout=120)
-        assert loaded.status_code == 200, loaded.text
-        spec = write_spec(tmp_path, f"""\
-            servers:
-              default: {{backend: local}}
-              slow: {{backend: lmstudio, url: "{url}"}}
-              flaky: {{backend: lmstudio, url: "{flaky_url}"}}
-            models:
-              slow: {{key: smollm2-135m-instruct, server: slow}}
-              flaky: {{key: smollm2-135m-instruct, server: flaky}}
-              missing: {{key: not-on-this-server, server: slow, fallback: [{{value: fallback}}]}}
-            defaults: {{retries: 3, retry_delay: 0.1s, cache: false, max_parallel: 1}}
-            steps:
-              - id: slow
-                prompt: {{model: slow, user: "Say hi.", max_tokens: 5}}
-                timeout: 0.4s
-                timeout_growth: 10
-              - id: flaky
-                prompt: {{model: flaky, user: "Say hi.", max_tokens: 5}}
-              - id: missing
-                prompt: {{model: missing, user: "Say hi.", max_tokens: 5}}
-            """, "slow")
-        result, _ = run_json(spec)
-    finally:
-        stop_server(proc)
-        stop_server(flaky)
+def test_slow_answers_get_a_longer_timeout_and_5xx_are_retried(
+        prefect_api: str, tmp_path: Path, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    url = lmstudio_server_factory(models=SMOL_4096, delay_seconds=1.0).url
+    flaky_url = lmstudio_server_factory(models=SMOL_4096, error_rate=0.5, error_status=503, error_seed=3).url
+    # loaded before the run: the attempts measure the 1 s answers, not a load on a busy box
+    loaded = httpx.post(f"{url}/api/v1/models/load", json={"model": "smollm2-135m-instruct"}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    spec = write_spec(tmp_path, f"""\
+        servers:
+          default: {{backend: local}}
+          slow: {{backend: lmstudio, url: "{url}"}}
+          flaky: {{backend: lmstudio, url: "{flaky_url}"}}
+        models:
+          slow: {{key: smollm2-135m-instruct, server: slow}}
+          flaky: {{key: smollm2-135m-instruct, server: flaky}}
+          missing: {{key: not-on-this-server, server: slow, fallback: [{{value: fallback}}]}}
+        defaults: {{retries: 3, retry_delay: 0.1s, cache: false, max_parallel: 1}}
+        steps:
+          - id: slow
+            prompt: {{model: slow, user: "Say hi.", max_tokens: 5}}
+            timeout: 0.4s
+            timeout_growth: 10
+          - id: flaky
+            prompt: {{model: flaky, user: "Say hi.", max_tokens: 5}}
+          - id: missing
+            prompt: {{model: missing, user: "Say hi.", max_tokens: 5}}
+        """, "slow")
+    result, _ = run_json(spec)
     steps = {s["id"]: s for s in result["steps"]}
     # attempt 1 timed out at 0.4 s; attempt 2 had 4 s for the 1 s answer and got it
     slow = steps["slow"]

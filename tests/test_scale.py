@@ -15,16 +15,17 @@ import subprocess
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from conftest import BIN, CONFIG, lmflow_cmd, start_server, stop_server, wait_for
+from conftest import BIN, MODELS, lmflow_cmd, wait_for
 from test_deploy import api, git, stop
 
 from lmflow.prefect.limits import limit_name
+from lmflow.testing.pytest_plugin import RunningServer
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -170,31 +171,29 @@ def run_at_once(specs: list[Path], env: dict[str, str]) -> list[subprocess.Compl
 
 
 @pytest.mark.engine
-def test_the_limit_of_a_shared_server_holds_across_runs(pg_api: str, tmp_path: Path) -> None:
-    server, url = start_server(tmp_path, CONFIG + "delay_seconds: 1.5\n")
+def test_the_limit_of_a_shared_server_holds_across_runs(
+        pg_api: str, tmp_path: Path, lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    url = lmstudio_server_factory(models=MODELS, delay_seconds=1.5).url
     name = limit_name(url)
     env = {"PREFECT_API_URL": pg_api}
-    try:
-        # enforced: lmflow creates the limit (size: the server's parallel) and every call holds it
-        httpx.delete(f"{pg_api}/v2/concurrency_limits/{name}", timeout=30)
-        httpx.post(f"{url}/lmflow/stats/reset")
-        results = run_at_once([spec_against(tmp_path / f"on{i}", url, f"on{i}") for i in range(3)], env)
-        assert [code for code, _ in results] == [0, 0, 0], results
-        limit = httpx.get(f"{pg_api}/v2/concurrency_limits/{name}", timeout=30).json()
-        assert (limit["limit"], limit["active"], limit["active_slots"]) == (1, True, 0)
-        enforced = httpx.get(f"{url}/lmflow/stats").json()
-        assert enforced["chat_requests"] == 9
-        assert enforced["max_in_flight"] == 1
+    # enforced: lmflow creates the limit (size: the server's parallel) and every call holds it
+    httpx.delete(f"{pg_api}/v2/concurrency_limits/{name}", timeout=30)
+    httpx.post(f"{url}/lmflow/stats/reset")
+    results = run_at_once([spec_against(tmp_path / f"on{i}", url, f"on{i}") for i in range(3)], env)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    limit = httpx.get(f"{pg_api}/v2/concurrency_limits/{name}", timeout=30).json()
+    assert (limit["limit"], limit["active"], limit["active_slots"]) == (1, True, 0)
+    enforced = httpx.get(f"{url}/lmflow/stats").json()
+    assert enforced["chat_requests"] == 9
+    assert enforced["max_in_flight"] == 1
 
-        # set inactive in Prefect (as from its UI): lmflow leaves it so, and runs then overlap
-        answer = httpx.patch(f"{pg_api}/v2/concurrency_limits/{name}", json={"active": False}, timeout=30)
-        assert answer.status_code == 204, answer.text
-        httpx.post(f"{url}/lmflow/stats/reset")
-        results = run_at_once([spec_against(tmp_path / f"off{i}", url, f"off{i}") for i in range(3)], env)
-        assert [code for code, _ in results] == [0, 0, 0], results
-        assert httpx.get(f"{pg_api}/v2/concurrency_limits/{name}", timeout=30).json()["active"] is False
-        free = httpx.get(f"{url}/lmflow/stats").json()
-        assert free["chat_requests"] == 9
-        assert free["max_in_flight"] >= 2  # each run alone sends one at a time: the overlap is across runs
-    finally:
-        stop_server(server)
+    # set inactive in Prefect (as from its UI): lmflow leaves it so, and runs then overlap
+    answer = httpx.patch(f"{pg_api}/v2/concurrency_limits/{name}", json={"active": False}, timeout=30)
+    assert answer.status_code == 204, answer.text
+    httpx.post(f"{url}/lmflow/stats/reset")
+    results = run_at_once([spec_against(tmp_path / f"off{i}", url, f"off{i}") for i in range(3)], env)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    assert httpx.get(f"{pg_api}/v2/concurrency_limits/{name}", timeout=30).json()["active"] is False
+    free = httpx.get(f"{url}/lmflow/stats").json()
+    assert free["chat_requests"] == 9
+    assert free["max_in_flight"] >= 2  # each run alone sends one at a time: the overlap is across runs

@@ -1,25 +1,26 @@
 """Parallel predictions: the test server's slots and counters, and lmflow's LM Studio backend using them.
 
 Against the LM Studio-compatible test server (real llama-server children),
-started the way users start it and stopped by PID.
+started the way users' own tests start it (lmflow's pytest plugin) and stopped by PID.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import lmstudio as lms
 import psutil
 import pytest
-from conftest import CONFIG, closing, start_server, stop_server, wait_for
+from conftest import MODELS, closing, wait_for
 from lmstudio._sdk_models import LlmRpcGetLoadConfigParameter
 
 from lmflow.backends.base import ChatRequest
 from lmflow.backends.lmstudio import LMStudioBackend
 from lmflow.spec.model import ModelConfig, ServerConfig
+from lmflow.testing.pytest_plugin import RunningServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -69,38 +70,37 @@ def chat(url: str, model: str = KEY) -> int:
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code
 
 
-def test_the_server_counts_requests_in_flight_and_loads_once_under_jit(tmp_path: Path) -> None:
-    proc, url = start_server(tmp_path, CONFIG + "delay_seconds: 1\n")
-    try:
-        # six first requests at once: one JIT load, at LM Studio's default of 4 parallel predictions
-        with ThreadPoolExecutor(6) as pool:
-            codes = list(pool.map(lambda _: chat(url), range(6)))
-        assert codes == [200] * 6
-        assert instances(url) == {KEY: {"context_length": 3072, "parallel": 4}}
-        cmd = engine_cmdline(KEY, proc.pid)
-        assert (flag(cmd, "-np"), flag(cmd, "-c")) == ("4", str(4 * 3072))
-        assert stats(url) == {"chat_requests": 6, "in_flight": 0, "max_in_flight": 6,
-                              "max_in_flight_by_instance": {KEY: 6}, "sdk_clients": 0}
-        assert reset(url) == ZEROED
+def test_the_server_counts_requests_in_flight_and_loads_once_under_jit(
+        lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    server = lmstudio_server_factory(models=MODELS, delay_seconds=1)
+    url = server.url
+    # six first requests at once: one JIT load, at LM Studio's default of 4 parallel predictions
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: chat(url), range(6)))
+    assert codes == [200] * 6
+    assert instances(url) == {KEY: {"context_length": 3072, "parallel": 4}}
+    cmd = engine_cmdline(KEY, server.pid)
+    assert (flag(cmd, "-np"), flag(cmd, "-c")) == ("4", str(4 * 3072))
+    assert stats(url) == {"chat_requests": 6, "in_flight": 0, "max_in_flight": 6,
+                          "max_in_flight_by_instance": {KEY: 6}, "sdk_clients": 0}
+    assert reset(url) == ZEROED
 
-        with ThreadPoolExecutor(6) as pool:
-            codes = list(pool.map(lambda _: chat(url), range(6)))
-        assert codes == [200] * 6
-        # the one-second delays overlapped: all six were in the server at once (counted, not timed)
-        assert stats(url)["max_in_flight"] == 6
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: chat(url), range(6)))
+    assert codes == [200] * 6
+    # the one-second delays overlapped: all six were in the server at once (counted, not timed)
+    assert stats(url)["max_in_flight"] == 6
 
-        # a streamed answer is counted too, and released once it ends
-        reset(url)
-        body = {"model": KEY, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2,
-                "stream": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as answer:
-            assert answer.status_code == 200
-            assert "data: [DONE]" in answer.read().decode()
-        assert wait_for(lambda: stats(url)["in_flight"] == 0, timeout=5)
-        assert stats(url) == {**ZEROED, "chat_requests": 1, "max_in_flight": 1,
-                              "max_in_flight_by_instance": {KEY: 1}}
-    finally:
-        stop_server(proc)
+    # a streamed answer is counted too, and released once it ends
+    reset(url)
+    body = {"model": KEY, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as answer:
+        assert answer.status_code == 200
+        assert "data: [DONE]" in answer.read().decode()
+    assert wait_for(lambda: stats(url)["in_flight"] == 0, timeout=5)
+    assert stats(url) == {**ZEROED, "chat_requests": 1, "max_in_flight": 1,
+                          "max_in_flight_by_instance": {KEY: 1}}
 
 
 def backend(url: str) -> LMStudioBackend:

@@ -7,34 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lmflow.backends.base import Backend, ChatRequest, ChatResponse, ModelInfo
+from lmflow.backends.base import Backend, ChatResponse
 from lmflow.errors import InvalidResponse
-from lmflow.spec.model import ModelConfig, Policy, ServerConfig
+from lmflow.spec.model import ModelConfig, Policy
 from lmflow.steps import FixedModels, StepContext, get_kind
 from lmflow.steps.python import UserCodeError
+from lmflow.testing.fakes import ScriptedBackend
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-
-
-class Scripted(Backend):
-    """Answers with the texts it was given, and remembers the requests."""
-
-    kind = "scripted"
-
-    def __init__(self, *answers: ChatResponse):
-        super().__init__(ServerConfig(name="default", backend="openai", url="http://127.0.0.1:1"))
-        self.answers = list(answers)
-        self.requests: list[ChatRequest] = []
-
-    def health(self) -> bool:
-        return True
-
-    def list_models(self) -> list[ModelInfo]:
-        return []
-
-    def chat(self, request: ChatRequest) -> ChatResponse:
-        self.requests.append(request)
-        return self.answers.pop(0)
 
 
 def context(backend: Backend, spec_dir: Path) -> StepContext:
@@ -44,7 +24,7 @@ def context(backend: Backend, spec_dir: Path) -> StepContext:
 
 
 def test_prompt_with_schema_returns_parsed_json(tmp_path: Path) -> None:
-    backend = Scripted(ChatResponse(text='{"n": 3}', model="k", prompt_tokens=9, completion_tokens=4))
+    backend = ScriptedBackend(ChatResponse(text='{"n": 3}', model="k", prompt_tokens=9, completion_tokens=4))
     result = get_kind("prompt").run({"model": "m", "system": "sys", "user": "hi", "temperature": 0,
                                      "response_schema": SCHEMA}, context(backend, tmp_path))
     assert result.output == {"n": 3}
@@ -55,14 +35,14 @@ def test_prompt_with_schema_returns_parsed_json(tmp_path: Path) -> None:
 
 
 def test_answer_cut_at_max_tokens_says_so(tmp_path: Path) -> None:
-    backend = Scripted(ChatResponse(text='{"n": ', finish_reason="length"))
+    backend = ScriptedBackend(ChatResponse(text='{"n": ', finish_reason="length"))
     with pytest.raises(InvalidResponse, match=r"cut at max_tokens=5 before its JSON was complete"):
         get_kind("prompt").run({"model": "m", "user": "hi", "max_tokens": 5, "response_schema": SCHEMA},
                                context(backend, tmp_path))
 
 
 def test_answer_not_matching_the_schema(tmp_path: Path) -> None:
-    backend = Scripted(ChatResponse(text='{"n": "three"}'))
+    backend = ScriptedBackend(ChatResponse(text='{"n": "three"}'))
     with pytest.raises(InvalidResponse, match=r"does not match response_schema at n: 'three' is not"):
         get_kind("prompt").run({"model": "m", "user": "hi", "response_schema": SCHEMA},
                                context(backend, tmp_path))
@@ -70,7 +50,7 @@ def test_answer_not_matching_the_schema(tmp_path: Path) -> None:
 
 def test_images_are_sent_as_openai_image_parts(tmp_path: Path) -> None:
     (tmp_path / "dot.png").write_bytes(b"\x89PNG fake")
-    backend = Scripted(ChatResponse(text="a dot"))
+    backend = ScriptedBackend(ChatResponse(text="a dot"))
     get_kind("prompt").run({"model": "m", "user": "what is it?", "images": ["dot.png"]},
                            context(backend, tmp_path))
     content = backend.requests[0].messages[-1]["content"]
@@ -92,14 +72,14 @@ def test_python_step_reports_where_user_code_failed(tmp_path: Path) -> None:
     (tmp_path / "usercode.py").write_text(
         "def f(x):\n    return {'double': 2 * x}\n\ndef g():\n    raise KeyError('k')\n")
     kind = get_kind("python")
-    assert kind.run({"function": "usercode:f", "args": {"x": 4}}, context(Scripted(), tmp_path)).output == {
-        "double": 8}
+    ctx = context(ScriptedBackend(), tmp_path)
+    assert kind.run({"function": "usercode:f", "args": {"x": 4}}, ctx).output == {"double": 8}
     where = f"{tmp_path}/usercode.py:5"
     with pytest.raises(UserCodeError, match=rf"usercode:g raised KeyError: 'k' at {where}") as raised:
-        kind.run({"function": "usercode:g"}, context(Scripted(), tmp_path))
+        kind.run({"function": "usercode:g"}, context(ScriptedBackend(), tmp_path))
     assert raised.value.retryable  # what the code raised may heal (a flaky call inside): retried
     with pytest.raises(UserCodeError, match="usercode has no function 'h'") as missing:
-        kind.run({"function": "usercode:h"}, context(Scripted(), tmp_path))
+        kind.run({"function": "usercode:h"}, context(ScriptedBackend(), tmp_path))
     assert not missing.value.retryable  # a missing function stays missing
 
 
@@ -114,7 +94,7 @@ def test_code_change_changes_the_cache_material(tmp_path: Path) -> None:
 def test_a_module_named_like_the_standard_library_is_reported(tmp_path: Path) -> None:
     (tmp_path / "json.py").write_text("def f():\n    return 1\n")
     with pytest.raises(UserCodeError, match=r"module 'json' resolved to .*json.*its name is taken"):
-        get_kind("python").run({"function": "json:f"}, context(Scripted(), tmp_path))
+        get_kind("python").run({"function": "json:f"}, context(ScriptedBackend(), tmp_path))
 
 
 def test_two_specs_with_their_own_helpers_in_one_process(tmp_path: Path) -> None:

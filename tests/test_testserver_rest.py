@@ -8,15 +8,16 @@ The 135M model is weak: answers are checked by their structure and the server's 
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import BIN, CONFIG, start_server, stop_server
+from conftest import MODELS, lmflow_in_process
+
+from lmflow.testing.pytest_plugin import RunningServer
 
 MODEL = "smollm2-135m-instruct"
 TOKEN = "sk-lm-Ab3dEf7h:Q1w2E3r4T5y6U7i8O9p0"
@@ -393,44 +394,38 @@ ROUTES = [  # every REST and OpenAI-compatible route, with a body that costs no 
 
 
 @pytest.mark.engine
-def test_a_token_guards_every_route(tmp_path_factory: pytest.TempPathFactory) -> None:
-    proc, server = start_server(tmp_path_factory.mktemp("token"), CONFIG + f"api_token: {TOKEN}\n")
-    try:
-        good, bad = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer sk-lm-wrong:token"}
-        for method, path, body, status in ROUTES:
-            for headers, says in (({}, "none was provided"), (bad, "is not valid")):
-                answer = httpx.request(method, f"{server}{path}", json=body, headers=headers, timeout=30)
-                assert answer.status_code == 401, (path, answer.text)
-                error = answer.json()["error"]
-                assert (error["type"], error["code"]) == ("invalid_request", "invalid_api_key")
-                assert says in error["message"], (path, error)
-            answer = httpx.request(method, f"{server}{path}", json=body, headers=good, timeout=30)
-            assert answer.status_code == status, (path, answer.text)
-        chat = post(server, "/api/v1/chat", {"model": MODEL, "input": "Hi", "max_output_tokens": 1},
-                    headers=good)
-        assert chat.status_code == 200 and chat.json()["output"]
-        assert loaded(server, good) == [MODEL]
-    finally:
-        stop_server(proc)
+def test_a_token_guards_every_route(lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    server = lmstudio_server_factory(models=MODELS, api_token=TOKEN).url
+    good, bad = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer sk-lm-wrong:token"}
+    for method, path, body, status in ROUTES:
+        for headers, says in (({}, "none was provided"), (bad, "is not valid")):
+            answer = httpx.request(method, f"{server}{path}", json=body, headers=headers, timeout=30)
+            assert answer.status_code == 401, (path, answer.text)
+            error = answer.json()["error"]
+            assert (error["type"], error["code"]) == ("invalid_request", "invalid_api_key")
+            assert says in error["message"], (path, error)
+        answer = httpx.request(method, f"{server}{path}", json=body, headers=good, timeout=30)
+        assert answer.status_code == status, (path, answer.text)
+    chat = post(server, "/api/v1/chat", {"model": MODEL, "input": "Hi", "max_output_tokens": 1},
+                headers=good)
+    assert chat.status_code == 200 and chat.json()["output"]
+    assert loaded(server, good) == [MODEL]
 
 
 @pytest.mark.engine
-def test_before_0_4_there_is_no_rest_v1(tmp_path_factory: pytest.TempPathFactory) -> None:
-    proc, server = start_server(tmp_path_factory.mktemp("v0"), CONFIG + "rest_api: v0\n")
-    try:
-        for method, path, body, status in ROUTES:
-            answer = httpx.request(method, f"{server}{path}", json=body, timeout=30)
-            if path.startswith("/api/v1/"):
-                assert answer.status_code == 404, (path, answer.text)
-                assert answer.json() == {"error": f"Unexpected endpoint or method. ({method} {path})"}
-            else:
-                assert answer.status_code == status, (path, answer.text)
-        completion = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
-        assert completion.status_code == 200 and completion.json()["choices"][0]["text"]
-        assert [m["state"] for m in httpx.get(f"{server}/api/v0/models").json()["data"]] == [
-            "loaded", "not-loaded", "not-loaded"]
-    finally:
-        stop_server(proc)
+def test_before_0_4_there_is_no_rest_v1(lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    server = lmstudio_server_factory(models=MODELS, rest_api="v0").url
+    for method, path, body, status in ROUTES:
+        answer = httpx.request(method, f"{server}{path}", json=body, timeout=30)
+        if path.startswith("/api/v1/"):
+            assert answer.status_code == 404, (path, answer.text)
+            assert answer.json() == {"error": f"Unexpected endpoint or method. ({method} {path})"}
+        else:
+            assert answer.status_code == status, (path, answer.text)
+    completion = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"]
+    assert [m["state"] for m in httpx.get(f"{server}/api/v0/models").json()["data"]] == [
+        "loaded", "not-loaded", "not-loaded"]
 
 
 # -- the config file ---------------------------------------------------------------------------
@@ -445,9 +440,8 @@ def test_before_0_4_there_is_no_rest_v1(tmp_path_factory: pytest.TempPathFactory
 def test_a_bad_config_value_exits_2_naming_its_key(tmp_path: Path, config: str, says: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(config)
-    out = subprocess.run([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2, out.stderr
+    out = lmflow_in_process("testing", "serve", "--config", str(path))
+    assert out.exit_code == 2, out.stderr
     assert says in out.stderr
     assert "Traceback" not in out.stderr
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import jsonschema
 import lmstudio as lms
 import pytest
-from conftest import CONFIG, start_server, stop_server
+from conftest import MODELS
 from httpx_ws import connect_ws
+
+from lmflow.testing.pytest_plugin import RunningServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-KEY = "smollm2-135m-instruct"  # in conftest's CONFIG: declares 8192, loads at most 3072 (clamped)
+KEY = "smollm2-135m-instruct"  # in conftest's MODELS: declares 8192, loads at most 3072 (clamped)
 SERVED = {KEY, "small-strict", "retriever"}
 
 
@@ -173,26 +176,24 @@ def test_unserved_calls_are_answered_with_an_error_naming_them(
         smol.act("What is 1 + 2?", [add])
 
 
-def test_a_token_protected_server_checks_the_auth_packet(tmp_path: Path) -> None:
+def test_a_token_protected_server_checks_the_auth_packet(
+        lmstudio_server_factory: Callable[..., RunningServer]) -> None:
     token = "sk-lm-abcDEF78:abcDEF7890abcDEF7890"  # LM Studio's form: sk-lm-IDENTIFIER:PASSKEY
-    proc, url = start_server(tmp_path, CONFIG + f"api_token: {token}\n")
+    url = lmstudio_server_factory(models=MODELS, api_token=token).url
+    # the test server's REST guard also wants the token on the websocket upgrade (the SDKs send
+    # none: LM Studio checks their auth packet only), so this raw client sends both
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(headers=headers) as http:
+        for passkey, answer in [("wrong", False), ("abcDEF7890abcDEF7890", True)]:
+            with connect_ws(f"{url.replace('http', 'ws', 1)}/system", http) as ws:
+                ws.send_json({"authVersion": 1, "clientIdentifier": "abcDEF78", "clientPasskey": passkey})
+                reply = ws.receive_json(timeout=5)
+                assert reply["success"] is answer
+                if not answer:  # LM Studio's shape: the error is a string
+                    assert "Invalid API token" in reply["error"]
+    client = lms.Client(url.removeprefix("http://"))  # SDK 1.5 cannot be given a token
     try:
-        # the test server's REST guard also wants the token on the websocket upgrade (the SDKs send
-        # none: LM Studio checks their auth packet only), so this raw client sends both
-        headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(headers=headers) as http:
-            for passkey, answer in [("wrong", False), ("abcDEF7890abcDEF7890", True)]:
-                with connect_ws(f"{url.replace('http', 'ws', 1)}/system", http) as ws:
-                    ws.send_json({"authVersion": 1, "clientIdentifier": "abcDEF78", "clientPasskey": passkey})
-                    reply = ws.receive_json(timeout=5)
-                    assert reply["success"] is answer
-                    if not answer:  # LM Studio's shape: the error is a string
-                        assert "Invalid API token" in reply["error"]
-        client = lms.Client(url.removeprefix("http://"))  # SDK 1.5 cannot be given a token
-        try:
-            with pytest.raises((lms.LMStudioError, ValueError)):  # ValueError: 1.5 on a string error
-                client.list_downloaded_models()
-        finally:
-            client.close()
+        with pytest.raises((lms.LMStudioError, ValueError)):  # ValueError: 1.5 on a string error
+            client.list_downloaded_models()
     finally:
-        stop_server(proc)
+        client.close()

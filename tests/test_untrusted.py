@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, lmflow_in_process
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -177,8 +177,7 @@ def test_test_server_configs_load_or_give_problems(tmp_path: Path, config: dict)
 def test_a_bad_test_server_config_is_a_positioned_error(tmp_path: Path) -> None:
     path = tmp_path / "lmstudio.yaml"
     path.write_text("models:\n  - key: smollm2-135m-instruct\n    max_context_length: big\n")
-    out = subprocess.run([str(BIN / "lmflow"), "testing", "serve", "--config", str(path)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2
+    out = lmflow_in_process("testing", "serve", "--config", str(path))
+    assert out.exit_code == 2
     assert f"{path}:3:25: models[0].max_context_length: 'big' is not of type 'integer'" in out.stderr
     assert "Traceback" not in out.stderr
