@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -256,12 +255,10 @@ def test_with_the_temporary_setting_lmflow_uses_a_temporary_server_and_stops_it(
     """, name="temp")
     env = {"LMFLOW_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
            "LMFLOW_PREFECT_SERVER": "temporary"}
-    started = time.monotonic()
-    out = lmflow_cmd("run", str(spec), env=env)
+    out = lmflow_cmd("run", str(spec), env=env)  # how fast: bench/first_run.py
     assert out.returncode == 0, out.stderr
     assert "starting a temporary Prefect server for this run" in out.stderr
     assert "one  " in out.stdout and "completed" in out.stdout
-    assert time.monotonic() - started < 120
     assert list((tmp_path / "home" / "pids").glob("*.json")) == []
     assert not (tmp_path / "home" / "prefect-server" / "server.json").exists()
 
