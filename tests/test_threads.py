@@ -371,7 +371,7 @@ def test_a_child_spawned_from_a_worker_thread_outlives_that_thread(tmp_path: Pat
     worker.join()
     try:
         record = processes._registry() / f"{spawned[0].pid}.json"
-        assert wait_for(lambda: _task_gone(worker.native_id), timeout=5)  # the OS thread is gone too
+        assert wait_for(lambda: _task_gone(worker.native_id), timeout=60)  # the OS thread is gone too
         with pytest.raises(subprocess.TimeoutExpired):
             spawned[0].wait(1.0)  # PDEATHSIG bound to that thread would have killed it by now
         assert record.is_file() and not list(record.parent.glob(".*.partial"))
@@ -421,7 +421,7 @@ def test_a_grandchild_dies_when_its_parent_is_killed(tmp_path: Path) -> None:
         assert not _dead(grandchild)  # alive although the thread that spawned it has ended
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        assert wait_for(lambda: _dead(grandchild), timeout=5)
+        assert wait_for(lambda: _dead(grandchild), timeout=60)
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -448,7 +448,7 @@ def test_a_child_runs_no_python_of_ours_between_fork_and_exec(tmp_path: Path,
     child = processes.spawn(command, log_path=tmp_path / "child.log", label="test child")
     try:
         assert asked and all(kwargs.get("preexec_fn") is None for kwargs in asked)
-        assert wait_for(lambda: psutil.Process(child.pid).cmdline() == command, timeout=10)
+        assert wait_for(lambda: psutil.Process(child.pid).cmdline() == command, timeout=60)
     finally:
         processes.stop(child)
     with pytest.raises(FileNotFoundError, match="no-such-program"):
