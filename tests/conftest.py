@@ -149,7 +149,7 @@ def lmflow_in_process(*args: str, env: dict[str, str] | None = None, cwd: Path =
         signal.signal(signal.SIGTERM, sigterm)
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from lmflow.cache import MISSING, ResponseCache, clear, describe, response_key
 
 
-def test_answers_expire_after_their_ttl(tmp_path: Path) -> None:
+def test_answers_expire_after_their_ttl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diskcache.core
+
+    now = [time.time()]  # diskcache's clock, moved by the test: however slow the box, nothing expires early
+    monkeypatch.setattr(diskcache.core, "time", SimpleNamespace(time=lambda: now[0], sleep=time.sleep))
     cache = ResponseCache(tmp_path / "c")
     cache.set("k", {"output": 1}, ttl=0.2)
+    now[0] += 0.1
     assert cache.get("k") == {"output": 1}
-    time.sleep(0.3)
+    now[0] += 0.2
     assert cache.get("k") is MISSING
     assert (cache.stats.hits, cache.stats.misses) == (1, 1)
     cache.close()

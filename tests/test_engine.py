@@ -180,7 +180,7 @@ def load_in_thread(backend: LocalBackend, model: ModelConfig) -> tuple[threading
 
     thread = threading.Thread(target=load)
     thread.start()
-    assert wait_for(lambda: engines_of(model.alias), timeout=30, interval=0.01), "no engine started"
+    assert wait_for(lambda: engines_of(model.alias), timeout=60, interval=0.01), "no engine started"
     return thread, outcome
 
 

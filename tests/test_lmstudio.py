@@ -352,7 +352,7 @@ def test_a_daemonised_server_lmflow_started_is_stopped_or_reported(prefect_api: 
         daemon = int(pidfile.read_text())
         if name == "lms":  # `lms server start` is followed by `lms server stop`
             assert wait_for(lambda: not psutil.pid_exists(daemon) or
-                            psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE, timeout=30)
+                            psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE, timeout=60)
             assert not listening(port)
         else:  # a start command lmflow does not know: the run says the server is left running
             assert listening(port)

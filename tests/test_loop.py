@@ -144,7 +144,7 @@ def test_checkpoints_run_at_their_generations_and_bad_advice_is_recorded_not_app
     flow_run = result["flow_run_id"]
     expected = sorted(["evolve", *(f"evolve@{g}.advise" for g in (3, 5, 10, 15, 20))])
     runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
-        "flow_runs": {"id": {"any_": [flow_run]}}}).json()) and len(r) == len(expected) and r, timeout=20)
+        "flow_runs": {"id": {"any_": [flow_run]}}}).json()) and len(r) == len(expected) and r, timeout=60)
     assert runs and sorted(r["name"] for r in runs) == expected
     artifacts = httpx.post(f"{prefect_api}/artifacts/filter", timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": [flow_run]}, "key": {"any_": ["evolve"]}},

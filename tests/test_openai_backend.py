@@ -192,7 +192,7 @@ def test_models_on_a_web_page_instead_of_a_model_server(tmp_path) -> None:
     try:
         from conftest import wait_for
 
-        assert wait_for(lambda: _answers(port), timeout=30)
+        assert wait_for(lambda: _answers(port), timeout=60)
         out = lmflow_in_process("models", "--server", f"http://127.0.0.1:{port}")
         assert out.exit_code == 3, out.stderr
         assert "with a body that is not JSON ('<html>not a model server</html>'): is server.url a model " \

