@@ -306,7 +306,7 @@ def test_large_or_chunked_maps_run_as_chunks_and_keep_each_item_s_record(
     assert [o["value"] for o in steps["big"]["output"]] == list(range(250))
 
     runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
-        "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=20)
+        "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=60)
     names = sorted(r["name"] for r in runs)
     by_name = {r["name"]: r for r in runs}
     assert [n for n in names if n.startswith("chunked")] == ["chunked", "chunked[0:3]", "chunked[3:6]",
