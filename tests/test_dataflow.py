@@ -478,6 +478,50 @@ def test_a_killed_map_leaves_no_engine_and_resumes_with_only_unfinished_items(
     assert unfinished == []
 
 
+def test_a_killed_chunked_map_resumes_item_by_item_not_chunk_by_chunk(
+        prefect_api: str, tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    spec = write_spec(tmp_path, f"""\
+        params: {{xs: {list(range(20))}}}
+        steps:
+          - id: square
+            foreach: ${{{{ params.xs }}}}
+            grain: 8
+            parallel: 2
+            python: {{function: "flowhelp:logged", args: {{x: "${{{{ item }}}}", log: "{log}",
+                      slow_from: 6, seconds: 60}}}}
+    """, name="chunkresume")
+    home = Path(os.environ["LMFLOW_HOME"])
+    Path(f"{log}.slow").touch()
+    proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        journals = lambda: list((home / "runs").glob("chunkresume-*.jsonl"))  # noqa: E731
+        finished = lambda: sum(1 for j in journals() for line in j.read_text().splitlines()  # noqa: E731
+                               if '"item"' in line and '"completed"' in line)
+        # items 0-5 of the chunk square[0:8] finish; 6 and 7 then sleep in flight
+        assert wait_for(lambda: finished() >= 6 and log.exists() and len(log.read_text().split()) >= 8)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    record = read_record(journals()[0])
+    assert record["interrupted"] is True
+    assert [i["output"] for i in record["steps"][0]["finished_items"]] == [0, 1, 4, 9, 16, 25]
+    assert sorted(int(x) for x in log.read_text().split()) == list(range(8))
+    log.unlink()
+    Path(f"{log}.slow").unlink()
+
+    result, _ = run_json(spec)
+    square = result["steps"][0]
+    assert square["items"]["cached"] == 6 and square["items"]["completed"] == 14
+    assert square["output"] == [x * x for x in range(20)]
+    # only the unfinished items ran again: 6 and 7 of the first chunk, not the whole chunk
+    assert sorted(int(x) for x in log.read_text().split()) == list(range(6, 20))
+
+
 def test_a_map_s_rate_counts_only_the_items_it_computes(prefect_api: str, tmp_path: Path) -> None:
     spec = write_spec(tmp_path, """\
         steps:

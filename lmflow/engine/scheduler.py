@@ -61,6 +61,8 @@ class _Map:
     chunk: int | None = None
     slots: threading.BoundedSemaphore | None = None
     chunks_in_flight: int = 0
+    #: what its chunks hold of max_parallel while any runs (its window)
+    held: int = 0
     last_chunk: Chunk | None = None
     #: set at its first failure with on_item_error: fail (its chunks start no more items)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -195,16 +197,21 @@ class Scheduler:
     def _fill(self) -> None:
         """Submit units, earlier steps first, while fewer than max_parallel run."""
         for step in list(self.queue.values()):
-            if self.in_flight >= self.max_parallel:
-                return
+            batch = self.maps.get(step.id)
+            # a chunked map holds its window's share of max_parallel while its chunks run: its
+            # next chunk may start whatever the rest holds (its items share that window)
+            holding = batch is not None and batch.chunks_in_flight > 0
+            if self.in_flight >= self.max_parallel and not holding:
+                continue
             if step.id in self.singles:
                 del self.queue[step.id]
                 self.recorder.update(step.id, status="running")
                 self._submit(self.singles.pop(step.id))
                 continue
-            batch = self.maps[step.id]
+            assert batch is not None
             if batch.chunk is not None:
-                while (self.in_flight < self.max_parallel and batch.chunks_in_flight < CHUNKS_IN_FLIGHT
+                while ((batch.chunks_in_flight > 0 or self.in_flight < self.max_parallel)
+                       and batch.chunks_in_flight < CHUNKS_IN_FLIGHT
                        and batch.next < len(batch.items) and batch.first_failure is None):
                     self._submit_chunk(batch)
             while (batch.chunk is None and self.in_flight < self.max_parallel
@@ -251,8 +258,10 @@ class Scheduler:
                       previous=batch.last_chunk)
         batch.last_chunk = chunk
         batch.in_flight += len(units)
+        if batch.chunks_in_flight == 0:  # its items in flight count against max_parallel
+            batch.held = min(batch.window, self.max_parallel)
+            self.in_flight += batch.held
         batch.chunks_in_flight += 1
-        self.in_flight += 1
         self.lifecycle.submit_chunk(chunk, self._upstream(step))
 
     def _submit(self, unit: Unit) -> None:
@@ -273,10 +282,11 @@ class Scheduler:
             self.in_flight -= 1
         else:
             chunk.left -= 1
-            if chunk.left == 0:
-                self.in_flight -= 1
-                if batch is not None:
-                    batch.chunks_in_flight -= 1
+            if chunk.left == 0 and batch is not None:
+                batch.chunks_in_flight -= 1
+                if batch.chunks_in_flight == 0:
+                    self.in_flight -= batch.held
+                    batch.held = 0
             if not ran.started:  # its map stopped at a failure first: counted as not started
                 if batch is not None and batch.in_flight == 0 and step.id not in self.queue:
                     self._finish_map(batch)
