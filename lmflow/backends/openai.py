@@ -47,8 +47,12 @@ class OpenAIClient:
         self.start_hint = start_hint or "start the server or fix server.url"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # plain-http servers need no CA bundle (loading it costs ~50 ms per client)
+        # lmflow bounds the requests in flight itself (a server's `parallel`, a map's window):
+        # connections are kept for as many, not closed and reopened beyond httpx's default of 20
+        # kept (at 256 in flight that churn made a request fail with EBADF once in 4,000)
         self.http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
                                  timeout=httpx.Timeout(30.0, connect=5.0),
+                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                  verify=self.url.startswith("https://"))
 
     def close(self) -> None:
