@@ -6,7 +6,7 @@ For each level (requests in flight, items):
 (a) a plain client: an httpx thread pool of that many threads posting the chats;
 (b) `lmflow run` of a spec mapping a `prompt` step over the same items with `parallel`,
     `max_parallel` and the server's `parallel` at that level, against a running Prefect server
-    (grain auto: chunks for maps above 200 items), no caches.
+    (grain auto: chunks for maps above 100 items), no caches.
 lmflow's share = plain seconds / lmflow's map seconds (from the run record), the same run.
 Targets (issue: maps at the server's speed): >= 95% at 4 and 16 in flight, >= 90% at 64.
 Then the ceiling: 256 in flight against a 10 ms server, items per second of lmflow next to a

@@ -25,7 +25,7 @@ from .unit import Chunk, Executor, Lifecycle, Outcome, Ran, Unit
 
 _SKIPPED = object()  # an item whose condition was false, or that failed with on_item_error: skip
 #: `grain: auto`: maps of up to this many items run an item per unit (a task run each in the UI)
-AUTO_ITEMS = 200
+AUTO_ITEMS = 100
 #: chunks of a map in flight at once: while one drains, the next fills the window
 CHUNKS_IN_FLIGHT = 2
 
