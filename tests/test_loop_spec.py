@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from lmflow import SpecError, load_spec
-from lmflow.render.report import analysis_line, plan
+from lmflow.render.report import plan
 from lmflow.spec.model import Spec, StepSpec
 from lmflow.steps.loop.apply import apply_fields
+from lmflow.steps.loop.report import analysis_line
 from lmflow.steps.loop.spec import ApplyField
 
 HELPERS = """\

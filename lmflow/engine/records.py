@@ -150,7 +150,8 @@ class RunRecorder:
     def emit(self, event: str, **data: Any) -> None:
         with self._lock:
             if event in ("warning", "server_restarted", "cache_error", "analysis"):
-                entry = {"event": event, **{k: v for k, v in data.items() if k != "spec"}}
+                # (a kind's `line` is for the terminal: the record keeps the data it says)
+                entry = {"event": event, **{k: v for k, v in data.items() if k not in ("spec", "line")}}
                 self.result.events.append(entry)
                 self._append(entry)
             if self.listener:

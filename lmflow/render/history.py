@@ -12,7 +12,8 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .report import item_summary, short, whole
+from .report import item_summary
+from .text import short, whole
 
 if TYPE_CHECKING:
     from ..engine.records import RunResult, StepRecord

@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import textwrap
 from typing import Any
 
 from ..backends import backend_class
 from ..engine.records import RunResult, StepRecord
 from ..spec.model import Spec
 from ..steps import get_kind
+from .text import short, whole
 
 MARK = {"completed": "ok", "cached": "ok", "failed": "FAILED", "skipped": "skipped"}
-
-
-def short(value: Any, width: int = 48) -> str:
-    """A preview of an output on one line; never used for errors, whose fix is at their end."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def whole(prefix: str, text: str, indent: int, width: int | None = None) -> str:
-    """`prefix` and then `text` complete, wrapped at spaces to `width` columns (default: the
-    terminal's), continuation lines indented by `indent`.
-
-    For errors: their fix is at their end, so they are never cut, and words are never broken,
-    so a URL or a command in a hint stays copyable.
-    """
-    width = max(width or shutil.get_terminal_size((100, 24)).columns, indent + 40)
-    pad = " " * indent
-    lines = []
-    for i, line in enumerate(text.splitlines() or [""]):
-        first = prefix if i == 0 else pad
-        lines.append(textwrap.fill(line, width, initial_indent=first, subsequent_indent=pad,
-                                   break_long_words=False, break_on_hyphens=False) or first.rstrip())
-    return "\n".join(lines)
 
 
 def seconds(value: float) -> str:
@@ -71,39 +45,15 @@ def item_summary(record: StepRecord) -> str:
 
 
 def item_progress(step: str, progress: dict[str, Any]) -> str:
-    """One plain progress line of a map or a loop (for logs and pipes; a terminal gets a bar)."""
+    """One plain progress line of a map, or of a kind that reports its own progress (a loop's
+    generations: its `unit` and `label`), for logs and pipes; a terminal gets a bar."""
     eta = progress.get("eta")
     left = f", ~{eta:.0f}s left" if eta else ""
     failed = f", {progress['failed']} failed" if progress.get("failed") else ""
-    unit = "generations" if "label" in progress else "items"
+    unit = progress.get("unit", "items")
     label = f" {progress['label']}" if progress.get("label") else ""
     return (f"  {step}: {progress['done']}/{progress['total'] or '?'} {unit}{failed}{label} "
             f"({progress.get('rate', 0):.1f}/s{left})")
-
-
-def analysis_line(step: str, analysis: dict[str, Any]) -> str:
-    """`evolve@5: applied at 5 by model coach: mutation_rate 0.05 -> 0.2` for a loop's analysis."""
-    where = f"{step}@{analysis['asked_at']}"
-    answered = ", ".join(s["answered_by"]["target"] for s in analysis.get("steps", {}).values()
-                         if s.get("answered_by"))
-    by = f" (answered by {answered})" if answered else ""
-    status = analysis["status"]
-    if analysis.get("applied_at") is not None:
-        status = f"applied at {analysis['applied_at']}"
-    changes = []
-    for c in analysis.get("changes", []):
-        if "function" in c:
-            changes.append(f"by {c['function']}")
-        elif c["status"] == "rejected":
-            changes.append(f"{c['field']} rejected ({c.get('note')})")
-        elif c["status"] not in ("absent", "unchanged"):
-            note = f" ({c['note']})" if c.get("note") else ""
-            was, now = short(c.get("previous"), 12), short(c.get("value"), 12)
-            changes.append(f"{c['field']} {was} -> {now}{note}")
-    detail = "; ".join(changes) or analysis.get("error") or (
-        "no change" if analysis.get("applied_at") is not None else "")
-    took = f" [{analysis.get('seconds') or 0:.1f}s]"
-    return f"  {where}: {status}{by}" + (f": {detail}" if detail else "") + took
 
 
 def table(result: RunResult, width: int | None = None) -> str:
@@ -266,8 +216,8 @@ class Progress:
             self._item(data["step"].id, data["progress"])
         elif event == "generation":
             self._item(data["step"], data["progress"])
-        elif event == "analysis":
-            self.line(analysis_line(data["step"], data["analysis"]))
+        elif data.get("line"):  # a kind's own line (a loop's analysis), in its words
+            self.line(data["line"])
 
     def _item(self, step: str, progress: dict[str, Any]) -> None:
         if not progress:

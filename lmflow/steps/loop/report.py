@@ -1,5 +1,5 @@
-"""A loop's report for Prefect's UI: the optimiser's progress as a chart, with the coach's
-interventions marked, and a table of the analyses."""
+"""A loop's report: for Prefect's UI the optimiser's progress as a chart, with the coach's
+interventions marked, and a table of the analyses; for the terminal a line per analysis."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ...render.charts import data_uri, line_chart_svg
+from ...render.text import short
 
 MAX_SERIES = 4
 
@@ -65,3 +66,28 @@ def _cell(value: Any, width: int = 80) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     text = text.replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def analysis_line(step: str, analysis: dict[str, Any]) -> str:
+    """`evolve@5: applied at 5 by model coach: mutation_rate 0.05 -> 0.2` for a loop's analysis."""
+    where = f"{step}@{analysis['asked_at']}"
+    answered = ", ".join(s["answered_by"]["target"] for s in analysis.get("steps", {}).values()
+                         if s.get("answered_by"))
+    by = f" (answered by {answered})" if answered else ""
+    status = analysis["status"]
+    if analysis.get("applied_at") is not None:
+        status = f"applied at {analysis['applied_at']}"
+    changes = []
+    for c in analysis.get("changes", []):
+        if "function" in c:
+            changes.append(f"by {c['function']}")
+        elif c["status"] == "rejected":
+            changes.append(f"{c['field']} rejected ({c.get('note')})")
+        elif c["status"] not in ("absent", "unchanged"):
+            note = f" ({c['note']})" if c.get("note") else ""
+            was, now = short(c.get("previous"), 12), short(c.get("value"), 12)
+            changes.append(f"{c['field']} {was} -> {now}{note}")
+    detail = "; ".join(changes) or analysis.get("error") or (
+        "no change" if analysis.get("applied_at") is not None else "")
+    took = f" [{analysis.get('seconds') or 0:.1f}s]"
+    return f"  {where}: {status}{by}" + (f": {detail}" if detail else "") + took

@@ -35,6 +35,7 @@ from ...spec.model import StepSpec, parse_duration
 from ..base import StepContext, StepResult
 from ..python import UserCodeError, call, load_function
 from .apply import apply_fields
+from .report import analysis_line
 from .spec import Checkpoint
 
 #: bump when the state file's layout changes (an old file is then not resumed)
@@ -300,7 +301,7 @@ class LoopRunner:
 
     def _record(self, analysis: dict[str, Any]) -> None:
         self.analyses.append(analysis)
-        self.ctx.emit("analysis", {"analysis": analysis})
+        self.ctx.emit("analysis", {"analysis": analysis, "line": analysis_line(self.ctx.step_id, analysis)})
         self._publish(final=False, force=True)
 
     # -- state on disk ------------------------------------------------------
@@ -372,7 +373,8 @@ class LoopRunner:
         eta = (self.total - g) / rate if self.total and rate else None
         label = " ".join(f"{k} {_short(v)}" for k, v in list(stats.items())[:3])
         self.ctx.emit("generation", {"progress": {"total": self.total, "done": g, "rate": round(rate, 2),
-                                                  "eta": eta, "label": label, "elapsed": elapsed}})
+                                                  "eta": eta, "label": label, "elapsed": elapsed,
+                                                  "unit": "generations"}})
         if time.perf_counter() - self.published >= PUBLISH_EVERY:
             self._publish(final=False)
 
