@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import lmflow_cmd
 
+import lmflow
 from lmflow import load_spec, validate_files
 from lmflow.cli import main
 
@@ -321,3 +322,43 @@ def test_steps_a_dead_flow_left_are_not_shown_as_running(tmp_path: Path) -> None
         ("skipped", "the flow stopped before it started")]
     assert "running" not in table(result) and "pending" not in footer(result)
     assert "3 steps: 1 completed, 1 interrupted, 1 skipped" in footer(result)
+
+
+# ---------------------------------------------------------------- policy fields that use params
+
+
+POLICY_FROM_PARAMS = """\
+    params: {timeout: 120s, tries: 0, at_once: 2}
+    defaults: {timeout: "${{ params.timeout }}", max_parallel: "${{ params.at_once }}"}
+    steps:
+      - id: count
+        retries: "${{ params.tries }}"
+        python: {function: "helpers:text_stats", args: {text: "a b"}}
+    """
+
+
+def test_policy_fields_that_use_params_take_this_run_s_values(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, POLICY_FROM_PARAMS)
+    spec = load_spec(path, {"timeout": "2s", "tries": 3, "at_once": 6})
+    policy = spec.step("count").policy
+    assert (policy.timeout, policy.retries) == (2.0, 3)
+    assert spec.defaults.timeout == 2.0 and spec.max_parallel == 6
+    assert load_spec(path).step("count").policy.timeout == 120.0  # the param's default
+    main(["plan", str(path), "-p", "timeout=2s", "-p", "tries=3"])
+    assert "retries 3, timeout 2s" in capsys.readouterr().out
+
+
+def test_a_policy_field_refers_to_params_only_and_gets_a_value_it_takes(tmp_path: Path) -> None:
+    path = write(tmp_path, POLICY_FROM_PARAMS.replace('retries: "${{ params.tries }}"',
+                                                      'retries: "${{ steps.other.output }}"'))
+    assert problems(path) == [
+        "7:14: steps[0].retries: 'steps.other.output': retries is decided before any step runs, so it "
+        "may refer to params only (e.g. retries: ${{ params.retries }})"]
+    path = write(tmp_path, POLICY_FROM_PARAMS)
+    with pytest.raises(lmflow.SpecError) as info:
+        load_spec(path, {"timeout": "soon", "tries": -1})
+    assert [p.render().removeprefix(f"{path}:") for p in info.value.problems] == [
+        "4:21: defaults.timeout: timeout is 'soon' with this run's params: expected a duration such as 30s "
+        "or 2m (fix the param's value (-p) or its default)",
+        "7:14: steps[0].retries: retries is -1 with this run's params: expected a whole number (fix the "
+        "param's value (-p) or its default)"]

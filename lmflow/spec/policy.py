@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .loader import Document
+from ..errors import Problem
+from . import templates
+from .loader import Document, PathT
 from .model import (
     Breaker,
     Guard,
@@ -59,6 +61,57 @@ def duration_or_none(value: Any) -> float | None:
         return parse_duration(value) if value is not None else None
     except (ValueError, TypeError):
         return None  # reported by the schema
+
+
+#: the policy's fields (in `defaults:` and on a step) and what each takes: decided before the run
+#: starts, so a `${{ }}` in them may name params only
+_FIELDS: dict[str, str] = {"retries": "count", "retry_delay": "duration", "backoff": "factor",
+                           "timeout": "duration", "timeout_growth": "factor", "max_parallel": "count"}
+_TAKES = {"count": "a whole number", "duration": "a duration such as 30s or 2m", "factor": "a number >= 1"}
+
+
+def with_params(doc: Document, path: PathT, raw: dict[str, Any], params: dict[str, Any],
+                problems: list[Problem]) -> dict[str, Any]:
+    """`raw` (`defaults:` or a step) with each policy field that uses `${{ params.X }}` set to its
+    value for this run (`-p`), checked as the field's own value would be; a reference to anything
+    but params there is a problem (a policy is decided before any step runs)."""
+    resolved = dict(raw)
+    for key, value in [(key, raw[key]) for key in _FIELDS if key in raw]:
+        if not isinstance(value, str) or "${{" not in value:
+            continue
+        try:
+            refs = [templates.parse_ref(expr) for _, expr in templates.iter_templates(value)]
+            other = next((r for r in refs if r.root != "params"), None)
+            if other is not None:
+                raise templates.TemplateError(f"'{other.text}': {key} is decided before any step runs, "
+                                              f"so it may refer to params only")
+            value = templates.render(value, {"params": params})
+        except templates.TemplateError as exc:
+            problems.append(doc.problem(path + (key,), str(exc), f"e.g. {key}: ${{{{ params.{key} }}}}"))
+            value = None
+        else:
+            takes = _FIELDS[key]
+            if not _is(takes, value):
+                problems.append(doc.problem(path + (key,), f"{key} is {value!r} with this run's params: "
+                                            f"expected {_TAKES[takes]}", "fix the param's value (-p) or "
+                                            "its default"))
+                value = None
+        if value is None:
+            resolved.pop(key)
+        else:
+            resolved[key] = value
+    return resolved
+
+
+def _is(takes: str, value: Any) -> bool:
+    if takes == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if takes == "factor":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1
+    try:
+        return not isinstance(value, bool) and parse_duration(value) > 0
+    except (ValueError, TypeError):
+        return False
 
 
 def step_policy(raw: dict[str, Any], base: Policy) -> Policy:

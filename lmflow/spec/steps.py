@@ -19,7 +19,7 @@ from . import graph, templates
 from .hints import suggest as _suggest
 from .loader import Document, PathT, format_path
 from .model import ModelConfig, Policy, StepSpec
-from .policy import step_policy
+from .policy import step_policy, with_params
 from .schema import COMMON_STEP_KEYS
 
 #: keys of a step that only a top-level step has (a held list runs in the order written)
@@ -131,7 +131,9 @@ class StepsChecker:
             control = controls[p.id]
             steps.append(StepSpec(
                 id=p.id, kind=p.kind, options=self.prepared[p.id],
-                policy=step_policy(p.raw, self.defaults), index=p.i, description=p.raw.get("description"),
+                policy=step_policy(with_params(self.doc, self.scope.base + (p.i,), p.raw, self.params,
+                                               self.problems), self.defaults),
+                index=p.i, description=p.raw.get("description"),
                 depends_on=tuple(self.deps.get(p.id, ())),
                 foreach=control.get("foreach"), when=control.get("when"),
                 parallel=p.raw.get("parallel") if isinstance(p.raw.get("parallel"), int) else None,

@@ -22,7 +22,7 @@ from .model import (
     parse_duration,
 )
 from .params import check_params, type_name
-from .policy import check_resilience, step_policy
+from .policy import check_resilience, step_policy, with_params
 from .schedules import check_schedules
 from .schema import base_schema, spec_schema
 from .servers import check_models, check_servers
@@ -164,8 +164,9 @@ def _load_spec(path: Path, params: dict[str, Any] | None) -> Spec:
     params_values = check_params(doc, params or {}, problems)
     servers = check_servers(doc, params_values, problems)
     models = check_models(doc, servers, problems)
-    defaults = step_policy(doc.data.get("defaults") if isinstance(doc.data.get("defaults"), dict) else {},
-                       Policy())
+    raw_defaults = doc.data.get("defaults") if isinstance(doc.data.get("defaults"), dict) else {}
+    raw_defaults = with_params(doc, ("defaults",), raw_defaults, params_values, problems)
+    defaults = step_policy(raw_defaults, Policy())
     steps = StepsChecker(doc, path.resolve().parent, params_values, models, defaults, problems, servers,
                          Scope(contexts=_context_lengths(models, doc.data))).check(doc.data.get("steps"))
     breaker, guard, response_cache = check_resilience(doc)
@@ -176,7 +177,7 @@ def _load_spec(path: Path, params: dict[str, Any] | None) -> Spec:
         file=path.resolve(), name=doc.data["name"], version=doc.data["version"],
         description=doc.data.get("description"), params=params_values, servers=servers,
         models=models, defaults=defaults, steps=steps, breaker=breaker, guard=guard,
-        response_cache=response_cache, max_parallel=_max_parallel(doc), schedules=schedules,
+        response_cache=response_cache, max_parallel=_max_parallel(raw_defaults), schedules=schedules,
     )
 
 
@@ -200,9 +201,8 @@ def _context_lengths(models: dict[str, ModelConfig], data: dict[str, Any]) -> di
     return found  # type: ignore[return-value]
 
 
-def _max_parallel(doc: Document) -> int:
-    defaults = doc.data.get("defaults")
-    value = defaults.get("max_parallel") if isinstance(defaults, dict) else None
+def _max_parallel(defaults: dict[str, Any]) -> int:
+    value = defaults.get("max_parallel")
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 4
 
 
