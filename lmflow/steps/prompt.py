@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import InvalidResponse, LmflowError, Problem
+from ..errors import InvalidResponse, LmflowError, Problem, RunStopping
 from ..spec.model import Link, parse_duration
 from . import register
 from .base import (
@@ -263,6 +263,10 @@ class PromptStep(ModelStep):
         resilience = ctx.session.resilience or Resilience(Breaker(), None, None)
 
         def ask(alias: str, timeout: float) -> Answer:
+            if ctx.stopping is not None and ctx.stopping.is_set():
+                # a retry after the run's end: a request now could make a server load the model
+                # again (LM Studio's JIT) after the run unloaded it
+                raise RunStopping(f"the run is stopping: not asking '{alias}' again")
             backend, model = ctx.session.ready(alias)
             response = backend.chat(ChatRequest(model=model, messages=messages, sampling=sampling,
                                                 response_schema=schema, timeout=timeout))
