@@ -256,3 +256,34 @@ def test_written_order_holds_around_lifecycle_steps_and_after(tmp_path: Path) ->
     assert [p.split(": ", 1)[1] for p in problems(bad)] == [
         "steps[0].after[0]: step 'a' cannot come after itself",
         "steps[0].after[1]: unknown step 'nope'"]
+
+
+def test_a_map_s_grain_is_validated_and_shown_by_plan(tmp_path: Path) -> None:
+    from lmflow.render.report import plan
+
+    spec = load_spec(write(tmp_path, """\
+        steps:
+          - id: each
+            foreach: [1, 2, 3]
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+          - id: chunked
+            foreach: [1, 2, 3]
+            grain: 2
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+          - id: items
+            foreach: [1, 2, 3]
+            grain: item
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+        """))
+    assert [s.grain for s in spec.steps] == ["auto", 2, "item"]
+    foreach = [line.strip() for line in plan(spec).splitlines() if line.strip().startswith("foreach")]
+    assert [line.rsplit("on_item_error fail", 1)[1] for line in foreach] == [
+        "", ", chunks of 2", ", a task run per item"]
+    path = write(tmp_path, """\
+        steps:
+          - id: one
+            grain: 5
+            python: {function: "helpers:f"}
+        """)
+    assert [p.split(": ", 1)[1] for p in problems(path)] == [
+        "steps[0].grain: 'grain' applies to the items of a foreach (add foreach: to this step, or remove it)"]

@@ -85,6 +85,11 @@ def run_chunk(name: str, step_id: str) -> dict[str, int]:
     cache = PrefectResults(lifecycle.runtime.recorder)
     stopping = lifecycle.runtime.stopping
     counts = {"completed": 0, "cached": 0, "failed": 0, "not started": 0}
+    counting = threading.Lock()  # (the items' threads count at once)
+
+    def count(what: str) -> None:
+        with counting:
+            counts[what] += 1
 
     def one(unit: Unit) -> None:
         try:
@@ -96,7 +101,7 @@ def run_chunk(name: str, step_id: str) -> dict[str, int]:
         if ran.error is not None and chunk.step.on_item_error == "fail":
             chunk.stop.set()  # before its slot is free: no later item starts (as with grain: item)
         chunk.slots.release()
-        counts["failed" if ran.error is not None else "cached" if ran.cached else "completed"] += 1
+        count("failed" if ran.error is not None else "cached" if ran.cached else "completed")
         executor.report(chunk, unit, ran)
 
     def stopped() -> bool:
@@ -111,7 +116,7 @@ def run_chunk(name: str, step_id: str) -> dict[str, int]:
                 while not chunk.slots.acquire(timeout=0.2) and not stopped():
                     pass
                 if stopped():
-                    counts["not started"] += 1
+                    count("not started")
                     executor.report(chunk, unit, Ran(started=False))
                     continue
                 # with a copy of this context: Prefect's run context (its logger), the run's
@@ -200,10 +205,15 @@ class PrefectExecutor:
     def _chunk_over(self, chunk: Chunk, done: Any) -> None:
         """Units a chunk did not report (its task run failed or never started) fail with its reason."""
         self.chunks.pop(chunk.name, None)
-        state = done.result() if not done.exception() else None
+        if done.cancelled():
+            state, why = None, "its task run was cancelled"
+        elif done.exception() is not None:
+            state, why = None, str(done.exception())
+        else:
+            state = done.result()
+            why = state.message or state.name
         error = None if state is not None and state.is_completed() else RuntimeError(
-            f"chunk {chunk.name} ended without running this item: "
-            + (state.message or state.name if state is not None else str(done.exception())))
+            f"chunk {chunk.name} ended without running this item: {why}")
         chunk.dispatched.set()  # (one that never ran must not hold up the next)
         for unit in chunk.units:
             self.report(chunk, unit, Ran(error=error) if error else Ran(started=False))

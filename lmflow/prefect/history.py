@@ -19,8 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -29,6 +28,7 @@ from ..errors import (
     HistoryError,  # noqa: F401 - raised here, defined with the tree
     PrefectServerError,
 )
+from ..render.history import Run
 
 #: the key of every run's summary is this plus the spec's name (the UI keeps the latest per spec)
 SUMMARY_KEY = "lmflow-summary"
@@ -44,46 +44,6 @@ def summary_key(spec_name: str) -> str:
 
 
 # -- reading runs ------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """One run as the Prefect API knows it (its steps from its summary, else its task runs)."""
-
-    id: str
-    name: str
-    spec: str | None  # the spec's name (its `spec:` tag)
-    state: str
-    start: datetime | None
-    end: datetime | None
-    #: the spec's version from the run's tags: commit (12 hex), dirty, sha256 (12 hex)
-    version: dict[str, Any]
-    #: the flow run's parameters: spec_path, params (as given), refresh_cache, max_parallel
-    parameters: dict[str, Any]
-    ui_url: str
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    #: "summary" (the run's table artifact) or "task runs" (a run still going, or killed)
-    steps_from: str = "summary"
-
-    @property
-    def seconds(self) -> float | None:
-        if self.start is None:
-            return None
-        return ((self.end or datetime.now(timezone.utc)) - self.start).total_seconds()
-
-    @property
-    def failed(self) -> list[str]:
-        """Ids of the steps that failed (a map's failed items count for their step)."""
-        return list(dict.fromkeys(r["step"].split("[", 1)[0] for r in self.steps if r["status"] == "failed"))
-
-    @property
-    def cached(self) -> int:
-        return sum(1 for r in self.steps if r["status"] == "cached")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "start": self.start.isoformat() if self.start else None,
-                "end": self.end.isoformat() if self.end else None, "seconds": self.seconds,
-                "failed": self.failed, "cached": self.cached}
-
 
 def spec_name(spec: str) -> str:
     """A spec file's `name` (read from the file), or the argument itself when it names no file."""

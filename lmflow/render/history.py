@@ -9,8 +9,9 @@ same module that writes them.
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 from .report import item_summary
 from .text import short, whole
@@ -91,29 +92,45 @@ def summary_description(result: RunResult) -> str:
 
 # -- runs read back: `lmflow runs`, `lmflow runs show` ------------------------------------------
 
-class Run(Protocol):
-    """What the text shows of a run: lmflow.prefect.history.Run, as the Prefect API knows it."""
+@dataclass
+class Run:
+    """One run as the Prefect API knows it (its steps from its summary, else its task runs): what
+    lmflow.prefect.history reads, and what `lmflow runs` and `runs show` print."""
 
     id: str
     name: str
-    spec: str | None
+    spec: str | None  # the spec's name (its `spec:` tag)
     state: str
     start: datetime | None
     end: datetime | None
+    #: the spec's version from the run's tags: commit (12 hex), dirty, sha256 (12 hex)
     version: dict[str, Any]
+    #: the flow run's parameters: spec_path, params (as given), refresh_cache, max_parallel
     parameters: dict[str, Any]
     ui_url: str
-    steps: list[dict[str, Any]]
-    steps_from: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    #: "summary" (the run's table artifact) or "task runs" (a run still going, or killed)
+    steps_from: str = "summary"
 
     @property
-    def seconds(self) -> float | None: ...
+    def seconds(self) -> float | None:
+        if self.start is None:
+            return None
+        return ((self.end or datetime.now(timezone.utc)) - self.start).total_seconds()
 
     @property
-    def failed(self) -> list[str]: ...
+    def failed(self) -> list[str]:
+        """Ids of the steps that failed (a map's failed items count for their step)."""
+        return list(dict.fromkeys(r["step"].split("[", 1)[0] for r in self.steps if r["status"] == "failed"))
 
     @property
-    def cached(self) -> int: ...
+    def cached(self) -> int:
+        return sum(1 for r in self.steps if r["status"] == "cached")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "start": self.start.isoformat() if self.start else None,
+                "end": self.end.isoformat() if self.end else None, "seconds": self.seconds,
+                "failed": self.failed, "cached": self.cached}
 
 
 def version_text(version: dict[str, Any]) -> str:

@@ -156,8 +156,10 @@ def plan(spec: Spec) -> str:
         if step.foreach is not None:
             source = step.foreach.value if step.foreach.source == "value" else \
                 f"{step.foreach.source} {step.foreach.value}"
+            grain = {"auto": "", "item": ", a task run per item"}.get(
+                step.grain, f", chunks of {step.grain}")  # type: ignore[arg-type]
             lines.append(f"     foreach {short(source, 60)}, {step.parallel or spec.max_parallel} at once, "
-                         f"on_item_error {step.on_item_error}")
+                         f"on_item_error {step.on_item_error}{grain}")
         if step.when is not None:
             lines.append(f"     when {getattr(step.when, 'text', step.when)}")
         growth = f" (x{p.timeout_growth:g} per attempt)" if p.timeout_growth != 1 else ""
