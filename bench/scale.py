@@ -1,12 +1,15 @@
-"""Scale: a 100- and a 1,000-item map, a 100- and a 1,000-step spec; time per item/step and peak memory.
+"""Scale: maps of 1,000, 10,000 and 100,000 items, 100- and 1,000-step specs, a 1 GB JSONL and a
+filter over a 500,000-line file; time per item/step, peak memory, what the run wrote.
 
-Each run is a whole `lmflow run` process against a running Prefect server, with
-a trivial python step (no model: what is measured is lmflow + Prefect). For each
-shape it prints the step's (or the run's) wall time per item/step, the peak RSS
-of the lmflow process (sampled every 20 ms), and how both change from 100 to
-1,000: flat per-item time and memory growing far less than 10x mean the cost
-does not grow with N. Steps and items run 4 at once (max_parallel 4).
-Run: .venv/bin/python bench/scale.py
+Each run is a whole `lmflow run` process against a running Prefect server, with a trivial
+python step (no model: what is measured is lmflow + Prefect). For each shape it prints the
+step's (or the run's) wall time per item/step and the peak RSS of the lmflow process (sampled
+every 20 ms); then how both change with N: flat per-item time and flat memory mean the cost
+does not grow with N. Steps and items run 4 at once (max_parallel 4). The dataset shapes: a
+map over a 1 GB JSONL of 10,000 rows of 100 kB (each item reads its row's text), and
+`when: index < 3` over a 500,000-line JSONL (the journal and record sizes are printed: an item
+whose condition is false is counted, not written).
+Run: .venv/bin/python bench/scale.py [--quick]   (--quick: maps up to 10,000, no 1 GB file)
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 
 import psutil
 
-SIZES = (100, 1000)
-HELPER = "def f(x):\n    return {'x': x, 'twice': x * 2}\n"
+MAP_SIZES = (1_000, 10_000, 100_000)
+STEP_SIZES = (100, 1000)
+HELPER = "def f(x):\n    return {'x': x, 'twice': x * 2}\n\n\ndef size(text):\n    return len(text)\n"
 
 
 def map_spec(n: int) -> str:
@@ -42,6 +46,25 @@ def steps_spec(n: int) -> str:
     for i in range(n):
         lines += [f"  - id: s{i}", f"    python: {{function: 'scalehelp:f', args: {{x: {i}}}}}"]
     return "\n".join(lines) + "\n"
+
+
+def file_spec(name: str, when: str | None, function: str, arg: str) -> str:
+    return f"""version: 1
+name: scale-{name.split('.')[0]}
+defaults: {{cache: false, max_parallel: 4}}
+steps:
+  - id: each
+    foreach: {{file: {name}}}
+""" + (f"    when: {when}\n" if when else "") + f"""    python: {{function: "scalehelp:{function}", args: {{{arg}}}}}
+"""
+
+
+def write_rows(path: Path, rows: int, text: int) -> None:
+    """`rows` JSONL lines, each with `text` characters of text."""
+    filler = "x" * text
+    with path.open("w") as file:
+        for i in range(rows):
+            file.write(json.dumps({"i": i, "text": filler}) + "\n")
 
 
 def run(spec: Path) -> tuple[dict, float, int]:
@@ -65,7 +88,13 @@ def run(spec: Path) -> tuple[dict, float, int]:
     return json.loads(out.read_text()), wall, peak
 
 
+def row(shape: str, seconds: float, n: int, peak: int, wall: float) -> None:
+    print(f"{shape:<22} {seconds:>9.2f} {1000 * seconds / n:>14.3f} {peak / 1e6:>14.0f}   (whole process {wall:.1f}s)")
+
+
 def main() -> None:
+    quick = "--quick" in sys.argv
+    map_sizes = MAP_SIZES[:2] if quick else MAP_SIZES
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ["LMFLOW_HOME"] = str(folder / "home")
@@ -76,34 +105,56 @@ def main() -> None:
         (folder / "scalehelp.py").write_text(HELPER)
         server = prefect_server.start()
         try:
-            results: dict[str, dict[int, tuple[float, int]]] = {"map": {}, "steps": {}}
-            for n in SIZES:
-                rows = "".join(json.dumps({"i": i}) + "\n" for i in range(n))
-                (folder / f"items{n}.jsonl").write_text(rows)
+            for n in map_sizes:
+                (folder / f"items{n}.jsonl").write_text("".join(json.dumps({"i": i}) + "\n" for i in range(n)))
                 (folder / f"map{n}.yaml").write_text(map_spec(n))
+            for n in STEP_SIZES:
                 (folder / f"steps{n}.yaml").write_text(steps_spec(n))
-            run(folder / f"map{SIZES[0]}.yaml")  # registers the flow, warms the server
+            run(folder / f"map{map_sizes[0]}.yaml")  # registers the flow, warms the server
             print(f"Prefect server {server.url}; python steps, max_parallel 4")
-            print(f"{'shape':<16} {'wall (s)':>9} {'per unit (ms)':>14} {'peak RSS (MB)':>14}")
-            for n in SIZES:
+            print(f"{'shape':<22} {'wall (s)':>9} {'per unit (ms)':>14} {'peak RSS (MB)':>14}")
+            maps: dict[int, tuple[float, int]] = {}
+            for n in map_sizes:
                 result, wall, peak = run(folder / f"map{n}.yaml")
                 seconds = result["steps"][0]["seconds"]
                 assert result["steps"][0]["items"]["completed"] == n
-                results["map"][n] = (seconds / n, peak)
-                print(f"{f'map of {n}':<16} {seconds:>9.2f} {1000 * seconds / n:>14.2f} {peak / 1e6:>14.0f}"
-                      f"   (whole process {wall:.1f}s)")
-            for n in SIZES:
+                maps[n] = (seconds / n, peak)
+                row(f"map of {n:,}", seconds, n, peak, wall)
+            steps: dict[int, tuple[float, int]] = {}
+            for n in STEP_SIZES:
                 result, wall, peak = run(folder / f"steps{n}.yaml")
                 seconds = result["seconds"]
                 assert sum(s["status"] == "completed" for s in result["steps"]) == n
-                results["steps"][n] = (seconds / n, peak)
-                print(f"{f'{n} steps':<16} {seconds:>9.2f} {1000 * seconds / n:>14.2f} {peak / 1e6:>14.0f}"
-                      f"   (whole process {wall:.1f}s)")
-            low, high = SIZES
-            for shape, rows in results.items():
-                (t0, m0), (t1, m1) = rows[low], rows[high]
-                print(f"{shape}: per-unit time x{t1 / t0:.2f} and peak memory x{m1 / m0:.2f} "
-                      f"from {low} to {high} units")
+                steps[n] = (seconds / n, peak)
+                row(f"{n:,} steps", seconds, n, peak, wall)
+            for shape, rows in (("map", maps), ("steps", steps)):
+                sizes = sorted(rows)
+                for low, high in zip(sizes, sizes[1:]):
+                    (t0, m0), (t1, m1) = rows[low], rows[high]
+                    print(f"{shape}: per-unit time x{t1 / t0:.2f} and peak memory x{m1 / m0:.2f} "
+                          f"from {low:,} to {high:,} units")
+
+            # a filter over a big file: `when: index < 3` computes 3 items of 500,000
+            write_rows(folder / "lines.jsonl", 500_000, 60)
+            (folder / "filter.yaml").write_text(file_spec("lines.jsonl", "index < 3", "f", 'x: "${{ item.i }}"'))
+            result, wall, peak = run(folder / "filter.yaml")
+            each = result["steps"][0]
+            assert each["items"]["completed"] == 3 and each["items"]["skipped"] == 500_000 - 3
+            runs = folder / "home" / "runs"
+            written = sum(p.stat().st_size for p in runs.glob(f"{result['run_id']}.*"))
+            print(f"when: index < 3 over a {(folder / 'lines.jsonl').stat().st_size / 1e6:.0f} MB JSONL of "
+                  f"500,000 lines: step {each['seconds']:.1f}s, peak RSS {peak / 1e6:.0f} MB, journal and "
+                  f"record {written / 1e3:.0f} kB")
+            if not quick:  # a 1 GB JSONL: 10,000 rows of 100 kB, each item reads its row
+                write_rows(folder / "big.jsonl", 10_000, 100_000)
+                (folder / "big.yaml").write_text(file_spec("big.jsonl", None, "size", 'text: "${{ item.text }}"'))
+                result, wall, peak = run(folder / "big.yaml")
+                each = result["steps"][0]
+                assert each["items"]["completed"] == 10_000 and each["output"][0] == 100_000
+                size = (folder / "big.jsonl").stat().st_size
+                print(f"map over a {size / 1e9:.2f} GB JSONL (10,000 rows of 100 kB): "
+                      f"{1000 * each['seconds'] / 10_000:.2f} ms an item, peak RSS {peak / 1e6:.0f} MB "
+                      f"(the file is {size / max(peak, 1):.1f}x that)")
         finally:
             prefect_server.stop()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, MODELS, ROOT, lmflow_cmd, wait_for
+from conftest import BIN, MODELS, ROOT, lmflow_cmd, lmflow_in_process, wait_for
 from test_run import engines_with_alias
 
 from lmflow.engine.records import read_record
@@ -268,7 +268,7 @@ def test_large_or_chunked_maps_run_as_chunks_and_keep_each_item_s_record(
         prefect_api: str, tmp_path: Path) -> None:
     (tmp_path / "big.jsonl").write_text("".join(json.dumps({"i": i}) + "\n" for i in range(250)))
     spec = write_spec(tmp_path, """\
-        params: {log: ""}
+        params: {log: "", data: big.jsonl}
         steps:
           - id: chunked
             foreach: [1, 2, 3, 4, 5, 6, 7]
@@ -287,7 +287,7 @@ def test_large_or_chunked_maps_run_as_chunks_and_keep_each_item_s_record(
             parallel: 1
             python: {function: "flowhelp:picky", args: {x: "${{ item }}"}}
           - id: big
-            foreach: {file: big.jsonl}
+            foreach: {file: "${{ params.data }}"}
             python: {function: "flowhelp:echo", args: {value: "${{ item.i }}"}}
     """, name="chunks")
     result, _ = run_json(spec, "-p", f"log={tmp_path / 'flaky'}", ok=False)
@@ -304,6 +304,20 @@ def test_large_or_chunked_maps_run_as_chunks_and_keep_each_item_s_record(
     assert steps["stopped"]["error"]["message"].startswith("item 2 failed: flowhelp:picky raised ValueError")
     assert "4 not started" in steps["stopped"]["error"]["message"], steps["stopped"]["error"]
     assert [o["value"] for o in steps["big"]["output"]] == list(range(250))
+
+    # one item inside a chunk, from the run's journal: a failed one with what it was asked
+    shown = lmflow_in_process("runs", "show", result["run_id"], "--item", "collected[2]")
+    assert shown.exit_code == 0, shown.output
+    assert "item     collected[2]: failed in" in shown.output
+    assert "flowhelp:picky raised ValueError: 3 is a multiple of 3" in shown.output
+    assert '"x": 3' in shown.output  # its options
+    item = json.loads(lmflow_in_process("runs", "show", result["run_id"], "--item", "big[249]", "--json").output)
+    assert (item["status"], item["output"]["value"], item["run"]) == ("completed", 249, result["run_id"])
+    for ref, message in (("5", "has 4 maps ("),
+                         ("stopped[6]", "stopped[6] is not in run"), ("nope[1]", "journaled no items of 'nope'"),
+                         ("each[x]", "give the map's step and the item's index")):
+        refused = lmflow_in_process("runs", "show", result["run_id"], "--item", ref)
+        assert refused.exit_code != 0 and message in refused.output, (ref, refused.output)
 
     runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
         "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=60)
@@ -383,7 +397,7 @@ def test_when_skips_steps_and_filters_items(prefect_api: str, tmp_path: Path) ->
     assert steps["high"]["output"]["value"] == "high"
     assert [o["value"] for o in steps["kept"]["output"]] == [1, 3]
     assert steps["kept"]["items"]["skipped"] == 1
-    assert steps["kept"]["item_problems"] == [{"index": 1, "status": "skipped", "reason": "condition false"}]
+    assert steps["kept"]["item_problems"] == []  # a false condition is counted, not a problem
 
     notified, _ = run_json(spec, "-p", "notify=true")
     assert {s["id"]: s["status"] for s in notified["steps"]}["escalate"] == "completed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -149,13 +150,13 @@ def test_datasets_jsonl_json_csv_and_glob(tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "2.txt").write_text("two")
     (tmp_path / "docs" / "1.txt").write_text("one")
-    assert read_dataset(tmp_path / "d.jsonl", "d.jsonl") == [{"a": 1}, {"a": 2}]
+    assert list(read_dataset(tmp_path / "d.jsonl", "d.jsonl")) == [{"a": 1}, {"a": 2}]
     assert read_dataset(tmp_path / "d.json", "d.json") == [{"a": 1}, 2]
-    assert read_dataset(tmp_path / "d.csv", "d.csv") == [{"a": "1", "b": "x"}, {"a": "2", "b": "y"}]
-    assert read_glob(tmp_path, "docs/*.txt") == [
+    assert list(read_dataset(tmp_path / "d.csv", "d.csv")) == [{"a": "1", "b": "x"}, {"a": "2", "b": "y"}]
+    assert list(read_glob(tmp_path, "docs/*.txt")) == [
         {"path": "docs/1.txt", "name": "1.txt", "text": "one"},
         {"path": "docs/2.txt", "name": "2.txt", "text": "two"}]
-    assert read_glob(tmp_path, "nothing/*.txt") == []
+    assert list(read_glob(tmp_path, "nothing/*.txt")) == []
 
 
 def test_dataset_errors_say_where(tmp_path: Path) -> None:
@@ -287,3 +288,57 @@ def test_a_map_s_grain_is_validated_and_shown_by_plan(tmp_path: Path) -> None:
         """)
     assert [p.split(": ", 1)[1] for p in problems(path)] == [
         "steps[0].grain: 'grain' applies to the items of a foreach (add foreach: to this step, or remove it)"]
+
+
+def test_dataset_rows_are_read_when_asked_for_not_held(tmp_path: Path) -> None:
+    import tracemalloc
+
+    row = {"text": "x" * 2000}
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as file:
+        for i in range(10_000):  # 20 MB
+            file.write(json.dumps({"i": i, **row}) + "\n")
+    tracemalloc.start()
+    try:
+        rows = read_dataset(path, "big.jsonl")
+        seen = sum(r["i"] for r in rows)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(rows) == 10_000 and seen == sum(range(10_000))
+    assert rows[-1]["i"] == 9_999 and rows[2:4] == [{"i": 2, **row}, {"i": 3, **row}]
+    assert peak < path.stat().st_size / 10, peak  # the index and a row, never the file
+    rows.close()
+
+
+def test_csv_rows_with_quoted_newlines_blank_lines_and_bad_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes(b'a,b\n1,"two\nlines"\n\n3\n4,\xff\n5,six\n')
+    rows = read_dataset(path, "d.csv")
+    assert [rows[0], rows[1]] == [{"a": "1", "b": "two\nlines"}, {"a": "3", "b": None}]
+    assert str(rows[2].error()).startswith("d.csv:6: not UTF-8 text")
+    assert rows[3] == {"a": "5", "b": "six"} and len(rows) == 4
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b'{"a": 1}\n"\xff"\n')
+    assert str(read_dataset(jsonl, "d.jsonl")[1].error()).startswith("d.jsonl:2: not UTF-8 text")
+
+
+def test_a_dataset_path_may_come_from_params(tmp_path: Path) -> None:
+    (tmp_path / "one.jsonl").write_text('{"a": 1}\n')
+    path = write(tmp_path, """
+        params: {dataset: one.jsonl}
+        steps:
+          - id: m
+            foreach: {file: "${{ params.dataset }}"}
+            python: {function: "helpers:f", args: {a: "${{ item.a }}"}}
+          - id: bad
+            foreach: {file: "${{ params.nothing }}"}
+            python: {function: "helpers:f", args: {a: "${{ item.a }}"}}
+    """)
+    found = problems(path)
+    assert len(found) == 1 and "foreach.file: unknown parameter 'nothing'" in found[0], found
+    assert list(items(Foreach("file", "${{ params.dataset }}"), tmp_path, "one.jsonl")) == [{"a": 1}]
+    with pytest.raises(DatasetError, match=r"cannot read one.txt as a dataset"):
+        items(Foreach("file", "${{ params.dataset }}"), tmp_path, "one.txt")
+    with pytest.raises(DatasetError, match=r"resolved to None, not a path"):
+        items(Foreach("file", "${{ params.dataset }}"), tmp_path, None)

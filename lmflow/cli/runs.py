@@ -27,7 +27,7 @@ class _RunsGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
-        return ["[OPTIONS] [SPEC] | show RUN [--json]"]
+        return ["[OPTIONS] [SPEC] | show RUN [--item STEP[N]] [--json]"]
 
 
 @cli.group(cls=_RunsGroup, invoke_without_command=True)
@@ -52,12 +52,22 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 @runs.command("show")
 @click.argument("run_ref", metavar="RUN")
-@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
-def runs_show(run_ref: str, as_json: bool) -> None:
+@click.option("--item", "item_ref", metavar="STEP[N]",
+              help="Show one map item (e.g. each[12], or 12 in a run with one map): its status, output "
+                   "or error, answered by, and a failed item's options, from the run's journal.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run (or the item) as JSON.")
+def runs_show(run_ref: str, item_ref: str | None, as_json: bool) -> None:
     """Every step of RUN (its name or flow run id, or a unique prefix): status, time, attempts,
     answered by, errors; the run's params, spec version and its page in the UI."""
     from ..prefect import history
-    from ..render.history import run_text
+    from ..render.history import item_text, run_text
 
     found = history.show_run(run_ref)
+    if item_ref is not None:
+        from ..engine.records import journaled_item
+
+        item = journaled_item(found.name, item_ref)
+        click.echo(json.dumps({"run": found.name, **item}, indent=2, default=str) if as_json
+                   else item_text(found, item))
+        return
     click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else run_text(found))

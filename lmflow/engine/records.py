@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import jsonl
-from ..errors import RecordNotWritten, StepFailure
+from ..errors import HistoryError, RecordNotWritten, StepFailure
 from ..home import subdir
 from ..spec.model import Spec
 
@@ -191,17 +192,28 @@ class RunRecorder:
 
     def item(self, step_id: str, index: int, status: str, *, output: Any = None,
              error: StepFailure | None = None, reason: str | None = None, seconds: float = 0.0,
-             progress: dict[str, Any] | None = None) -> None:
-        """One map item finished (completed, cached, failed or skipped): journaled at once."""
+             progress: dict[str, Any] | None = None, journal: bool = True, answered_by: str | None = None,
+             errors: list[Any] | None = None, options: dict[str, Any] | None = None) -> None:
+        """One map item finished (completed, cached, failed or skipped): journaled at once (unless
+        `journal` is false: an item whose condition was false), and told to the listener. Its
+        options are journaled when it failed (to see what it was asked; a completed item's would
+        grow the journal of a big map by its prompts)."""
         with self._lock:
             entry: dict[str, Any] = {"step": step_id, "item": index, "status": status, "seconds": seconds}
             if status in ("completed", "cached"):
                 entry["output"] = output
+            if answered_by:
+                entry["answered_by"] = answered_by
+            if errors:  # what went wrong before a fallback answered
+                entry["errors"] = errors
+            if options is not None:
+                entry["options"] = options
             if error is not None:
                 entry["error"] = asdict(error)
             if reason:
                 entry["reason"] = reason
-            self._append(entry)
+            if journal:
+                self._append(entry)
             self.emit("item_finished", step=self.record(step_id), index=index, status=status,
                       progress=progress or {})
 
@@ -278,3 +290,36 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return {"run_id": header.get("run"), "spec": header.get("spec"), "name": header.get("name"),
             "spec_version": header.get("spec_version"), "params": header.get("params"),
             "steps": list(steps.values()), "interrupted": True}
+
+
+def journaled_item(run_id: str, ref: str) -> dict[str, Any]:
+    """One map item of a run on this machine, from its journal: `STEP[N]`, or `N` in a run with one
+    map. Its status, seconds, output or error, answered_by, and the options of a failed item."""
+    match = re.fullmatch(r"(?:(?P<step>[^\s\[\]]+)\[(?P<index>\d+)\]|(?P<alone>\d+))", ref.strip())
+    if match is None:
+        raise HistoryError(f"--item {ref!r}: give the map's step and the item's index, e.g. --item "
+                           "each[12] (or just 12 in a run with one map)")
+    step, index = match.group("step"), int(match.group("index") or match.group("alone"))
+    journal = subdir("runs") / f"{run_id}.jsonl"
+    if not journal.exists():
+        raise HistoryError(f"run {run_id} has no journal on this machine ({journal}): an item's detail "
+                           "is kept by the machine that ran it")
+    maps: dict[str, int] = {}
+    found = None
+    for entry in journal_entries(journal):
+        if "item" in entry and isinstance(entry.get("step"), str):
+            maps[entry["step"]] = maps.get(entry["step"], 0) + 1
+            if entry["item"] == index and (step is None or entry["step"] == step):
+                found = entry
+    if not maps:
+        raise HistoryError(f"run {run_id} journaled no map items")
+    if step is None and len(maps) > 1:
+        raise HistoryError(f"run {run_id} has {len(maps)} maps ({', '.join(maps)}): name one, e.g. "
+                           f"--item {next(iter(maps))}[{index}]")
+    step = step or next(iter(maps))
+    if step not in maps:
+        raise HistoryError(f"run {run_id} journaled no items of {step!r}; its maps: {', '.join(maps)}")
+    if found is None:
+        raise HistoryError(f"{step}[{index}] is not in run {run_id}'s journal: it did not run (its condition "
+                           f"was false, or the run stopped first; {maps[step]} items of {step} are journaled)")
+    return {"step": step, **{k: v for k, v in found.items() if k != "step"}}

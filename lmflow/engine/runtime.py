@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -364,14 +364,14 @@ class Runtime:
         steps = {**self._steps, **{k: {"output": v} for k, v in outputs.items()}} if outputs else self._steps
         return {"params": self.spec.params, "steps": steps, **extra}
 
-    def items(self, step: StepSpec) -> list[Any]:
+    def items(self, step: StepSpec) -> Sequence[Any]:
         """The items of a map step (its foreach resolved)."""
         from ..datasets import items
 
         foreach = step.foreach
         assert foreach is not None
-        value = templates.render(foreach.value, self.names(step)) if foreach.source == "value" else None
-        return items(foreach, self.spec.dir, value)
+        templated = foreach.source == "value" or "${{" in foreach.value  # a path may hold references
+        return items(foreach, self.spec.dir, templates.render(foreach.value, self.names(step)) if templated else None)
 
     def item_condition(self, step: StepSpec) -> bool:
         """True when `when` refers to the item, so it is decided per item, not for the step."""

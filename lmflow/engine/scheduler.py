@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StepFailure
@@ -45,7 +46,7 @@ class _Map:
     """A map step in progress: its items, the window of items in flight, their outcomes."""
 
     step: StepSpec
-    items: list[Any]
+    items: Sequence[Any]  # a list, or a dataset's rows read when asked for (lmflow.datasets)
     window: int
     started: float
     outputs: list[Any] = field(default_factory=list)
@@ -304,13 +305,15 @@ class Scheduler:
                                cached=outcome.status == "cached")
             else:
                 self._item_done(batch, unit.index, outcome.status,  # type: ignore[arg-type]
-                                output=result.output, seconds=outcome.seconds)
+                                output=result.output, seconds=outcome.seconds, answered_by=result.answered_by,
+                                errors=result.errors)
             return
         assert outcome.failure is not None
         if batch is None:
             self._fail(step, outcome.failure, outcome.seconds)
         else:
-            self._item_failed(batch, unit.index, outcome.failure, outcome.seconds)  # type: ignore[arg-type]
+            self._item_failed(batch, unit.index, outcome.failure, outcome.seconds,  # type: ignore[arg-type]
+                              options=unit.options)
 
     def _complete(self, step: StepSpec, output: Any, *, seconds: float, result: Any = None,
                   cached: bool = False, items: dict[str, int] | None = None,
@@ -336,19 +339,22 @@ class Scheduler:
         self._settle(step, "failed")
 
     def _item_done(self, batch: _Map, index: int, status: str, *, output: Any = _SKIPPED,
-                   seconds: float = 0.0, reason: str | None = None) -> None:
+                   seconds: float = 0.0, reason: str | None = None, answered_by: str | None = None,
+                   errors: list[Any] | None = None) -> None:
         batch.counts[status] += 1
         if status in ("completed", "cached"):
             batch.outputs[index] = output
-        else:
-            batch.problems.append({"index": index, "status": status, "reason": reason})
+        # an item whose condition is false is counted, not listed nor journaled: `when: index < 3`
+        # over a big dataset would write a line for each of its rows
         self.recorder.item(batch.step.id, index, status, output=None if output is _SKIPPED else output,
-                           reason=reason, seconds=seconds, progress=batch.progress())
+                           reason=reason, seconds=seconds, progress=batch.progress(),
+                           journal=status != "skipped", answered_by=answered_by, errors=errors)
         self._report_progress(batch)
         if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
             self._finish_map(batch)
 
-    def _item_failed(self, batch: _Map, index: int, failure: StepFailure, seconds: float) -> None:
+    def _item_failed(self, batch: _Map, index: int, failure: StepFailure, seconds: float,
+                     options: dict[str, Any] | None = None) -> None:
         mode = batch.step.on_item_error
         batch.counts["failed"] += 1
         batch.problems.append({"index": index, "status": "failed", "error_type": failure.error_type,
@@ -359,7 +365,7 @@ class Scheduler:
             batch.first_failure = failure
             batch.stop.set()  # its chunks start no more items
         self.recorder.item(batch.step.id, index, "failed", error=failure, seconds=seconds,
-                           progress=batch.progress())
+                           progress=batch.progress(), options=options)
         self._report_progress(batch)
         if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
             self._finish_map(batch)
@@ -369,6 +375,8 @@ class Scheduler:
         if step.id in self.status:
             return
         self.maps.pop(step.id, None)  # its items are no longer needed
+        if hasattr(batch.items, "close"):  # a dataset file
+            batch.items.close()
         seconds = time.perf_counter() - batch.started
         counts = {"total": len(batch.items), **batch.counts}
         self._report_progress(batch, final=True)

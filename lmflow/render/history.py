@@ -198,3 +198,28 @@ def run_text(run: Run, width: int | None = None) -> str:
         lines.append(f"errors ({len(errors)}):")
         lines += [whole(f"  {step} ", line, 4, width) for step, line in errors]
     return "\n".join([*head, *(line.rstrip() for line in lines)])
+
+
+def item_text(run: Run, item: dict[str, Any]) -> str:
+    """`lmflow runs show RUN --item STEP[N]`: one map item as the run's journal has it."""
+    name = f"{item['step']}[{item['item']}]"
+    how = f"{item['status']} in {item.get('seconds', 0):.2f}s"
+    if item.get("answered_by"):
+        how += f", answered by {item['answered_by']}"
+    lines = [f"run      {run.name} ({run.id})", f"item     {name}: {how}"]
+    if "output" in item:
+        lines.append("output   " + json.dumps(item["output"], indent=2, default=str).replace("\n", "\n         "))
+    error = item.get("error")
+    if error:
+        attempts = error.get("attempts") or 1
+        lines.append(f"error    {error.get('error_type')}: {error.get('message')}"
+                     + (f" ({attempts} attempts)" if attempts > 1 else ""))
+    for earlier in item.get("errors") or ():  # what failed before a fallback answered
+        lines.append(f"fell back {json.dumps(earlier, default=str)}")
+    if item.get("reason"):
+        lines.append(f"reason   {item['reason']}")
+    if "options" in item:
+        lines.append("options  " + json.dumps(item["options"], indent=2, default=str).replace("\n", "\n         "))
+    else:
+        lines.append("options  kept for failed items only (a completed item's would grow a big map's journal)")
+    return "\n".join(lines)

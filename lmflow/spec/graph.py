@@ -78,7 +78,8 @@ def at(doc: Document, path: PathT, offset: int | None) -> Any:
 
 def foreach_source(doc: Document, i: int, raw: Any, spec_dir: Path,
                    problems: list[Problem]) -> Foreach | None:
-    """The source of a map; a dataset file must exist and be JSONL, JSON or CSV."""
+    """The source of a map; a dataset file must exist and be JSONL, JSON or CSV (a path that holds a
+    reference, `{file: "${{ params.dataset }}"}`, is checked when the step starts)."""
     path = ("steps", i, "foreach")
     if isinstance(raw, list):
         return Foreach("value", raw)
@@ -92,6 +93,8 @@ def foreach_source(doc: Document, i: int, raw: Any, spec_dir: Path,
         from ..datasets import FORMATS
 
         name = raw["file"]
+        if "${{" in name:  # its path comes from params or a step: checked when the step starts
+            return Foreach("file", name)
         if Path(name).suffix.lower() not in FORMATS:
             problems.append(doc.problem(path + ("file",), f"cannot read {name} as a dataset",
                                         f"use one of: {', '.join(FORMATS)} (one object per row)"))

@@ -230,7 +230,8 @@ class StepsChecker:
         control: dict[str, Any] = {}
         if mapped and not self.nested:
             control["foreach"] = graph.foreach_source(doc, p.i, raw["foreach"], self.spec_dir, self.problems)
-            if control["foreach"] is not None and control["foreach"].source == "value":
+            source = control["foreach"]
+            if source is not None and (source.source == "value" or "${{" in source.value):
                 self._template_refs(p, raw["foreach"], ("steps", p.i, "foreach"), item_allowed=False)
         elif not self.nested and any(k in raw for k in ("parallel", "on_item_error", "grain")):
             key = next(k for k in ("parallel", "on_item_error", "grain") if k in raw)
