@@ -293,6 +293,9 @@ class Scheduler:
                     self._finish_map(batch)
                 return
         outcome = self.lifecycle.finish(unit, ran)
+        options = unit.options
+        if chunk is not None:  # its chunk keeps it to the chunk's end: not its options (its prompts)
+            unit.options = {}
         if outcome.ok:
             # an edge for the dependents' units. Only completed ones: Prefect would refuse to
             # start a task run that waits for a failed one (NotReady), and a map that skips or
@@ -313,7 +316,7 @@ class Scheduler:
             self._fail(step, outcome.failure, outcome.seconds)
         else:
             self._item_failed(batch, unit.index, outcome.failure, outcome.seconds,  # type: ignore[arg-type]
-                              options=unit.options)
+                              options=options)
 
     def _complete(self, step: StepSpec, output: Any, *, seconds: float, result: Any = None,
                   cached: bool = False, items: dict[str, int] | None = None,

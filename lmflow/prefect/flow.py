@@ -111,6 +111,7 @@ def run_chunk(name: str, step_id: str) -> dict[str, int]:
         # the items of the chunk before start first: a map's items start in their order
         while chunk.previous is not None and not chunk.previous.dispatched.wait(0.2) and not stopped():
             pass
+        chunk.previous = None  # else every chunk of the map would stay alive through the next one
         with ThreadPoolExecutor(max_workers=chunk.width, thread_name_prefix=f"lmflow-{step_id}") as pool:
             for unit in chunk.units:
                 while not chunk.slots.acquire(timeout=0.2) and not stopped():
