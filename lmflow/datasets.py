@@ -24,6 +24,7 @@ from .errors import (
     DatasetError,  # noqa: F401 - raised here, defined with the tree
     )
 from .spec.model import Foreach
+from .spec.templates import is_list
 
 #: dataset files `foreach: {file: ...}` reads, one object per row
 FORMATS = (".jsonl", ".json", ".csv")
@@ -44,7 +45,7 @@ def items(foreach: Foreach, spec_dir: Path, resolved: Any = None) -> Sequence[An
     """The items, in order. `resolved` is the source already resolved: the list of a `value`
     source, the path or pattern of a `file` or `glob` that holds a reference."""
     if foreach.source == "value":
-        if not isinstance(resolved, list):
+        if not is_list(resolved) or isinstance(resolved, tuple):
             kind = "null" if resolved is None else type(resolved).__name__
             raise DatasetError(f"foreach needs a list, got {kind}: {str(resolved)[:80]!r} (refer to a "
                                "list, e.g. a param holding one or a step whose output is one)")
@@ -121,6 +122,12 @@ class Rows(Sequence[Any]):
 
     def __iter__(self) -> Iterator[Any]:
         return (self[i] for i in range(len(self)))
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy opens the file itself
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_file")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _file=None)
 
     def close(self) -> None:
         with self._lock:

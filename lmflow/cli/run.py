@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -79,7 +78,11 @@ def _run_and_report(spec: Path | Spec, params: dict[str, Any] | None, refresh: b
         if progress is not None:
             progress.close()
     if as_json:
-        click.echo(json.dumps({**asdict(result), "errors": result.errors()}, indent=2, default=str))
+        from ..engine.outputs import write_json
+
+        write_json(sys.stdout, {**asdict(result), "errors": result.errors()})  # a map's output row by row
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     else:
         click.echo(report.table(result))
         click.echo(report.footer(result))

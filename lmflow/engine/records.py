@@ -23,6 +23,7 @@ from .. import jsonl
 from ..errors import HistoryError, RecordNotWritten, StepFailure
 from ..home import subdir
 from ..spec.model import Spec
+from .outputs import OutputWriter, journal_default, write_json
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -166,7 +167,7 @@ class RunRecorder:
     def _append(self, entry: dict[str, Any]) -> None:
         if not self._journal.closed:
             try:
-                self._journal.write(json.dumps(entry, default=str) + "\n")
+                self._journal.write(json.dumps(entry, default=journal_default) + "\n")
                 self._journal.flush()
             except OSError as exc:  # the line may be torn: readers skip it, and nothing follows it
                 self._write_failed(self.journal_path, exc)
@@ -189,6 +190,14 @@ class RunRecorder:
                 entry.update({k: v for k, v in asdict(record).items() if k not in ("id", "kind", "status")})
             self._append(entry)
             self.emit("step_started" if record.status == "running" else "step_finished", step=record)
+
+    def output_writer(self, step_id: str) -> OutputWriter:
+        """Where a map step's item outputs go: `runs/<run>/<step>.jsonl` (lmflow.engine.outputs)."""
+        def failed(path: Path, exc: OSError) -> None:
+            with self._lock:
+                self._write_failed(path, exc)
+
+        return OutputWriter(self.journal_path.with_suffix("") / f"{step_id}.jsonl", failed)
 
     def item(self, step_id: str, index: int, status: str, *, output: Any = None,
              error: StepFailure | None = None, reason: str | None = None, seconds: float = 0.0,
@@ -224,7 +233,8 @@ class RunRecorder:
             self.result.seconds = round(time.perf_counter() - self.started, 3)
             tmp = self.path.with_suffix(".tmp")
             try:
-                tmp.write_text(json.dumps(asdict(self.result), indent=2, default=str))
+                with tmp.open("w", encoding="utf-8") as file:  # a map's output row by row from its file
+                    write_json(file, asdict(self.result))
                 tmp.replace(self.path)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)

@@ -370,8 +370,11 @@ class Runtime:
 
         foreach = step.foreach
         assert foreach is not None
+        names = self.names(step)
+        if foreach.source == "value" and isinstance(foreach.value, str):  # a map's output is streamed
+            return items(foreach, self.spec.dir, templates.value_of(foreach.value, names))
         templated = foreach.source == "value" or "${{" in foreach.value  # a path may hold references
-        return items(foreach, self.spec.dir, templates.render(foreach.value, self.names(step)) if templated else None)
+        return items(foreach, self.spec.dir, templates.render(foreach.value, names) if templated else None)
 
     def item_condition(self, step: StepSpec) -> bool:
         """True when `when` refers to the item, so it is decided per item, not for the step."""

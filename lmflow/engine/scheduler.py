@@ -22,9 +22,9 @@ from typing import Any
 
 from ..errors import StepFailure
 from ..spec.model import StepSpec
+from .outputs import NOTHING, OutputWriter
 from .unit import Chunk, Executor, Lifecycle, Outcome, Ran, Unit
 
-_SKIPPED = object()  # an item whose condition was false, or that failed with on_item_error: skip
 #: `grain: auto`: maps of up to this many items run an item per unit (a task run each in the UI)
 AUTO_ITEMS = 100
 #: chunks of a map in flight at once: while one drains, the next fills the window
@@ -49,7 +49,8 @@ class _Map:
     items: Sequence[Any]  # a list, or a dataset's rows read when asked for (lmflow.datasets)
     window: int
     started: float
-    outputs: list[Any] = field(default_factory=list)
+    #: where its items' outputs go, in input order (lmflow.engine.outputs)
+    outputs: OutputWriter | None = None
     next: int = 0
     in_flight: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
@@ -181,7 +182,7 @@ class Scheduler:
             self._complete(step, [], seconds=0.0, items={"total": 0})
             return
         window = step.parallel or self.max_parallel
-        batch = _Map(step, items, window, started, outputs=[_SKIPPED] * len(items),
+        batch = _Map(step, items, window, started, outputs=self.recorder.output_writer(step.id),
                      chunk=chunk_size(step, len(items), window))
         if batch.chunk is not None:
             batch.slots = threading.BoundedSemaphore(min(window, self.max_parallel))
@@ -341,15 +342,15 @@ class Scheduler:
         self.recorder.update(step.id, **changes)
         self._settle(step, "failed")
 
-    def _item_done(self, batch: _Map, index: int, status: str, *, output: Any = _SKIPPED,
+    def _item_done(self, batch: _Map, index: int, status: str, *, output: Any = NOTHING,
                    seconds: float = 0.0, reason: str | None = None, answered_by: str | None = None,
                    errors: list[Any] | None = None) -> None:
         batch.counts[status] += 1
-        if status in ("completed", "cached"):
-            batch.outputs[index] = output
+        assert batch.outputs is not None
+        batch.outputs.put(index, output if status in ("completed", "cached") else NOTHING)
         # an item whose condition is false is counted, not listed nor journaled: `when: index < 3`
         # over a big dataset would write a line for each of its rows
-        self.recorder.item(batch.step.id, index, status, output=None if output is _SKIPPED else output,
+        self.recorder.item(batch.step.id, index, status, output=None if output is NOTHING else output,
                            reason=reason, seconds=seconds, progress=batch.progress(),
                            journal=status != "skipped", answered_by=answered_by, errors=errors)
         self._report_progress(batch)
@@ -362,9 +363,9 @@ class Scheduler:
         batch.counts["failed"] += 1
         batch.problems.append({"index": index, "status": "failed", "error_type": failure.error_type,
                                "reason": failure.message, "attempts": failure.attempts})
-        if mode == "collect":
-            batch.outputs[index] = None
-        elif mode == "fail" and batch.first_failure is None:
+        assert batch.outputs is not None
+        batch.outputs.put(index, None if mode == "collect" else NOTHING)
+        if mode == "fail" and batch.first_failure is None:
             batch.first_failure = failure
             batch.stop.set()  # its chunks start no more items
         self.recorder.item(batch.step.id, index, "failed", error=failure, seconds=seconds,
@@ -393,8 +394,11 @@ class Scheduler:
             failure = StepFailure(step=step.id, error_type=first.error_type, message=message,
                                   attempts=first.attempts, retryable=first.retryable, extra=first.extra)
             self._fail(step, failure, seconds, counts, batch.problems)
+            assert batch.outputs is not None
+            batch.outputs.discard()
             return
-        output = [o for o in batch.outputs if o is not _SKIPPED]
+        assert batch.outputs is not None
+        output = batch.outputs.close()
         if step.id in self.dependents:  # they wait for one edge, not for every item
             self.edges[step.id] = [self.executor.join(step.id, self.edges.get(step.id, []))]
         self._complete(step, output, seconds=round(seconds, 3), items=counts, problems=batch.problems,

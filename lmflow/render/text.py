@@ -7,9 +7,13 @@ import shutil
 import textwrap
 from typing import Any
 
+from ..spec.templates import is_list
+
 
 def short(value: Any, width: int = 48) -> str:
     """A preview of an output on one line; never used for errors, whose fix is at their end."""
+    if is_list(value) and not isinstance(value, (list, tuple)):  # a map's output on disk: its first items
+        value = value[:width]
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"

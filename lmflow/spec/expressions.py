@@ -36,6 +36,7 @@ from simpleeval import InvalidExpression, IterableTooLong, NumberTooHigh, Simple
 
 from ..errors import ExpressionError  # noqa: F401 - raised here, defined with the tree
 from .hints import suggest
+from .templates import is_list
 
 MAX_LENGTH = 1000
 MAX_DIGITS = 4300  # as Python's int <-> str conversion limit
@@ -319,7 +320,7 @@ def _kind(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, (list, tuple)):
+    if is_list(value):
         return "a list"
     if isinstance(value, dict):
         return "an object"
@@ -341,7 +342,7 @@ def _lookup(container: Any, key: Any) -> Any:
         return None
     if isinstance(container, dict) and isinstance(key, (str, int, float)):
         return container.get(key)
-    if isinstance(container, (list, tuple)) and type(key) is int:
+    if is_list(container) and type(key) is int:
         return container[key] if -len(container) <= key < len(container) else None
     what = f"item [{key}]" if type(key) is int else "null" if key is None else repr(key)
     raise TypeError(f"cannot look up {what} in {_kind(container)} (only objects have keys, "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -128,8 +128,8 @@ def lookup(ref: Ref, context: dict[str, Any]) -> Any:
         if current is None and (ref.root == "steps" and n >= 2 or held and n >= 1):
             return None
         if isinstance(part, int):
-            if not isinstance(current, list) or part >= len(current):
-                size = len(current) if isinstance(current, list) else "not a list"
+            if not is_list(current) or part >= len(current):
+                size = len(current) if is_list(current) else "not a list"
                 raise TemplateError(f"{ref.text}: {walked} has no item [{part}] ({size})")
             current = current[part]
             walked += f"[{part}]"
@@ -143,10 +143,29 @@ def lookup(ref: Ref, context: dict[str, Any]) -> Any:
     return current
 
 
+def value_of(text: str, context: dict[str, Any]) -> Any:
+    """The value of a string that is one reference, as it is: a sequence read on demand (a map's
+    output on disk, for a `foreach` over it) stays one."""
+    whole = _TEMPLATE.fullmatch(text.strip())
+    assert whole is not None, text
+    return lookup(parse_ref(whole.group(1)), context)
+
+
+def is_list(value: Any) -> bool:
+    """A list, or a sequence read on demand (a dataset's rows, a big map's output)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+def as_value(value: Any) -> Any:
+    """`value` as a step's options hold it: a sequence read on demand (a map's output on disk)
+    becomes a list, as the step is given it whole."""
+    return list(value) if is_list(value) and not isinstance(value, (list, tuple)) else value
+
+
 def _as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(as_value(value), ensure_ascii=False)
 
 
 def render(value: Any, context: dict[str, Any]) -> Any:
@@ -154,7 +173,7 @@ def render(value: Any, context: dict[str, Any]) -> Any:
     if isinstance(value, str):
         whole = _TEMPLATE.fullmatch(value)
         if whole:
-            return lookup(parse_ref(whole.group(1)), context)
+            return as_value(lookup(parse_ref(whole.group(1)), context))
         return _PIECE.sub(lambda m: "${{" if m.group(1) is None
                           else _as_text(lookup(parse_ref(m.group(1)), context)), value)
     if isinstance(value, dict):
