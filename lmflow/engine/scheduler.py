@@ -112,6 +112,7 @@ class Scheduler:
         self.maps: dict[str, _Map] = {}
         #: what each step's dependents wait for: its unit's edge, or the join of a map's items
         self.edges: dict[str, list[Any]] = {}
+        self.edge_ids: set[int] = set()  # (a chunk's items share their chunk's edge: it is added once)
         self.in_flight = 0
 
     # -- the loop ---------------------------------------------------------
@@ -301,7 +302,11 @@ class Scheduler:
             # an edge for the dependents' units. Only completed ones: Prefect would refuse to
             # start a task run that waits for a failed one (NotReady), and a map that skips or
             # collects its failed items hands its dependents an output all the same
-            self.edges.setdefault(step.id, []).append(outcome.edge)
+            # (a chunk's items: the chunk's task run, once)
+            edge = outcome.edge if chunk is None else chunk.edge
+            if edge is not None and id(edge) not in self.edge_ids:
+                self.edge_ids.add(id(edge))
+                self.edges.setdefault(step.id, []).append(edge)
             result = outcome.result
             assert result is not None
             if batch is None:

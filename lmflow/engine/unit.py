@@ -73,6 +73,8 @@ class Chunk:
     dispatched: threading.Event = field(default_factory=threading.Event)
     #: units not yet reported back (the scheduler counts them down)
     left: int = 0
+    #: the executor's handle of its task run: what units depending on its items wait for
+    edge: Any = None
 
 
 class ResultCache(Protocol):

@@ -191,7 +191,7 @@ class PrefectExecutor:
     def submit_chunk(self, chunk: Chunk, after: Sequence[Any]) -> None:
         self.chunks[chunk.name] = chunk
         self._reported[id(chunk)] = set()
-        future = run_chunk.submit(chunk.name, chunk.step.id, wait_for=after)
+        future = chunk.edge = run_chunk.submit(chunk.name, chunk.step.id, wait_for=after)
         future.wrapped_future.add_done_callback(lambda done: self._chunk_over(chunk, done))
 
     def report(self, chunk: Chunk, unit: Unit, ran: Ran) -> None:
