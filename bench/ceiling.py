@@ -7,7 +7,9 @@ For each level (requests in flight, items):
 (b) `lmflow run` of a spec mapping a `prompt` step over the same items with `parallel`,
     `max_parallel` and the server's `parallel` at that level, against a running Prefect server
     (grain auto: chunks for maps above 100 items), no caches.
-lmflow's share = plain seconds / lmflow's map seconds (from the run record), the same run.
+lmflow's share = plain seconds / lmflow's map seconds (from the run record), the same run; the
+server's seconds from lmflow's first request to its last answer tell the map's start and end
+(a chunk's task run to create, its threads to start) from its middle.
 Targets (issue: maps at the server's speed): >= 95% at 4 and 16 in flight, >= 90% at 64.
 Then the ceiling: 256 in flight against a 10 ms server, items per second of lmflow next to a
 plain asyncio httpx client with 256 requests in flight.
@@ -42,6 +44,8 @@ class NoCpuServer:
     def __init__(self) -> None:
         self.delay = 0.1
         self.in_flight = self.most = self.count = 0
+        self.first: float | None = None  # the first request since the reset, the last answer
+        self.last: float | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -57,15 +61,20 @@ class NoCpuServer:
                     body = {"object": "list", "data": [{"id": "nocpu", "object": "model"}]}
                 elif path.startswith("/bench/reset"):
                     self.delay, self.most, self.count = float(path.split("delay=")[1]), 0, 0
+                    self.first = self.last = None
                     body = {}
                 elif path.startswith("/bench/stats"):
-                    body = {"most": self.most, "count": self.count}
+                    span = self.last - self.first if self.first is not None else None
+                    body = {"most": self.most, "count": self.count, "span": span}
                 else:
                     self.in_flight += 1
                     self.count += 1
+                    if self.first is None:
+                        self.first = time.perf_counter()
                     self.most = max(self.most, self.in_flight)
                     await asyncio.sleep(self.delay)
                     self.in_flight -= 1
+                    self.last = time.perf_counter()
                     body = {"id": "x", "object": "chat.completion", "model": "nocpu", "created": 0,
                             "choices": [{"index": 0, "finish_reason": "stop",
                                          "message": {"role": "assistant", "content": "ok"}}],
@@ -112,7 +121,11 @@ class Server:
 
     @property
     def most(self) -> int:
-        return httpx.get(f"{self.url}/bench/stats").json()["most"]
+        return self.stats()["most"]
+
+    def stats(self) -> dict:
+        """Most requests in flight, requests, seconds from the first request to the last answer."""
+        return httpx.get(f"{self.url}/bench/stats").json()
 
     def stop(self) -> None:
         self.proc.kill()
@@ -207,8 +220,10 @@ def main() -> None:
                 plain = plain_threads(server.url, items, parallel)
                 server.reset(delay)
                 seconds, wall = lmflow_map(spec(folder, server.url, items, parallel))
+                stats = server.stats()
                 print(f"{parallel:>9} {items:>6} {delay:>6} {plain:>10.2f} {seconds:>15.2f} "
-                      f"{plain / seconds:>6.0%} {server.most:>15}   (lmflow process {wall:.1f}s)")
+                      f"{plain / seconds:>6.0%} {stats['most']:>15}   (first request to last answer "
+                      f"{stats['span']:.2f}s; lmflow process {wall:.1f}s)")
             parallel, items, delay = CEILING
             server.reset(delay)
             plain = plain_async(server.url, items, parallel)
