@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, MODELS, ROOT, lmflow_cmd, lmflow_in_process, wait_for
+from conftest import BIN, MODELS, ROOT, lmflow_cmd, wait_for
 from test_run import engines_with_alias
 
 from lmflow.engine.records import read_record
@@ -306,18 +306,18 @@ def test_large_or_chunked_maps_run_as_chunks_and_keep_each_item_s_record(
     assert [o["value"] for o in steps["big"]["output"]] == list(range(250))
 
     # one item inside a chunk, from the run's journal: a failed one with what it was asked
-    shown = lmflow_in_process("runs", "show", result["run_id"], "--item", "collected[2]")
-    assert shown.exit_code == 0, shown.output
-    assert "item     collected[2]: failed in" in shown.output
-    assert "flowhelp:picky raised ValueError: 3 is a multiple of 3" in shown.output
-    assert '"x": 3' in shown.output  # its options
-    item = json.loads(lmflow_in_process("runs", "show", result["run_id"], "--item", "big[249]", "--json").output)
+    shown = lmflow_cmd("runs", "show", result["run_id"], "--item", "collected[2]")
+    assert shown.returncode == 0, shown.stderr
+    assert "item     collected[2]: failed in" in shown.stdout
+    assert "flowhelp:picky raised ValueError: 3 is a multiple of 3" in shown.stdout
+    assert '"x": 3' in shown.stdout  # its options
+    item = json.loads(lmflow_cmd("runs", "show", result["run_id"], "--item", "big[249]", "--json").stdout)
     assert (item["status"], item["output"]["value"], item["run"]) == ("completed", 249, result["run_id"])
-    for ref, message in (("5", "has 4 maps ("),
-                         ("stopped[6]", "stopped[6] is not in run"), ("nope[1]", "journaled no items of 'nope'"),
+    for ref, message in (("5", "has 4 maps ("), ("stopped[6]", "stopped[6] is not in run"),
+                         ("nope[1]", "journaled no items of 'nope'"),
                          ("each[x]", "give the map's step and the item's index")):
-        refused = lmflow_in_process("runs", "show", result["run_id"], "--item", ref)
-        assert refused.exit_code != 0 and message in refused.output, (ref, refused.output)
+        refused = lmflow_cmd("runs", "show", result["run_id"], "--item", ref)
+        assert refused.returncode != 0 and message in refused.stderr, (ref, refused.stderr)
 
     runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
         "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 24 and r, timeout=60)
