@@ -362,3 +362,52 @@ def test_a_policy_field_refers_to_params_only_and_gets_a_value_it_takes(tmp_path
         "or 2m (fix the param's value (-p) or its default)",
         "7:14: steps[0].retries: retries is -1 with this run's params: expected a whole number (fix the "
         "param's value (-p) or its default)"]
+
+
+BLOCKS_FROM_PARAMS = """\
+    params: {free: 1GiB, idle: "20%", ttl: 1h, at_once: 3, fails: 2, size: 500MB}
+    guard: {min_free_memory: "${{ params.free }}", min_cpu_idle: "${{ params.idle }}", action: fail}
+    breaker: {failures: "${{ params.fails }}", cooldown: "${{ params.ttl }}"}
+    response_cache: {ttl: "${{ params.ttl }}", size_limit: "${{ params.size }}"}
+    steps:
+      - id: each
+        foreach: [1, 2]
+        parallel: "${{ params.at_once }}"
+        cache: {ttl: "${{ params.ttl }}"}
+        python: {function: "helpers:text_stats", args: {text: "a b"}}
+    """
+
+
+def test_guard_breaker_caches_and_parallel_take_this_run_s_params(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, BLOCKS_FROM_PARAMS)
+    spec = load_spec(path, {"free": "2GiB", "idle": "35%", "ttl": "2h", "at_once": 5, "fails": 7,
+                            "size": "2GB"})
+    assert (spec.guard.min_free_memory, spec.guard.min_cpu_idle) == (2 * 2**30, 0.35)
+    assert (spec.breaker.failures, spec.breaker.cooldown) == (7, 7200.0)
+    assert (spec.response_cache.ttl, spec.response_cache.size_limit) == (7200.0, 2 * 10**9)
+    each = spec.step("each")
+    assert (each.parallel, each.policy.cache_ttl) == (5, 7200.0)
+    assert load_spec(path).guard.min_free_memory == 2**30  # the param's default
+    main(["plan", str(path), "-p", "free=2GiB", "-p", "idle=35%", "-p", "at_once=5"])
+    out = capsys.readouterr().out
+    assert "guard: fail when free memory < 2 GiB or idle CPU < 35%" in out
+    assert "response cache: ttl 1h, at most 500 MB" in out and "2 at once" not in out and "5 at once" in out
+    with pytest.raises(lmflow.SpecError) as info:
+        load_spec(path, {"free": "lots", "at_once": 0})
+    assert [p.render().removeprefix(f"{path}:") for p in info.value.problems] == [
+        "4:26: guard.min_free_memory: min_free_memory is 'lots' with this run's params: expected a size "
+        "such as 500MB or 2GiB (fix the param's value (-p) or its default)",
+        "10:15: steps[0].parallel: parallel is 0 with this run's params: expected a whole number >= 1 (fix "
+        "the param's value (-p) or its default)"]
+
+
+def test_a_field_read_as_written_refuses_a_reference(tmp_path: Path) -> None:
+    path = write(tmp_path, BLOCKS_FROM_PARAMS.replace("action: fail", 'action: "${{ params.idle }}"')
+                 .replace("        parallel:", "        grain: \"${{ params.at_once }}\"\n        parallel:"))
+    hint = ("(write the value itself; params can set a step's policy, parallel and cache.ttl, defaults, "
+            "breaker, guard, response_cache and server fields)")
+    assert problems(path) == [
+        f"4:92: guard.action: cannot use ${{{{ params.idle }}}}: this field is read as written, before any "
+        f"step runs {hint}",
+        f"10:12: steps[0].grain: cannot use ${{{{ params.at_once }}}}: this field is read as written, before "
+        f"any step runs {hint}"]

@@ -8,7 +8,7 @@ from ..backends import backend_class
 from ..engine.records import RunResult, StepRecord
 from ..spec.model import Spec
 from ..steps import get_kind
-from .text import short, whole
+from .text import short, size_text, whole
 
 MARK = {"completed": "ok", "cached": "ok", "failed": "FAILED", "skipped": "skipped"}
 
@@ -132,13 +132,13 @@ def plan(spec: Spec) -> str:
                  "failed calls in a row")
     if spec.guard:
         g = spec.guard
-        short_of = [f"free memory < {g.min_free_memory / 2**30:.1f} GiB" if g.min_free_memory else "",
+        short_of = [f"free memory < {size_text(g.min_free_memory)}" if g.min_free_memory else "",
                     f"idle CPU < {g.min_cpu_idle:.0%}" if g.min_cpu_idle is not None else ""]
         lines.append(f"guard: {g.action} when {' or '.join(x for x in short_of if x)}")
     if spec.response_cache:
         c = spec.response_cache
         ttl = f"ttl {seconds(c.ttl)}, " if c.ttl else ""
-        lines.append(f"response cache: {ttl}at most {c.size_limit / 1e6:g} MB"
+        lines.append(f"response cache: {ttl}at most {size_text(c.size_limit)}"
                      + (f" in {c.directory}" if c.directory else ""))
     lines.append(f"at most {spec.max_parallel} steps or items at once (defaults.max_parallel)")
     lines.append("")

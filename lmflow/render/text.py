@@ -34,3 +34,14 @@ def whole(prefix: str, text: str, indent: int, width: int | None = None) -> str:
         lines.append(textwrap.fill(line, width, initial_indent=first, subsequent_indent=pad,
                                    break_long_words=False, break_on_hyphens=False) or first.rstrip())
     return "\n".join(lines)
+
+
+def size_text(size: int) -> str:
+    """Bytes as written in a spec: `1 GiB` for 2**30, `500 MB` for 500,000,000."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    for unit, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= factor:
+            return f"{size / factor:.4g} {unit}"
+    return f"{size} B"

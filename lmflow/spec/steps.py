@@ -129,14 +129,14 @@ class StepsChecker:
             if p.id not in self.prepared:
                 continue
             control = controls[p.id]
+            fields = with_params(self.doc, self.scope.base + (p.i,), p.raw, self.params, self.problems)
             steps.append(StepSpec(
                 id=p.id, kind=p.kind, options=self.prepared[p.id],
-                policy=step_policy(with_params(self.doc, self.scope.base + (p.i,), p.raw, self.params,
-                                               self.problems), self.defaults),
+                policy=step_policy(fields, self.defaults),
                 index=p.i, description=p.raw.get("description"),
                 depends_on=tuple(self.deps.get(p.id, ())),
                 foreach=control.get("foreach"), when=control.get("when"),
-                parallel=p.raw.get("parallel") if isinstance(p.raw.get("parallel"), int) else None,
+                parallel=fields.get("parallel") if isinstance(fields.get("parallel"), int) else None,
                 on_item_error=p.raw.get("on_item_error", "fail"), grain=p.raw.get("grain", "auto"),
                 nested=control.get("nested"), held=control.get("held", ()), parent=self.scope.holder,
             ))

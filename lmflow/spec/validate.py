@@ -22,7 +22,7 @@ from .model import (
     parse_duration,
 )
 from .params import check_params, type_name
-from .policy import check_resilience, step_policy, with_params
+from .policy import check_resilience, step_policy, takes_params, with_params
 from .schedules import check_schedules
 from .schema import base_schema, spec_schema
 from .servers import check_models, check_servers
@@ -65,8 +65,6 @@ def _too_long(duration: Any) -> bool:
 
 def _schema_problems(doc: Document) -> Iterator[Problem]:
     for error in _validator().iter_errors(doc.data):
-        if _is_reference(error.instance):
-            continue  # `max_tokens: ${{ params.n }}`: its type is checked once resolved
         yield from _render_schema_error(doc, error)
 
 
@@ -78,6 +76,12 @@ def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Proble
     path: PathT = tuple(err.absolute_path)
     value = err.instance
     kind = err.validator
+    if _is_reference(value):
+        if not takes_params(path, kinds()):  # (said once: problems are deduplicated)
+            yield doc.problem(path, f"cannot use {value.strip()}: this field is read as written, before any "
+                              "step runs", "write the value itself; params can set a step's policy, parallel "
+                              "and cache.ttl, defaults, breaker, guard, response_cache and server fields")
+        return  # `max_tokens: ${{ params.n }}`: its type is checked once resolved
     if kind is None:  # a `false` schema: another backend's server option, said by _backend_options
         return
     if kind == "additionalProperties":
@@ -169,7 +173,7 @@ def _load_spec(path: Path, params: dict[str, Any] | None) -> Spec:
     defaults = step_policy(raw_defaults, Policy())
     steps = StepsChecker(doc, path.resolve().parent, params_values, models, defaults, problems, servers,
                          Scope(contexts=_context_lengths(models, doc.data))).check(doc.data.get("steps"))
-    breaker, guard, response_cache = check_resilience(doc)
+    breaker, guard, response_cache = check_resilience(doc, params_values, problems)
     schedules = check_schedules(doc, problems)
     if problems:
         raise SpecError(_dedupe(problems))
