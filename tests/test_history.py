@@ -94,6 +94,7 @@ def test_runs_lists_a_specs_runs_newest_first(prefect_api: str, tmp_path: Path) 
     assert [r["state"] for r in listed] == ["Failed", "Completed"]
     assert [r["failed"] for r in listed] == [["check"], []]
     assert [r["cached"] for r in listed] == [1, 0]  # dump was reused by the second run
+    assert [r["cached_answers"] for r in listed] == [0, 0]  # (no model: no response cache)
     sha = hashlib.sha256(spec.read_bytes()).hexdigest()[:12]
     assert [r["version"] for r in listed] == [{"commit": commit, "dirty": False, "sha256": sha}] * 2
     assert all(r["seconds"] > 0 for r in listed)
@@ -102,8 +103,8 @@ def test_runs_lists_a_specs_runs_newest_first(prefect_api: str, tmp_path: Path) 
     out = lmflow_cmd("runs", "--limit", "1", name)
     assert out.returncode == 0, out.stderr
     header, rule, row = out.stdout.splitlines()
-    assert header.split() == ["run", "state", "start", "duration", "failed", "cached", "spec"]
-    assert row.split()[:2] == [second["run_id"], "Failed"] and row.split()[-3:] == ["check", "1", commit]
+    assert header.split() == ["run", "state", "start", "duration", "failed", "cached", "step/answer", "spec"]
+    assert row.split()[:2] == [second["run_id"], "Failed"] and row.split()[-3:] == ["check", "1/0", commit]
     assert lmflow_cmd("runs", name, "--limit", "1").stdout == out.stdout
 
     # the summary in Prefect's UI is the run's table, errors whole

@@ -47,3 +47,38 @@ def test_a_short_error_stays_on_its_row() -> None:
     assert table(result, width=80).splitlines()[2].endswith(": start LM Studio")
     listed = footer(result, width=80).splitlines()
     assert "  extract attempt 3: BackendUnreachable: connection refused: start LM Studio" in listed
+
+
+def test_runs_counts_answers_from_either_cache() -> None:
+    from lmflow.render.history import Run, runs_table
+
+    rows = [{"step": "a", "status": "cached", "cached": "step"},
+            {"step": "b", "status": "completed", "cached": "answer"},
+            {"step": "c", "status": "completed", "cached": "answer"},
+            {"step": "d", "status": "failed", "cached": "no"}]
+    run = Run(id="1", name="r-1", spec="r", state="Failed", start=None, end=None, version={},
+              parameters={}, ui_url="", steps=rows)
+    assert (run.cached, run.cached_answers, run.failed) == (1, 2, ["d"])
+    assert run.as_dict()["cached_answers"] == 2
+    header, _, row = runs_table([run]).splitlines()
+    assert "cached step/answer" in header and row.split()[-2:] == ["1/2", "?"]
+
+
+def test_a_503_says_loading_only_when_the_server_does() -> None:
+    import httpx
+
+    from lmflow.backends.openai import OpenAIClient
+
+    def server(request: httpx.Request) -> httpx.Response:
+        said = "Loading model" if request.url.path.endswith("loading") else "Service Unavailable"
+        return httpx.Response(503, json={"error": {"message": said}})
+
+    client = OpenAIClient("http://127.0.0.1:9", transport=httpx.MockTransport(server))
+    errors = {}
+    for path in ("/loading", "/busy"):
+        try:
+            client.request("GET", path)
+        except Exception as exc:  # noqa: BLE001 - what it says is the test
+            errors[path] = str(exc)
+    assert "it is still loading the model" in errors["/loading"]
+    assert "loading" not in errors["/busy"] and "overloaded or going down" in errors["/busy"]

@@ -411,3 +411,35 @@ def test_a_field_read_as_written_refuses_a_reference(tmp_path: Path) -> None:
         f"step runs {hint}",
         f"10:12: steps[0].grain: cannot use ${{{{ params.at_once }}}}: this field is read as written, before "
         f"any step runs {hint}"]
+
+
+def test_plan_shows_the_schedule_and_a_prompt_s_response_cache(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, """\
+        schedule: {cron: "0 6 * * 1-5", timezone: Europe/Berlin}
+        response_cache: {ttl: 1d}
+        models: {smol: {key: smollm2-135m-instruct}}
+        steps:
+          - id: a
+            prompt: {model: smol, user: hi, response_cache: {key: "helpers:text_stats", ttl: 2h}}
+          - id: b
+            prompt: {model: smol, user: hi, response_cache: false}
+        """)
+    main(["plan", str(path)])
+    out = capsys.readouterr().out
+    assert "schedule: cron '0 6 * * 1-5' (Europe/Berlin) (when served or deployed)" in out
+    assert "response cache: ttl 1d, at most 1 GiB" in out
+    assert "     response cache: ttl 2h, key helpers:text_stats (answers shared by requests it maps to one key)" in out
+    assert "     response cache off for this step" in out
+
+
+def test_a_kind_s_option_written_beside_it_says_where_it_goes(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        models: {smol: {key: smollm2-135m-instruct}}
+        steps:
+          - id: a
+            response_cache: {key: "helpers:text_stats"}
+            prompt: {model: smol, user: hi}
+        """)
+    (problem,) = problems(path)
+    assert problem.endswith("steps[0].response_cache: unknown key 'response_cache' ('response_cache' is an "
+                            "option of prompt: put it under prompt:)")

@@ -199,9 +199,12 @@ class OpenAIClient:
             return BackendHTTPError(
                 f"{self.url}{path} refused the request (HTTP {status}): {message}; "
                 "set the API token (server.api_key_env)", url=self.url, status=status, body=text)
-        if status == 503:
+        if status == 503:  # llama-server says "Loading model" while it loads; other servers other things
+            loading = "loading" in message.lower()
             return BackendHTTPError(
-                f"{self.url} is not ready (HTTP 503: {message}); it is probably still loading",
+                f"{self.url} is not ready (HTTP 503: {message})"
+                + ("; it is still loading the model: wait, or raise the step's retries" if loading
+                   else "; the server is overloaded or going down: check its log"),
                 url=self.url, status=status, body=text)
         return BackendHTTPError(f"{self.url}{path} answered HTTP {status}: {message}",
                                 url=self.url, status=status, body=text)

@@ -125,12 +125,18 @@ class Run:
 
     @property
     def cached(self) -> int:
+        """Steps answered from the step cache."""
         return sum(1 for r in self.steps if r["status"] == "cached")
+
+    @property
+    def cached_answers(self) -> int:
+        """Steps whose model answer came from the response cache."""
+        return sum(1 for r in self.steps if r.get("cached") == "answer")
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "start": self.start.isoformat() if self.start else None,
                 "end": self.end.isoformat() if self.end else None, "seconds": self.seconds,
-                "failed": self.failed, "cached": self.cached}
+                "failed": self.failed, "cached": self.cached, "cached_answers": self.cached_answers}
 
 
 def version_text(version: dict[str, Any]) -> str:
@@ -156,10 +162,10 @@ def runs_table(runs: list[Run]) -> str:
     """`lmflow runs`: one line per run."""
     if not runs:
         return "no lmflow runs found"
-    rows = [("run", "state", "start", "duration", "failed", "cached", "spec")]
+    rows = [("run", "state", "start", "duration", "failed", "cached step/answer", "spec")]
     for r in runs:
         rows.append((r.name, r.state, _when(r.start), _duration(r), ",".join(r.failed) or "-",
-                     str(r.cached), version_text(r.version)))
+                     f"{r.cached}/{r.cached_answers}", version_text(r.version)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -140,6 +140,8 @@ def plan(spec: Spec) -> str:
         ttl = f"ttl {seconds(c.ttl)}, " if c.ttl else ""
         lines.append(f"response cache: {ttl}at most {size_text(c.size_limit)}"
                      + (f" in {c.directory}" if c.directory else ""))
+    for schedule in spec.schedules:
+        lines.append(f"schedule: {schedule.describe()} (when served or deployed)")
     lines.append(f"at most {spec.max_parallel} steps or items at once (defaults.max_parallel)")
     lines.append("")
     for i, step in enumerate(spec.steps, 1):

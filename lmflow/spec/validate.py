@@ -89,8 +89,12 @@ def _render_schema_error(doc: Document, err: ValidationError) -> Iterator[Proble
         for extra in sorted(set(value) - set(allowed), key=str):
             hint = _suggest(extra, allowed)
             if path[:1] == ("steps",) and len(path) == 2:
+                owners = [name for name, kind in kinds().items()
+                          if extra in kind.options_schema.get("properties", {}) and name in value]
                 step_kinds = ", ".join(kinds())
                 hint = f"{hint}; step kinds: {step_kinds}" if hint else f"step kinds: {step_kinds}"
+                if owners:  # `response_cache: {key: ...}` written beside `prompt:` instead of in it
+                    hint = f"'{extra}' is an option of {owners[0]}: put it under {owners[0]}:"
             yield doc.problem(path + (extra,), f"unknown key '{extra}'", hint, key=True)
     elif kind == "oneOf" and all("required" in s for s in err.validator_value):
         return  # "exactly one step kind" is reported by _check_steps, more clearly

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import InvalidResponse, LmflowError, Problem, RunStopping
-from ..spec.model import Link, parse_duration
+from ..spec.model import Link, StepSpec, parse_duration
 from . import register
 from .base import (
     FALLBACK_OPTION,
@@ -249,6 +249,17 @@ class PromptStep(ModelStep):
         fallback = parse_fallback(options["fallback"]) if "fallback" in options else (
             model.fallback if model is not None else ())
         return [Link("model", options["model"]), *fallback]
+
+    def plan_lines(self, step: StepSpec, params: dict[str, Any]) -> list[str]:
+        setting = step.options.get("response_cache")
+        if setting is False:
+            return ["     response cache off for this step"]
+        if isinstance(setting, dict):
+            ttl = f"ttl {setting['ttl']}" if "ttl" in setting else ""
+            key = f"key {setting['key']} (answers shared by requests it maps to one key)" \
+                if "key" in setting else ""
+            return ["     response cache: " + ", ".join(x for x in (ttl, key) if x)] if ttl or key else []
+        return []
 
     def run(self, options: dict[str, Any], ctx: StepContext) -> StepResult:
         from ..backends.base import ChatRequest
