@@ -388,6 +388,7 @@ class Scheduler:
             batch.items.close()
         seconds = time.perf_counter() - batch.started
         counts = {"total": len(batch.items), **batch.counts}
+        batch.problems.sort(key=lambda problem: problem["index"])  # in input order, as they finished
         self._report_progress(batch, final=True)
         if batch.first_failure is not None:
             first = batch.first_failure

@@ -203,7 +203,7 @@ def _context_lengths(models: dict[str, ModelConfig], data: dict[str, Any]) -> di
             pending.extend(node)
         elif isinstance(node, dict):
             alias, size = node.get("model"), node.get("context_length")
-            if alias in found and is_count(size):
+            if isinstance(alias, str) and alias in found and is_count(size):
                 found[alias] = max(found[alias], size)
             pending.extend(node.values())
     return found  # type: ignore[return-value]
