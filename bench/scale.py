@@ -55,7 +55,8 @@ defaults: {{cache: false, max_parallel: 4}}
 steps:
   - id: each
     foreach: {{file: {name}}}
-""" + (f"    when: {when}\n" if when else "") + f"""    python: {{function: "scalehelp:{function}", args: {{{arg}}}}}
+""" + (f"    when: {when}\n" if when else "") \
+        + f"""    python: {{function: "scalehelp:{function}", args: {{{arg}}}}}
 """
 
 
@@ -89,7 +90,8 @@ def run(spec: Path) -> tuple[dict, float, int]:
 
 
 def row(shape: str, seconds: float, n: int, peak: int, wall: float) -> None:
-    print(f"{shape:<22} {seconds:>9.2f} {1000 * seconds / n:>14.3f} {peak / 1e6:>14.0f}   (whole process {wall:.1f}s)")
+    print(f"{shape:<22} {seconds:>9.2f} {1000 * seconds / n:>14.3f} {peak / 1e6:>14.0f}"
+          f"   (whole process {wall:.1f}s)")
 
 
 def main() -> None:
@@ -106,7 +108,8 @@ def main() -> None:
         server = prefect_server.start()
         try:
             for n in map_sizes:
-                (folder / f"items{n}.jsonl").write_text("".join(json.dumps({"i": i}) + "\n" for i in range(n)))
+                rows = "".join(json.dumps({"i": i}) + "\n" for i in range(n))
+                (folder / f"items{n}.jsonl").write_text(rows)
                 (folder / f"map{n}.yaml").write_text(map_spec(n))
             for n in STEP_SIZES:
                 (folder / f"steps{n}.yaml").write_text(steps_spec(n))
@@ -129,14 +132,15 @@ def main() -> None:
                 row(f"{n:,} steps", seconds, n, peak, wall)
             for shape, rows in (("map", maps), ("steps", steps)):
                 sizes = sorted(rows)
-                for low, high in zip(sizes, sizes[1:]):
+                for low, high in zip(sizes, sizes[1:], strict=False):
                     (t0, m0), (t1, m1) = rows[low], rows[high]
                     print(f"{shape}: per-unit time x{t1 / t0:.2f} and peak memory x{m1 / m0:.2f} "
                           f"from {low:,} to {high:,} units")
 
             # a filter over a big file: `when: index < 3` computes 3 items of 500,000
             write_rows(folder / "lines.jsonl", 500_000, 60)
-            (folder / "filter.yaml").write_text(file_spec("lines.jsonl", "index < 3", "f", 'x: "${{ item.i }}"'))
+            filtering = file_spec("lines.jsonl", "index < 3", "f", 'x: "${{ item.i }}"')
+            (folder / "filter.yaml").write_text(filtering)
             result, wall, peak = run(folder / "filter.yaml")
             each = result["steps"][0]
             assert each["items"]["completed"] == 3 and each["items"]["skipped"] == 500_000 - 3
@@ -147,7 +151,8 @@ def main() -> None:
                   f"record {written / 1e3:.0f} kB")
             if not quick:  # a 1 GB JSONL: 10,000 rows of 100 kB, each item reads its row
                 write_rows(folder / "big.jsonl", 10_000, 100_000)
-                (folder / "big.yaml").write_text(file_spec("big.jsonl", None, "size", 'text: "${{ item.text }}"'))
+                reading = file_spec("big.jsonl", None, "size", 'text: "${{ item.text }}"')
+                (folder / "big.yaml").write_text(reading)
                 result, wall, peak = run(folder / "big.yaml")
                 each = result["steps"][0]
                 assert each["items"]["completed"] == 10_000 and each["output"][0] == 100_000

@@ -332,7 +332,8 @@ def test_large_or_chunked_maps_run_as_chunks_and_keep_each_item_s_record(
     assert edges == {by_name["chunked"]["id"]}
     # a chunked map's join waits for its chunks: each once, whatever its items
     joined = [e["id"] for e in by_name["chunked"]["task_inputs"]["wait_for"]]
-    assert sorted(joined) == sorted(by_name[n]["id"] for n in ("chunked[0:3]", "chunked[3:6]", "chunked[6:7]"))
+    chunks = ("chunked[0:3]", "chunked[3:6]", "chunked[6:7]")
+    assert sorted(joined) == sorted(by_name[n]["id"] for n in chunks)
 
     # the step cache is each item's, whatever the grain: item by item, all answered from it
     spec.write_text(spec.read_text().replace("grain: 3", "grain: item"))

@@ -66,9 +66,9 @@ def test_a_full_disk_stops_the_run_with_one_clear_error_and_the_next_run_finishe
     last = out.stderr.strip().splitlines()[-1]
     # the file that filled it up: the journal, or the map's output next to it
     written = (str(journal), str(journal.with_suffix("") / "big.jsonl"))
-    assert any(last.startswith(f"error: cannot write {path}: No space left on device; free space there "
-                               "(or set LMFLOW_HOME to a disk with room) and run again") for path in written), \
-        out.stderr
+    said = ("No space left on device; free space there (or set LMFLOW_HOME to a disk with room) and "
+            "run again")
+    assert any(last.startswith(f"error: cannot write {path}: {said}") for path in written), out.stderr
     assert "Traceback" not in out.stderr
     assert not list((home / "runs").glob("*.tmp"))  # nothing half-written left to be read
     journaled = [json.loads(line) for line in journal.read_text().splitlines()[:-1]]

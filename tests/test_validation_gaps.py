@@ -428,7 +428,8 @@ def test_plan_shows_the_schedule_and_a_prompt_s_response_cache(tmp_path: Path, c
     out = capsys.readouterr().out
     assert "schedule: cron '0 6 * * 1-5' (Europe/Berlin) (when served or deployed)" in out
     assert "response cache: ttl 1d, at most 1 GiB" in out
-    assert "     response cache: ttl 2h, key helpers:text_stats (answers shared by requests it maps to one key)" in out
+    assert ("     response cache: ttl 2h, key helpers:text_stats (answers shared by requests it maps to "
+            "one key)") in out
     assert "     response cache off for this step" in out
 
 

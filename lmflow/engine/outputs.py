@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,8 +30,6 @@ class MapOutput(Rows):
     """The outputs of a map's items, in input order, from the file its `OutputWriter` wrote."""
 
     def __init__(self, path: Path, starts: array) -> None:  # noqa: D107 - indexed by its writer
-        import threading
-
         self.path, self.name = path, path.name
         self._starts, self._lines = starts, array("L")
         self._lock = threading.Lock()

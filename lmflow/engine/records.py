@@ -330,6 +330,7 @@ def journaled_item(run_id: str, ref: str) -> dict[str, Any]:
     if step not in maps:
         raise HistoryError(f"run {run_id} journaled no items of {step!r}; its maps: {', '.join(maps)}")
     if found is None:
-        raise HistoryError(f"{step}[{index}] is not in run {run_id}'s journal: it did not run (its condition "
-                           f"was false, or the run stopped first; {maps[step]} items of {step} are journaled)")
+        raise HistoryError(f"{step}[{index}] is not in run {run_id}'s journal: it did not run (its "
+                           f"condition was false, or the run stopped first; {maps[step]} items of {step} "
+                           "are journaled)")
     return {"step": step, **{k: v for k, v in found.items() if k != "step"}}

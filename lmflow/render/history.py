@@ -213,8 +213,11 @@ def item_text(run: Run, item: dict[str, Any]) -> str:
     if item.get("answered_by"):
         how += f", answered by {item['answered_by']}"
     lines = [f"run      {run.name} ({run.id})", f"item     {name}: {how}"]
+    def block(value: Any) -> str:  # a value over lines, under the first
+        return json.dumps(value, indent=2, default=str).replace("\n", "\n         ")
+
     if "output" in item:
-        lines.append("output   " + json.dumps(item["output"], indent=2, default=str).replace("\n", "\n         "))
+        lines.append("output   " + block(item["output"]))
     error = item.get("error")
     if error:
         attempts = error.get("attempts") or 1
@@ -225,7 +228,8 @@ def item_text(run: Run, item: dict[str, Any]) -> str:
     if item.get("reason"):
         lines.append(f"reason   {item['reason']}")
     if "options" in item:
-        lines.append("options  " + json.dumps(item["options"], indent=2, default=str).replace("\n", "\n         "))
+        lines.append("options  " + block(item["options"]))
     else:
-        lines.append("options  kept for failed items only (a completed item's would grow a big map's journal)")
+        lines.append("options  kept for failed items only (a completed item's would grow a big map's "
+                     "journal)")
     return "\n".join(lines)
