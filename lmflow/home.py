@@ -8,9 +8,14 @@ from pathlib import Path
 
 def home() -> Path:
     """`$LMFLOW_HOME`, else `~/.lmflow`; created on first use."""
-    path = Path(os.environ.get("LMFLOW_HOME") or Path.home() / ".lmflow").expanduser()
+    path = home_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def home_path() -> Path:
+    """Where the home is, whether or not it exists (made by `home()`)."""
+    return Path(os.environ.get("LMFLOW_HOME") or Path.home() / ".lmflow").expanduser()
 
 
 def subdir(name: str) -> Path:

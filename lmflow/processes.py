@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from .home import subdir
+from .home import home_path, subdir
 
 #: what a child runs first: a fresh interpreter (started by exec, so the forked copy of lmflow
 #: runs no Python code between fork and exec, which is unsafe in a multi-threaded process) asks
@@ -152,8 +152,8 @@ def stop(proc: subprocess.Popen, *, grace: float = 5.0) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(grace)
-    finally:
-        (_registry() / f"{proc.pid}.json").unlink(missing_ok=True)
+    finally:  # (the registry's path, not made anew: a home deleted under us stays deleted)
+        (home_path() / "pids" / f"{proc.pid}.json").unlink(missing_ok=True)
 
 
 def _same_process(pid: int, create_time: float) -> psutil.Process | None:

@@ -33,6 +33,33 @@ def spec_version(path: Path) -> dict[str, Any]:
     return version
 
 
+def unpublished(path: Path) -> list[str]:
+    """What a machine checking out the spec's commit would not see, as sentences: files of the
+    spec's folder (the spec, its prompts, schemas, modules) changed or new in the working copy,
+    and a commit on no remote branch of a repository that has remotes. Empty outside git."""
+    path = path.resolve()
+    root = _git(path.parent, "rev-parse", "--show-toplevel")
+    commit = _git(path.parent, "rev-parse", "HEAD")
+    if root is None or not commit:
+        return []
+    said = []
+    folder = path.parent.relative_to(Path(root).resolve()).as_posix()
+    where = folder or "."
+    changed = "\n".join(filter(None, [
+        _git(path.parent, "diff", "--name-only", "HEAD", "--", where, cwd=root),
+        _git(path.parent, "ls-files", "--others", "--exclude-standard", "--", where, cwd=root)]))
+    if changed:
+        names = sorted(set(changed.splitlines()))
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        said.append(f"the working copy differs from commit {commit[:12]} ({shown}): workers run the "
+                    "committed version; commit the changes to deploy them")
+    if _git(path.parent, "remote", cwd=root) and not _git(path.parent, "branch", "-r", "--contains",
+                                                          commit, cwd=root):
+        said.append(f"commit {commit[:12]} is on no remote branch: workers on other machines cannot "
+                    "check it out; push it")
+    return said
+
+
 def _git(where: Path, *args: str, cwd: str | None = None) -> str | None:
     try:
         done = subprocess.run(["git", *args], cwd=cwd or where, capture_output=True, text=True,

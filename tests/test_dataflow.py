@@ -83,6 +83,18 @@ def write_spec(folder: Path, body: str, name: str) -> Path:
     return path
 
 
+def task_runs_by_name(prefect_api: str, flow_run_id: str, count: int) -> dict[str, dict]:
+    """The flow run's task runs by name, once the server has all `count` of them."""
+    runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
+        "flow_runs": {"id": {"any_": [flow_run_id]}}}).json()) and len(r) == count and r, timeout=60)
+    assert runs, "task runs did not reach the Prefect server"
+    return {r["name"]: r for r in runs}
+
+
+def waits_for(by_name: dict[str, dict], name: str) -> set[str]:
+    return {e["id"] for e in by_name[name]["task_inputs"].get("wait_for", [])}
+
+
 def run_json(spec: Path, *args: str, ok: bool = True) -> tuple[dict, subprocess.CompletedProcess[str]]:
     out = lmflow_cmd("run", str(spec), "--json", *args)
     assert (out.returncode == 0) is ok, out.stderr
@@ -120,6 +132,13 @@ def test_independent_steps_overlap_and_a_failure_skips_only_its_dependents(
     assert (steps["after_bad"]["status"], steps["after_bad"]["reason"]) == ("skipped", "upstream failed: bad")
     assert (steps["after_after"]["status"], steps["after_after"]["reason"]) == ("skipped",
                                                                                  "upstream failed: bad")
+    # the graph in Prefect is the whole spec: a skipped step is a task run, Completed as Skipped,
+    # that its own dependents wait for
+    by_name = task_runs_by_name(prefect_api, result["flow_run_id"], 7)
+    for name in ("after_bad", "after_after"):
+        assert (by_name[name]["state"]["type"], by_name[name]["state"]["name"],
+                by_name[name]["state"]["message"]) == ("COMPLETED", "Skipped", "skipped: upstream failed: bad")
+    assert waits_for(by_name, "after_after") == {by_name["after_bad"]["id"]}
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: step 'bad' failed: flowhelp:boom raised ValueError: bad input 1 at "
                       f"{tmp_path / 'flowhelp.py'}:19",
@@ -189,20 +208,13 @@ def test_map_over_a_list_jsonl_csv_and_glob_keeps_input_order(prefect_api: str, 
 
     # the graph in Prefect: items are task runs step[i]; a map with dependents joins its items in
     # one task run named after it, and its dependents wait for that one (a chain stays linear)
-    runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
-        "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()) and len(r) == 26 and r, timeout=60)
-    assert runs, "task runs did not reach the Prefect server"
-    by_name = {r["name"]: r for r in runs}
-
-    def waits_for(name: str) -> set[str]:
-        return {e["id"] for e in by_name[name]["task_inputs"].get("wait_for", [])}
-
+    by_name = task_runs_by_name(prefect_api, result["flow_run_id"], 26)
     assert {f"listed[{i}]" for i in range(5)} <= set(by_name)
-    assert waits_for("listed") == {by_name[f"listed[{i}]"]["id"] for i in range(5)}
+    assert waits_for(by_name, "listed") == {by_name[f"listed[{i}]"]["id"] for i in range(5)}
     for i in range(5):
-        assert waits_for(f"chained[{i}]") == {by_name["listed"]["id"]}
-    assert waits_for("jsonl") == {by_name[f"jsonl[{i}]"]["id"] for i in range(8)}
-    assert waits_for("second") == {by_name["jsonl"]["id"]}
+        assert waits_for(by_name, f"chained[{i}]") == {by_name["listed"]["id"]}
+    assert waits_for(by_name, "jsonl") == {by_name[f"jsonl[{i}]"]["id"] for i in range(8)}
+    assert waits_for(by_name, "second") == {by_name["jsonl"]["id"]}
     assert "chained" not in by_name and "csv" not in by_name  # no dependents: no join
 
 
@@ -402,6 +414,14 @@ def test_when_skips_steps_and_filters_items(prefect_api: str, tmp_path: Path) ->
     assert [o["value"] for o in steps["kept"]["output"]] == [1, 3]
     assert steps["kept"]["items"]["skipped"] == 1
     assert steps["kept"]["item_problems"] == []  # a false condition is counted, not a problem
+    # a skipped step is in Prefect's graph (a skipped item is only counted: a filter over a big
+    # dataset would flood it)
+    by_name = task_runs_by_name(prefect_api, result["flow_run_id"], 6)
+    assert set(by_name) == {"triage", "escalate", "report", "high", "kept[0]", "kept[2]"}
+    assert (by_name["escalate"]["state"]["name"], by_name["escalate"]["state"]["message"]) == (
+        "Skipped", "skipped: condition false")
+    assert waits_for(by_name, "escalate") == {by_name["triage"]["id"]}
+    assert waits_for(by_name, "report") == {by_name["escalate"]["id"]}
 
     notified, _ = run_json(spec, "-p", "notify=true")
     assert {s["id"]: s["status"] for s in notified["steps"]}["escalate"] == "completed"

@@ -194,3 +194,89 @@ def test_deploy_refuses_a_spec_that_is_not_committed(prefect_api: str, tmp_path:
     assert out.returncode == 2
     assert "is not committed in a git repository" in out.stderr
     assert "use `lmflow serve`" in out.stderr
+
+
+def committed_repo(root: Path, name: str) -> tuple[Path, Path]:
+    """A git repository at `root` with a spec `name` committed under specs/; the spec's path."""
+    spec = make_spec(root / "specs", name)
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.com")
+    git(root, "config", "user.name", "t")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "spec")
+    return root, spec
+
+
+def test_deploy_says_what_workers_will_not_see(prefect_api: str, tmp_path: Path) -> None:
+    """Local edits next to the spec, and a commit no remote has: deployed all the same (the
+    committed version is what runs), with a warning that names them."""
+    repo, spec = committed_repo(tmp_path / "repo", "edited")
+    commit = git(repo, "rev-parse", "HEAD")[:12]
+    env = {"PREFECT_API_URL": prefect_api}
+    clean = lmflow_cmd("deploy", str(spec), "--pool", "lmflow-test-pool", env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert "warning" not in clean.stderr  # no remote at all: nothing to push to
+
+    spec.write_text(spec.read_text().replace("word: hello", "word: edited"))
+    (spec.parent / "prompt.txt").write_text("new\n")
+    git(tmp_path, "init", "-q", "--bare", "origin.git")
+    git(repo, "remote", "add", "origin", str(tmp_path / "origin.git"))
+    out = lmflow_cmd("deploy", str(spec), "--pool", "lmflow-test-pool", env=env)
+    assert out.returncode == 0, out.stderr
+    assert (f"warning: specs/edited.yaml: the working copy differs from commit {commit} "
+            "(specs/edited.yaml, specs/prompt.txt): workers run the committed version; commit the "
+            "changes to deploy them") in out.stderr
+    assert (f"warning: specs/edited.yaml: commit {commit} is on no remote branch: workers on other "
+            "machines cannot check it out; push it") in out.stderr
+
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "edits")
+    git(repo, "push", "-q", "origin", "HEAD:main")
+    pushed = lmflow_cmd("deploy", str(spec), "--pool", "lmflow-test-pool", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "warning" not in pushed.stderr
+
+
+def test_serve_and_deploy_of_one_spec_say_they_share_its_deployment(prefect_api: str, tmp_path: Path) -> None:
+    repo, spec = committed_repo(tmp_path / "repo", "shared")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    serving = subprocess.Popen([str(BIN / "lmflow"), "serve", str(spec)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                               start_new_session=True)
+    try:
+        made = wait_for(lambda: httpx.get(f"{prefect_api}/deployments/name/shared/shared",
+                                          timeout=30).status_code == 200, timeout=120, interval=1)
+    finally:
+        served = stop(serving)
+    assert made, served
+    assert "warning" not in served  # the first of the two says nothing
+
+    deployed = lmflow_cmd("deploy", str(spec), "--pool", "lmflow-test-pool", env=env)
+    assert deployed.returncode == 0, deployed.stderr
+    assert ("warning: specs/shared.yaml: deployment shared/shared is also the one `lmflow serve` of "
+            "this spec uses (one deployment per spec name): it now runs on pool 'lmflow-test-pool'; a serve "
+            "of it still running takes its runs too and pauses it when it stops: stop that serve, then "
+            "deploy again") in deployed.stderr
+    deployment = httpx.get(f"{prefect_api}/deployments/name/shared/shared", timeout=30).json()
+    assert deployment["work_pool_name"] == "lmflow-test-pool"
+    assert deployment["paused"] is False  # the stopped serve had paused it
+
+    def updated() -> str:
+        return httpx.get(f"{prefect_api}/deployments/name/shared/shared", timeout=30).json()["updated"]
+
+    deployed_at = updated()
+    again = subprocess.Popen([str(BIN / "lmflow"), "serve", str(spec)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                             start_new_session=True)
+    try:  # (the serve warns before it takes the deployment over)
+        assert wait_for(lambda: updated() != deployed_at, timeout=120, interval=1)
+    finally:
+        served = stop(again)
+    assert ("warning: deployment shared/shared is also the one `lmflow deploy` put on pool "
+            "'lmflow-test-pool' (one deployment per spec name): this serve and that pool's workers both "
+            "take its runs, and when this serve stops Prefect pauses it: `lmflow deploy` it again to "
+            "resume it on the pool") in served
+    deployment = httpx.get(f"{prefect_api}/deployments/name/shared/shared", timeout=30).json()
+    assert deployment["work_pool_name"] == "lmflow-test-pool" and deployment["paused"] is True
+    assert lmflow_cmd("deploy", str(spec), "--pool", "lmflow-test-pool", env=env).returncode == 0
+    assert httpx.get(f"{prefect_api}/deployments/name/shared/shared", timeout=30).json()["paused"] is False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,19 @@ def test_an_idle_server_stops_itself_but_not_under_a_run(home: Path, tmp_path: P
     assert "no flow runs for 3s: stopping the Prefect server" in Path(state["log"]).read_text()
     assert lmflow_cmd("server", "status").returncode == 1
     assert list((home / "pids").glob("*.json")) == []
+
+
+def test_a_server_whose_home_is_deleted_stops_and_leaves_the_home_deleted(home: Path) -> None:
+    """A server of a temporary home (tests, scripts) does not run on for an hour once the home is
+    gone, even one started by `lmflow server start`, which has no idle stop."""
+    started = lmflow_cmd("server", "start")
+    assert started.returncode == 0, started.stderr
+    assert state_of(home)["idle_stop"] is None
+    pids = [p.pid for p in processes_of(home)]
+    assert len(pids) == 2  # the watchdog and its Prefect server
+    shutil.rmtree(home)
+    assert wait_for(lambda: gone(pids), timeout=60), "the server of a deleted home kept running"
+    assert not home.exists()  # stopping it made nothing anew there
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [

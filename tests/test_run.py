@@ -98,6 +98,31 @@ def test_changed_param_recomputes_only_what_depends_on_it(prefect_api: str, tmp_
     assert [(s["status"], s["output"]) for s in again["steps"]] == [("cached", 11), ("completed", 15)]
 
 
+def test_a_run_whose_output_pipe_closes_still_completes(prefect_api: str, tmp_path: Path) -> None:
+    """`lmflow run spec 2>&1 | head -1`: the reader leaving is not a failed pipeline."""
+    spec = write_spec(tmp_path, """\
+        defaults: {cache: false}
+        steps:
+          - id: first
+            python: {function: "helpers:wait", args: {seconds: 0.5}}
+          - id: second
+            python: {function: "helpers:add", args: {a: "${{ steps.first.output }}", b: 1}}
+    """, name="piped")
+    proc = subprocess.Popen([str(BIN / "lmflow"), "run", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    with proc.stdout:  # type: ignore[union-attr]
+        assert proc.stdout.readline().startswith("lmflow: running piped")  # type: ignore[union-attr]
+    proc.wait(120)
+    [record_path] = (Path(os.environ["LMFLOW_HOME"]) / "runs").glob("piped-*.json")
+    record = read_record(record_path)
+    assert record["error"] is None
+    assert [(s["id"], s["status"], s["output"]) for s in record["steps"]] == [
+        ("first", "completed", 0.5), ("second", "completed", 1.5)]
+    assert any("the run's listener failed (BrokenPipeError" in e.get("message", "") for e in record["events"])
+    state = httpx.get(f"{prefect_api}/flow_runs/{record['flow_run_id']}", timeout=30).json()["state_type"]
+    assert state == "COMPLETED"
+
+
 def test_unreachable_server_that_cannot_be_started(prefect_api: str, tmp_path: Path) -> None:
     from lmflow.backends.local import free_port
 

@@ -70,6 +70,8 @@ def deploy(specs: tuple[Path, ...], pool: str, crons: tuple[str, ...], intervals
         click.echo(f"deployed {target.name}/{target.name} ({target.spec_path} at "
                    f"{(target.version.get('commit') or target.version['sha256'])[:12]}) on pool "
                    f"'{pool}': {when} [{deployment_id}]")
+        for note in target.notes:
+            click.echo(f"  warning: {target.spec_path}: {note}", err=True)
 
 
 @cli.command("serve")
@@ -87,9 +89,14 @@ def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ..
     # a run started from the UI waits for the next poll: 2 s instead of Prefect's 10
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(POLL_SECONDS))
     schedules = _cli_schedules(crons, intervals, timezone)
-    for target in deploying.targets(list(specs), schedules):
+    chosen = deploying.targets(list(specs), schedules)
+    if choice.url:
+        deploying.note_shared(chosen, pool=None)
+    for target in chosen:
         when = ", ".join(s.describe() for s in target.schedules) or "no schedule (run it from the UI)"
         click.echo(f"serving {target.name}: {when}", err=True)
+        for note in target.notes:
+            click.echo(f"  warning: {note}", err=True)
     if choice.url:
         click.echo(f"runs appear in {choice.url.removesuffix('/api')}; Ctrl-C stops serving", err=True)
     deploying.serve(list(specs), schedules=schedules, limit=limit)

@@ -157,7 +157,15 @@ class RunRecorder:
                 self.result.events.append(entry)
                 self._append(entry)
             if self.listener:
-                self.listener(event, data)
+                try:
+                    self.listener(event, data)
+                except Exception as exc:  # noqa: BLE001 - an observer (a closed terminal, a pipe
+                    # into `head`) must not fail the pipeline it watches: the run goes on unheard
+                    self.listener = None
+                    entry = {"event": "warning", "message": f"the run's listener failed ({exc!r}): "
+                             "the run goes on without telling it"}
+                    self.result.events.append(entry)
+                    self._append(entry)
 
     def journal(self, entry: dict[str, Any]) -> None:
         """Append a fact about the run (a model it loaded) that a later run may need."""

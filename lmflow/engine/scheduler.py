@@ -151,7 +151,7 @@ class Scheduler:
         if blocked is not None:
             reason = self.recorder.record(blocked).reason or ""
             cause = reason.removeprefix("upstream failed: ") if reason.startswith("upstream") else blocked
-            self.recorder.update(step.id, status="skipped", reason=f"upstream failed: {cause}")
+            self._show_skipped(step, f"upstream failed: {cause}")
             self._settle(step, "blocked")
             return
         runtime, lifecycle = self.runtime, self.lifecycle
@@ -194,8 +194,15 @@ class Scheduler:
 
     def _skip(self, step: StepSpec) -> None:
         self.runtime.set_output(step.id, None)
-        self.recorder.update(step.id, status="skipped", reason="condition false")
+        self._show_skipped(step, "condition false")
         self._settle(step, "skipped")
+
+    def _show_skipped(self, step: StepSpec, reason: str) -> None:
+        """Recorded, and a node of its own where the run is watched, that its dependents lead from."""
+        self.recorder.update(step.id, status="skipped", reason=reason)
+        edge = self.executor.skip(step.id, reason, self._upstream(step))
+        if edge is not None:
+            self.edges[step.id] = [edge]
 
     def _fill(self) -> None:
         """Submit units, earlier steps first, while fewer than max_parallel run."""

@@ -155,6 +155,9 @@ class Executor(Protocol):
         """One edge that stands for many (a map's items, once they are over): what the map's
         dependents wait for, so that a chain of maps costs O(items), not O(items^2)."""
 
+    def skip(self, name: str, reason: str, after: Sequence[Any]) -> Any:
+        """Show a step that does not run, and why, where the run is watched; its edge."""
+
     def publish(self, step_id: str, markdown: str) -> None:
         """A step's report where the run is watched (a new version each time)."""
 

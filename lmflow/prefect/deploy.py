@@ -10,14 +10,14 @@ machine that has the repository. Each run records the spec's commit and content 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import (
     DeployError,  # noqa: F401 - raised here, defined with the tree
     )
-from ..provenance import spec_version
+from ..provenance import spec_version, unpublished
 from ..spec import load_spec
 from ..spec.model import ScheduleSpec, Spec
 
@@ -33,6 +33,8 @@ class Target:
     spec_path: str  # what the flow gets: the path in the repository, else an absolute path
     schedules: tuple[ScheduleSpec, ...]
     version: dict[str, Any]
+    #: what the user should know before it runs elsewhere (local edits, a shared deployment)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -52,9 +54,10 @@ def targets(paths: list[str | Path], schedules: tuple[ScheduleSpec, ...] = (), *
                                   "workers find specs by their path in the repository; commit it, or "
                                   "use `lmflow serve` to run it from this machine")
             spec_path = version["repo_path"]
+            notes = unpublished(spec.file)
         else:
-            spec_path = str(spec.file)
-        found.append(Target(spec, spec_path, schedules or spec.schedules, version))
+            spec_path, notes = str(spec.file), []
+        found.append(Target(spec, spec_path, schedules or spec.schedules, version, notes))
     return found
 
 
@@ -92,6 +95,9 @@ def runner_deployment(target: Target, *, pool: str | None = None) -> Any:
         tags=["lmflow", f"spec:{target.name}"], work_pool_name=pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
         version=(target.version.get("commit") or target.version["sha256"])[:12],
+        # a deploy resumes a deployment a stopped serve of the same spec paused (Prefect pauses a
+        # served deployment when its serve stops)
+        paused=False if pool else None,
     )
     deployment.entrypoint = ENTRYPOINT
     return deployment
@@ -113,11 +119,39 @@ def ensure_pool(name: str) -> None:
                                   "process pools: choose another name") from None
 
 
+def note_shared(chosen: list[Target], pool: str | None) -> None:
+    """`serve` and `deploy` of one spec make one Prefect deployment (named after the spec): add a
+    note to each target whose deployment the other command made, before it is taken over."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for target in chosen:
+            try:
+                before = client.read_deployment_by_name(f"{target.name}/{target.name}").work_pool_name
+            except ObjectNotFound:
+                continue
+            if pool and not before:
+                target.notes.append(
+                    f"deployment {target.name}/{target.name} is also the one `lmflow serve` of this spec "
+                    f"uses (one deployment per spec name): it now runs on pool '{pool}'; a serve of it "
+                    "still running takes its runs too and pauses it when it stops: stop that serve, "
+                    "then deploy again")
+            elif not pool and before:
+                target.notes.append(
+                    f"deployment {target.name}/{target.name} is also the one `lmflow deploy` put on pool "
+                    f"'{before}' (one deployment per spec name): this serve and that pool's workers both "
+                    "take its runs, and when this serve stops Prefect pauses it: `lmflow deploy` it "
+                    "again to resume it on the pool")
+
+
 def deploy(paths: list[str | Path], *, pool: str,
            schedules: tuple[ScheduleSpec, ...] = ()) -> list[tuple[Target, str]]:
-    """Register deployments on a process work pool; returns each target with its deployment id."""
+    """Register deployments on a process work pool; returns each target with its deployment id,
+    and in its notes what the user should know (local edits, a deployment `serve` used)."""
     chosen = targets(paths, schedules, in_repository=True)
     _require_server()
+    note_shared(chosen, pool)
     ensure_pool(pool)
     return [(t, str(runner_deployment(t, pool=pool).apply())) for t in chosen]
 

@@ -163,6 +163,15 @@ def join_units(name: str) -> None:
     """A map step's node in Prefect's graph: its items lead to it, its dependents leave from it."""
 
 
+@task(task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
+def skipped_step(name: str, reason: str) -> Any:
+    """A step that did not run (its condition was false, or a step it needs failed): its node in
+    Prefect's graph, so the graph is the whole spec, in a Completed state named Skipped."""
+    from prefect.states import Completed
+
+    return Completed(name="Skipped", message=f"skipped: {reason}")
+
+
 class PrefectExecutor:
     """Units as Prefect task runs, with their step's retries, timeouts and cache (lmflow.engine's
     `Executor`). One task per step, made once; a unit whose cached answer must not be used is
@@ -241,6 +250,12 @@ class PrefectExecutor:
         """A task run named after the map that waits for its completed items: the map's node in
         Prefect's graph, and the one edge its dependents wait for. Over before this returns."""
         future = join_units.submit(name, wait_for=after)
+        future.wait()
+        return future
+
+    def skip(self, name: str, reason: str, after: Sequence[Any]) -> Any:
+        """A task run in the state Skipped for a step that does not run; over before this returns."""
+        future = skipped_step.submit(name, reason, wait_for=after)
         future.wait()
         return future
 

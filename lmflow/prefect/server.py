@@ -7,8 +7,8 @@ a temporary server for that run only (8-9 s per run).
 
 The managed server's process, the one its state file names, is a watchdog
 (`python -m lmflow.prefect.server PORT IDLE`) with the Prefect server as its
-child: it stops the server on SIGTERM and, when it has an idle period, after
-that long without flow runs. Checking for a server and starting one happen
+child: it stops the server on SIGTERM, when its lmflow home is deleted, and, when
+it has an idle period, after that long without flow runs. Checking for a server and starting one happen
 under a lock file, so two lmflow commands started at once start one server.
 Nothing here imports Prefect.
 """
@@ -547,19 +547,25 @@ def temporary_server(timeout: float = 120.0) -> Iterator[str]:
 RESTARTS_ALLOWED, RESTART_WINDOW = 5, 600.0
 
 
+#: how often the watchdog looks whether its lmflow home still exists (a stat: cheap)
+HOME_CHECK_SECONDS = 5.0
+
+
 def _watch(port: int, idle_stop: float | None) -> int:
     """The watchdog: run the Prefect server as a child (PDEATHSIG: it dies with us), restart it when
     it dies on its own (a run in progress keeps its history: the database outlives the server),
-    stop it on SIGTERM, and after `idle_stop` seconds without flow runs unless the state file,
-    read each time, says otherwise (`lmflow server start` turns the idle stop off)."""
+    stop it on SIGTERM, when its lmflow home is deleted, and after `idle_stop` seconds without
+    flow runs unless the state file, read each time, says otherwise (`lmflow server start` turns
+    the idle stop off)."""
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     url = f"http://127.0.0.1:{port}/api"
     started = psutil.Process().create_time()
     restarts: list[float] = []
+    home = _Home(_dir())
     server = _spawn_server(port)
     try:
         while True:
-            if _serve_until_exit_or_idle(server, url, started, idle_stop):
+            if _serve_until_exit_or_idle(server, url, started, idle_stop, home):
                 return 0
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < RESTART_WINDOW]
@@ -581,17 +587,48 @@ def _spawn_server(port: int) -> subprocess.Popen:
                            label="managed Prefect server")
 
 
+class _Home:
+    """The folder of the watchdog's lmflow home, to notice when it is deleted (or deleted and
+    made anew: another home then, whose server this is not)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.identity = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.folder)  # never `_dir()`: it would make the folder again
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def gone(self) -> bool:
+        return self._identity() != self.identity
+
+
 def _serve_until_exit_or_idle(server: subprocess.Popen, url: str, started: float,
-                              idle_stop: float | None) -> bool:
-    """Wait until the server exits on its own (False) or was stopped for being idle (True)."""
-    every = min(30.0, max(0.5, idle_stop / 10)) if idle_stop is not None else None
+                              idle_stop: float | None, home: _Home) -> bool:
+    """Wait until the server exits on its own (False), or was stopped because its home is gone
+    or for being idle (True)."""
+    every = min(HOME_CHECK_SECONDS, max(0.5, idle_stop / 10)) if idle_stop is not None \
+        else HOME_CHECK_SECONDS
+    idle_every = min(30.0, max(0.5, idle_stop / 10)) if idle_stop is not None else None
+    idle_checked = time.monotonic()
     while True:
         try:
             server.wait(every)  # returns at once when the server dies
             return False
         except subprocess.TimeoutExpired:
             pass
-        if not _idle_for(url, started, idle_stop):  # type: ignore[arg-type] - every is set: idle_stop is
+        if home.gone():  # its database and state file went with it: nothing left to serve
+            print(f"lmflow: the lmflow home {home.folder.parent} is gone: stopping the Prefect server",
+                  flush=True)
+            processes.stop(server, grace=10.0)
+            return True
+        if idle_every is None or time.monotonic() - idle_checked < idle_every:
+            continue
+        idle_checked = time.monotonic()
+        if not _idle_for(url, started, idle_stop):  # type: ignore[arg-type] - idle_every is set: idle_stop is
             continue
         with _locked():  # no lmflow chooses this server while it stops
             state = read_state()
