@@ -84,9 +84,12 @@ def write_spec(folder: Path, body: str, name: str) -> Path:
 
 
 def task_runs_by_name(prefect_api: str, flow_run_id: str, count: int) -> dict[str, dict]:
-    """The flow run's task runs by name, once the server has all `count` of them."""
+    """The flow run's task runs by name, once the server has all `count` of them in their final
+    states (it records events in batches: a task run may arrive before its last state)."""
+    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
     runs = wait_for(lambda: (r := httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
-        "flow_runs": {"id": {"any_": [flow_run_id]}}}).json()) and len(r) == count and r, timeout=60)
+        "flow_runs": {"id": {"any_": [flow_run_id]}}}).json()) and len(r) == count
+        and all(t["state_type"] in final for t in r) and r, timeout=60)
     assert runs, "task runs did not reach the Prefect server"
     return {r["name"]: r for r in runs}
 
