@@ -32,10 +32,21 @@ def test_data_is_never_template_syntax() -> None:
 
 
 def test_missing_field_says_what_exists() -> None:
-    with pytest.raises(TemplateError, match=r"steps.a.output has no 'nme' \(keys: items, name\)"):
+    with pytest.raises(TemplateError) as info:
         render("${{ steps.a.output.nme }}", CONTEXT)
-    with pytest.raises(TemplateError, match=r"has no item \[5\] \(1\)"):
+    assert str(info.value) == ("steps.a.output.nme: steps.a.output has no key 'nme' (keys: items, name; "
+                               "did you mean 'name'?)")
+    with pytest.raises(TemplateError, match=r"has no item \[5\] \(it has 1\)"):
         render("${{ steps.a.output.items[5] }}", CONTEXT)
+    with pytest.raises(TemplateError, match=r"steps.b.output has no key 'x' \(it is a string\)"):
+        render("${{ steps.b.output.x }}", CONTEXT)
+
+
+def test_an_error_says_where_in_the_value_the_reference_is() -> None:
+    with pytest.raises(TemplateError) as info:
+        render({"args": {"rows": [1, "n=${{ steps.a.output.itms }}"]}}, CONTEXT, ("python",))
+    assert str(info.value) == ("python.args.rows[1]: steps.a.output.itms: steps.a.output has no key 'itms' "
+                               "(keys: items, name; did you mean 'items'?)")
 
 
 @pytest.mark.parametrize("expr", ["os.system('x')", "params", "params.a.b", "steps.a",

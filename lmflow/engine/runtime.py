@@ -372,9 +372,13 @@ class Runtime:
         assert foreach is not None
         names = self.names(step)
         if foreach.source == "value" and isinstance(foreach.value, str):  # a map's output is streamed
-            return items(foreach, self.spec.dir, templates.value_of(foreach.value, names))
+            try:
+                return items(foreach, self.spec.dir, templates.value_of(foreach.value, names))
+            except templates.TemplateError as exc:
+                raise templates.TemplateError(f"foreach: {exc}") from None
         templated = foreach.source == "value" or "${{" in foreach.value  # a path may hold references
-        return items(foreach, self.spec.dir, templates.render(foreach.value, names) if templated else None)
+        resolved = templates.render(foreach.value, names, ("foreach",)) if templated else None
+        return items(foreach, self.spec.dir, resolved)
 
     def item_condition(self, step: StepSpec) -> bool:
         """True when `when` refers to the item, so it is decided per item, not for the step."""
@@ -384,7 +388,7 @@ class Runtime:
     def resolve(self, step: StepSpec, item: Any = None, index: int | None = None,
                 names: dict[str, Any] | None = None) -> dict[str, Any]:
         """The step's options with every reference replaced, checked against the kind's schema."""
-        options = templates.render(step.options, names or self.names(step, item, index))
+        options = templates.render(step.options, names or self.names(step, item, index), (step.kind,))
         error = next(iter(_options_validator(step.kind).iter_errors(options)), None)
         if error is not None:
             where = ".".join([step.kind, *map(str, error.absolute_path)])

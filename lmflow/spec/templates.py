@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TemplateError  # noqa: F401 - raised here, defined with the tree
 from ..plugins import by_version
+from .hints import known_keys
 
 if TYPE_CHECKING:
     from ..steps.base import Holds
@@ -129,15 +130,15 @@ def lookup(ref: Ref, context: dict[str, Any]) -> Any:
             return None
         if isinstance(part, int):
             if not is_list(current) or part >= len(current):
-                size = len(current) if is_list(current) else "not a list"
+                size = f"it has {len(current)}" if is_list(current) else f"it is {kind_of(current)}"
                 raise TemplateError(f"{ref.text}: {walked} has no item [{part}] ({size})")
             current = current[part]
             walked += f"[{part}]"
         else:
             if not isinstance(current, dict) or part not in current:
-                keys = ", ".join(map(str, current)) if isinstance(current, dict) else None
-                found = f"keys: {keys}" if keys else f"it is {type(current).__name__}"
-                raise TemplateError(f"{ref.text}: {walked} has no '{part}' ({found})")
+                found = (known_keys(part, current) if isinstance(current, dict)
+                         else f"it is {kind_of(current)}")
+                raise TemplateError(f"{ref.text}: {walked} has no key '{part}' ({found})")
             current = current[part]
             walked += f".{part}"
     return current
@@ -156,6 +157,23 @@ def is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
 
 
+def kind_of(value: Any) -> str:
+    """A value's type as a spec writer knows it: null, a number, a list, an object..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if is_list(value):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 def as_value(value: Any) -> Any:
     """`value` as a step's options hold it: a sequence read on demand (a map's output on disk)
     becomes a list, as the step is given it whole."""
@@ -168,16 +186,23 @@ def _as_text(value: Any) -> str:
     return json.dumps(as_value(value), ensure_ascii=False)
 
 
-def render(value: Any, context: dict[str, Any]) -> Any:
-    """Resolve every reference inside a nested value (strings, lists, dicts)."""
+def render(value: Any, context: dict[str, Any], path: tuple[str | int, ...] = ()) -> Any:
+    """Resolve every reference inside a nested value (strings, lists, dicts); an error says where
+    in it the reference is, after `path` (`python.args.text: steps.a.output has no key...`)."""
     if isinstance(value, str):
-        whole = _TEMPLATE.fullmatch(value)
-        if whole:
-            return as_value(lookup(parse_ref(whole.group(1)), context))
-        return _PIECE.sub(lambda m: "${{" if m.group(1) is None
-                          else _as_text(lookup(parse_ref(m.group(1)), context)), value)
+        try:
+            whole = _TEMPLATE.fullmatch(value)
+            if whole:
+                return as_value(lookup(parse_ref(whole.group(1)), context))
+            return _PIECE.sub(lambda m: "${{" if m.group(1) is None
+                              else _as_text(lookup(parse_ref(m.group(1)), context)), value)
+        except TemplateError as exc:
+            if not path:
+                raise
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+            raise TemplateError(f"{where}: {exc}") from None
     if isinstance(value, dict):
-        return {k: render(v, context) for k, v in value.items()}
+        return {k: render(v, context, path + (k,)) for k, v in value.items()}
     if isinstance(value, list):
-        return [render(v, context) for v in value]
+        return [render(v, context, path + (i,)) for i, v in enumerate(value)]
     return value
