@@ -49,8 +49,16 @@ def test_an_error_says_where_in_the_value_the_reference_is() -> None:
                                "(keys: items, name; did you mean 'items'?)")
 
 
+def test_a_map_s_items_sit_next_to_its_output() -> None:
+    context = {"steps": {"m": {"output": [{"a": 1}], "items": [{"text": "x"}]}, "skipped": {"output": None,
+                                                                                         "items": None}}}
+    assert render("${{ steps.m.items[0].text }}", context) == "x"
+    assert render("${{ steps.skipped.items[0].text }}", context) is None
+    assert parse_ref("steps.m.items").parts == ("m", "items")
+
+
 @pytest.mark.parametrize("expr", ["os.system('x')", "params", "params.a.b", "steps.a",
-                                  "steps.a.result", "params.n + 1", "__import__('os')"])
+                                  "steps.a.result", "steps.a.input", "params.n + 1", "__import__('os')"])
 def test_anything_but_a_dotted_reference_is_rejected(expr: str) -> None:
     with pytest.raises(TemplateError):
         parse_ref(expr)

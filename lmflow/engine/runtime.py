@@ -76,7 +76,8 @@ class Runtime:
         self.recorder = recorder
         self.backends: dict[str, Backend] = {}
         self.outputs: dict[str, Any] = {}
-        self._steps: dict[str, dict[str, Any]] = {}  # the `steps` of templates: id -> {"output": ...}
+        #: the `steps` of templates: id -> {"output": ...}, and a map's {"items": ...}
+        self._steps: dict[str, dict[str, Any]] = {}
         #: models this run loaded and has not unloaded, by alias
         self.loaded: dict[str, ModelConfig] = {}
         self._resolved: dict[str, ModelConfig] = {}
@@ -346,10 +347,12 @@ class Runtime:
 
     # -- values -----------------------------------------------------------
 
-    def set_output(self, step_id: str, output: Any) -> None:
-        """A finished step's output, visible to the steps that depend on it."""
-        self.outputs[step_id] = output
-        self._steps[step_id] = {"output": output}
+    def set_output(self, step: StepSpec, output: Any, inputs: Sequence[Any] | None = None) -> None:
+        """A finished step's output, visible to the steps that depend on it; a map's items next to
+        it (`inputs`, `steps.X.items`: null when the map was skipped)."""
+        self.outputs[step.id] = output
+        self._steps[step.id] = {"output": output} if step.foreach is None else {"output": output,
+                                                                                "items": inputs}
 
     def names(self, step: StepSpec, item: Any = None, index: int | None = None) -> dict[str, Any]:
         """What templates and conditions of `step` (or one of its items) can refer to."""

@@ -1,4 +1,5 @@
-"""The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}`, in a
+"""The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}` (and a map's
+items, `${{ steps.ID.items }}`: item i is the one whose output is output[i]), in a
 step with `foreach` `${{ item.field }}` and `${{ index }}`, and in the steps a kind holds
 the root that kind offers them (`Step.holds`): in a loop's checkpoint `${{ loop.generation }}`,
 `${{ loop.state.X }}`, `${{ loop.history }}`...
@@ -32,6 +33,8 @@ _PIECE = re.compile(r"\$\$\{\{|\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 #: the roots of every spec; each kind that holds steps adds its own (`held_roots`)
 ROOTS = ("params", "steps", "item", "index")
+#: what `steps.ID.` offers: the step's output, and a map's items next to it (in the same order)
+STEP_FIELDS = ("output", "items")
 
 
 @by_version
@@ -56,7 +59,7 @@ class Ref:
 
     @property
     def field_path(self) -> tuple[str | int, ...]:
-        """For a step reference, the path inside the step's output."""
+        """For a step reference, the path inside the step's output (or items)."""
         return self.parts[2:] if self.root == "steps" else ()
 
 
@@ -90,8 +93,9 @@ def parse_ref(expr: str) -> Ref:
                             + ", ".join(held[root].fields))
     if root == "params" and len(parts) != 1:
         raise TemplateError(f"'{text}': a parameter reference is params.NAME")
-    if root == "steps" and (len(parts) < 2 or parts[1] != "output"):
-        raise TemplateError(f"'{text}': a step reference is steps.ID.output[.field...]")
+    if root == "steps" and (len(parts) < 2 or parts[1] not in STEP_FIELDS):
+        raise TemplateError(f"'{text}': a step reference is steps.ID.output[.field...] (or a map's "
+                            "items: steps.ID.items)")
     return Ref(root, tuple(parts), text)
 
 
