@@ -38,10 +38,6 @@ def echo(value, at=None, jitter=0.0):
     return {"value": value, "at": at}
 
 
-def counts():
-    return {"urgent": 1, "count": 3}
-
-
 def boom(x=None):
     raise ValueError(f"bad input {x}")
 
@@ -77,6 +73,10 @@ def meet(tag, other):
     while not os.path.exists(os.path.join(folder, other + ".here")) and time.monotonic() < deadline:
         time.sleep(0.05)
     return {"tag": tag, "met": os.path.exists(os.path.join(folder, other + ".here"))}
+
+
+def counts():
+    return {"urgent": 1, "count": 3}
 """
 
 
