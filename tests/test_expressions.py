@@ -244,7 +244,8 @@ def test_one_expression_from_many_threads() -> None:
 
 URGENT = {"steps": {"urgent": {"output": {"urgent": 1, "count": 3}}, "skipped": {"output": None},
                     "triage": {"output": [{"urgent": True, "tokens": 3}, {"urgent": False, "tokens": 4},
-                                          {"label": "spam"}]}},
+                                          {"label": "spam"}]},
+                    "nested": {"output": [{"a": {"b": 1}}, {"a": {}}, {}]}},
           "params": {"limit": None}}
 
 
@@ -288,6 +289,12 @@ def test_a_typo_in_a_key_names_the_key_the_keys_there_are_and_the_closest() -> N
      "steps.triage.output[0] has no key 'tokns' (keys: tokens, urgent; did you mean 'tokens'?)"),
     ("max(pluck(steps.triage.output, 'tokens'))", "max() compares numbers or strings; item [2] is null: "
      "steps.triage.output[2] has no key 'tokens' (keys: label)"),
+    ("sum(pluck(pluck(steps.nested.output, 'a'), 'b'))", "sum() adds numbers; item [1] is null: "
+     "pluck(steps.nested.output, 'a')[1] has no key 'b' (it has no keys)"),
+    ("sum(pluck(pluck(where(steps.nested.output, 'a', null), 'a'), 'b'))", "sum() adds numbers; item [0] is "
+     "null: where(steps.nested.output, 'a', null)[0] has no key 'a' (it has no keys)"),
+    ("max(pluck(pluck(steps.nested.output, 'a'), 'b')) > 0", "max() compares numbers or strings; "
+     "item [1] is null: pluck(steps.nested.output, 'a')[1] has no key 'b' (it has no keys)"),
     # a null that is not what broke the expression is not blamed
     ("steps.urgent.output.x == null and 'a' < 3", "'<' does not apply to a string and a number"),
     ("null > 1", "'>' does not apply to null and a number"),
@@ -330,8 +337,7 @@ def test_a_big_object_lists_its_first_keys() -> None:
     ("any(steps.skipped.output or [])", False),
 ])
 def test_list_functions(text: str, expected: object) -> None:
-    names = {**URGENT, "steps": {**URGENT["steps"], "nested": {"output": [{"a": {"b": 1}}, {"a": {}}, {}]}}}
-    assert parse_expression(text).evaluate(names) == expected
+    assert parse_expression(text).evaluate(URGENT) == expected
 
 
 ONLY = "(only objects have keys, only lists have items)"

@@ -149,11 +149,10 @@ class Picked(Sequence[Any]):
         at = index if self.positions is None else self.positions[index]
         item = self.source[at]
         where = f"{self.text}[{at}]"
-        if isinstance(self.source, Picked):
-            inner = self.source.why_null(at)
-            if inner is not None:
-                return inner
-        return missing(where, item, self.key) if isinstance(item, dict) else f"{where} is null"
+        if item is None:  # (from a `pluck` it pulled from: that one knows why)
+            inner = self.source.why_null(at) if isinstance(self.source, Picked) else None
+            return inner or f"{where} is null"
+        return missing(where, item, self.key) if isinstance(item, dict) else None
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (str, bytes)) or not isinstance(other, Sequence):
