@@ -73,6 +73,10 @@ def meet(tag, other):
     while not os.path.exists(os.path.join(folder, other + ".here")) and time.monotonic() < deadline:
         time.sleep(0.05)
     return {"tag": tag, "met": os.path.exists(os.path.join(folder, other + ".here"))}
+
+
+def counts():
+    return {"urgent": 1, "count": 3}
 """
 
 
@@ -139,8 +143,9 @@ def test_independent_steps_overlap_and_a_failure_skips_only_its_dependents(
     # that its own dependents wait for
     by_name = task_runs_by_name(prefect_api, result["flow_run_id"], 7)
     for name in ("after_bad", "after_after"):
-        assert (by_name[name]["state"]["type"], by_name[name]["state"]["name"],
-                by_name[name]["state"]["message"]) == ("COMPLETED", "Skipped", "skipped: upstream failed: bad")
+        state = by_name[name]["state"]
+        assert (state["type"], state["name"], state["message"]) == (
+            "COMPLETED", "Skipped", "skipped: upstream failed: bad")
     assert waits_for(by_name, "after_after") == {by_name["after_bad"]["id"]}
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: step 'bad' failed: flowhelp:boom raised ValueError: bad input 1 at "
@@ -428,6 +433,66 @@ def test_when_skips_steps_and_filters_items(prefect_api: str, tmp_path: Path) ->
 
     notified, _ = run_json(spec, "-p", "notify=true")
     assert {s["id"]: s["status"] for s in notified["steps"]}["escalate"] == "completed"
+
+
+def test_a_typo_in_a_condition_names_the_step_the_key_and_the_keys_there_are(prefect_api: str,
+                                                                            tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        defaults: {cache: false}
+        steps:
+          - id: urgent
+            python: {function: "flowhelp:counts"}
+          - id: notify
+            when: ${{ steps.urgent.output.urgnet > 0 }}
+            python: {function: "flowhelp:echo", args: {value: notified}}
+          - id: after
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.notify.output }}"}}
+          - id: fine
+            when: ${{ steps.urgent.output.urgnet == null and steps.urgent.output.urgent > 0 }}
+            python: {function: "flowhelp:echo", args: {value: fine}}
+    """, name="typo")
+    result, out = run_json(spec, ok=False)
+    message = ("when: cannot evaluate `steps.urgent.output.urgnet > 0`: '>' does not apply to null and a "
+               "number: steps.urgent.output has no key 'urgnet' (keys: count, urgent; "
+               "did you mean 'urgent'?)")
+    assert out.stderr.splitlines()[-1] == f"error: step 'notify' failed: {message}"
+    steps = {s["id"]: s for s in result["steps"]}
+    assert (steps["notify"]["status"], steps["notify"]["error"]["message"]) == ("failed", message)
+    assert [(e["step"], e["message"]) for e in result["errors"]] == [("notify", message)]
+    assert (steps["after"]["status"], steps["after"]["reason"]) == ("skipped", "upstream failed: notify")
+    assert steps["fine"]["output"]["value"] == "fine"  # a missing key is null where null is fine
+
+
+def test_list_functions_and_a_map_s_items_in_later_steps(prefect_api: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """\
+        params: {tickets: [{text: a, urgent: true}, {text: b, urgent: false}, {text: c, urgent: true}]}
+        defaults: {cache: false}
+        steps:
+          - id: triage
+            foreach: ${{ params.tickets }}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.urgent }}"}}
+          - id: escalate
+            when: any(pluck(steps.triage.output, 'value')) and count(pluck(steps.triage.output, 'value')) == 2
+            python: {function: "flowhelp:echo", args: {value: "${{ steps.triage.items }}"}}
+          - id: urgent
+            foreach: ${{ params.tickets }}
+            when: item.urgent and index > 0
+            python: {function: "flowhelp:echo", args: {value: "${{ index }}"}}
+          - id: pair
+            python: {function: "flowhelp:echo", args: {value: ["${{ steps.urgent.items }}",
+                                                               "${{ steps.urgent.output }}"]}}
+          - id: each
+            foreach: ${{ steps.urgent.items }}
+            python: {function: "flowhelp:echo", args: {value: "${{ item.text }}"}}
+    """, name="lists")
+    result, _ = run_json(spec)
+    steps = {s["id"]: s for s in result["steps"]}
+    assert steps["escalate"]["output"]["value"] == [
+        {"text": "a", "urgent": True}, {"text": "b", "urgent": False}, {"text": "c", "urgent": True}]
+    # item 0 and 1 left out by the condition: the items left line up with the outputs
+    items, outputs = steps["pair"]["output"]["value"]
+    assert (items, [o["value"] for o in outputs]) == ([{"text": "c", "urgent": True}], [2])
+    assert [o["value"] for o in steps["each"]["output"]] == ["c"]
 
 
 def test_bad_foreach_values_fail_the_step_with_a_clear_message(prefect_api: str, tmp_path: Path) -> None:

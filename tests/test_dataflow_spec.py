@@ -342,3 +342,38 @@ def test_a_dataset_path_may_come_from_params(tmp_path: Path) -> None:
         items(Foreach("file", "${{ params.dataset }}"), tmp_path, "one.txt")
     with pytest.raises(DatasetError, match=r"resolved to None, not a path"):
         items(Foreach("file", "${{ params.dataset }}"), tmp_path, None)
+
+
+def test_a_map_s_items_are_steps_id_items_only_for_a_map(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, """\
+        params: {docs: [a, b]}
+        steps:
+          - id: m
+            foreach: ${{ params.docs }}
+            python: {function: "helpers:f", args: {doc: "${{ item }}"}}
+          - id: pairs
+            when: any(pluck(steps.m.output, 'x')) and len(steps.m.items) == len(steps.m.output)
+            python:
+              function: "helpers:f"
+              args: {docs: "${{ steps.m.items }}", first: "${{ steps.m.items[0] }}"}
+          - id: again
+            foreach: ${{ steps.m.items }}
+            python: {function: "helpers:f", args: {doc: "${{ item }}"}}
+    """))
+    assert spec.step("pairs").depends_on == ("m",) and spec.step("again").depends_on == ("m",)
+
+    path = write(tmp_path, """\
+        steps:
+          - id: plain
+            python: {function: "helpers:f"}
+          - id: a
+            python: {function: "helpers:f", args: {x: "${{ steps.plain.items }}"}}
+          - id: b
+            when: steps.plain.inputs
+            python: {function: "helpers:f"}
+    """, "bad.yaml")
+    assert problems(path) == [
+        f"{path}:7:47: steps[1].python.args.x: 'steps.plain.items': step 'plain' has no foreach: only a map "
+        "has items (refer to its output, steps.plain.output)",
+        f"{path}:9:11: steps[2].when: 'steps.plain.inputs': a step reference is steps.ID.output[.field...] "
+        "(a map's items are steps.ID.items)"]

@@ -182,7 +182,10 @@ def test_text_longer_than_the_limit() -> None:
 
 
 @pytest.mark.parametrize(("text", "names", "message"), [
-    ("'a' < 3", NAMES, "'<' not supported between instances of 'str' and 'int'"),
+    ("'a' < 3", NAMES, "'<' does not apply to a string and a number"),
+    ("'x' in 3", NAMES, "'in' does not apply to a string and a number"),
+    ("'a' - 1", NAMES, "'-' does not apply to a string and a number"),
+    ("-'a'", NAMES, "'-' does not apply to a string"),
     ("len(5)", NAMES, "object of type 'int' has no len()"),
     ("params.n / params.zero", NAMES, "division by zero"),
     ("params.name.upper", NAMES, "cannot look up 'upper' in a string"),
@@ -191,7 +194,7 @@ def test_text_longer_than_the_limit() -> None:
     ("params.name[0]", NAMES, r"cannot look up item \[0\] in a string"),
     ("lower(params.n)", NAMES, "lower\\(\\) takes a string, not a number"),
     ("int('seven')", NAMES, "invalid literal for int"),
-    ("params.missing > 1", NAMES, "not supported between instances of 'NoneType' and 'int'"),
+    ("params.missing > 1", NAMES, "'>' does not apply to null and a number: params has no key 'missing'"),
     ("'%s' % params.n", NAMES, "'%' is the remainder of numbers"),
     ("'ab' * 60000", NAMES, "longer than 100000 characters"),
     ("upper(params.s)", {"params": {"s": "ß" * 60000}}, "longer than 100000 characters"),
@@ -235,3 +238,164 @@ def test_one_expression_from_many_threads() -> None:
         thread.join()
     for n in range(8):
         assert results[n] == ["small" if n <= 3 else n * 2 + i for i in range(2000)]
+
+
+# -- a null that breaks an expression says where it came from -----------------------------------------
+
+URGENT = {"steps": {"urgent": {"output": {"urgent": 1, "count": 3}}, "skipped": {"output": None},
+                    "triage": {"output": [{"urgent": True, "tokens": 3}, {"urgent": False, "tokens": 4},
+                                          {"label": "spam"}]},
+                    "nested": {"output": [{"a": {"b": 1}}, {"a": {}}, {}]}},
+          "params": {"limit": None}}
+
+
+def failure(text: str, names: dict = URGENT) -> str:
+    with pytest.raises(ExpressionError) as info:
+        parse_expression(text).evaluate(names)
+    return info.value.message
+
+
+def test_a_typo_in_a_key_names_the_key_the_keys_there_are_and_the_closest() -> None:
+    assert failure("steps.urgent.output.urgnet > 0") == (
+        "cannot evaluate `steps.urgent.output.urgnet > 0`: '>' does not apply to null and a number: "
+        "steps.urgent.output has no key 'urgnet' (keys: count, urgent; did you mean 'urgent'?)")
+    # a missing key is still null where null is fine
+    assert parse_expression("steps.urgent.output.urgnet == null").evaluate(URGENT) is True
+    assert parse_expression("steps.urgent.output.urgnet").test(URGENT) is False
+    assert parse_expression("1 if steps.urgent.output.urgnet else 2").evaluate(URGENT) == 2
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("len(steps.urgent.output.itms)", "len() does not take null: steps.urgent.output has no key 'itms' "
+     "(keys: count, urgent)"),
+    ("steps.skipped.output.label > 1",
+     "'>' does not apply to null and a number: steps.skipped.output is null"),
+    ("steps.urgent.output.nope.deeper + 1", "'+' does not apply to null and a number: "
+     "steps.urgent.output has no key 'nope' (keys: count, urgent)"),
+    ("params.limit * 2", "'*' does not apply to null and a number: params.limit is null"),
+    ("-steps.urgent.output.cont", "'-' does not apply to null: steps.urgent.output has no key 'cont' "
+     "(keys: count, urgent; did you mean 'count'?)"),
+    ("'x' in steps.urgent.output.labels", "'in' does not apply to a string and null: "
+     "steps.urgent.output has no key 'labels' (keys: count, urgent)"),
+    ("steps.triage.output[steps.urgent.output.idx]", "cannot look up null in a list (only objects have "
+     "keys, only lists have items): steps.urgent.output has no key 'idx' (keys: count, urgent)"),
+    ("steps.triage.output[7].urgent < 1", "'<' does not apply to null and a number: "
+     "steps.triage.output has no item [7] (it has 3)"),
+    ("lower(steps.urgent.output['Urgent'])", "lower() takes a string, not null: steps.urgent.output has no "
+     "key 'Urgent' (keys: count, urgent; did you mean 'urgent'?)"),
+    ("max(steps.urgent.output.cuont, 2)", "max() compares numbers or strings; item [0] is null: "
+     "steps.urgent.output has no key 'cuont' (keys: count, urgent; did you mean 'count'?)"),
+    ("sum(pluck(steps.triage.output, 'tokns'))", "sum() adds numbers; item [0] is null: "
+     "steps.triage.output[0] has no key 'tokns' (keys: tokens, urgent; did you mean 'tokens'?)"),
+    ("max(pluck(steps.triage.output, 'tokens'))", "max() compares numbers or strings; item [2] is null: "
+     "steps.triage.output[2] has no key 'tokens' (keys: label)"),
+    ("sum(pluck(pluck(steps.nested.output, 'a'), 'b'))", "sum() adds numbers; item [1] is null: "
+     "pluck(steps.nested.output, 'a')[1] has no key 'b' (it has no keys)"),
+    ("sum(pluck(pluck(where(steps.nested.output, 'a', null), 'a'), 'b'))", "sum() adds numbers; item [0] is "
+     "null: where(steps.nested.output, 'a', null)[0] has no key 'a' (it has no keys)"),
+    ("max(pluck(pluck(steps.nested.output, 'a'), 'b')) > 0", "max() compares numbers or strings; "
+     "item [1] is null: pluck(steps.nested.output, 'a')[1] has no key 'b' (it has no keys)"),
+    # a null that is not what broke the expression is not blamed
+    ("steps.urgent.output.x == null and 'a' < 3", "'<' does not apply to a string and a number"),
+    ("null > 1", "'>' does not apply to null and a number"),
+])
+def test_where_the_null_that_broke_it_came_from(text: str, message: str) -> None:
+    assert failure(text) == f"cannot evaluate `{text}`: {message}"
+
+
+def test_a_big_object_lists_its_first_keys() -> None:
+    names = {"params": {"obj": {f"k{i:03}": i for i in range(50)}}}
+    assert failure("params.obj.k1000 > 1", names).endswith(
+        "params.obj has no key 'k1000' (keys: k000, k001, k002, k003, k004, k005, k006, k007, k008, k009, "
+        "k010, k011, k012, k013, k014, k015, k016, k017, k018, k019, ... (50 in all); did you mean 'k000'?)")
+
+
+# -- functions over lists -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("any([0, '', 2])", True), ("any([])", False), ("all([1, 'a'])", True), ("all([1, null])", False),
+    ("all([])", True), ("count([true, 0, 'x', null, 3])", 3), ("sum([1, 2.5, -1])", 2.5), ("sum([])", 0),
+    ("any(pluck(steps.triage.output, 'urgent'))", True),
+    ("all(pluck(steps.triage.output, 'urgent'))", False),
+    ("count(pluck(steps.triage.output, 'urgent')) > 0", True),
+    ("pluck(steps.triage.output, 'urgent')", [True, False, None]),
+    ("pluck(steps.triage.output, 'urgent') == [true, false, null]", True),
+    ("len(pluck(steps.triage.output, 'urgent'))", 3),
+    ("pluck(steps.triage.output, 'urgent')[1]", False),
+    ("sum(pluck(where(steps.triage.output, 'tokens'), 'tokens'))", 7),
+    ("where(steps.triage.output, 'label', 'spam')", [{"label": "spam"}]),
+    ("count(where(steps.triage.output, 'urgent', false))", 1),  # an object with keys is true
+    ("len(where(steps.triage.output, 'urgent', false))", 1),
+    ("len(where(steps.triage.output, 'urgent'))", 1),
+    ("where(steps.triage.output, 'nothing')", []),
+    ("'spam' in pluck(steps.triage.output, 'label')", True),
+    ("contains(pluck(steps.triage.output, 'label'), 'ham')", False),
+    ("pluck(steps.triage.output, 'urgent') + [1]", [True, False, None, 1]),
+    ("[1] + pluck(steps.triage.output, 'urgent')", [1, True, False, None]),
+    ("max(pluck(where(steps.triage.output, 'tokens'), 'tokens'))", 4),
+    ("pluck(pluck(steps.nested.output, 'a'), 'b')", [1, None, None]),
+    ("any(steps.skipped.output or [])", False),
+])
+def test_list_functions(text: str, expected: object) -> None:
+    assert parse_expression(text).evaluate(URGENT) == expected
+
+
+ONLY = "(only objects have keys, only lists have items)"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("any(steps.urgent.output)", "any() takes a list, not an object"),
+    ("count('abc')", "count() takes a list, not a string"),
+    ("sum(['1', 2])", "sum() adds numbers; item [0] is a string"),
+    ("sum([true])", "sum() adds numbers; item [0] is a boolean"),
+    ("pluck(steps.triage.output, 1.5)", "pluck() takes a key (a string) after the list, not a number"),
+    ("pluck(['a'], 'x')[0]", "cannot look up 'x' in a string " + ONLY),
+    ("where([1, 2], 'x')", "cannot look up 'x' in a number " + ONLY),
+    ("all(steps.skipped.output)", "all() takes a list, not null: steps.skipped.output is null"),
+])
+def test_list_functions_refuse_what_is_not_a_list_of_the_right_things(text: str, message: str) -> None:
+    assert failure(text) == f"cannot evaluate `{text}`: {message}"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("any()", "any() takes 1 argument, not 0"),
+    ("count([1], 2)", "count() takes 1 argument, not 2"),
+    ("pluck([1])", "pluck() takes 2 arguments, not 1"),
+    ("where([1])", "where() takes 2 to 3 arguments, not 1"),
+    ("anny([1])", "unknown function 'anny' (functions: len, lower, upper, strip, startswith, endswith, "
+     "contains, int, float, str, round, abs, min, max, bool, any, all, count, sum, pluck, where)"),
+])
+def test_list_functions_are_checked_when_parsed(text: str, message: str) -> None:
+    assert refused(text).message == message
+
+
+def test_list_functions_read_a_sequence_on_demand_once_without_copying_it() -> None:
+    from collections.abc import Iterator, Sequence
+
+    class Counted(Sequence):
+        """A sequence read on demand (as a map's output on disk is) that counts its reads."""
+
+        def __init__(self, rows: list) -> None:
+            self.rows, self.reads = rows, 0
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, index: int) -> object:
+            self.reads += 1
+            return self.rows[index]
+
+        def __iter__(self) -> Iterator[object]:
+            return (self[i] for i in range(len(self)))
+
+    rows = Counted([{"urgent": i % 1000 == 999, "n": i} for i in range(5000)])
+    names = {"steps": {"m": {"output": rows}}}
+    assert parse_expression("any(pluck(steps.m.output, 'urgent'))").evaluate(names) is True
+    assert rows.reads == 1000  # it stops at the first true one
+    rows.reads = 0
+    assert parse_expression("count(pluck(steps.m.output, 'urgent')) == 5").evaluate(names) is True
+    assert rows.reads == 5000
+    rows.reads = 0
+    urgent = parse_expression("where(steps.m.output, 'urgent', true)").evaluate(names)
+    assert rows.reads == 5000 and len(urgent) == 5 and not isinstance(urgent, list)
+    assert urgent[4] == {"urgent": True, "n": 4999} and rows.reads == 5001  # read again when asked for

@@ -7,7 +7,7 @@ import json
 import pickle
 from pathlib import Path
 
-from lmflow.datasets import items
+from lmflow.datasets import items, read_dataset
 from lmflow.engine.outputs import NOTHING, MapOutput, OutputWriter, journal_default, write_json
 from lmflow.spec import templates
 from lmflow.spec.expressions import parse_expression
@@ -57,3 +57,29 @@ def test_templates_and_conditions_read_it_like_a_list(tmp_path: Path) -> None:
     condition = parse_expression("len(steps.m.output) == 5 and steps.m.output[1].label == 'l1'",
                                  ("params", "steps"))
     assert condition.evaluate(names) is True
+
+
+def test_a_map_s_items_sit_next_to_its_output_read_on_demand(tmp_path: Path) -> None:
+    dataset = tmp_path / "rows.jsonl"
+    dataset.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\nnot json\n{"text": "e"}\n')
+    rows = read_dataset(dataset, "rows.jsonl")
+    writer = OutputWriter(tmp_path / "run" / "m.jsonl", lambda path, exc: None)
+    # item 2 was skipped (its condition was false), item 3 a broken row collected as null
+    for index, value in [(4, {"urgent": True}), (1, {"urgent": False}), (0, {"urgent": False}), (2, NOTHING),
+                         (3, None)]:
+        writer.put(index, value)
+    output, inputs = writer.close(), writer.inputs(rows)
+    rows.close()  # (the map is over: its dataset is read again when its items are asked for)
+    assert len(inputs) == len(output) == 4
+    assert list(inputs) == [{"text": "a"}, {"text": "b"}, None, {"text": "e"}] and inputs[-1] == {"text": "e"}
+    assert inputs == inputs[0:4] and pickle.loads(pickle.dumps(output)) == output
+    names = {"params": {}, "steps": {"m": {"output": output, "items": inputs}}}
+    assert templates.render("${{ steps.m.items }}", names) == list(inputs)
+    assert templates.render("${{ steps.m.items[3].text }}", names) == "e"
+    urgent = parse_expression("where(steps.m.output, 'urgent') and steps.m.items[3].text == 'e' "
+                              "and any(pluck(steps.m.output, 'urgent'))", ("steps",))
+    assert urgent.evaluate(names) is True
+    texts = parse_expression("pluck(steps.m.items, 'text')", ("steps",)).evaluate(names)
+    assert texts == ["a", "b", None, "e"]
+    assert items(Foreach("value", "${{ steps.m.items }}"), tmp_path,
+                 templates.value_of("${{ steps.m.items }}", names)) is inputs  # a map over them streams them

@@ -32,14 +32,33 @@ def test_data_is_never_template_syntax() -> None:
 
 
 def test_missing_field_says_what_exists() -> None:
-    with pytest.raises(TemplateError, match=r"steps.a.output has no 'nme' \(keys: items, name\)"):
+    with pytest.raises(TemplateError) as info:
         render("${{ steps.a.output.nme }}", CONTEXT)
-    with pytest.raises(TemplateError, match=r"has no item \[5\] \(1\)"):
+    assert str(info.value) == ("steps.a.output.nme: steps.a.output has no key 'nme' (keys: items, name; "
+                               "did you mean 'name'?)")
+    with pytest.raises(TemplateError, match=r"has no item \[5\] \(it has 1\)"):
         render("${{ steps.a.output.items[5] }}", CONTEXT)
+    with pytest.raises(TemplateError, match=r"steps.b.output has no key 'x' \(it is a string\)"):
+        render("${{ steps.b.output.x }}", CONTEXT)
+
+
+def test_an_error_says_where_in_the_value_the_reference_is() -> None:
+    with pytest.raises(TemplateError) as info:
+        render({"args": {"rows": [1, "n=${{ steps.a.output.itms }}"]}}, CONTEXT, ("python",))
+    assert str(info.value) == ("python.args.rows[1]: steps.a.output.itms: steps.a.output has no key 'itms' "
+                               "(keys: items, name; did you mean 'items'?)")
+
+
+def test_a_map_s_items_sit_next_to_its_output() -> None:
+    context = {"steps": {"m": {"output": [{"a": 1}], "items": [{"text": "x"}]}, "skipped": {"output": None,
+                                                                                         "items": None}}}
+    assert render("${{ steps.m.items[0].text }}", context) == "x"
+    assert render("${{ steps.skipped.items[0].text }}", context) is None
+    assert parse_ref("steps.m.items").parts == ("m", "items")
 
 
 @pytest.mark.parametrize("expr", ["os.system('x')", "params", "params.a.b", "steps.a",
-                                  "steps.a.result", "params.n + 1", "__import__('os')"])
+                                  "steps.a.result", "steps.a.input", "params.n + 1", "__import__('os')"])
 def test_anything_but_a_dotted_reference_is_rejected(expr: str) -> None:
     with pytest.raises(TemplateError):
         parse_ref(expr)

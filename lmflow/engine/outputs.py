@@ -7,7 +7,8 @@ starts. `MapOutput` is the step's output from then on: a read-only sequence over
 templates, conditions and a later `foreach` index and iterate like a list, reading a line when
 it is asked for. A whole reference in a step's options (`args: {rows: "${{ steps.m.output }}"}`)
 is given a real list (lmflow.spec.templates); a later map over it streams it. The run's record
-and `--json` hold the list itself, written row by row (`write_json`).
+and `--json` hold the list itself, written row by row (`write_json`). `MapItems` puts the
+map's items next to it (`steps.X.items`): the writer notes the input position of each line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from ..datasets import Rows
+from ..datasets import BrokenRow, Rows
 
 #: an item with no place in the output (skipped, or failed with on_item_error: skip)
 NOTHING = object()
@@ -56,6 +57,40 @@ class MapOutput(Rows):
         return self  # read-only (dataclasses.asdict copies a record's fields)
 
 
+class MapItems(Sequence[Any]):
+    """The items of a map next to its output: item i is the one whose output is output[i] (items
+    skipped or left out by on_item_error: skip are not in either). Read from the map's items
+    when asked for: a dataset on disk stays there; a row that could not be read is null."""
+
+    def __init__(self, items: Sequence[Any], positions: array) -> None:
+        self.items, self.positions = items, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        item = self.items[self.positions[index]]
+        return None if isinstance(item, BrokenRow) else item
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (str, bytes)) or not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment] - as a list's
+
+    def __repr__(self) -> str:
+        return f"MapItems({len(self)} of {self.items!r})"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MapItems:
+        return self  # read-only
+
+
 class OutputWriter:
     """Writes a map's item outputs to its file in input order, as they finish (in any order).
 
@@ -65,6 +100,8 @@ class OutputWriter:
     def __init__(self, path: Path, failed: Callable[[Path, OSError], None]) -> None:
         self.path, self.failed = path, failed
         self.starts = array("q")
+        #: the input position of each item written (skipped ones are not)
+        self.positions = array("q")
         self.pending: dict[int, Any] = {}
         self.next = 0
         self.offset = 0
@@ -90,6 +127,7 @@ class OutputWriter:
                     self.failed(self.path, exc)
                     continue
                 self.starts.append(self.offset)
+                self.positions.append(self.next - 1)
                 self.offset += len(line)
 
     def _close(self) -> None:
@@ -104,6 +142,10 @@ class OutputWriter:
         """The output written (every item has been put)."""
         self._close()
         return MapOutput(self.path, self.starts)
+
+    def inputs(self, items: Sequence[Any]) -> MapItems:
+        """The map's `items` whose outputs were written, in the same order (`steps.X.items`)."""
+        return MapItems(items, self.positions)
 
     def discard(self) -> None:
         """The map failed: it has no output."""

@@ -76,7 +76,8 @@ class Runtime:
         self.recorder = recorder
         self.backends: dict[str, Backend] = {}
         self.outputs: dict[str, Any] = {}
-        self._steps: dict[str, dict[str, Any]] = {}  # the `steps` of templates: id -> {"output": ...}
+        #: the `steps` of templates: id -> {"output": ...}, and a map's {"items": ...}
+        self._steps: dict[str, dict[str, Any]] = {}
         #: models this run loaded and has not unloaded, by alias
         self.loaded: dict[str, ModelConfig] = {}
         self._resolved: dict[str, ModelConfig] = {}
@@ -346,10 +347,12 @@ class Runtime:
 
     # -- values -----------------------------------------------------------
 
-    def set_output(self, step_id: str, output: Any) -> None:
-        """A finished step's output, visible to the steps that depend on it."""
-        self.outputs[step_id] = output
-        self._steps[step_id] = {"output": output}
+    def set_output(self, step: StepSpec, output: Any, inputs: Sequence[Any] | None = None) -> None:
+        """A finished step's output, visible to the steps that depend on it; a map's items next to
+        it (`inputs`, `steps.X.items`: null when the map was skipped)."""
+        self.outputs[step.id] = output
+        self._steps[step.id] = {"output": output} if step.foreach is None else {"output": output,
+                                                                                "items": inputs}
 
     def names(self, step: StepSpec, item: Any = None, index: int | None = None) -> dict[str, Any]:
         """What templates and conditions of `step` (or one of its items) can refer to."""
@@ -372,9 +375,13 @@ class Runtime:
         assert foreach is not None
         names = self.names(step)
         if foreach.source == "value" and isinstance(foreach.value, str):  # a map's output is streamed
-            return items(foreach, self.spec.dir, templates.value_of(foreach.value, names))
+            try:
+                return items(foreach, self.spec.dir, templates.value_of(foreach.value, names))
+            except templates.TemplateError as exc:
+                raise templates.TemplateError(f"foreach: {exc}") from None
         templated = foreach.source == "value" or "${{" in foreach.value  # a path may hold references
-        return items(foreach, self.spec.dir, templates.render(foreach.value, names) if templated else None)
+        resolved = templates.render(foreach.value, names, ("foreach",)) if templated else None
+        return items(foreach, self.spec.dir, resolved)
 
     def item_condition(self, step: StepSpec) -> bool:
         """True when `when` refers to the item, so it is decided per item, not for the step."""
@@ -384,7 +391,7 @@ class Runtime:
     def resolve(self, step: StepSpec, item: Any = None, index: int | None = None,
                 names: dict[str, Any] | None = None) -> dict[str, Any]:
         """The step's options with every reference replaced, checked against the kind's schema."""
-        options = templates.render(step.options, names or self.names(step, item, index))
+        options = templates.render(step.options, names or self.names(step, item, index), (step.kind,))
         error = next(iter(_options_validator(step.kind).iter_errors(options)), None)
         if error is not None:
             where = ".".join([step.kind, *map(str, error.absolute_path)])

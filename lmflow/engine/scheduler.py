@@ -180,7 +180,7 @@ class Scheduler:
         if not items:
             self.recorder.emit("warning", step=step.id,
                                message="foreach has no items: the output is an empty list")
-            self._complete(step, [], seconds=0.0, items={"total": 0})
+            self._complete(step, [], seconds=0.0, items={"total": 0}, inputs=[])
             return
         window = step.parallel or self.max_parallel
         batch = _Map(step, items, window, started, outputs=self.recorder.output_writer(step.id),
@@ -193,7 +193,7 @@ class Scheduler:
         self.queue[step.id] = step
 
     def _skip(self, step: StepSpec) -> None:
-        self.runtime.set_output(step.id, None)
+        self.runtime.set_output(step, None)
         self._show_skipped(step, "condition false")
         self._settle(step, "skipped")
 
@@ -333,8 +333,8 @@ class Scheduler:
 
     def _complete(self, step: StepSpec, output: Any, *, seconds: float, result: Any = None,
                   cached: bool = False, items: dict[str, int] | None = None,
-                  problems: list[dict[str, Any]] | None = None) -> None:
-        self.runtime.set_output(step.id, output)
+                  problems: list[dict[str, Any]] | None = None, inputs: Sequence[Any] | None = None) -> None:
+        self.runtime.set_output(step, output, inputs)
         changes: dict[str, Any] = {"status": "cached" if cached else "completed", "output": output,
                                    "seconds": seconds}
         if result is not None:
@@ -411,11 +411,11 @@ class Scheduler:
             batch.outputs.discard()
             return
         assert batch.outputs is not None
-        output = batch.outputs.close()
+        output, inputs = batch.outputs.close(), batch.outputs.inputs(batch.items)
         if step.id in self.dependents:  # they wait for one edge, not for every item
             self.edges[step.id] = [self.executor.join(step.id, self.edges.get(step.id, []))]
         self._complete(step, output, seconds=round(seconds, 3), items=counts, problems=batch.problems,
-                       cached=batch.counts["cached"] == len(batch.items))
+                       cached=batch.counts["cached"] == len(batch.items), inputs=inputs)
 
     def _report_progress(self, batch: _Map, final: bool = False) -> None:
         """At most once a second (and at the end): each update may be an API call."""

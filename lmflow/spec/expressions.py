@@ -11,8 +11,20 @@ The language is a small subset of Python expressions:
   with Python's semantics (`'1' == 1` is false, `'a' < 3` is an error);
 - functions: len lower upper strip startswith(s, prefix) endswith(s, suffix) contains(c, x)
   int float str round abs min max bool, called by name (no methods);
+- functions over lists (lmflow.spec.expression_functions): any(list) all(list) count(list)
+  (how many items are true) sum(list) (of numbers), pluck(list, 'key') (each item's key, null
+  where an item lacks it) and where(list, 'key') / where(list, 'key', value) (the items whose
+  key is true / equals value): `any(pluck(steps.triage.output, 'urgent'))`,
+  `count(where(steps.triage.output, 'label', 'spam')) > 2`. Each reads its list once, item by
+  item, and copies nothing (a map's output on disk stays there); there are no comprehensions:
+  these are the bounded forms of `[x.urgent for x in ...]`;
 - line breaks count as spaces; at most 1000 characters; results may not exceed
   100,000 characters or 4300 digits.
+
+When a null breaks an operation or a function (`steps.a.output.urgnet > 0`), the error says
+where the null came from: the key an object lacks, with the keys it has and the closest one
+(`steps.a.output has no key 'urgnet' (keys: count, urgent; did you mean 'urgent'?)`), or the
+value that was null.
 
 `test` is the truthiness of the value, as in GitHub Actions: null, false, 0, "", [] and {}
 are false. Everything else (lambda, comprehensions, `**`, f-strings, slices, ...) is refused
@@ -23,6 +35,7 @@ simpleeval with the parsed tree, so an expression is parsed once and evaluated m
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 import re
 import types
@@ -32,18 +45,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import simpleeval
-from simpleeval import InvalidExpression, IterableTooLong, NumberTooHigh, SimpleEval
+from simpleeval import InvalidExpression, IterableTooLong, SimpleEval
 
 from ..errors import ExpressionError  # noqa: F401 - raised here, defined with the tree
+from .expression_functions import (
+    FUNCTIONS,
+    MAX_DIGITS,  # noqa: F401 - a limit of the language, said here with the others
+    NullUsed,
+    Picked,
+    Refused,
+    checked,
+    kind,
+    lookup,
+    missing,
+)
 from .hints import suggest
 from .templates import is_list
 
 MAX_LENGTH = 1000
-MAX_DIGITS = 4300  # as Python's int <-> str conversion limit
 MAX_DEPTH = 100
 
 _LITERALS = {"true": True, "false": False, "null": None}
-_TOO_BIG = 10**MAX_DIGITS
 _WRAPPED = re.compile(r"\s*\$\{\{(.*)\}\}\s*", re.S)
 
 
@@ -66,7 +88,7 @@ class Expression:
 
     def evaluate(self, names: dict[str, Any]) -> Any:
         """The value of the expression with the roots bound to `names`."""
-        token = _NAMES.set(names)
+        token, trace = _NAMES.set(names), _TRACE.set(_Trace())
         try:
             # eval() keeps the text on the shared evaluator for simpleeval's own messages, which
             # are never shown: the one attribute threads race on, harmlessly
@@ -74,6 +96,7 @@ class Expression:
         except (InvalidExpression, ArithmeticError, LookupError, TypeError, ValueError) as exc:
             raise ExpressionError(f"cannot evaluate `{self.text}`: {_reason(exc)}") from None
         finally:
+            _TRACE.reset(trace)
             _NAMES.reset(token)
 
     def test(self, names: dict[str, Any]) -> bool:
@@ -305,114 +328,47 @@ def _constant_key(node: ast.expr) -> str | int | None:
 
 # -- evaluation ---------------------------------------------------------------------------------------
 
-# The names of the evaluation running in this thread (or task): the evaluator is shared and
-# holds no per-call state, so one Expression can be evaluated from many threads at once.
+# The names of the evaluation running in this thread (or task), and the nulls it met: the
+# evaluator is shared and holds no per-call state, so one Expression can be evaluated from
+# many threads at once.
 _NAMES: ContextVar[dict[str, Any]] = ContextVar("lmflow_expression_names")
+_TRACE: ContextVar[_Trace] = ContextVar("lmflow_expression_trace")
 
-
-def _kind(value: Any) -> str:
-    """A value's type as a spec writer knows it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if is_list(value):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _checked(value: Any) -> Any:
-    """`value`, unless it is a number or string beyond the limits."""
-    if type(value) is int and not -_TOO_BIG < value < _TOO_BIG:
-        raise NumberTooHigh(f"the result would have more than {MAX_DIGITS} digits")
-    if isinstance(value, str) and len(value) > simpleeval.MAX_STRING_LENGTH:
-        raise IterableTooLong(value)
-    return value
-
-
-def _lookup(container: Any, key: Any) -> Any:
-    """`container.key` or `container[key]`: a key of a dict or an item of a list, else null."""
-    if container is None:
-        return None
-    if isinstance(container, dict) and isinstance(key, (str, int, float)):
-        return container.get(key)
-    if is_list(container) and type(key) is int:
-        return container[key] if -len(container) <= key < len(container) else None
-    what = f"item [{key}]" if type(key) is int else "null" if key is None else repr(key)
-    raise TypeError(f"cannot look up {what} in {_kind(container)} (only objects have keys, "
-                    "only lists have items)")
-
-
-def _string(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name}() takes a string, not {_kind(value)}")
-    return value
-
-
-def _lower(s: Any) -> str:
-    return _string("lower", s).lower()
-
-
-def _upper(s: Any) -> str:
-    return _string("upper", s).upper()
-
-
-def _strip(s: Any) -> str:
-    return _string("strip", s).strip()
-
-
-def _startswith(s: Any, prefix: Any) -> bool:
-    return _string("startswith", s).startswith(_string("startswith", prefix))
-
-
-def _endswith(s: Any, suffix: Any) -> bool:
-    return _string("endswith", s).endswith(_string("endswith", suffix))
-
-
-def _contains(container: Any, x: Any) -> bool:
-    return x in container
-
-
-def _round(x: Any, ndigits: Any = None) -> Any:
-    # round(1, -10**6) computes 10**(10**6): keep the digits within the number limit
-    if isinstance(ndigits, int) and abs(ndigits) > MAX_DIGITS:
-        raise NumberTooHigh(f"round() to more than {MAX_DIGITS} digits is not allowed")
-    return round(x, ndigits)
-
-
-def _mod(a: Any, b: Any) -> Any:
-    if isinstance(a, str):  # '%d' % x formats text, and '%999999999d' makes a gigabyte
-        raise TypeError("'%' is the remainder of numbers, not string formatting")
-    return a % b
-
-
-def _arithmetic(compute: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-    def checked(a: Any, b: Any) -> Any:
-        return _checked(compute(_checked(a), _checked(b)))
-    return checked
-
-
-#: name -> (implementation, fewest arguments, most arguments or None for any number)
-FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None]] = {
-    "len": (len, 1, 1), "lower": (_lower, 1, 1), "upper": (_upper, 1, 1), "strip": (_strip, 1, 1),
-    "startswith": (_startswith, 2, 2), "endswith": (_endswith, 2, 2), "contains": (_contains, 2, 2),
-    "int": (int, 1, 1), "float": (float, 1, 1), "str": (str, 1, 1), "round": (_round, 1, 2),
-    "abs": (abs, 1, 1), "min": (min, 1, None), "max": (max, 1, None), "bool": (bool, 1, 1),
+_SYMBOLS = {
+    ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.In: "in",
+    ast.NotIn: "not in", ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//",
+    ast.Mod: "%", ast.USub: "-", ast.Not: "not",
 }
 
-_OPERATORS = {
-    ast.Add: _arithmetic(simpleeval.safe_add), ast.Sub: _arithmetic(operator.sub),
-    ast.Mult: _arithmetic(simpleeval.safe_mult), ast.Div: _arithmetic(operator.truediv),
-    ast.FloorDiv: _arithmetic(operator.floordiv), ast.Mod: _arithmetic(_mod),
-    ast.USub: lambda a: _checked(-a), ast.Not: operator.not_,
-    **{op: simpleeval.DEFAULT_OPERATORS[op] for op in _COMPARISONS},
-}
+
+@functools.lru_cache(maxsize=4096)
+def _text(node: ast.expr) -> str:
+    """How a part of an expression reads (`steps.ask.output`), for messages."""
+    return ast.unparse(node)
+
+
+class _Trace:
+    """The lookups of one evaluation that gave null, and why. A missing key is null by design, so
+    noting one costs a dict entry; it is said only when a null then breaks the evaluation."""
+
+    LIMIT = 20
+
+    def __init__(self) -> None:
+        #: the text of a lookup (`steps.a.output.x`) -> what it looked into: (its text, it, the key)
+        self.nulls: dict[str, tuple[str, Any, Any]] = {}
+
+    def note(self, node: ast.Attribute | ast.Subscript, container: Any, key: Any) -> None:
+        if len(self.nulls) >= self.LIMIT:
+            return
+        text = _text(node)
+        if container is not None:
+            self.nulls.setdefault(text, (_text(node.value), container, key))
+        elif (inner := self.nulls.get(_text(node.value))) is not None:
+            self.nulls.setdefault(text, inner)  # null because what it looks into is
+
+    def why(self, node: ast.expr) -> str | None:
+        found = self.nulls.get(_text(node))
+        return missing(*found) if found is not None else None
 
 
 class _Evaluator(SimpleEval):
@@ -420,6 +376,7 @@ class _Evaluator(SimpleEval):
 
     The static pass has refused everything else already; these overrides make sure no value
     from `names` is ever called or has a Python attribute read, even if that pass had a gap.
+    Operations and calls given null say where the null came from (`_Trace`).
     """
 
     def __init__(self) -> None:
@@ -446,23 +403,117 @@ class _Evaluator(SimpleEval):
         return names[node.id]
 
     def _eval_attribute(self, node: ast.Attribute) -> Any:
-        return _lookup(self._eval(node.value), node.attr)
+        container = self._eval(node.value)
+        value = lookup(container, node.attr)
+        if value is None:
+            _TRACE.get().note(node, container, node.attr)
+        return value
 
     def _eval_subscript(self, node: ast.Subscript) -> Any:
-        return _lookup(self._eval(node.value), self._eval(node.slice))
+        container, key = self._eval(node.value), self._eval(node.slice)
+        try:
+            value = lookup(container, key)
+        except NullUsed as exc:
+            raise NullUsed(str(exc), self._why([key], [node.slice])) from None
+        if value is None:
+            _TRACE.get().note(node, container, key)
+        return value
+
+    def _eval_unaryop(self, node: ast.UnaryOp) -> Any:
+        return self._operate(node.op, [self._eval(node.operand)], [node.operand])
+
+    def _eval_binop(self, node: ast.BinOp) -> Any:
+        operands = [node.left, node.right]
+        return self._operate(node.op, [self._eval(operand) for operand in operands], operands)
+
+    def _eval_compare(self, node: ast.Compare) -> Any:
+        right, right_node = self._eval(node.left), node.left
+        result: Any = True
+        for op, comparator in zip(node.ops, node.comparators, strict=True):
+            if not result:
+                break
+            left, left_node = right, right_node
+            right, right_node = self._eval(comparator), comparator
+            result = self._operate(op, [left, right], [left_node, right_node])
+        return result
+
+    def _operate(self, op: ast.AST, values: list[Any], nodes: list[ast.expr]) -> Any:
+        try:
+            return self.operators[type(op)](*values)
+        except TypeError as exc:
+            if isinstance(exc, (NullUsed, Refused)):
+                raise
+            message = f"'{_SYMBOLS[type(op)]}' does not apply to {' and '.join(map(kind, values))}"
+            if any(value is None for value in values):
+                raise NullUsed(message, self._why(values, nodes)) from None
+            raise TypeError(message) from None
 
     def _eval_call(self, node: ast.Call) -> Any:
         if not isinstance(node.func, ast.Name) or node.keywords:
             raise InvalidExpression("only functions called by name with positional arguments")
-        return _checked(self.functions[node.func.id](*(self._eval(arg) for arg in node.args)))
+        name = node.func.id
+        args = [self._eval(arg) for arg in node.args]
+        try:
+            result = self.functions[name](*args)
+        except TypeError as exc:
+            given_null = any(arg is None for arg in args)
+            if isinstance(exc, NullUsed) and not exc.why and given_null:
+                exc.why = self._why(args, node.args)
+            if isinstance(exc, NullUsed) or not given_null:
+                raise
+            message = f"{name}() does not take null" if "NoneType" in str(exc) else str(exc)
+            raise NullUsed(message, self._why(args, node.args)) from None
+        if isinstance(result, Picked):
+            result.text = _text(node.args[0])
+        return checked(result)
 
     def _eval_list(self, node: ast.List | ast.Tuple) -> list[Any]:
         return [self._eval(element) for element in node.elts]
+
+    @staticmethod
+    def _why(values: list[Any], nodes: list[ast.expr]) -> list[str]:
+        """Where each null among `values` came from, where a lookup made it."""
+        trace = _TRACE.get()
+        return [why for value, node in zip(values, nodes, strict=True)
+                if value is None and (why := trace.why(node)) is not None]
+
+
+def _mod(a: Any, b: Any) -> Any:
+    if isinstance(a, str):  # '%d' % x formats text, and '%999999999d' makes a gigabyte
+        raise Refused("'%' is the remainder of numbers, not string formatting")
+    return a % b
+
+
+def _arithmetic(compute: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def limited(a: Any, b: Any) -> Any:
+        return checked(compute(checked(a), checked(b)))
+    return limited
+
+
+def _add(a: Any, b: Any) -> Any:
+    # a `pluck` or a map's output on disk joins a list as a list
+    if is_list(a) and is_list(b) and not (isinstance(a, list) and isinstance(b, list)):
+        if len(a) + len(b) > simpleeval.MAX_STRING_LENGTH:
+            raise IterableTooLong("the joined list would be too long")
+        return list(a) + list(b)
+    return simpleeval.safe_add(a, b)
+
+
+_OPERATORS = {
+    ast.Add: _arithmetic(_add),
+    ast.Sub: _arithmetic(operator.sub),
+    ast.Mult: _arithmetic(simpleeval.safe_mult), ast.Div: _arithmetic(operator.truediv),
+    ast.FloorDiv: _arithmetic(operator.floordiv), ast.Mod: _arithmetic(_mod),
+    ast.USub: lambda a: checked(-a), ast.Not: operator.not_,
+    **{op: simpleeval.DEFAULT_OPERATORS[op] for op in _COMPARISONS},
+}
 
 
 def _reason(exc: Exception) -> str:
     if isinstance(exc, IterableTooLong):
         return f"the result would be longer than {simpleeval.MAX_STRING_LENGTH} characters"
+    if isinstance(exc, NullUsed) and exc.why:
+        return f"{exc}: {'; '.join(dict.fromkeys(exc.why))}"
     return str(exc) or type(exc).__name__
 
 

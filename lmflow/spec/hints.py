@@ -19,3 +19,14 @@ def suggest(word: object, choices: Iterable[object]) -> str | None:
     if close:
         return f"did you mean '{close}'?"
     return f"expected one of: {', '.join(options)}" if options else None
+
+
+def known_keys(word: object, keys: Iterable[object], shown: int = 20) -> str:
+    """What an object that lacks the key `word` has: "keys: a, b; did you mean 'x'?" (the first
+    `shown` keys, in order, and the closest one), or "it has no keys"."""
+    names = sorted({str(k) for k in keys})
+    if not names:
+        return "it has no keys"
+    listed = ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+    close = nearest(word, names[:1000])  # (a typo's match among more is not worth the time)
+    return f"keys: {listed}" + (f"; did you mean '{close}'?" if close else "")

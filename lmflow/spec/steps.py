@@ -70,6 +70,8 @@ class Scope:
     holding: dict[str, str] = field(default_factory=dict)
     #: the most tokens each model may be loaded with, where the spec says (`CheckContext.context_lengths`)
     contexts: dict[str, int] = field(default_factory=dict)
+    #: the top-level steps with foreach (maps): they have `steps.ID.items`
+    maps: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -149,6 +151,9 @@ class StepsChecker:
         """Each step's kind; ids given twice; what a held list may not have."""
         doc, scope, base = self.doc, self.scope, self.scope.base
         self.spec_ids = {s["id"] for s in raw_steps if isinstance(s, dict) and isinstance(s.get("id"), str)}
+        if not self.nested:
+            scope.maps.update(s["id"] for s in raw_steps if isinstance(s, dict)
+                              and isinstance(s.get("id"), str) and "foreach" in s)
         parsed: list[_Parsed] = []
         duplicates: set[int] = set()  # positions of steps whose id an earlier step has
         for i, raw in enumerate(raw_steps):
@@ -289,8 +294,9 @@ class StepsChecker:
         elif root == "params" and parts and parts[0] not in self.params:
             self.problems.append(where(f"unknown parameter '{parts[0]}'",
                                        _suggest(parts[0], self.params) or "declare it under params"))
-        elif root == "steps" and (len(parts) < 2 or parts[1] != "output"):
-            self.problems.append(where(f"'{text}': a step reference is steps.ID.output[.field...]"))
+        elif root == "steps" and (len(parts) < 2 or parts[1] not in templates.STEP_FIELDS):
+            self.problems.append(where(f"'{text}': a step reference is steps.ID.output[.field...]",
+                                       "a map's items are steps.ID.items"))
         elif root == "steps":
             self._depend_on_step(p, where, str(parts[0]), parts, text)
 
@@ -315,6 +321,11 @@ class StepsChecker:
             known = self.spec_ids | set(scope.outer)
             self.problems.append(where(f"unknown step '{target}'", self._inside_held(target)
                                        or _suggest(target, known - {p.id})))
+            return
+        if parts[1] == "items":
+            if target not in scope.maps:
+                self.problems.append(where(f"'{text}': step '{target}' has no foreach: only a map has items",
+                                           f"refer to its output, steps.{target}.output"))
             return
         why = _field_problem(schemas.get(target), tuple(parts[2:]))
         if why:
@@ -357,7 +368,7 @@ class _Nest:
         inner = Scope(base=self.base + tuple(path), holder=self.p.id, holds=self.holds,
                       outer={s: outer.output_schemas.get(s) for s in outer.spec_ids if s != self.p.id},
                       outer_deps=outer.deps[self.p.id], taken=outer.scope.taken, parents=outer.scope.parents,
-                      holding=outer.scope.holding, contexts=outer.scope.contexts)
+                      holding=outer.scope.holding, contexts=outer.scope.contexts, maps=outer.scope.maps)
         steps = StepsChecker(outer.doc, outer.spec_dir, outer.params, outer.models, outer.defaults,
                              outer.problems, outer.server_names, inner).check(raw)
         for s in steps:

@@ -1,4 +1,5 @@
-"""The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}`, in a
+"""The safe template syntax: `${{ params.name }}`, `${{ steps.ID.output.field }}` (and a map's
+items, `${{ steps.ID.items }}`: item i is the one whose output is output[i]), in a
 step with `foreach` `${{ item.field }}` and `${{ index }}`, and in the steps a kind holds
 the root that kind offers them (`Step.holds`): in a loop's checkpoint `${{ loop.generation }}`,
 `${{ loop.state.X }}`, `${{ loop.history }}`...
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TemplateError  # noqa: F401 - raised here, defined with the tree
 from ..plugins import by_version
+from .hints import known_keys
 
 if TYPE_CHECKING:
     from ..steps.base import Holds
@@ -31,6 +33,8 @@ _PIECE = re.compile(r"\$\$\{\{|\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 #: the roots of every spec; each kind that holds steps adds its own (`held_roots`)
 ROOTS = ("params", "steps", "item", "index")
+#: what `steps.ID.` offers: the step's output, and a map's items next to it (in the same order)
+STEP_FIELDS = ("output", "items")
 
 
 @by_version
@@ -55,7 +59,7 @@ class Ref:
 
     @property
     def field_path(self) -> tuple[str | int, ...]:
-        """For a step reference, the path inside the step's output."""
+        """For a step reference, the path inside the step's output (or items)."""
         return self.parts[2:] if self.root == "steps" else ()
 
 
@@ -89,8 +93,9 @@ def parse_ref(expr: str) -> Ref:
                             + ", ".join(held[root].fields))
     if root == "params" and len(parts) != 1:
         raise TemplateError(f"'{text}': a parameter reference is params.NAME")
-    if root == "steps" and (len(parts) < 2 or parts[1] != "output"):
-        raise TemplateError(f"'{text}': a step reference is steps.ID.output[.field...]")
+    if root == "steps" and (len(parts) < 2 or parts[1] not in STEP_FIELDS):
+        raise TemplateError(f"'{text}': a step reference is steps.ID.output[.field...] (or a map's "
+                            "items: steps.ID.items)")
     return Ref(root, tuple(parts), text)
 
 
@@ -129,15 +134,15 @@ def lookup(ref: Ref, context: dict[str, Any]) -> Any:
             return None
         if isinstance(part, int):
             if not is_list(current) or part >= len(current):
-                size = len(current) if is_list(current) else "not a list"
+                size = f"it has {len(current)}" if is_list(current) else f"it is {kind_of(current)}"
                 raise TemplateError(f"{ref.text}: {walked} has no item [{part}] ({size})")
             current = current[part]
             walked += f"[{part}]"
         else:
             if not isinstance(current, dict) or part not in current:
-                keys = ", ".join(map(str, current)) if isinstance(current, dict) else None
-                found = f"keys: {keys}" if keys else f"it is {type(current).__name__}"
-                raise TemplateError(f"{ref.text}: {walked} has no '{part}' ({found})")
+                found = (known_keys(part, current) if isinstance(current, dict)
+                         else f"it is {kind_of(current)}")
+                raise TemplateError(f"{ref.text}: {walked} has no key '{part}' ({found})")
             current = current[part]
             walked += f".{part}"
     return current
@@ -156,6 +161,23 @@ def is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
 
 
+def kind_of(value: Any) -> str:
+    """A value's type as a spec writer knows it: null, a number, a list, an object..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if is_list(value):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 def as_value(value: Any) -> Any:
     """`value` as a step's options hold it: a sequence read on demand (a map's output on disk)
     becomes a list, as the step is given it whole."""
@@ -168,16 +190,23 @@ def _as_text(value: Any) -> str:
     return json.dumps(as_value(value), ensure_ascii=False)
 
 
-def render(value: Any, context: dict[str, Any]) -> Any:
-    """Resolve every reference inside a nested value (strings, lists, dicts)."""
+def render(value: Any, context: dict[str, Any], path: tuple[str | int, ...] = ()) -> Any:
+    """Resolve every reference inside a nested value (strings, lists, dicts); an error says where
+    in it the reference is, after `path` (`python.args.text: steps.a.output has no key...`)."""
     if isinstance(value, str):
-        whole = _TEMPLATE.fullmatch(value)
-        if whole:
-            return as_value(lookup(parse_ref(whole.group(1)), context))
-        return _PIECE.sub(lambda m: "${{" if m.group(1) is None
-                          else _as_text(lookup(parse_ref(m.group(1)), context)), value)
+        try:
+            whole = _TEMPLATE.fullmatch(value)
+            if whole:
+                return as_value(lookup(parse_ref(whole.group(1)), context))
+            return _PIECE.sub(lambda m: "${{" if m.group(1) is None
+                              else _as_text(lookup(parse_ref(m.group(1)), context)), value)
+        except TemplateError as exc:
+            if not path:
+                raise
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+            raise TemplateError(f"{where}: {exc}") from None
     if isinstance(value, dict):
-        return {k: render(v, context) for k, v in value.items()}
+        return {k: render(v, context, path + (k,)) for k, v in value.items()}
     if isinstance(value, list):
-        return [render(v, context) for v in value]
+        return [render(v, context, path + (i,)) for i, v in enumerate(value)]
     return value
