@@ -40,7 +40,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import psutil
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -61,6 +62,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.events.schemas.events import ReceivedEvent
+from prefect.exceptions import ObjectNotFound
 from prefect.runner import Runner
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.services import critical_service_loop
@@ -71,11 +73,11 @@ from .deploy import Target, ensure_pool, require_server, runner_deployment
 #: how often a served spec or a worker asks for runs to start (Prefect's default is 10 s): a run
 #: started from the UI waits for the next poll
 POLL_SECONDS = 2
-FINAL = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED})
+FINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})  # (StateType values)
 #: a run taken but not over (Submitting is a Pending)
 TAKEN = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
-#: how long a worker's runs get to end after their cancellation (Prefect kills a run's process
-#: 30 s after its SIGTERM) before the worker stops regardless
+#: how long the runs in progress get to end after their cancellation (Prefect kills a run's
+#: process 30 s after its SIGTERM) before the runner or worker stops regardless
 CANCEL_GRACE = 60.0
 #: at the stop, how long a run's end may lag behind its process's (Prefect records it, the event
 #: stream brings it) before lmflow reads or marks it itself
@@ -134,6 +136,7 @@ class _Runner(Runner):
 
 async def _serve(chosen: list[Target], limit: int | None, listener: Listener, stop: _Stop) -> None:
     stopped = stop.attach()
+    older = {child.pid for child in _children()}
     runner = _Runner(stop, name=f"lmflow-serve-{socket.gethostname()}-{os.getpid()}", limit=limit)
     ids = [await runner.aadd_deployment(runner_deployment(target)) for target in chosen]
     async with get_client() as client:
@@ -147,7 +150,7 @@ async def _serve(chosen: list[Target], limit: int | None, listener: Listener, st
             for deployment_id in ids:  # no run comes due any more, future ones are deleted (as
                 await client.pause_deployment(deployment_id)  # the runner does at its exit)
             ours = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=ids), state=_taken())
-            await _cancel(client, ours, reason)
+            await _cancel(client, ours, reason, older)
             while not runner.started and not serving.done():  # the stop came while it started
                 await asyncio.sleep(0.05)
             if runner.started:
@@ -165,6 +168,7 @@ async def _serve(chosen: list[Target], limit: int | None, listener: Listener, st
 
 async def _work(pool: str, limit: int | None, listener: Listener, stop: _Stop) -> None:
     stopped = stop.attach()
+    older = {child.pid for child in _children()}
     worker = ProcessWorker(work_pool_name=pool, name=f"lmflow-{socket.gethostname()}-{os.getpid()}",
                            limit=limit)
     taken: set[UUID] = set()
@@ -179,7 +183,7 @@ async def _work(pool: str, limit: int | None, listener: Listener, stop: _Stop) -
             reason = f"lmflow worker stopped ({stop.signal})"
             await quiet.wait()  # it takes no more runs: `taken` is complete
             ours = FlowRunFilter(id=FlowRunFilterId(any_=sorted(taken)), state=_taken())
-            await _cancel(client, ours, reason)
+            await _cancel(client, ours, reason, older)
             working.cancel()  # the worker exits (a run it was still submitting is cancelled with it)
             with suppress(asyncio.CancelledError):
                 await working
@@ -235,12 +239,13 @@ def _taken() -> FlowRunFilterState:
     return FlowRunFilterState(type=FlowRunFilterStateType(any_=TAKEN))
 
 
-async def _cancel(client: PrefectClient, runs: FlowRunFilter, reason: str) -> None:
+async def _cancel(client: PrefectClient, runs: FlowRunFilter, reason: str, older: Collection[int]) -> None:
     """Cancel the runs of this process that are not over, as the UI's Cancel does: Prefect's
     observer in the runner or worker tells the run's process, then SIGTERMs it, and the run ends
     Cancelled, all runs at once. Returns once every run is over, or else once none is Pending or
     Running and the runs' processes (this process's children) have been gone SETTLE_SECONDS (a
-    run left Cancelling has no process: `_cancel_leftovers`), or after CANCEL_GRACE."""
+    run left Cancelling has no process: `_cancel_leftovers`), or after CANCEL_GRACE. `older`: the
+    children this process had before it served, not runs."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CANCEL_GRACE
     asked: set[UUID] = set()
@@ -254,7 +259,7 @@ async def _cancel(client: PrefectClient, runs: FlowRunFilter, reason: str) -> No
             if flow_run.id not in asked:
                 asked.add(flow_run.id)
                 await client.set_flow_run_state(flow_run.id, Cancelling(message=reason))
-        if running or _children():
+        if running or _children(older):
             settled = None
         elif settled is None:
             settled = loop.time()
@@ -263,13 +268,14 @@ async def _cancel(client: PrefectClient, runs: FlowRunFilter, reason: str) -> No
         await asyncio.sleep(0.25)
 
 
-def _children() -> list[psutil.Process]:
-    """The runs' processes still alive: this process's children (the runner and the worker start
-    nothing else)."""
+def _children(older: Collection[int] = ()) -> list[psutil.Process]:
+    """This process's children alive, but those in `older` (PIDs): the runs' processes, when
+    `older` holds the children it had before it served (the runner and the worker start nothing
+    else)."""
     alive = []
     for child in psutil.Process().children():
         with suppress(psutil.Error):
-            if child.status() != psutil.STATUS_ZOMBIE:
+            if child.pid not in older and child.status() != psutil.STATUS_ZOMBIE:
                 alive.append(child)
     return alive
 
@@ -312,8 +318,6 @@ class _Watch:
         self._following: asyncio.Task | None = None
 
     async def __aenter__(self) -> _Watch:
-        self._events = get_events_subscriber(filter=self._filter)
-        await self._events.__aenter__()
         self._following = asyncio.create_task(self._follow())
         return self
 
@@ -322,15 +326,19 @@ class _Watch:
             self._following.cancel()
             with suppress(asyncio.CancelledError):
                 await self._following
-        await self._events.__aexit__(*exc_info)
 
     def running(self) -> int:
         return sum(1 for what in self._reported.values() if what == "started")
 
     async def _follow(self) -> None:
+        """(The stream starts with the last minute's events: what came while it connected too.)"""
         try:
-            async for event in self._events:
-                await self._seen(event)
+            async with get_events_subscriber(filter=self._filter) as events:
+                async for event in events:
+                    try:
+                        await self._seen(event)
+                    except (httpx.HTTPError, ObjectNotFound):  # (a run deleted since: not reported)
+                        continue
         except Exception as exc:  # noqa: BLE001 - the top of this task: serving goes on without lines
             self._listener("warning", {"message": f"Prefect's event stream was lost ({exc}): runs are "
                                                   "no longer reported here (the UI shows them)"})
@@ -375,7 +383,7 @@ class _Watch:
             await asyncio.sleep(0.1)
         for run_id in [r for r, what in self._reported.items() if what == "started"]:
             flow_run = await self._client.read_flow_run(run_id)
-            if flow_run.state is not None and flow_run.state.type in FINAL:
+            if flow_run.state is not None and flow_run.state.type.value in FINAL:
                 self._report(flow_run, flow_run.state.name, ended=True, message=flow_run.state.message)
 
 
@@ -391,7 +399,8 @@ class _Stop:
         """The event set by the stop, in the running loop (also when the signal came before it)."""
         self._event = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._loop.add_signal_handler(signal.SIGTERM, self.request, signal.SIGTERM)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # (SIGINT: in case a thread that predates
+            self._loop.add_signal_handler(signum, self.request, signum)  # the mask takes it)
         if self.signal is not None:
             self._event.set()
         return self._event
