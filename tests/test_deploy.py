@@ -12,6 +12,8 @@ import re
 import signal
 import subprocess
 import textwrap
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -164,6 +166,42 @@ def test_a_bad_schedule_on_the_command_line_is_a_usage_error(tmp_path: Path) -> 
     assert out.returncode == 2
     assert "--cron a cron line has 5 fields" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- the lines serve and worker print
+
+@dataclass(frozen=True)
+class Report:
+    """A run started or ended, as lmflow.prefect.serving.RunReport gives it."""
+
+    state: str
+    name: str
+    message: str = ""
+    scheduled: datetime | None = None
+    seconds: float | None = None
+    ended: bool = False
+    spec: str = "nightly"
+    url: str = "http://127.0.0.1:4200/runs/flow-run/0193"
+
+
+def test_the_lines_serve_and_worker_print() -> None:
+    from lmflow.render import serving as lines
+
+    now = datetime(2026, 12, 7, 12, 0, 14)
+    tick = datetime(2026, 12, 7, 12, 0, 0).astimezone()
+    assert lines.run_line(Report("Running", "witty-lemur", scheduled=tick), now) == (
+        "12:00:14 Running nightly run witty-lemur (scheduled for 12:00:00)  http://127.0.0.1:4200/runs/flow-run/0193")
+    ended = Report("Completed", "nightly-20261207T120002Z-42", seconds=72.4, ended=True)
+    assert lines.run_line(ended, now) == (
+        "12:00:14 Completed nightly run nightly-20261207T120002Z-42 after 1m12s  "
+        "http://127.0.0.1:4200/runs/flow-run/0193")
+    assert lines.run_line(Report("Cancelled", "nightly-1", message="Flow run was cancelled.\nmore", seconds=3,
+                                 ended=True), now) == (
+        "12:00:14 Cancelled nightly run nightly-1 after 3s: Flow run was cancelled.  "
+        "http://127.0.0.1:4200/runs/flow-run/0193")
+    assert lines.stopping("SIGINT", 2, now) == "12:00:14 stopping (SIGINT): cancelling 2 runs in progress"
+    assert lines.stopping("SIGTERM", 0, now) == "12:00:14 stopping (SIGTERM): no run in progress"
+    assert lines.stopped(now) == "12:00:14 stopped"
 
 
 # ---------------------------------------------------------------- serve

@@ -9,10 +9,13 @@ made the worker wait for its runs to finish. Here one SIGTERM or one SIGINT (Ctr
 process within seconds:
 
 1. no new run is taken;
-2. each run in progress is cancelled through Prefect's own cancellation (its process is told
-   that it is cancelled, then gets SIGTERM, and the run ends Cancelled), not waited for: a run
-   of model calls can take hours while a stop must take seconds (service managers kill after
-   10-90 s), and nothing finished is lost (a re-run reuses the cached steps);
+2. each run in progress is cancelled as the UI's Cancel does, set Cancelling through the API:
+   Prefect's own observer in the runner or worker tells the run's process that it is cancelled,
+   then SIGTERMs it, and the run ends Cancelled, all runs at once (the runner's `astop` cancels
+   one after the other, 3 s each at least, and misses the runs it is still submitting). Runs
+   are cancelled, not waited for: a run of model calls can take hours while a stop must take
+   seconds (service managers kill after 10-90 s), and nothing finished is lost (a re-run
+   reuses the cached steps);
 3. once the runner or worker has exited (a served spec's schedule paused and its future runs
    deleted, as Prefect does), a run of this process still not in a final state (one picked up
    in the instant of the stop) is marked Cancelled;
