@@ -67,6 +67,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFil
 from prefect.events.schemas.events import ReceivedEvent
 from prefect.exceptions import ObjectNotFound
 from prefect.runner import Runner
+from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, PREFECT_WORKER_QUERY_SECONDS, temporary_settings
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.services import critical_service_loop
 from prefect.workers.process import ProcessWorker
@@ -206,7 +207,8 @@ async def _take_runs(worker: ProcessWorker, taken: set[UUID], stopped: asyncio.E
         taken.update(run.id for run in await worker.get_and_submit_flow_runs())
 
     async with worker:
-        loops = {asyncio.create_task(critical_service_loop(workload=poll, interval=POLL_SECONDS,
+        every = PREFECT_WORKER_QUERY_SECONDS.value()  # (POLL_SECONDS unless set: `_polling`)
+        loops = {asyncio.create_task(critical_service_loop(workload=poll, interval=every,
                                                            jitter_range=0.3, backoff=4)),
                  asyncio.create_task(critical_service_loop(
                      workload=worker.sync_with_backend, interval=worker.heartbeat_interval_seconds,
@@ -294,12 +296,6 @@ async def _cancel_leftovers(client: PrefectClient, runs: FlowRunFilter, reason: 
 
 def _polling() -> AbstractContextManager[Any]:
     """Served specs and workers ask for runs every POLL_SECONDS, unless Prefect's own settings say."""
-    from prefect.settings import (
-        PREFECT_RUNNER_POLL_FREQUENCY,
-        PREFECT_WORKER_QUERY_SECONDS,
-        temporary_settings,
-    )
-
     return temporary_settings(updates={setting: POLL_SECONDS for setting in (
         PREFECT_RUNNER_POLL_FREQUENCY, PREFECT_WORKER_QUERY_SECONDS) if setting.name not in os.environ})
 
