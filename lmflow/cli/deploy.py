@@ -109,8 +109,6 @@ def worker(pool: str, repo: Path | None, limit: int | None) -> None:
     from ..provenance import _git
 
     choice = configure_environment()
-    from ..prefect import serving  # (imports Prefect, which reads the environment just set)
-
     if not choice.url:
         raise click.ClickException("no Prefect server to take runs from: start one with `lmflow server "
                                    "start` (or set PREFECT_API_URL to the shared one)")
@@ -118,6 +116,8 @@ def worker(pool: str, repo: Path | None, limit: int | None) -> None:
     if root is None:
         raise click.ClickException(f"{repo or Path.cwd()} is not in a git repository: give --repo, "
                                    "this machine's checkout of the specs' repository")
+    from ..prefect import serving  # (imports Prefect, which reads the environment set above)
+
     click.echo(f"worker for pool '{pool}': specs from {root}, runs in {choice.url.removesuffix('/api')}; "
                "Ctrl-C stops it", err=True)
     serving.work(pool, repo=Path(root), limit=limit, listener=_echo)

@@ -336,8 +336,8 @@ class _Watch:
                 async for event in events:
                     try:
                         await self._seen(event)
-                    except (httpx.HTTPError, ObjectNotFound):  # (a run deleted since: not reported)
-                        continue
+                    except (httpx.HTTPError, ObjectNotFound):  # an API blip, a run deleted since:
+                        continue  # that event goes unreported, the next ones not
         except Exception as exc:  # noqa: BLE001 - the top of this task: serving goes on without lines
             self._listener("warning", {"message": f"Prefect's event stream was lost ({exc}): runs are "
                                                   "no longer reported here (the UI shows them)"})
@@ -427,7 +427,7 @@ def _stop_on_signals() -> Iterator[_Stop]:
                 return
             stop.request(signal.SIGINT)
 
-    term = signal.getsignal(signal.SIGTERM)
+    term, intr = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     taker = threading.Thread(target=take_sigint, name="lmflow-sigint", daemon=True)
     taker.start()
@@ -437,5 +437,6 @@ def _stop_on_signals() -> Iterator[_Stop]:
         closing.set()
         signal.pthread_kill(taker.ident, signal.SIGINT)  # type: ignore[arg-type]  # ends its sigwait
         taker.join()
-        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGTERM, term)  # (the loop's end left both at their defaults)
+        signal.signal(signal.SIGINT, intr)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
