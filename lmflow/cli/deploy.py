@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .main import cli
-
-#: how often `lmflow serve` and `lmflow worker` ask for runs to start (Prefect's default is 10 s)
-POLL_SECONDS = 2
 
 
 def _schedule_options(fn: Any) -> Any:
@@ -81,15 +76,18 @@ def deploy(specs: tuple[Path, ...], pool: str, crons: tuple[str, ...], intervals
 @_schedule_options
 def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ...],
                 intervals: tuple[str, ...], timezone: str | None) -> None:
-    """Serve each SPEC from this machine on its schedule until stopped (Ctrl-C)."""
+    """Serve each SPEC from this machine on its schedule until stopped.
+
+    Prints a line when a run starts and when it ends. One Ctrl-C or SIGTERM stops it within
+    seconds: the runs in progress are cancelled (a re-run reuses their finished steps).
+    """
     from ..prefect import deploy as deploying
     from ..prefect.server import configure_environment
 
     choice = configure_environment()
-    # a run started from the UI waits for the next poll: 2 s instead of Prefect's 10
-    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(POLL_SECONDS))
-    schedules = _cli_schedules(crons, intervals, timezone)
-    chosen = deploying.targets(list(specs), schedules)
+    from ..prefect import serving  # (imports Prefect, which reads the environment just set)
+
+    chosen = deploying.targets(list(specs), _cli_schedules(crons, intervals, timezone))
     if choice.url:
         deploying.note_shared(chosen, pool=None)
     for target in chosen:
@@ -99,7 +97,7 @@ def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ..
             click.echo(f"  warning: {note}", err=True)
     if choice.url:
         click.echo(f"runs appear in {choice.url.removesuffix('/api')}; Ctrl-C stops serving", err=True)
-    deploying.serve(list(specs), schedules=schedules, limit=limit)
+    serving.serve(chosen, limit=limit, listener=_echo)
 
 
 @cli.command()
@@ -108,7 +106,11 @@ def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ..
               help="This machine's checkout of the specs' repository (default: the one around here).")
 @click.option("--limit", type=click.IntRange(1), default=None, metavar="N", help="Runs at once.")
 def worker(pool: str, repo: Path | None, limit: int | None) -> None:
-    """Run deployments of a process work pool on this machine (Prefect's process worker)."""
+    """Run deployments of a process work pool on this machine (Prefect's process worker).
+
+    Prints a line when a run starts and when it ends. One Ctrl-C or SIGTERM stops it within
+    seconds: the runs in progress are cancelled (a re-run reuses their finished steps).
+    """
     from ..prefect.server import configure_environment
     from ..provenance import _git
 
@@ -120,10 +122,22 @@ def worker(pool: str, repo: Path | None, limit: int | None) -> None:
     if root is None:
         raise click.ClickException(f"{repo or Path.cwd()} is not in a git repository: give --repo, "
                                    "this machine's checkout of the specs' repository")
-    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
-    if limit:
-        command += ["--limit", str(limit)]
-    click.echo(f"worker for pool '{pool}': specs from {root}, runs in {choice.url.removesuffix('/api')}",
-               err=True)
-    os.execvpe(command[0], command, {"PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS), **os.environ,
-                                     "LMFLOW_REPO": root})
+    from ..prefect import serving  # (imports Prefect, which reads the environment set above)
+
+    click.echo(f"worker for pool '{pool}': specs from {root}, runs in {choice.url.removesuffix('/api')}; "
+               "Ctrl-C stops it", err=True)
+    serving.work(pool, repo=Path(root), limit=limit, listener=_echo)
+
+
+def _echo(event: str, fields: dict[str, Any]) -> None:
+    """What `serve` and `worker` report, as lines on stderr (like their start-up lines)."""
+    from ..render import serving as lines
+
+    if event == "run":
+        click.echo(lines.run_line(fields["report"]), err=True)
+    elif event == "stopping":
+        click.echo(lines.stopping(fields["signal"], fields["runs"]), err=True)
+    elif event == "stopped":
+        click.echo(lines.stopped(), err=True)
+    elif event == "warning":
+        click.echo(f"warning: {fields['message']}", err=True)

@@ -1,4 +1,5 @@
-"""Deployments of specs: served from this machine, or sent to a Prefect process work pool.
+"""Deployments of specs: served from this machine (lmflow.prefect.serving), or sent to a Prefect
+process work pool.
 
 Every deployment is of the one flow (`lmflow.prefect.flow.lmflow_flow`, imported by module path,
 so a worker needs lmflow installed, not a copy of a flows file), named after the spec, with
@@ -150,23 +151,14 @@ def deploy(paths: list[str | Path], *, pool: str,
     """Register deployments on a process work pool; returns each target with its deployment id,
     and in its notes what the user should know (local edits, a deployment `serve` used)."""
     chosen = targets(paths, schedules, in_repository=True)
-    _require_server()
+    require_server()
     note_shared(chosen, pool)
     ensure_pool(pool)
     return [(t, str(runner_deployment(t, pool=pool).apply())) for t in chosen]
 
 
-def serve(paths: list[str | Path], *, schedules: tuple[ScheduleSpec, ...] = (),
-          limit: int | None = None) -> None:
-    """Serve the specs from this process until it is stopped (Prefect's serve)."""
-    from prefect import serve as prefect_serve
-
-    chosen = targets(paths, schedules)
-    _require_server()
-    prefect_serve(*[runner_deployment(t) for t in chosen], limit=limit, print_starting_message=False)
-
-
-def _require_server() -> None:
+def require_server() -> None:
+    """A DeployError unless a Prefect server is chosen (PREFECT_API_URL is set)."""
     import os
 
     if not os.environ.get("PREFECT_API_URL"):

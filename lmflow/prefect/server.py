@@ -354,7 +354,6 @@ def _use() -> None:
     if _using is None:
         _using = open(_dir() / "users", "a")  # noqa: SIM115 - held for the life of the process
         fcntl.flock(_using, fcntl.LOCK_SH)
-        os.set_inheritable(_using.fileno(), True)  # `lmflow worker` execs Prefect's worker
     _last_used_file().touch()
 
 
