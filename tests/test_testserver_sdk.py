@@ -49,7 +49,8 @@ def test_downloaded_models_are_the_served_ones(client: lms.Client, lmstudio: str
     info = next(m.info for m in listed if m.model_key == KEY)
     assert (info.type, info.format, info.max_context_length) == ("llm", "gguf", 8192)
     assert (info.architecture, info.params_string) == ("llama", "135M")  # read from the GGUF file
-    assert info.size_bytes == Path(info.path).stat().st_size
+    # its path as LM Studio gives it: relative to the models folder, PUBLISHER/REPO/FILE
+    assert info.path == f"local/{KEY}/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert {m.model_key for m in client.list_downloaded_models()} == SERVED  # the system namespace
     assert client.list_downloaded_models("embedding") == []
     assert client.llm.list_loaded() == []
@@ -69,7 +70,7 @@ def test_load_new_instance_honours_identifier_config_gpu_and_ttl(client: lms.Cli
     instances = [i for m in httpx.get(f"{lmstudio}/api/v1/models").json()["models"]
                  for i in m["loaded_instances"]]
     assert [(i["id"], i["config"]["parallel"]) for i in instances] == [("sdk-load", 4)]
-    with pytest.raises(lms.LMStudioServerError, match="identifier 'sdk-load' is already loaded"):
+    with pytest.raises(lms.LMStudioServerError, match="identifier 'sdk-load' already exists"):
         client.llm.load_new_instance(KEY, "sdk-load")
     time.sleep(2.5)  # idle past its TTL: unloaded, for SDK clients too
     assert client.llm.list_loaded() == []
@@ -159,12 +160,21 @@ def test_unserved_calls_are_answered_with_an_error_naming_them(
     with httpx.Client() as http, connect_ws(f"{lmstudio.replace('http', 'ws', 1)}/llm", http) as ws:
         ws.send_json({"authVersion": 1, "clientIdentifier": "raw", "clientPasskey": "raw"})
         assert ws.receive_json(timeout=5) == {"success": True}
-        ws.send_json({"type": "rpcCall", "endpoint": "noSuchCall", "callId": 7, "parameter": {}})
+        # an endpoint LM Studio has: refused at once, naming it
+        ws.send_json({"type": "rpcCall", "endpoint": "preloadDraftModel", "callId": 7, "parameter": {}})
         assert ws.receive_json(timeout=5) == {"type": "rpcError", "callId": 7, "error": {
-            "title": "Unsupported RPC endpoint 'noSuchCall' on /llm (lmflow test server)"}}
-        ws.send_json({"type": "channelCreate", "endpoint": "noSuchChannel", "channelId": 3})
+            "title": "Unsupported RPC endpoint 'preloadDraftModel' on /llm (lmflow test server)"}}
+        ws.send_json({"type": "channelCreate", "endpoint": "completeRawText", "channelId": 3})
         assert ws.receive_json(timeout=5) == {"type": "channelError", "channelId": 3, "error": {
-            "title": "Unsupported channel endpoint 'noSuchChannel' on /llm (lmflow test server)"}}
+            "title": "Unsupported channel endpoint 'completeRawText' on /llm (lmflow test server)"}}
+        # one LM Studio does not know either: its communication warning, and no answer
+        ws.send_json({"type": "rpcCall", "endpoint": "noSuchCall", "callId": 8, "parameter": {}})
+        ws.send_json({"type": "channelCreate", "endpoint": "noSuchChannel", "channelId": 4})
+        assert [ws.receive_json(timeout=5) for _ in range(2)] == [
+            {"type": "communicationWarning", "kind": "rpcEndpointUnknown",
+             "warning": "Received rpcCall for unknown endpoint, endpoint = noSuchCall"},
+            {"type": "communicationWarning", "kind": "channelEndpointUnknown",
+             "warning": "Received channelCreate for unknown endpoint, endpoint = noSuchChannel"}]
     with pytest.raises(lms.LMStudioServerError,
                        match="Unsupported RPC endpoint 'searchModels' on /repository"):
         client.repository.search_models("smol")
@@ -198,3 +208,52 @@ def test_a_token_protected_server_checks_the_auth_packet(
             client.list_downloaded_models()
     finally:
         client.close()
+
+
+def test_unknown_names_are_the_errors_the_sdk_maps(client: lms.Client, smol: lms.LLM) -> None:
+    with pytest.raises(lms.LMStudioModelNotFoundError, match="No loaded model satisfies"):
+        client.llm.unload("no-such-instance")  # LM Studio: generic.noModelMatchingQuery
+    with pytest.raises(lms.LMStudioPresetNotFoundError, match="No preset matching 'no such preset'"):
+        smol.complete("Some text", preset="no such preset")
+    assert client.llm.list_loaded() == [smol]
+
+
+def test_a_models_folder_is_listed_and_resolved_as_lm_studio_does(
+        lmstudio_server_factory: Callable[..., RunningServer], tmp_path: Path) -> None:
+    from lmflow.backends.catalog import locate
+
+    gguf = locate(KEY, tmp_path)
+    folder = tmp_path / "models"
+    for path in ["hugging-quants/Llama-3.2-1B-Instruct-Q8_0-GGUF/llama-3.2-1b-instruct-q8_0.gguf",
+                 "lmstudio-community/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_1.gguf"]:
+        (folder / path).parent.mkdir(parents=True)
+        (folder / path).symlink_to(gguf)
+    server = lmstudio_server_factory(models=[], models_dir=str(folder))
+    with lms.Client(server.host) as client:
+        assert sorted((m.model_key, m.path) for m in client.llm.list_downloaded()) == [
+            ("llama-3.2-1b-instruct",  # the key: the file name without its quantization
+             "hugging-quants/Llama-3.2-1B-Instruct-Q8_0-GGUF/llama-3.2-1b-instruct-q8_0.gguf"),
+            (KEY, "lmstudio-community/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_1.gguf")]
+        # publisher/model names the model, and then its loaded instance
+        loaded = client.llm.load_new_instance("hugging-quants/llama-3.2-1b-instruct",
+                                              config={"contextLength": 512})
+        assert loaded.identifier == "llama-3.2-1b-instruct"
+        assert client.llm.model("hugging-quants/llama-3.2-1b-instruct") == loaded
+        assert client.llm.model("llama-3.2-1b-instruct") == loaded
+        with pytest.raises(lms.LMStudioServerError, match="Model not found: hugging-quants/llama-4"):
+            client.llm.load_new_instance("hugging-quants/llama-4")
+        loaded.unload()
+
+
+def test_a_discoverable_server_is_found_by_a_client_given_no_host(
+        lmstudio_server_factory: Callable[..., RunningServer]) -> None:
+    server = lmstudio_server_factory(models=MODELS, discoverable=True)
+    probed = [f"127.0.0.1:{port}" for port in lms.Client._DEFAULT_API_PORTS]
+    assert server.sdk_host in probed
+    # the SDK takes the first of its ports that answers: this server's, unless an LM Studio (or
+    # another discoverable server) took an earlier one
+    earlier = [h for h in probed[:probed.index(server.sdk_host)] if lms.Client.is_valid_api_host(h)]
+    with lms.Client() as client:
+        assert client.api_host == (earlier or [server.sdk_host])[0]
+    with lms.Client(server.sdk_host) as client:
+        assert {m.model_key for m in client.llm.list_downloaded()} == SERVED

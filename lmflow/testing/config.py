@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,44 @@ class TestModel:
     #: text it kept, perfectly (a stand-in for a model that can retrieve, which the
     #: bundled 135M model cannot), so probes have a known ground truth
     answers: str = "model"
+    #: the model's path as LM Studio reports it: relative to its models folder,
+    #: `PUBLISHER/REPO/FILE.gguf` (a model listed by key: `PUBLISHER/KEY/FILE.gguf`, where the
+    #: publisher is the key's first part, or `local`)
+    lmstudio_path: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.lmstudio_path:
+            publisher, _, name = self.key.rpartition("/")
+            self.lmstudio_path = f"{publisher or 'local'}/{name}/{self.path.name}"
+
+    def matches(self, name: str) -> bool:
+        """Whether an SDK name picks this model: its key, its path, or (with a `/`) the start of its
+        path, case-insensitively (`hugging-quants/llama-3.2-1b-instruct` picks
+        `hugging-quants/Llama-3.2-1B-Instruct-Q8_0-GGUF/...`), as LM Studio resolves them."""
+        path, wanted = self.lmstudio_path.lower(), name.lower()
+        return name == self.key or wanted == path or ("/" in wanted and path.startswith(wanted))
+
+
+#: a quantization at the end of a GGUF file name (`-Q4_K_M`, `.Q8_0`, `-f16`), which LM Studio's key
+#: leaves out
+_QUANT_SUFFIX = re.compile(r"[-._](i?q\d\w*|bf16|f16|f32)$", re.IGNORECASE)
+
+
+def lmstudio_key(file_name: str) -> str:
+    """The key LM Studio gives a GGUF file in its models folder: its name in lower case, without
+    the quantization (`Qwen2.5-7B-Instruct-1M-Q4_K_M.gguf` is `qwen2.5-7b-instruct-1m`)."""
+    return _QUANT_SUFFIX.sub("", Path(file_name).stem).lower()
+
+
+def models_folder(folder: Path) -> list[TestModel]:
+    """The models in an LM Studio models folder: `PUBLISHER/REPO/FILE.gguf`, keyed as LM Studio keys
+    them (two files with one key: the first, by path)."""
+    models: dict[str, TestModel] = {}
+    for path in sorted(folder.glob("*/*/*.gguf")):
+        key = lmstudio_key(path.name)
+        models.setdefault(key, TestModel(key=key, path=path,
+                                         lmstudio_path=path.relative_to(folder).as_posix()))
+    return list(models.values())
 
 
 @dataclass
@@ -34,6 +73,8 @@ class Behaviour:
     """How the server behaves: the keys of its config file (CONFIG_SCHEMA)."""
 
     models: list[TestModel]
+    #: an LM Studio models folder whose models are served too (`models_folder`)
+    models_dir: Path | None = None
     jit: bool = True
     api_token: str | None = None
     delay_seconds: float = 0.0  # before every chat answer
@@ -78,7 +119,9 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "loadable_context_length": {"anyOf": [_COUNT, {"type": "null"}]},
                 "clamp": {"type": "boolean"},
                 "working_context_length": {"anyOf": [_COUNT, {"type": "null"}]},
-                "answers": {"enum": ["model", "retriever"]}}}},
+                "answers": {"enum": ["model", "retriever"]},
+                "lmstudio_path": {"type": "string", "pattern": "^[^/]+/[^/]+/[^/]+$"}}}},
+        "models_dir": {"type": "string"},
         "jit": {"type": "boolean"},
         "api_token": {"type": ["string", "null"]},
         "delay_seconds": _SECONDS,
@@ -107,12 +150,21 @@ def load_behaviour(path: str | Path | None) -> Behaviour:
                 for error in Draft202012Validator(CONFIG_SCHEMA).iter_errors(data)]
     if problems:
         raise SpecError(problems)
+    folder = Path(doc.file).parent / data["models_dir"] if data.get("models_dir") else None
+    if folder is not None and not folder.is_dir():
+        raise SpecError([doc.problem(("models_dir",), f"{folder} is not a directory",
+                                     "give LM Studio's models folder: PUBLISHER/REPO/FILE.gguf")])
+    in_folder = {m.key: m for m in models_folder(folder)} if folder else {}
     models = []
     for i, item in enumerate(data.get("models") or []):
         model_path = item.get("path")
         bundled = item.get("file", item["key"])
+        found = in_folder.pop(item["key"], None) if not model_path and "file" not in item else None
+        lmstudio_path = item.get("lmstudio_path") or (found.lmstudio_path if found else "")
         if model_path:
             resolved = Path(doc.file).parent / model_path
+        elif found:  # an entry for a model of models_dir: its limits
+            resolved = found.path
         elif bundled in BUNDLED:
             resolved = locate(bundled, subdir("models"))
         else:
@@ -124,5 +176,7 @@ def load_behaviour(path: str | Path | None) -> Behaviour:
             loadable_context_length=item.get("loadable_context_length"),
             clamp=bool(item.get("clamp", False)),
             working_context_length=item.get("working_context_length"),
-            answers=item.get("answers", "model")))
-    return Behaviour(models=models, **{k: v for k, v in data.items() if k != "models"})
+            answers=item.get("answers", "model"), lmstudio_path=lmstudio_path))
+    models += in_folder.values()
+    return Behaviour(models=models, models_dir=folder,
+                     **{k: v for k, v in data.items() if k not in ("models", "models_dir")})

@@ -157,7 +157,7 @@ class InstancePool:
             count = len(self.loaded(key))
             instance_id = identifier or (key if count == 0 else f"{key}:{count + 1}")
             if identifier and identifier in self.instances:
-                raise Refusal(409, f"an instance with identifier {identifier!r} is already loaded")
+                raise Refusal(409, f"a model instance with identifier {identifier!r} already exists")
             while instance_id in self.instances:
                 count += 1
                 instance_id = f"{key}:{count + 1}"

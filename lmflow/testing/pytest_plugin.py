@@ -6,7 +6,10 @@ Registered through the `pytest11` entry point, so any project with lmflow instal
 - `lmstudio_server_factory` (function): `lmstudio_server_factory(api_token="s3cret", ...)` starts
   one more server with these knobs (the keys of `lmflow testing serve --config`, see `Behaviour`),
   stopped at the end of the test. `running_lmstudio_server(directory, **knobs)` does the same for
-  a fixture of another scope.
+  a fixture of another scope. With `discoverable=True` the server listens also on a port where
+  the `lmstudio` SDK looks for LM Studio, so that `lmstudio.Client()` without a host finds it
+  (`RunningServer.sdk_host`); by default it does not (your tests pass `server.host` explicitly,
+  and several test sessions on one machine do not compete for the SDK's five ports).
 
 Each server is a real subprocess (`python -m lmflow testing serve`) started like every child of
 lmflow (`lmflow.processes.spawn`: its own session, killed if pytest dies), stopped by PID at
@@ -47,6 +50,9 @@ class RunningServer:
     api_token: str | None
     process: subprocess.Popen = field(repr=False)
     directory: Path = field(repr=False)  # its config and its output (server.log)
+    #: where `lmstudio.Client()` with no host finds it (`127.0.0.1:41343`): for a server started
+    #: `discoverable=True` that got one of the SDK's ports, else None
+    sdk_host: str | None = None
 
     @property
     def host(self) -> str:
@@ -136,14 +142,16 @@ def _config(knobs: dict[str, Any]) -> dict[str, Any]:
     return {"models": [{"key": m.key} for m in installed_models()], **knobs}
 
 
-def _start(directory: Path, **knobs: Any) -> RunningServer:
-    """Start `lmflow testing serve` with these knobs (none: its defaults); files go to `directory`."""
+def _start(directory: Path, discoverable: bool = False, **knobs: Any) -> RunningServer:
+    """Start `lmflow testing serve` with these knobs (none: its defaults); files go to `directory`.
+    Not discoverable unless asked: a test session's servers leave the SDK's ports to LM Studio."""
     import yaml
 
     from .. import processes
 
     directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "lmflow", "testing", "serve"]
+    command = [sys.executable, "-m", "lmflow", "testing", "serve",
+               "--discoverable" if discoverable else "--not-discoverable"]
     if knobs:
         config = directory / "lmstudio.yaml"
         config.write_text(yaml.safe_dump(_config(knobs), sort_keys=False))
@@ -156,7 +164,12 @@ def _start(directory: Path, **knobs: Any) -> RunningServer:
     except BaseException:
         _stop(process)
         raise
-    return RunningServer(url, knobs.get("api_token"), process, directory)
+    sdk_url = None
+    if discoverable:  # printed with the URL, before the server answers anything
+        sdk_url = re.search(r"^lmstudio\.Client\(\) finds it at http://(\S+)$",
+                            log.read_text(errors="replace"), re.MULTILINE)
+    return RunningServer(url, knobs.get("api_token"), process, directory,
+                         sdk_host=sdk_url[1] if sdk_url else None)
 
 
 def _url(process: subprocess.Popen, log: Path) -> str:
@@ -176,9 +189,11 @@ def _url(process: subprocess.Popen, log: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_lmstudio_server(directory: Path, **knobs: Any) -> Iterator[RunningServer]:
-    """A server with these knobs for the `with` block, e.g. in a session fixture of your own."""
-    server = _start(directory, **knobs)
+def running_lmstudio_server(directory: Path, discoverable: bool = False, **knobs: Any
+                            ) -> Iterator[RunningServer]:
+    """A server with these knobs for the `with` block, e.g. in a session fixture of your own;
+    `discoverable=True`: also where `lmstudio.Client()` looks (`RunningServer.sdk_host`)."""
+    server = _start(directory, discoverable, **knobs)
     try:
         yield server
     finally:
@@ -198,8 +213,8 @@ def lmstudio_server_factory(tmp_path: Path) -> Iterator[Callable[..., RunningSer
     with contextlib.ExitStack() as stack:
         numbers = itertools.count(1)
 
-        def start(**knobs: Any) -> RunningServer:
+        def start(discoverable: bool = False, **knobs: Any) -> RunningServer:
             directory = tmp_path / f"lmstudio_server{next(numbers)}"
-            return stack.enter_context(running_lmstudio_server(directory, **knobs))
+            return stack.enter_context(running_lmstudio_server(directory, discoverable, **knobs))
 
         yield start

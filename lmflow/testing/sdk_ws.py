@@ -22,8 +22,10 @@ Served, by namespace (RPCs; channels):
   template a raw completion, relayed token by token from the instance's llama-server);
 - embedding: the same model calls, answering that there is no embedding model;
 - system: version, listDownloadedModels (all the SDK 1.5 calls there).
-Any other endpoint is answered with an error naming it. (LM Studio itself sends only a
-`communicationWarning` for an endpoint it does not know, and the client waits for its timeout.)
+An endpoint LM Studio has and the test server does not serve (LMSTUDIO_ENDPOINTS) is answered
+with an error naming it, so a client fails at once rather than at its timeout. An endpoint LM
+Studio does not know either gets what LM Studio sends: a `communicationWarning` (at most 5 per
+connection), and no answer.
 
 Authentication is LM Studio's: a server with an API token `sk-lm-ID:PASSKEY` accepts the auth
 packets whose clientIdentifier and clientPasskey are its two halves; any packet otherwise.
@@ -57,6 +59,34 @@ TEST_SERVER_VERSION = "0.4.0-lmflow-test"
 TEST_SERVER_BUILD = 1
 STOP_REASONS = {"eos": "eosFound", "limit": "maxPredictedTokensReached", "word": "stopStringFound"}
 
+_MODEL_ENDPOINTS = ("loadModel getOrLoad unloadModel listLoaded getModelInfo getLoadConfig "
+                    "getBasePredictionConfig getInstanceProcessingState estimateModelUsage ")
+#: the RPC and channel endpoints of LM Studio's websocket namespaces (read from lmstudio-js's backend
+#: interfaces, and the `lmstudio` 1.5 SDK for uploadFileBase64 and downloadModel)
+LMSTUDIO_ENDPOINTS: dict[str, frozenset[str]] = {namespace: frozenset(names.split()) for namespace, names in {
+    "llm": _MODEL_ENDPOINTS + "predict completeRawText applyPromptTemplate tokenize countTokens "
+                              "preloadDraftModel",
+    "embedding": _MODEL_ENDPOINTS + "embedString tokenize countTokens",
+    "system": "listDownloadedModels listDownloadedModelVariants alive notify version setExperimentFlag "
+              "getExperimentFlags startHttpServer stopHttpServer info requestShutdown",
+    "files": "uploadFileBase64 getLocalFileAbsolutePath retrieve parseDocument getDocumentParsingLibrary",
+    "repository": "searchModels getModelDownloadOptions downloadModel downloadArtifact "
+                  "installPluginDependencies getLocalArtifactFiles getWritableArtifactOwners pushArtifact "
+                  "isAuthenticated ensureAuthenticated getAuthenticationStatus deauthenticate "
+                  "loginAsComputeDevice loginWithPreAuthenticatedKeys createDownloadPlan "
+                  "createArtifactDownloadPlan installLocalPlugin getModelCatalog fuzzyFindStaffPicks",
+    "diagnostics": "streamLogs",
+    "runtime": "listEngines getEngineSelections selectEngine removeEngine surveyHardware "
+               "searchRuntimeExtensions downloadRuntimeExtension",
+    "plugins": "startToolUseSession generateWithGenerator registerDevelopmentPlugin reindexPlugins "
+               "setPromptPreprocessor setPredictionLoopHandler setToolsProvider setGenerator "
+               "processingHandleUpdate processingHandleRequest processingPullHistory "
+               "processingGetOrLoadTokenSource processingHasStatus processingNeedsNaming "
+               "processingSuggestName processingSetSenderName setConfigSchematics "
+               "setGlobalConfigSchematics pluginInitCompleted reportError",
+}.items()}
+MAX_WARNINGS = 5  # LM Studio stops sending communication warnings to a connection after 5
+
 #: the load config fields each instance was asked for, reported back by getLoadConfig as LM Studio
 #: does (gpu offload and the like, which the test server accepts and cannot apply); keyed by the
 #: instance's engine, which lives exactly as long as the instance (an Instance is not hashable)
@@ -85,7 +115,7 @@ def model_info(model: TestModel) -> dict[str, Any]:
     """A model as LM Studio lists it (`LlmInfo`: downloaded models, a load's `resolved`)."""
     info: dict[str, Any] = {
         "type": "llm", "modelKey": model.key, "format": "gguf", "displayName": model.key,
-        "path": str(model.path), "sizeBytes": model.path.stat().st_size, "vision": False,
+        "path": model.lmstudio_path, "sizeBytes": model.path.stat().st_size, "vision": False,
         "trainedForToolUse": False, "maxContextLength": model.max_context_length,
     }
     general = gguf_general(model.path)
@@ -97,9 +127,10 @@ def model_info(model: TestModel) -> dict[str, Any]:
 
 
 def named(instances: list[Instance], wanted: str | None) -> list[Instance]:
-    """The instances an SDK name picks: by identifier, else by model key or path (None: all)."""
+    """The instances an SDK name picks: by identifier, else by their model (`TestModel.matches`;
+    None: all)."""
     return [i for i in instances if wanted is None or i.id == wanted] or [
-        i for i in instances if wanted in (i.model.key, str(i.model.path))]
+        i for i in instances if wanted and i.model.matches(wanted)]
 
 
 def instance_info(instance: Instance) -> dict[str, Any]:
@@ -241,6 +272,7 @@ class SdkSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._warnings = 0
         model_rpcs: dict[str, RpcHandler] = {
             "listLoaded": self.list_loaded, "getModelInfo": self.get_model_info,
             "getLoadConfig": self.get_load_config, "unloadModel": self.unload_model,
@@ -315,6 +347,8 @@ class SdkSession:
     async def _rpc(self, message: dict[str, Any]) -> None:
         endpoint, call_id = message.get("endpoint"), message.get("callId")
         handler = self.rpcs.get(str(endpoint))
+        if handler is None and not await self._known(endpoint, "rpcCall", "rpcEndpointUnknown"):
+            return
         try:
             if handler is None:
                 raise SdkError(f"Unsupported RPC endpoint {endpoint!r} on /{self.namespace} "
@@ -331,8 +365,10 @@ class SdkSession:
 
     async def _channel(self, message: dict[str, Any]) -> None:
         endpoint = message.get("endpoint")
-        channel = self.channels[message.get("channelId")] = Channel(message.get("channelId"), self)
         handler = self.channel_handlers.get(str(endpoint))
+        if handler is None and not await self._known(endpoint, "channelCreate", "channelEndpointUnknown"):
+            return
+        channel = self.channels[message.get("channelId")] = Channel(message.get("channelId"), self)
         try:
             if handler is None:
                 raise SdkError(f"Unsupported channel endpoint {endpoint!r} on /{self.namespace} "
@@ -345,6 +381,16 @@ class SdkSession:
             await self.send({"type": "channelClose", "channelId": channel.id})
         finally:
             self.channels.pop(channel.id, None)
+
+    async def _known(self, endpoint: Any, message: str, kind: str) -> bool:
+        """Whether LM Studio has this endpoint; if not, the communication warning it sends instead."""
+        if endpoint in LMSTUDIO_ENDPOINTS.get(self.namespace, ()):
+            return True
+        self._warnings += 1
+        if self._warnings <= MAX_WARNINGS:
+            await self.send({"type": "communicationWarning", "kind": kind,
+                             "warning": f"Received {message} for unknown endpoint, endpoint = {endpoint}"})
+        return False
 
     # -- finding models ---------------------------------------------------------------
 
@@ -381,7 +427,7 @@ class SdkSession:
     def _model(self, key: str) -> TestModel:
         """The model a load asks for, by key or path."""
         models = self.pool.models
-        model = models.get(key) or next((m for m in models.values() if str(m.path) == key), None)
+        model = models.get(key) or next((m for m in models.values() if m.matches(key)), None)
         if model is not None and self.namespace == "llm":
             return model
         if model is not None:
@@ -390,8 +436,8 @@ class SdkSession:
                                                "actualDomain": "llm", "expectedDomain": "embedding"})
         title = (f"Embedding model not found: {key} (the lmflow test server has no embedding model)"
                  if self.namespace == "embedding" else f"Model not found: {key}")
-        raise SdkError(title, {"code": "generic.pathNotFound", "path": key,
-                               "availablePathsSample": list(models)[:10], "totalModels": len(models)})
+        raise SdkError(title, {"code": "generic.pathNotFound", "path": key, "totalModels": len(models),
+                               "availablePathsSample": [m.lmstudio_path for m in models.values()][:10]})
 
     # -- model RPCs -------------------------------------------------------------------
 
@@ -405,12 +451,11 @@ class SdkSession:
         return load_config(self._find(parameter.get("specifier")))
 
     async def unload_model(self, parameter: dict[str, Any]) -> Any:
+        """Unload an instance by identifier; an unknown one is a model not found (as LM Studio answers,
+        which the SDK raises as LMStudioModelNotFoundError)."""
         identifier = parameter.get("identifier", "")
-        instances = self._instances()
-        if not any(i.id == identifier for i in instances) or not await self.pool.unload(identifier):
-            raise SdkError(f"No loaded model with identifier {identifier!r}", {
-                "code": "generic.identifierNotFound", "identifier": identifier,
-                "loadedModelsSample": [i.id for i in instances[:10]], "totalLoadedModels": len(instances)})
+        if not any(i.id == identifier for i in self._instances()) or not await self.pool.unload(identifier):
+            raise self._not_found({"identifier": identifier})
         return None
 
     async def tokenize(self, parameter: dict[str, Any]) -> Any:
@@ -506,6 +551,11 @@ class SdkSession:
     async def predict(self, channel: Channel, parameter: dict[str, Any]) -> None:
         """A chat answer or a raw completion, streamed as the model writes it."""
         instance = self._find(parameter.get("modelSpecifier"))
+        preset = parameter.get("fuzzyPresetIdentifier")
+        if preset:  # the test server has no presets: every name is unknown, as in a fresh LM Studio
+            raise SdkError(f"No preset matching {preset!r} (the lmflow test server has no presets)", {
+                "code": "generic.presetNotFound", "specifiedFuzzyPresetIdentifier": preset,
+                "availablePresetsSample": [], "totalAvailablePresets": 0})
         config = collapse(parameter.get("predictionConfigStack"))
         if (config.get("llm.prediction.tools") or {}).get("type") == "toolArray":
             raise SdkError("Tool use (.act(), tools) is not served by the lmflow test server")

@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from .config import load_behaviour as load_behaviour
 from .inference import CHAT, Inference
 from .pool import DEFAULT_OPTIONS, Instance, InstancePool, gguf_general
 from .refusals import Refusal, checked, json_body, refused
-from .sdk_ws import SdkSession
+from .sdk_ws import LMSTUDIO_ENDPOINTS, SdkSession
 from .stateful_chat import StatefulChats
 
 _COUNT = {"type": "integer", "minimum": 1}
@@ -144,11 +145,7 @@ class LMStudioTestServer:
             Route("/lmstudio-greeting", self.greeting),
             Route("/lmflow/stats", self.stats_get),
             Route("/lmflow/stats/reset", self.stats_reset, methods=["POST"]),
-            WebSocketRoute("/llm", self.sdk),
-            WebSocketRoute("/system", self.sdk),
-            WebSocketRoute("/embedding", self.sdk),
-            WebSocketRoute("/files", self.sdk),
-            WebSocketRoute("/repository", self.sdk),
+            *(WebSocketRoute(f"/{namespace}", self.sdk) for namespace in LMSTUDIO_ENDPOINTS),
         ], lifespan=self._lifespan, exception_handlers={Refusal: refused})
         self.app.add_middleware(_TokenMiddleware, token=behaviour.api_token)
         if behaviour.rest_api == "v0":
@@ -354,30 +351,54 @@ class _WithoutRestV1:
         await self.app(scope, receive, send)
 
 
-def serve(behaviour: Behaviour, host: str = "127.0.0.1", port: int = 0,
-          on_ready: Any = None) -> None:
-    """Run the server in the foreground until SIGINT/SIGTERM; `on_ready(url)` once it listens."""
-    import socket
+#: the ports where the `lmstudio` SDK (1.5) looks for LM Studio when its `Client()` is given no host,
+#: in its order (lmstudio-js's `apiServerPorts`; LM Studio listens on one of them)
+SDK_PROBE_PORTS = (41343, 52993, 16141, 39414, 22931)
 
-    import uvicorn
 
+def _listening(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
     sock.bind((host, port))
-    url = f"http://{host}:{sock.getsockname()[1]}"
+    return sock
+
+
+def probe_port_socket(host: str) -> socket.socket | None:
+    """A socket on the first free port of SDK_PROBE_PORTS (None if all are taken)."""
+    for port in SDK_PROBE_PORTS:
+        try:
+            return _listening(host, port)
+        except OSError:
+            continue
+    return None
+
+
+def serve(behaviour: Behaviour, host: str = "127.0.0.1", port: int = 0, on_ready: Any = None,
+          discoverable: bool = False) -> None:
+    """Run the server in the foreground until SIGINT/SIGTERM; `on_ready(url, sdk_url)` once it
+    listens. `discoverable`: it listens also on the first free port where the `lmstudio` SDK looks
+    (`sdk_url`; None if all five are taken), so that `lmstudio.Client()` without a host finds it."""
+    import uvicorn
+
+    sockets = [_listening(host, port)]
+    url = f"http://{host}:{sockets[0].getsockname()[1]}"
+    sdk_url = None
+    if discoverable and (probe := probe_port_socket(host)) is not None:
+        sockets.append(probe)
+        sdk_url = f"http://{host}:{probe.getsockname()[1]}"
     server = LMStudioTestServer(behaviour)
     config = uvicorn.Config(server.app, log_level="warning", lifespan="on")
     uv = uvicorn.Server(config)
 
     async def main() -> None:
-        task = asyncio.create_task(uv.serve(sockets=[sock]))
+        task = asyncio.create_task(uv.serve(sockets=sockets))
         while not uv.started:
             if task.done():
                 return
             await asyncio.sleep(0.02)
         if on_ready:
-            on_ready(url)
+            on_ready(url, sdk_url)
         await task
 
     asyncio.run(main())
