@@ -70,3 +70,13 @@ def test_two_references_in_one_string_are_two() -> None:
     assert not is_whole_reference("${{ item.a }}-${{ item.b }}")
     assert render("${{ item.a }}-${{ item.b }}", {"item": {"a": 1, "b": "x"}}) == "1-x"
     assert render("${{ item }}", {"item": {"a": 1}}) == {"a": 1}
+
+
+def test_a_function_in_a_template_says_where_functions_work() -> None:
+    with pytest.raises(TemplateError) as info:
+        parse_ref("count(steps.a.output)")
+    assert str(info.value).endswith("(a ${{ }} in an option holds one reference; functions such as count() "
+                                    "work in when: conditions)")
+    with pytest.raises(TemplateError) as plain:
+        parse_ref("foo.bar")
+    assert "functions" not in str(plain.value)

@@ -69,9 +69,12 @@ def parse_ref(expr: str) -> Ref:
     root_match = re.fullmatch(r"[A-Za-z_]\w*", root)
     held = held_roots()
     if not root_match or (root not in ROOTS and root not in held):
+        called = re.match(r"\s*([A-Za-z_]\w*)\s*\(", text)
         raise TemplateError(f"unknown reference '{text}': a reference starts with 'params.', "
                             "'steps.', in a step with foreach 'item' or 'index'"
-                            + "".join(f", in {h.defined_in} '{r}.'" for r, h in held.items()))
+                            + "".join(f", in {h.defined_in} '{r}.'" for r, h in held.items())
+                            + (f" (a ${{{{ }}}} in an option holds one reference; functions such as "
+                               f"{called.group(1)}() work in when: conditions)" if called else ""))
     parts: list[str | int] = []
     tail = "." + rest if rest else ""
     pos = 0
