@@ -14,7 +14,8 @@ have loaded). This script, from a fresh machine:
    tests of the top-level files, and test_plugin_examples.py, whose examples are not in the sdist);
 6. compares the outcome with expected_failures.yaml (test id: why it cannot pass here) and prints
    the counts. Exit status 1 if a test outside that list fails or a listed test passes (so the
-   list stays honest), 0 otherwise.
+   list stays honest; a listed test whose reason starts with "varies:" may pass: it asserts on
+   what the small model writes), 0 otherwise.
 
 Usage: `python tests/sdk_suite/run.py [-k EXPR] [--keep-going]`; extra pytest arguments after `--`.
 """
@@ -38,6 +39,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "sdk-suite"
+#: the start of the reason of a listed test that passes or fails with what SmolLM2 writes
+VARIES = "varies:"
 #: the suite's test tools. pytest 8: the suite turns warnings into errors, and pytest 9 deprecates
 #: what its parametrized tests do (and crashed rendering one of its failures)
 TOOLS = ["pytest>=8.3,<9", "pytest-asyncio", "pytest-subtests", "pytest-timeout"]
@@ -172,7 +175,8 @@ def report(found: dict[str, str], expected: dict[str, str], seconds: float, sele
     passed = [t for t, o in found.items() if o == "passed"]
     failed = [t for t, o in found.items() if o == "failed"]
     unexpected = [t for t in failed if t not in expected]
-    fixed = [t for t in passed if t in expected]
+    # (a test whose outcome depends on what the small model writes may pass: its reason says so)
+    fixed = [t for t in passed if t in expected and not expected[t].startswith(VARIES)]
     missing = [] if selected else [t for t in expected if t not in found]
     print(f"\nsdk-suite: {len(found)} tests: {len(passed)} passed, {len(failed)} failed "
           f"({len(failed) - len(unexpected)} expected: listed in expected_failures.yaml), "
