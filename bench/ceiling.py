@@ -7,7 +7,9 @@ For each level (requests in flight, items):
 (b) `lmflow run` of a spec mapping a `prompt` step over the same items with `parallel`,
     `max_parallel` and the server's `parallel` at that level, against a running Prefect server
     (grain auto: chunks for maps above 100 items), no caches.
-lmflow's share = plain seconds / lmflow's map seconds (from the run record), the same run; the
+lmflow's share = plain seconds / lmflow's map seconds (from the run record), the same run, the
+plain client's best of two tries (on 2 cores one try of 64 threads varied from 1.8 to 5.3 s);
+next to it, the share of the ideal (items / in flight x delay, what no client can beat). The
 server's seconds from lmflow's first request to its last answer tell the map's start and end
 (a chunk's task run to create, its threads to start) from its middle.
 Targets (issue: maps at the server's speed): >= 95% at 4 and 16 in flight, >= 90% at 64.
@@ -214,16 +216,20 @@ def main() -> None:
             lmflow_map(spec(folder, server.url, 20, 4))  # registers the flow, warms the server
             print(f"no-CPU server {server.url}; Prefect server {prefect.url}; {os.cpu_count()} cores")
             print(f"{'in flight':>9} {'items':>6} {'delay':>6} {'plain (s)':>10} {'lmflow map (s)':>15} "
-                  f"{'share':>6} {'most in flight':>15}")
+                  f"{'share':>6} {'of ideal':>9} {'most in flight':>15}")
             for parallel, items, delay in LEVELS:
-                server.reset(delay)
-                plain = plain_threads(server.url, items, parallel)
+                tries = []
+                for _ in range(2):  # the best of two: one try varies with the box
+                    server.reset(delay)
+                    tries.append(plain_threads(server.url, items, parallel))
+                plain = min(tries)
                 server.reset(delay)
                 seconds, wall = lmflow_map(spec(folder, server.url, items, parallel))
                 stats = server.stats()
+                ideal = -(-items // parallel) * delay
                 print(f"{parallel:>9} {items:>6} {delay:>6} {plain:>10.2f} {seconds:>15.2f} "
-                      f"{plain / seconds:>6.0%} {stats['most']:>15}   (first request to last answer "
-                      f"{stats['span']:.2f}s; lmflow process {wall:.1f}s)")
+                      f"{plain / seconds:>6.0%} {ideal / seconds:>9.0%} {stats['most']:>15}   (first "
+                      f"request to last answer {stats['span']:.2f}s; lmflow process {wall:.1f}s)")
             parallel, items, delay = CEILING
             server.reset(delay)
             plain = plain_async(server.url, items, parallel)
