@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import textwrap
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -86,7 +87,12 @@ def commit_all(repo: Path) -> str:
 
 
 def api(prefect_api: str, path: str, body: dict | None = None) -> object:
-    answer = httpx.post(f"{prefect_api}{path}", json=body or {}, timeout=30)
+    """POST to the Prefect API; a 503 (its SQLite busy under a loaded box, seen once) is tried again."""
+    for _ in range(5):
+        answer = httpx.post(f"{prefect_api}{path}", json=body or {}, timeout=30)
+        if answer.status_code != 503:
+            break
+        time.sleep(1)
     answer.raise_for_status()
     return answer.json()
 
