@@ -33,6 +33,8 @@
     ├── DatasetError                 a foreach source that gives no list of items
     ├── LoopStopped                  the run stopped while a loop ran (its state is saved)
     ├── HistoryError                 a run that cannot be found or run again
+    ├── DistributedError             a distributed map cannot run: no shared folder, no task worker
+    ├── FailedElsewhere              a unit failed on a task worker (its failure as shaped there)
     └── DeployError                  exit 2: a deployment that cannot be made
 
 TemplateError and ExpressionError are ValueErrors too. Messages are built from structured fields
@@ -287,3 +289,17 @@ class ContextMismatch(LmflowError):
 class ProbeMissing(LmflowError):
     """A spec asks for `context_length: probed` but nothing was probed for that model, or the probe
     found no size of the kind asked for (no working maximum)."""
+
+
+class DistributedError(LmflowError):
+    """A distributed map cannot run here: no shared folder, no task worker connected, a worker whose
+    checkout holds another version of the spec."""
+
+
+class FailedElsewhere(LmflowError):
+    """A unit failed on a task worker; `failure` is its error as the worker shaped it (its type,
+    message and attempts there), recorded as if it had failed here."""
+
+    def __init__(self, failure: StepFailure):
+        self.failure = failure
+        super().__init__(failure.message)

@@ -22,3 +22,10 @@ def subdir(name: str) -> Path:
     path = home() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def shared() -> Path | None:
+    """`$LMFLOW_SHARED`: the folder every machine of a distributed map reaches (each with its own
+    mount of it), where the map's items, answers and step cache travel; None when unset."""
+    value = os.environ.get("LMFLOW_SHARED")
+    return Path(value).expanduser() if value else None

@@ -101,32 +101,58 @@ def serve_specs(specs: tuple[Path, ...], limit: int | None, crons: tuple[str, ..
 
 
 @cli.command()
-@click.option("--pool", required=True, metavar="NAME", help="The work pool to take runs from.")
+@click.option("--pool", metavar="NAME", help="The work pool to take runs from.")
+@click.option("--tasks", is_flag=True,
+              help="Take the chunks of distributed maps (`distribute: true`) instead of whole runs.")
+@click.option("--server", "servers", multiple=True, metavar="NAME=URL",
+              help="With --tasks: the URL of the spec's server NAME on this machine (repeatable).")
 @click.option("--repo", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
               help="This machine's checkout of the specs' repository (default: the one around here).")
-@click.option("--limit", type=click.IntRange(1), default=None, metavar="N", help="Runs at once.")
-def worker(pool: str, repo: Path | None, limit: int | None) -> None:
-    """Run deployments of a process work pool on this machine (Prefect's process worker).
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="Runs at once (with --tasks: chunks at once, default 2).")
+def worker(pool: str | None, tasks: bool, servers: tuple[str, ...], repo: Path | None,
+           limit: int | None) -> None:
+    """Run deployments of a process work pool on this machine (Prefect's process worker), or with
+    --tasks the chunks of distributed maps of any run (Prefect's task worker).
 
-    Prints a line when a run starts and when it ends. One Ctrl-C or SIGTERM stops it within
-    seconds: the runs in progress are cancelled (a re-run reuses their finished steps).
+    Prints a line when a run (or a chunk) starts and when it ends. One Ctrl-C or SIGTERM stops it
+    within seconds: the runs in progress are cancelled (a re-run reuses their finished steps); a
+    chunk in progress starts no more items, and the run sends the rest to another worker.
     """
     from ..prefect.server import configure_environment
     from ..provenance import _git
 
+    if tasks == (pool is not None):
+        raise click.UsageError("give --pool NAME (whole runs) or --tasks (chunks of distributed maps)")
+    if servers and not tasks:
+        raise click.UsageError("--server maps a spec's server for the chunks this worker takes: use it "
+                               "with --tasks")
     choice = configure_environment()
     if not choice.url:
         raise click.ClickException("no Prefect server to take runs from: start one with `lmflow server "
                                    "start` (or set PREFECT_API_URL to the shared one)")
     root = _git(repo or Path.cwd(), "rev-parse", "--show-toplevel")
-    if root is None:
+    if root is None and not tasks:
         raise click.ClickException(f"{repo or Path.cwd()} is not in a git repository: give --repo, "
                                    "this machine's checkout of the specs' repository")
+    where = Path(root) if root is not None else (repo or Path.cwd()).resolve()
+    if tasks:
+        from ..prefect import distributed  # (imports Prefect, which reads the environment set above)
+
+        mapped = distributed.parse_servers(servers)
+        folder = distributed.shared_folder()
+        click.echo(f"task worker: chunks of distributed maps, specs from {where}, shared folder {folder}, "
+                   f"Prefect at {choice.url.removesuffix('/api')}"
+                   + "".join(f", server {name} = {url}" for name, url in mapped.items())
+                   + "; Ctrl-C stops it", err=True)
+        distributed.serve_chunks(where, mapped, limit or 2, lambda line: click.echo(line, err=True))
+        return
     from ..prefect import serving  # (imports Prefect, which reads the environment set above)
 
-    click.echo(f"worker for pool '{pool}': specs from {root}, runs in {choice.url.removesuffix('/api')}; "
+    click.echo(f"worker for pool '{pool}': specs from {where}, runs in {choice.url.removesuffix('/api')}; "
                "Ctrl-C stops it", err=True)
-    serving.work(pool, repo=Path(root), limit=limit, listener=_echo)
+    serving.work(pool, repo=where, limit=limit, listener=_echo)
+
 
 
 def _echo(event: str, fields: dict[str, Any]) -> None:

@@ -31,12 +31,19 @@ AUTO_ITEMS = 100
 CHUNKS_IN_FLIGHT = 2
 
 
+#: a distributed map's chunks out at once (each worker takes a few at a time; the rest wait in
+#: Prefect's queue, so a worker that frees up starts its next chunk without a round trip)
+DISTRIBUTED_CHUNKS_IN_FLIGHT = 8
+
+
 def chunk_size(step: StepSpec, items: int, window: int) -> int | None:
-    """Items per chunk for this map, or None for a unit per item."""
-    if step.grain == "item" or (step.grain == "auto" and items <= AUTO_ITEMS):
+    """Items per chunk for this map, or None for a unit per item (a distributed map: always chunks)."""
+    if step.grain == "item" or (step.grain == "auto" and items <= AUTO_ITEMS and not step.distribute):
         return None
     if isinstance(step.grain, int):
         return step.grain
+    if step.distribute:  # a chunk's trip through Prefect's queue costs ~0.5 s: enough work to carry it
+        return min(1000, max(-(-items // 100), 16 * window))
     # about 100 chunks, each large enough to keep the window full, none above 1,000 items
     return min(1000, max(-(-items // 100), 4 * window))
 
@@ -221,7 +228,8 @@ class Scheduler:
             assert batch is not None
             if batch.chunk is not None:
                 while ((batch.chunks_in_flight > 0 or self.in_flight < self.max_parallel)
-                       and batch.chunks_in_flight < CHUNKS_IN_FLIGHT
+                       and batch.chunks_in_flight < (DISTRIBUTED_CHUNKS_IN_FLIGHT if step.distribute
+                                                     else CHUNKS_IN_FLIGHT)
                        and batch.next < len(batch.items) and batch.first_failure is None):
                     self._submit_chunk(batch)
             while (batch.chunk is None and self.in_flight < self.max_parallel

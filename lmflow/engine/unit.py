@@ -24,12 +24,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..datasets import BrokenRow
-from ..errors import ExpressionError, LmflowError, StepFailure, TemplateError, describe
+from ..errors import ExpressionError, FailedElsewhere, LmflowError, StepFailure, TemplateError, describe
 from ..steps import StepContext, StepResult, get_kind
 
 if TYPE_CHECKING:
@@ -297,6 +297,10 @@ class Lifecycle:
 
     def failure(self, step: StepSpec, exc: BaseException, name: str) -> StepFailure:
         """An error shaped for the record: its type, message, the unit's attempts, what to retry."""
+        if isinstance(exc, FailedElsewhere):  # shaped where it ran (a task worker)
+            with self._lock:
+                self._attempts.pop(name, None)
+            return replace(exc.failure, step=name)
         extra = {}
         if getattr(exc, "url", None):
             extra["url"] = exc.url  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -40,6 +40,9 @@ from ..spec.model import Spec, StepSpec
 from ..steps import StepResult, get_kind
 from . import limits
 from .server import configure_environment
+
+if TYPE_CHECKING:
+    from .distributed import RemoteChunks
 
 _LIFECYCLE: contextvars.ContextVar[Lifecycle] = contextvars.ContextVar("lmflow_lifecycle")
 _RECORDER: contextvars.ContextVar[RunRecorder] = contextvars.ContextVar("lmflow_recorder")
@@ -177,7 +180,10 @@ class PrefectExecutor:
     `Executor`). One task per step, made once; a unit whose cached answer must not be used is
     submitted with `refresh_cache`."""
 
-    def __init__(self) -> None:
+    def __init__(self, recorder: RunRecorder | None = None) -> None:
+        #: the run's recorder (None: a task worker's, which sends no chunk elsewhere)
+        self.recorder = recorder
+        self._remote: RemoteChunks | None = None
         self._tasks: dict[str, Any] = {}
         #: what finished, as it finishes: (unit, its task's future) or (a chunk's unit, Ran)
         self._done: queue.SimpleQueue[tuple[Unit, Any]] = queue.SimpleQueue()
@@ -198,10 +204,30 @@ class PrefectExecutor:
         future.wrapped_future.add_done_callback(lambda _: self._done.put((unit, future)))
 
     def submit_chunk(self, chunk: Chunk, after: Sequence[Any]) -> None:
-        self.chunks[chunk.name] = chunk
         self._reported[id(chunk)] = set()
+        if chunk.step.distribute:  # to a task worker, wherever it runs (no edge: see distributed.py)
+            self._remote_chunks().submit(chunk)
+            return
+        self.chunks[chunk.name] = chunk
         future = chunk.edge = run_chunk.submit(chunk.name, chunk.step.id, wait_for=after)
         future.wrapped_future.add_done_callback(lambda done: self._chunk_over(chunk, done))
+
+    def _remote_chunks(self) -> RemoteChunks:
+        if self._remote is None:
+            from .distributed import RemoteChunks
+
+            assert self.recorder is not None
+            self._remote = RemoteChunks(self.recorder, self.report, self._forget)
+        return self._remote
+
+    def close(self) -> None:
+        """The run is over or stopping: chunks out on task workers start no more items."""
+        if self._remote is not None:
+            self._remote.close()
+
+    def _forget(self, chunk: Chunk) -> None:
+        with self._lock:
+            self._reported.pop(id(chunk), None)
 
     def report(self, chunk: Chunk, unit: Unit, ran: Ran) -> None:
         """A chunk's unit is over: once, whatever reports it first (its thread, or the chunk's end)."""
@@ -227,8 +253,7 @@ class PrefectExecutor:
         chunk.dispatched.set()  # (one that never ran must not hold up the next)
         for unit in chunk.units:
             self.report(chunk, unit, Ran(error=error) if error else Ran(started=False))
-        with self._lock:
-            self._reported.pop(id(chunk), None)
+        self._forget(chunk)
 
     def wait(self) -> list[tuple[Unit, Ran]]:
         finished = [self._done.get()]
@@ -318,7 +343,8 @@ def run_spec(spec_path: str, params: dict[str, Any] | None = None,
     # a server other runs use too (not this run's temporary one): a limit per model server they share
     gates = limits.install(spec) if owned or recorder.result.api_url else None
     runtime = Runtime(spec, recorder, gates)
-    lifecycle = Lifecycle(runtime, PrefectExecutor(), refresh=refresh_cache)
+    executor = PrefectExecutor(recorder)
+    lifecycle = Lifecycle(runtime, executor, refresh=refresh_cache)
     token = _LIFECYCLE.set(lifecycle)
     try:
         with working_directory(spec.dir, lambda message: recorder.emit("warning", message=message)), \
@@ -328,6 +354,7 @@ def run_spec(spec_path: str, params: dict[str, Any] | None = None,
                 Scheduler(lifecycle, max_parallel or spec.max_parallel).run()
             finally:
                 runtime.stopping.set()  # user code still running stops being waited for
+                executor.close()
     finally:
         _LIFECYCLE.reset(token)
         _summarize(recorder)

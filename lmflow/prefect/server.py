@@ -476,7 +476,7 @@ def configure_environment(verbose: bool = False, *, start: bool = False,
     background unless LMFLOW_PREFECT_SERVER=temporary; `announce` is called with it as soon as
     its process is started.
     """
-    from ..home import home
+    from ..home import home, shared
 
     global _configured
     if _configured is not None:
@@ -486,6 +486,10 @@ def configure_environment(verbose: bool = False, *, start: bool = False,
         if verbose and key == "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL":
             continue
         os.environ.setdefault(key, value)
+    # the step cache, and a distributed map's items (a delayed task's parameters): in the folder every
+    # machine shares when LMFLOW_SHARED is set, whatever else said (lmflow.prefect.distributed)
+    if shared() is not None:
+        os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(shared() / "results")
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home() / "results"))
     choice = choose_api()
     launch = start and background_mode()  # a wrong setting is an error even when a server runs

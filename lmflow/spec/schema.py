@@ -14,7 +14,8 @@ from ..steps import kinds
 #: the server keys every backend reads (the others are each backend's `server_options`)
 COMMON_SERVER_KEYS = ("backend", "startup_timeout", "parallel")
 COMMON_STEP_KEYS = ("id", "description", "retries", "retry_delay", "backoff", "timeout", "timeout_growth",
-                    "cache", "foreach", "when", "parallel", "on_item_error", "grain", "after")
+                    "cache", "foreach", "when", "parallel", "on_item_error", "grain", "distribute",
+                    "after")
 
 
 @lru_cache(maxsize=1)

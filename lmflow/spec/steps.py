@@ -22,8 +22,10 @@ from .model import ModelConfig, Policy, StepSpec
 from .policy import step_policy, with_params
 from .schema import COMMON_STEP_KEYS
 
+#: keys about a map's items: only with foreach
+_ITEM_KEYS = ("parallel", "on_item_error", "grain", "distribute")
 #: keys of a step that only a top-level step has (a held list runs in the order written)
-_TOP_LEVEL_ONLY = ("foreach", "parallel", "on_item_error", "grain", "after")
+_TOP_LEVEL_ONLY = ("foreach", "parallel", "on_item_error", "grain", "distribute", "after")
 
 
 def _field_problem(schema: dict[str, Any] | None, field_path: tuple) -> str | None:
@@ -140,6 +142,7 @@ class StepsChecker:
                 foreach=control.get("foreach"), when=control.get("when"),
                 parallel=fields.get("parallel") if isinstance(fields.get("parallel"), int) else None,
                 on_item_error=p.raw.get("on_item_error", "fail"), grain=p.raw.get("grain", "auto"),
+                distribute=p.raw.get("distribute") is True,
                 nested=control.get("nested"), held=control.get("held", ()), parent=self.scope.holder,
             ))
         by_id = {s.id: s for s in steps}
@@ -238,8 +241,12 @@ class StepsChecker:
             source = control["foreach"]
             if source is not None and (source.source == "value" or "${{" in source.value):
                 self._template_refs(p, raw["foreach"], ("steps", p.i, "foreach"), item_allowed=False)
-        elif not self.nested and any(k in raw for k in ("parallel", "on_item_error", "grain")):
-            key = next(k for k in ("parallel", "on_item_error", "grain") if k in raw)
+            if raw.get("distribute") is True and raw.get("grain") == "item":
+                self.problems.append(doc.problem(
+                    ("steps", p.i, "grain"), "a distributed map travels in chunks, not item by item",
+                    "remove grain (chunks sized for the map), or give the items per chunk, e.g. grain: 200"))
+        elif not self.nested and any(k in raw for k in _ITEM_KEYS):
+            key = next(k for k in _ITEM_KEYS if k in raw)
             self.problems.append(doc.problem(("steps", p.i, key),
                                              f"'{key}' applies to the items of a foreach",
                                              "add foreach: to this step, or remove it", key=True))
