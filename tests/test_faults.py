@@ -213,6 +213,12 @@ def test_a_re_run_reuses_every_journaled_answer_whose_stored_result_was_lost(
         assert [o["x"] for o in steps[step]["output"]] == [x + offset for x in range(8)]
         assert steps[step]["items"]["cached"] == len(journaled & set(range(offset, offset + 8)))
     assert steps["last"]["status"] == "completed"
+    # the answers the journal gave are in the step cache again: it alone answers the next run
+    hidden = journal.rename(journal.with_suffix(".hidden"))
+    steps = rerun()
+    assert _calls(log) == []
+    assert {s["status"] for s in steps.values()} == {"cached"}
+    hidden.rename(journal)
 
     # --refresh: neither the step cache nor a journal answers
     _damage(results)
