@@ -37,7 +37,7 @@ name: scale-map-{n}
 params: {{n: {n}}}
 defaults: {{cache: {str(cache).lower()}, max_parallel: 4}}
 steps:
-  - id: each
+  - id: each{n}                # (its own step cache keys at each size)
     foreach: {{file: items{n}.jsonl}}
     python: {{function: "scalehelp:f", args: {{x: "${{{{ item.i }}}}"}}}}
 """
