@@ -9,7 +9,9 @@ does not grow with N. Steps and items run 4 at once (max_parallel 4). The datase
 map over a 1 GB JSONL of 10,000 rows of 100 kB (each item reads its row's text), and
 `when: index < 3` over a 500,000-line JSONL (the journal and record sizes are printed: an item
 whose condition is false is counted, not written).
-Run: .venv/bin/python bench/scale.py [--quick]   (--quick: maps up to 10,000, no 1 GB file)
+Run: .venv/bin/python bench/scale.py [--quick] [--cache]   (--quick: maps up to 10,000, no 1 GB
+file; --cache: the maps with the step cache on, each run twice: every item computed and stored,
+then every item read back)
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ STEP_SIZES = (100, 1000)
 HELPER = "def f(x):\n    return {'x': x, 'twice': x * 2}\n\n\ndef size(text):\n    return len(text)\n"
 
 
-def map_spec(n: int) -> str:
+def map_spec(n: int, cache: bool = False) -> str:
     return f"""version: 1
 name: scale-map-{n}
 params: {{n: {n}}}
-defaults: {{cache: false, max_parallel: 4}}
+defaults: {{cache: {str(cache).lower()}, max_parallel: 4}}
 steps:
-  - id: each
+  - id: each{n}                # (its own step cache keys at each size)
     foreach: {{file: items{n}.jsonl}}
     python: {{function: "scalehelp:f", args: {{x: "${{{{ item.i }}}}"}}}}
 """
@@ -95,7 +97,7 @@ def row(shape: str, seconds: float, n: int, peak: int, wall: float) -> None:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
+    quick, cache = "--quick" in sys.argv, "--cache" in sys.argv
     map_sizes = MAP_SIZES[:2] if quick else MAP_SIZES
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -110,10 +112,11 @@ def main() -> None:
             for n in map_sizes:
                 rows = "".join(json.dumps({"i": i}) + "\n" for i in range(n))
                 (folder / f"items{n}.jsonl").write_text(rows)
-                (folder / f"map{n}.yaml").write_text(map_spec(n))
+                (folder / f"map{n}.yaml").write_text(map_spec(n, cache))
             for n in STEP_SIZES:
                 (folder / f"steps{n}.yaml").write_text(steps_spec(n))
-            run(folder / f"map{map_sizes[0]}.yaml")  # registers the flow, warms the server
+            (folder / "warm.yaml").write_text(map_spec(map_sizes[0]))
+            run(folder / "warm.yaml")  # registers the flow, warms the server (and caches nothing)
             print(f"Prefect server {server.url}; python steps, max_parallel 4")
             print(f"{'shape':<22} {'wall (s)':>9} {'per unit (ms)':>14} {'peak RSS (MB)':>14}")
             maps: dict[int, tuple[float, int]] = {}
@@ -123,6 +126,11 @@ def main() -> None:
                 assert result["steps"][0]["items"]["completed"] == n
                 maps[n] = (seconds / n, peak)
                 row(f"map of {n:,}", seconds, n, peak, wall)
+                if cache:  # again: every item from the step cache
+                    result, wall, peak = run(folder / f"map{n}.yaml")
+                    seconds = result["steps"][0]["seconds"]
+                    assert result["steps"][0]["items"]["cached"] == n
+                    row("  again, cached", seconds, n, peak, wall)
             steps: dict[int, tuple[float, int]] = {}
             for n in STEP_SIZES:
                 result, wall, peak = run(folder / f"steps{n}.yaml")

@@ -102,6 +102,8 @@ def test_a_fallback_answer_is_asked_again_wherever_the_step_stands(prefect_api: 
     # its cached fallback answer); an answer from the first link is still reused
     assert [second[p]["status"] for p in ("top", "item", "nested")] == ["completed"] * 3
     assert first["nested_plain"]["status"] == "completed" and second["nested_plain"]["status"] == "cached"
+    # nor does a journal give it back: the item's line holds no cache key
+    assert "key" not in first["item"] and "key" not in second["item"]
 
 
 def test_attempts_and_a_broken_condition_are_the_same_in_every_place(prefect_api: str,

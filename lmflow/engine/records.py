@@ -188,7 +188,9 @@ class RunRecorder:
         with contextlib.suppress(OSError):  # its buffer cannot be written either
             self._journal.close()
 
-    def update(self, step_id: str, **changes: Any) -> None:
+    def update(self, step_id: str, reuse: dict[str, Any] | None = None, **changes: Any) -> None:
+        """A step's record changed: journaled at once, with what a later run needs to reuse its answer
+        if the step cache loses it (`reuse`: its cache key, and when it expires)."""
         with self._lock:
             record = self.record(step_id)
             for key, value in changes.items():
@@ -196,6 +198,8 @@ class RunRecorder:
             entry = {"step": step_id, "status": record.status}
             if record.status != "running":
                 entry.update({k: v for k, v in asdict(record).items() if k not in ("id", "kind", "status")})
+            if reuse:
+                entry.update(reuse)
             self._append(entry)
             self.emit("step_started" if record.status == "running" else "step_finished", step=record)
 
@@ -210,11 +214,14 @@ class RunRecorder:
     def item(self, step_id: str, index: int, status: str, *, output: Any = None,
              error: StepFailure | None = None, reason: str | None = None, seconds: float = 0.0,
              progress: dict[str, Any] | None = None, journal: bool = True, answered_by: str | None = None,
-             errors: list[Any] | None = None, options: dict[str, Any] | None = None) -> None:
+             errors: list[Any] | None = None, options: dict[str, Any] | None = None,
+             reuse: dict[str, Any] | None = None) -> None:
         """One map item finished (completed, cached, failed or skipped): journaled at once (unless
         `journal` is false: an item whose condition was false), and told to the listener. Its
         options are journaled when it failed (to see what it was asked; a completed item's would
-        grow the journal of a big map by its prompts)."""
+        grow the journal of a big map by its prompts); a completed one's line holds what a later
+        run needs to reuse its answer if the step cache loses it (`reuse`: its cache key, when it
+        expires)."""
         with self._lock:
             entry: dict[str, Any] = {"step": step_id, "item": index, "status": status, "seconds": seconds}
             if status in ("completed", "cached"):
@@ -229,6 +236,8 @@ class RunRecorder:
                 entry["error"] = asdict(error)
             if reason:
                 entry["reason"] = reason
+            if reuse:
+                entry.update(reuse)
             if journal:
                 self._append(entry)
             self.emit("item_finished", step=self.record(step_id), index=index, status=status,

@@ -1,16 +1,20 @@
-"""Recovery after a killed run: the journals it left, and the models it left loaded.
+"""Recovery after a killed run: the journals it left, the models it left loaded, its answers.
 
-A run killed before its end leaves a journal (`runs/<run_id>.jsonl`) without a final record.
-The next run of its spec finds it (`killed_journals`), unloads what it loaded
-(`release_leftovers`, also the instance a load made when the run was killed during it), and
-marks the journal so that no later run looks again; lmflow.prefect.history marks its flow
-run Crashed in Prefect.
+A run killed before its end (or stopped by a full disk) leaves a journal (`runs/<run_id>.jsonl`)
+without a final record. The next run of its spec finds it (`killed_journals`), unloads what it
+loaded (`release_leftovers`, also the instance a load made when the run was killed during it),
+and marks the journal so that no later run looks again; lmflow.prefect.history marks its flow
+run Crashed in Prefect. The answers it journaled under their cache keys answer for the step
+cache where that lost them (`JournaledAnswers`): a full disk leaves result files 0 bytes or
+unwritten while the journal still takes lines.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from ..backends import Backend, backend_class
 from ..errors import LmflowError
 from ..home import subdir
 from ..spec.model import Spec
+from ..steps import StepResult
 from .records import RunRecorder, journal_entries
 
 
@@ -132,3 +137,58 @@ def made_by_unfinished_load(backend: Backend, entry: dict[str, Any]) -> str | li
             "context_length") == entry["context_length"]]
         new = sized or new
     return new[0] if len(new) == 1 else (new or None)
+
+
+class JournaledAnswers:
+    """Answers that runs of a spec which did not end (killed, or stopped by a write that failed: no
+    final record) journaled under their cache keys: what answers when the step cache has lost one.
+
+    A completed unit's journal line holds its key only when its answer may be reused (cacheable,
+    not from a fallback link, JSON that reads back as it was) and, with a time to live, when it
+    expires (`Lifecycle.reusable`). The journals are read once, when a unit first asks; only
+    where each answer's line starts is kept (a big map's answers stay on disk), the latest run's
+    for a key. Thread-safe: a chunk's items ask from many threads.
+    """
+
+    def __init__(self, spec_name: str):
+        self.spec_name = spec_name
+        self._where: dict[str, tuple[Path, int]] | None = None
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[StepResult, float | None] | None:
+        """The answer journaled under `key` and the seconds it has left to live (None: no limit);
+        None when none was, or it expired."""
+        where = self._where if self._where is not None else self._read()
+        found = where.get(key)
+        if found is None:
+            return None
+        entry = jsonl.line_at(*found)
+        if entry is None or entry.get("key") != key or not _answer(entry):
+            return None
+        left = None
+        if entry.get("expires") is not None:
+            left = entry["expires"] - time.time()
+            if left <= 0:
+                return None
+        return StepResult(entry["output"], meta=entry.get("meta") or {}, answered_by=entry.get("answered_by"),
+                          errors=entry.get("errors") or []), left
+
+    def _read(self) -> dict[str, tuple[Path, int]]:
+        with self._lock:
+            if self._where is None:
+                where: dict[str, tuple[Path, int]] = {}
+                # (their bad lines were warned of at the run's start: release_leftovers reads them)
+                for journal, _ in killed_journals(self.spec_name, warn=lambda _: None):  # oldest first
+                    for offset, entry in jsonl.starts(journal, b'"key": '):
+                        if isinstance(entry.get("key"), str) and _answer(entry):
+                            where[entry["key"]] = (journal, offset)
+                self._where = where
+            return self._where
+
+
+def _answer(entry: dict[str, Any]) -> bool:
+    """Whether a journal line is a completed unit's answer, with fields of the types lmflow writes."""
+    return (entry.get("status") in ("completed", "cached") and "output" in entry
+            and isinstance(entry.get("expires", 0), (int, float))
+            and isinstance(entry.get("meta", {}), dict) and isinstance(entry.get("errors", []), list)
+            and isinstance(entry.get("answered_by"), (dict, type(None))))

@@ -324,13 +324,14 @@ class Scheduler:
                 self.edges.setdefault(step.id, []).append(edge)
             result = outcome.result
             assert result is not None
+            reuse = self.lifecycle.reusable(unit, outcome)
             if batch is None:
                 self._complete(step, result.output, seconds=outcome.seconds, result=result,
-                               cached=outcome.status == "cached")
+                               cached=outcome.status == "cached", reuse=reuse)
             else:
                 self._item_done(batch, unit.index, outcome.status,  # type: ignore[arg-type]
                                 output=result.output, seconds=outcome.seconds, answered_by=result.answered_by,
-                                errors=result.errors)
+                                errors=result.errors, reuse=reuse)
             return
         assert outcome.failure is not None
         if batch is None:
@@ -341,7 +342,8 @@ class Scheduler:
 
     def _complete(self, step: StepSpec, output: Any, *, seconds: float, result: Any = None,
                   cached: bool = False, items: dict[str, int] | None = None,
-                  problems: list[dict[str, Any]] | None = None, inputs: Sequence[Any] | None = None) -> None:
+                  problems: list[dict[str, Any]] | None = None, inputs: Sequence[Any] | None = None,
+                  reuse: dict[str, Any] | None = None) -> None:
         self.runtime.set_output(step, output, inputs)
         changes: dict[str, Any] = {"status": "cached" if cached else "completed", "output": output,
                                    "seconds": seconds}
@@ -351,7 +353,7 @@ class Scheduler:
                 self.executor.publish(step.id, result.artifact)
         if items is not None:
             changes.update(items=items, item_problems=problems or [])
-        self.recorder.update(step.id, **changes)
+        self.recorder.update(step.id, reuse=reuse, **changes)
         self._settle(step, "done")
 
     def _fail(self, step: StepSpec, failure: StepFailure, seconds: float,
@@ -364,7 +366,7 @@ class Scheduler:
 
     def _item_done(self, batch: _Map, index: int, status: str, *, output: Any = NOTHING,
                    seconds: float = 0.0, reason: str | None = None, answered_by: str | None = None,
-                   errors: list[Any] | None = None) -> None:
+                   errors: list[Any] | None = None, reuse: dict[str, Any] | None = None) -> None:
         batch.counts[status] += 1
         assert batch.outputs is not None
         batch.outputs.put(index, output if status in ("completed", "cached") else NOTHING)
@@ -372,7 +374,7 @@ class Scheduler:
         # over a big dataset would write a line for each of its rows
         self.recorder.item(batch.step.id, index, status, output=None if output is NOTHING else output,
                            reason=reason, seconds=seconds, progress=batch.progress(),
-                           journal=status != "skipped", answered_by=answered_by, errors=errors)
+                           journal=status != "skipped", answered_by=answered_by, errors=errors, reuse=reuse)
         self._report_progress(batch)
         if batch.in_flight == 0 and batch.step.id not in self.queue and batch.step.id not in self.status:
             self._finish_map(batch)

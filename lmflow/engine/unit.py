@@ -11,9 +11,12 @@ Whoever asks for it (the scheduler, a loop), it goes through the same stages:
 4. submission to an `Executor`, which calls `attempt` once per try (the executor owns
    retries and the cache, from the step's policy) or answers from its cache; a map's
    items may go as chunks (`Chunk`: one executor task for many items), and then each
-   item's tries and cache are `attempts` here, with the same policy;
+   item's tries and cache are `attempts` here, with the same policy. Where the cache has
+   lost an answer (a full disk), what an unfinished run journaled under the key answers
+   (`reused`, lmflow.engine.recovery.JournaledAnswers), and is kept in the cache again;
 5. outcome: completed, cached, failed (its error shaped into a `StepFailure` that counts
-   the unit's own attempts) or skipped; the fallback marker is set or cleared.
+   the unit's own attempts) or skipped; the fallback marker is set or cleared, and what
+   its journal line holds for a later run to reuse it (`reusable`).
 
 Where an outcome is recorded is the asker's: a step's record and a map's item lines (the
 scheduler), a checkpoint's analysis (`Outcome.summary`, the loop).
@@ -28,9 +31,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .. import jsonl
 from ..datasets import BrokenRow
 from ..errors import ExpressionError, FailedElsewhere, LmflowError, StepFailure, TemplateError, describe
 from ..steps import StepContext, StepResult, get_kind
+from .recovery import JournaledAnswers
 
 if TYPE_CHECKING:
     from ..spec.model import StepSpec
@@ -180,6 +185,7 @@ class Lifecycle:
         self.executor = executor
         #: recompute cached units, and start loops afresh instead of resuming them
         self.refresh = refresh
+        self.journaled = JournaledAnswers(runtime.spec.name)
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -218,6 +224,15 @@ class Lifecycle:
         # an answer that came from a fallback is not reused: the next run asks again
         refresh = key is not None and (self.refresh or _degraded(key).exists())
         return Unit(step, name, options, index, key, refresh)
+
+    def reused(self, key: str | None) -> tuple[StepResult, float | None] | None:
+        """Where the step cache has no answer under `key`: the one an unfinished run journaled, and
+        the seconds it has left to live (None: no limit). None with --refresh, and when the latest
+        answer under the key came from a fallback link (as the cache would not answer)."""
+        if key is None or self.refresh:
+            return None
+        found = self.journaled.get(key)
+        return None if found is None or _degraded(key).exists() else found
 
     def submit(self, unit: Unit, after: Sequence[Any] = ()) -> None:
         unit.started = time.perf_counter()
@@ -260,6 +275,10 @@ class Lifecycle:
             hit = cache.read(unit.key)
             if hit is not None:
                 return Ran(result=hit, cached=True)
+            found = self.reused(unit.key)
+            if found is not None:  # the cache lost it: kept there again, for what it has left to live
+                cache.write(unit.key, *found)
+                return Ran(result=found[0], cached=True)
         retries = 0 if get_kind(step.kind).retries_inside else policy.retries
         delays = policy.retry_delays()
         tried = 0
@@ -294,6 +313,20 @@ class Lifecycle:
         error = ran.error if ran.error is not None else RuntimeError("the unit ended without a result")
         return Outcome(unit.name, "failed", failure=self.failure(unit.step, error, unit.name),
                        seconds=seconds, options=unit.options)
+
+    def reusable(self, unit: Unit, outcome: Outcome) -> dict[str, Any] | None:
+        """What a completed unit's journal line holds for a later run to reuse its answer if the step
+        cache loses it (`reused`): its key, and when it expires. None when it is not to be reused:
+        not cached, from a fallback link, with a report (not journaled), JSON that would not read
+        back as it was, or a cached answer with a time to live (its expiry is the stored one's,
+        not known here; the journal that gave it, if one did, still holds it)."""
+        result, ttl = outcome.result, unit.step.policy.cache_ttl
+        if unit.key is None or result is None or result.degraded or result.artifact is not None \
+                or (ttl and outcome.status == "cached"):
+            return None
+        if not jsonl.exact(result.output) or (unit.index is None and not jsonl.exact(result.meta)):
+            return None  # (a map item's line has no meta: a step's own does)
+        return {"key": unit.key, "expires": round(time.time() + ttl, 3)} if ttl else {"key": unit.key}
 
     def failure(self, step: StepSpec, exc: BaseException, name: str) -> StepFailure:
         """An error shaped for the record: its type, message, the unit's attempts, what to retry."""

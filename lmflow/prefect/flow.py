@@ -57,6 +57,9 @@ def run_step(name: str, step_id: str, options: dict[str, Any], index: int | None
     """One unit of a run: a step, a map item or a checkpoint's step (task runs `step`, `step[i]`,
     `loop@5.step`): one attempt, through the unit's lifecycle."""
     lifecycle = _LIFECYCLE.get()
+    found = lifecycle.reused(cache_key)  # (Prefect's cache did not answer: it lost the answer?)
+    if found is not None:
+        return PrefectResults.cached(cache_key, *found)  # type: ignore[arg-type]
     result = lifecycle.attempt(lifecycle.runtime.spec.step(step_id), options, name, index)
     _log_errors(result)
     return result
@@ -152,13 +155,27 @@ class PrefectResults:
         return found if isinstance(found, StepResult) else None
 
     def write(self, key: str, result: StepResult, ttl: float | None) -> None:
-        from datetime import datetime, timezone
-
-        expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl) if ttl else None
         try:
-            self.store.write(result, key=key, expiration=expiration)
-        except OSError as exc:  # a full disk: the answer stands, the next run computes it again
+            self.store.write(result, key=key, expiration=_expiration(ttl))
+        except OSError as exc:  # a full disk: the answer stands; its journal line answers next time
             self.recorder.emit("warning", message=f"the step cache could not keep an answer: {exc}")
+
+    @staticmethod
+    def cached(key: str, result: StepResult, ttl: float | None) -> Any:
+        """What a unit's own task run returns for an answer its run's journal gave (the store had
+        lost it): a Cached state, whose result Prefect keeps under `key` again, with what is left
+        of its time to live (`ttl`, not one that starts now)."""
+        from prefect.results import get_result_store
+        from prefect.states import Completed
+
+        record = get_result_store().create_result_record(result, key=key, expiration=_expiration(ttl))
+        return Completed(name="Cached", data=record)
+
+
+def _expiration(ttl: float | None) -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc) + timedelta(seconds=ttl) if ttl else None
 
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
