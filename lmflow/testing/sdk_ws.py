@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .pool import gguf_general
@@ -437,7 +438,8 @@ class SdkSession:
     # -- files and the repository -----------------------------------------------------
 
     async def upload_file(self, parameter: dict[str, Any]) -> Any:
-        return self.files.upload(id(self), parameter)
+        # decoding and writing a large image must not hold up the other clients' streams
+        return await run_in_threadpool(self.files.upload, id(self), parameter)
 
     async def file_path(self, parameter: dict[str, Any]) -> Any:
         return self.files.path(parameter)
