@@ -14,7 +14,7 @@ endif
 export CMAKE_ARGS ?= -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF $(PORTABLE_CPU)
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install install-dev quickstart test lint browser sdk-suite
+.PHONY: install install-dev quickstart test lint browser sdk-suite sdk-suite-async
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ browser:
 # tests/sdk_suite/run.py; its expected failures, with reasons, in tests/sdk_suite/expected_failures.yaml
 sdk-suite: install-dev
 	$(BIN)/python tests/sdk_suite/run.py
+
+# the same with the suite's async tests too (AsyncClient: the same protocol; twice as long)
+sdk-suite-async: install-dev
+	$(BIN)/python tests/sdk_suite/run.py --with-async
 
 lint:
 	$(BIN)/ruff check lmflow tests bench examples flows

@@ -57,6 +57,12 @@ def lmstudio_key(file_name: str) -> str:
     return _QUANT_SUFFIX.sub("", Path(file_name).stem).lower()
 
 
+def quantization(file_name: str) -> str | None:
+    """The quantization a GGUF file name states (`...-Q4_1.gguf`), as LM Studio lists it."""
+    found = re.search(r"(I?Q\d\w*?|BF16|F16|F32)(?:\.gguf)?$", Path(file_name).stem, re.IGNORECASE)
+    return found.group(1).upper() if found else None
+
+
 def models_folder(folder: Path) -> list[TestModel]:
     """The models in an LM Studio models folder: `PUBLISHER/REPO/FILE.gguf`, keyed as LM Studio keys
     them (two files with one key: the first, by path)."""

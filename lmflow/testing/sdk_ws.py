@@ -13,15 +13,17 @@ Read from the SDK and lmstudio-js. A client opens one websocket per namespace
 
 An error is LM Studio's serialized error: a `title` and, for model look-ups, `displayData` with a
 `code` (`generic.noModelMatchingQuery` is what the SDK raises as LMStudioModelNotFoundError).
-Configs travel as KV stacks (`{"layers": [{"layerName", "config": {"fields": [{key, value}]}}]}`,
-later layers winning).
+Configs, chat histories and prompt templates are read by sdk_requests.py.
 
 Served, by namespace (RPCs; channels):
 - llm: listLoaded, getModelInfo, getLoadConfig, unloadModel, tokenize, countTokens,
   applyPromptTemplate; loadModel, getOrLoad, predict (a chat, or with the SDK's completion
   template a raw completion, relayed token by token from the instance's llama-server);
 - embedding: the same model calls, answering that there is no embedding model;
-- system: version, listDownloadedModels (all the SDK 1.5 calls there).
+- system: version, listDownloadedModels (all the SDK 1.5 calls there);
+- files: uploadFileBase64, getLocalFileAbsolutePath (sdk_files.py);
+- repository: searchModels, getModelDownloadOptions; downloadModel (sdk_repository.py: the models
+  the test server has, downloaded already).
 An endpoint LM Studio has and the test server does not serve (LMSTUDIO_ENDPOINTS) is answered
 with an error naming it, so a client fails at once rather than at its timeout. An endpoint LM
 Studio does not know either gets what LM Studio sends: a `communicationWarning` (at most 5 per
@@ -43,15 +45,21 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .pool import gguf_general
 from .refusals import Refusal
+from .sdk_files import FileRefused
+from .sdk_repository import RepositoryRefused
+from .sdk_requests import SdkError, chat_messages, collapse, render_template, sampling
 
 if TYPE_CHECKING:
     from .config import TestModel
     from .inference import Inference
     from .pool import Instance, InstancePool
+    from .sdk_files import UserFiles
+    from .sdk_repository import Repository
 
 CONTEXT_KEY = "llm.load.contextLength"
 PARALLEL_KEY = "llm.load.numParallelSessions"  # the SDKs' maxParallelPredictions
@@ -93,21 +101,6 @@ MAX_WARNINGS = 5  # LM Studio stops sending communication warnings to a connecti
 _asked_config: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-class SdkError(Exception):
-    """A failure answered to the client as LM Studio serializes errors."""
-
-    def __init__(self, title: str, display_data: dict[str, Any] | None = None):
-        super().__init__(title)
-        self.title = title
-        self.display_data = display_data
-
-    def as_json(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"title": self.title}
-        if self.display_data:
-            error["displayData"] = self.display_data
-        return error
-
-
 # -- what the SDK is told about models --------------------------------------------------
 
 
@@ -144,72 +137,6 @@ def load_config(instance: Instance) -> dict[str, Any]:
     fields = {**_asked_config.get(instance.engine, {}), CONTEXT_KEY: instance.context_length,
               PARALLEL_KEY: instance.parallel}
     return {"fields": [{"key": key, "value": value} for key, value in fields.items()]}
-
-
-# -- what the SDK asks for --------------------------------------------------------------
-
-
-def collapse(stack: dict[str, Any] | None) -> dict[str, Any]:
-    """A KV config stack as one mapping, later layers winning (as LM Studio collapses it)."""
-    fields: dict[str, Any] = {}
-    for layer in (stack or {}).get("layers") or []:
-        for kv in (layer.get("config") or {}).get("fields") or []:
-            fields[kv["key"]] = kv.get("value")
-    return fields
-
-
-def sampling(config: dict[str, Any]) -> dict[str, Any]:
-    """llama-server's parameters for LM Studio's prediction fields (its /completion names)."""
-    plain = {"temperature": "temperature", "topKSampling": "top_k", "stopStrings": "stop"}
-    checkbox = {"maxPredictedTokens": "n_predict", "topPSampling": "top_p", "minPSampling": "min_p",
-                "repeatPenalty": "repeat_penalty"}  # {"checked": bool, "value": ...}
-    params: dict[str, Any] = {}
-    for key, name in plain.items():
-        if config.get(f"llm.prediction.{key}") is not None:
-            params[name] = config[f"llm.prediction.{key}"]
-    for key, name in checkbox.items():
-        value = config.get(f"llm.prediction.{key}")
-        if isinstance(value, dict) and value.get("checked"):
-            params[name] = value.get("value")
-    structured = config.get("llm.prediction.structured") or {}
-    if structured.get("type") == "json":
-        params["json_schema"] = structured.get("jsonSchema") or {}
-    elif structured.get("type") == "gbnf":
-        params["grammar"] = structured.get("gbnfGrammar") or ""
-    template = config.get("llm.prediction.promptTemplate") or {}
-    if template.get("stopStrings"):
-        params["stop"] = [*params.get("stop", []), *template["stopStrings"]]
-    return params
-
-
-def chat_messages(history: dict[str, Any] | None) -> list[dict[str, str]]:
-    """The SDK's chat history as OpenAI-style messages (text parts joined)."""
-    messages = []
-    for item in (history or {}).get("messages") or []:
-        parts = item.get("content") or []
-        if any(part.get("type") == "file" for part in parts):
-            raise SdkError("Files and images are not served by the lmflow test server (its models "
-                           "have no vision)")
-        text = "".join(part.get("text", "") for part in parts if part.get("type") == "text")
-        messages.append({"role": item.get("role", "user"), "content": text})
-    return messages
-
-
-def render_template(template: dict[str, Any], messages: list[dict[str, str]]) -> str:
-    """A prompt rendered with the client's own template (the SDK's `complete` sends one)."""
-    if template.get("type") != "jinja":
-        raise SdkError(f"{template.get('type')!r} prompt templates are not served by the lmflow "
-                       "test server (jinja ones are)")
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    jinja = template.get("jinjaPromptTemplate") or {}
-    try:
-        return ImmutableSandboxedEnvironment().from_string(jinja.get("template", "")).render(
-            messages=messages, bos_token=jinja.get("bosToken", ""), eos_token=jinja.get("eosToken", ""),
-            add_generation_prompt=True)
-    except jinja2.TemplateError as exc:
-        raise SdkError(f"Error rendering the prompt template: {exc}") from None
 
 
 def _fragment(text: str, tokens: int) -> dict[str, Any]:
@@ -262,10 +189,12 @@ class SdkSession:
     """One websocket client of the test server, in one namespace."""
 
     def __init__(self, ws: WebSocket, pool: InstancePool, inference: Inference, *,
-                 api_token: str | None = None):
+                 files: UserFiles, repository: Repository, api_token: str | None = None):
         self.ws = ws
         self.pool = pool
         self.inference = inference
+        self.files = files
+        self.repository = repository
         self.api_token = api_token
         self.namespace = ws.url.path.strip("/")
         self.channels: dict[int, Channel] = {}
@@ -284,10 +213,14 @@ class SdkSession:
             "llm": {**model_rpcs, "applyPromptTemplate": self.apply_prompt_template},
             "embedding": {**model_rpcs, "embedString": self.embed_string},
             "system": {"version": self.version, "listDownloadedModels": self.list_downloaded},
+            "files": {"uploadFileBase64": self.upload_file, "getLocalFileAbsolutePath": self.file_path},
+            "repository": {"searchModels": self.search_models,
+                           "getModelDownloadOptions": self.download_options},
         }.get(self.namespace, {})
         self.channel_handlers: dict[str, ChannelHandler] = {
             "llm": {**model_channels, "predict": self.predict},
             "embedding": model_channels,
+            "repository": {"downloadModel": self.download_model},
         }.get(self.namespace, {})
 
     async def run(self) -> None:
@@ -314,6 +247,7 @@ class SdkSession:
             self._closed = True
             for channel in self.channels.values():
                 channel.cancelled.set()
+            self.files.forget(id(self))  # as LM Studio, a client's prepared files go with it
 
     async def _authenticate(self) -> bool:
         auth = await self.ws.receive_json()
@@ -469,7 +403,8 @@ class SdkSession:
     async def apply_prompt_template(self, parameter: dict[str, Any]) -> Any:
         instance = self._find(parameter.get("specifier"))
         config = collapse(parameter.get("predictionConfigStack"))
-        return {"formatted": await self._prompt(instance, chat_messages(parameter.get("history")), config)}
+        messages = chat_messages(parameter.get("history"), instance.id)
+        return {"formatted": await self._prompt(instance, messages, config)}
 
     async def embed_string(self, parameter: dict[str, Any]) -> Any:
         raise self._not_found((parameter.get("modelSpecifier") or {}).get("query") or {})
@@ -499,6 +434,27 @@ class SdkSession:
 
     async def list_downloaded(self, parameter: dict[str, Any]) -> Any:
         return [model_info(m) for m in self.pool.models.values()]
+
+    # -- files and the repository -----------------------------------------------------
+
+    async def upload_file(self, parameter: dict[str, Any]) -> Any:
+        # decoding and writing a large image must not hold up the other clients' streams
+        return await run_in_threadpool(self.files.upload, id(self), parameter)
+
+    async def file_path(self, parameter: dict[str, Any]) -> Any:
+        return self.files.path(parameter)
+
+    async def search_models(self, parameter: dict[str, Any]) -> Any:
+        return self.repository.search(parameter)
+
+    async def download_options(self, parameter: dict[str, Any]) -> Any:
+        return self.repository.options(parameter)
+
+    async def download_model(self, channel: Channel, parameter: dict[str, Any]) -> None:
+        """A model of the repository is here already: its download ends at once (sdk_repository.py)."""
+        model = self.repository.find(str(parameter.get("downloadIdentifier", "")))
+        for message in self.repository.download_messages(model):
+            await channel.send(message)
 
     # -- loading ----------------------------------------------------------------------
 
@@ -559,7 +515,7 @@ class SdkSession:
         config = collapse(parameter.get("predictionConfigStack"))
         if (config.get("llm.prediction.tools") or {}).get("type") == "toolArray":
             raise SdkError("Tool use (.act(), tools) is not served by the lmflow test server")
-        messages = chat_messages(parameter.get("history"))
+        messages = chat_messages(parameter.get("history"), instance.id)
         params = sampling(config)
         started = time.monotonic()
         instance.last_used = started
@@ -626,4 +582,6 @@ class SdkSession:
 def _error_json(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, SdkError):
         return exc.as_json()
+    if isinstance(exc, (FileRefused, RepositoryRefused)):
+        return {"title": str(exc)}
     return {"title": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__}

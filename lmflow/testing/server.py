@@ -43,7 +43,6 @@ import json
 import re
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -57,9 +56,12 @@ from .config import CONFIG_SCHEMA as CONFIG_SCHEMA  # re-exported: the module us
 from .config import Behaviour, TestModel
 from .config import installed_models as installed_models
 from .config import load_behaviour as load_behaviour
+from .config import quantization as quantization
 from .inference import CHAT, Inference
 from .pool import DEFAULT_OPTIONS, Instance, InstancePool, gguf_general
 from .refusals import Refusal, checked, json_body, refused
+from .sdk_files import UserFiles
+from .sdk_repository import Repository
 from .sdk_ws import LMSTUDIO_ENDPOINTS, SdkSession
 from .stateful_chat import StatefulChats
 
@@ -81,12 +83,6 @@ DOWNLOAD_SCHEMA: dict[str, Any] = {
 EMBEDDINGS_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["model", "input"],
     "properties": {"model": {"type": "string"}, "input": {"type": ["string", "array"]}}}
-
-
-def quantization(file_name: str) -> str | None:
-    """The quantization a GGUF file name states (`...-Q4_1.gguf`), as LM Studio lists it."""
-    found = re.search(r"(I?Q\d\w*?|BF16|F16|F32)(?:\.gguf)?$", Path(file_name).stem, re.IGNORECASE)
-    return found.group(1).upper() if found else None
 
 
 def bits_per_weight(quant: str | None) -> int | None:
@@ -124,6 +120,8 @@ class LMStudioTestServer:
         self.pool = InstancePool(behaviour)
         self.inference = Inference(behaviour, self.pool)
         self.chats = StatefulChats(self.pool, self.inference)
+        self.files = UserFiles()
+        self.repository = Repository(self.pool.models)
         post = ["POST"]
         self.app = Starlette(routes=[
             Route("/api/v1/models", self.v1_models),
@@ -159,6 +157,7 @@ class LMStudioTestServer:
     async def shutdown(self) -> None:
         await self.pool.shutdown()
         await self.inference.close()
+        self.files.close()
 
     # -- models -----------------------------------------------------------
 
@@ -298,7 +297,8 @@ class LMStudioTestServer:
         return JSONResponse(self.inference.stats.as_json())
 
     async def sdk(self, websocket: WebSocket) -> None:
-        await SdkSession(websocket, self.pool, self.inference, api_token=self.behaviour.api_token).run()
+        await SdkSession(websocket, self.pool, self.inference, files=self.files, repository=self.repository,
+                         api_token=self.behaviour.api_token).run()
 
 
 async def _as_sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
