@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -137,6 +138,19 @@ def test_a_map_over_two_workers_has_every_item_once_in_order(
     traced = computed(tmp_path)
     assert sorted(x for xs in traced.values() for x in xs) == list(range(2000))  # each computed once
     assert (tmp_path / "one" / "stderr.txt").read_text().count("took squares[") >= 1
+
+    # which worker took each chunk: the run's view, and one item's
+    env = shared_env(prefect_api, tmp_path / "shared", tmp_path / "home", tmp_path / "trace")
+    run_id = json.loads(out.stdout)["run_id"]
+    shown = subprocess.run([str(BIN / "lmflow"), "runs", "show", run_id], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    taken = next(line for line in shown.stdout.splitlines() if line.startswith("squares: chunks taken by"))
+    assert f":{one.pid} (" in taken and f":{two.pid} (" in taken, taken
+    item = subprocess.run([str(BIN / "lmflow"), "runs", "show", run_id, "--item", "squares[1500]"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    worker = next(row["pid"] for row in output if row["x"] == 1500)
+    assert re.search(rf"ran in   squares\[\d+:\d+\] on \S+:{worker}\n", item.stdout), item.stdout
 
     # a re-run reuses every item, whichever machine answered it (the step cache is in LMFLOW_SHARED)
     again = run(spec, prefect_api, tmp_path)

@@ -70,4 +70,13 @@ def runs_show(run_ref: str, item_ref: str | None, as_json: bool) -> None:
         click.echo(json.dumps({"run": found.name, **item}, indent=2, default=str) if as_json
                    else item_text(found, item))
         return
-    click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else run_text(found))
+    from ..engine.records import journaled_chunks
+
+    chunks = journaled_chunks(found.name)  # a distributed map's workers, from this machine's journal
+    if as_json:
+        click.echo(json.dumps({**found.as_dict(), **({"chunks": chunks} if chunks else {})}, indent=2,
+                              default=str))
+        return
+    click.echo(run_text(found))
+    for step, workers in chunks.items():
+        click.echo(f"{step}: chunks taken by " + ", ".join(f"{w} ({n})" for w, n in workers.items()))

@@ -333,8 +333,11 @@ def journaled_item(run_id: str, ref: str) -> dict[str, Any]:
                            "is kept by the machine that ran it")
     maps: dict[str, int] = {}
     found = None
+    chunks: list[dict[str, Any]] = []  # of distributed maps: where their items ran
     for entry in journal_entries(journal):
-        if "item" in entry and isinstance(entry.get("step"), str):
+        if "chunk" in entry and isinstance(entry.get("step"), str):
+            chunks.append(entry)
+        elif "item" in entry and isinstance(entry.get("step"), str):
             maps[entry["step"]] = maps.get(entry["step"], 0) + 1
             if entry["item"] == index and (step is None or entry["step"] == step):
                 found = entry
@@ -350,4 +353,27 @@ def journaled_item(run_id: str, ref: str) -> dict[str, Any]:
         raise HistoryError(f"{step}[{index}] is not in run {run_id}'s journal: it did not run (its "
                            f"condition was false, or the run stopped first; {maps[step]} items of {step} "
                            "are journaled)")
-    return {"step": step, **{k: v for k, v in found.items() if k != "step"}}
+    ran_on = [{"chunk": c["chunk"], "worker": c.get("worker")} for c in chunks
+              if c["step"] == step and _in_chunk(c["chunk"], index)]
+    return {"step": step, **{k: v for k, v in found.items() if k != "step"},
+            **({"chunks": ran_on} if ran_on else {})}
+
+
+def _in_chunk(name: str, index: int) -> bool:
+    """Whether chunk `step[a:b]` (or `step[a:b]#2`, sent again) holds item `index`."""
+    match = re.search(r"\[(\d+):(\d+)\](?:#\d+)?$", name)
+    return match is not None and int(match.group(1)) <= index < int(match.group(2))
+
+
+def journaled_chunks(run_id: str) -> dict[str, dict[str, int]]:
+    """Of a run on this machine: per distributed map, the chunks each worker took (sent again
+    included); empty for a run with none, or no journal here."""
+    journal = subdir("runs") / f"{run_id}.jsonl"
+    taken: dict[str, dict[str, int]] = {}
+    if journal.exists():
+        for entry in journal_entries(journal):
+            if "chunk" in entry and isinstance(entry.get("step"), str):
+                workers = taken.setdefault(entry["step"], {})
+                worker = str(entry.get("worker"))
+                workers[worker] = workers.get(worker, 0) + 1
+    return taken

@@ -216,6 +216,8 @@ def item_text(run: Run, item: dict[str, Any]) -> str:
     def block(value: Any) -> str:  # a value over lines, under the first
         return json.dumps(value, indent=2, default=str).replace("\n", "\n         ")
 
+    if item.get("chunks"):  # a distributed map's: the chunk it went out in, and who took it
+        lines.append("ran in   " + ", then ".join(f"{c['chunk']} on {c['worker']}" for c in item["chunks"]))
     if "output" in item:
         lines.append("output   " + block(item["output"]))
     error = item.get("error")
