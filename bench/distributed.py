@@ -108,7 +108,8 @@ def main() -> None:
         os.environ["PREFECT_API_URL"] = prefect.url
         try:
             server.reset(DELAY)
-            chunks = -(-ITEMS // chunk_size(load_spec(spec(folder, server.url, True)).steps[0], ITEMS, PARALLEL))
+            per_chunk = chunk_size(load_spec(spec(folder, server.url, True)).steps[0], ITEMS, PARALLEL)
+            chunks = -(-ITEMS // per_chunk)
             print(f"no-CPU server {server.url}, {DELAY * 1000:.0f} ms answers; {ITEMS} items in {chunks} "
                   f"chunks, {PARALLEL} in flight per worker; {os.cpu_count()} cores")
             local, _ = lmflow_map(spec(folder, server.url, False))
@@ -124,8 +125,9 @@ def main() -> None:
                     stop(procs)
                 print(f"distributed, {count} worker{'s' if count > 1 else ''}: {seconds[count]:.2f} s, "
                       f"{ITEMS / seconds[count]:.0f} items/s (most in flight {server.most})")
+            extra = (seconds[1] - local) / chunks
             print(f"2 workers / 1 worker: {seconds[1] / seconds[2]:.2f}x; the distributed path's extra "
-                  f"seconds per chunk (1 worker against the run's process): {(seconds[1] - local) / chunks:+.2f}")
+                  f"seconds per chunk (1 worker against the run's process): {extra:+.2f}")
         finally:
             prefect_server.stop()
             server.stop()

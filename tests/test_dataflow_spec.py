@@ -290,6 +290,36 @@ def test_a_map_s_grain_is_validated_and_shown_by_plan(tmp_path: Path) -> None:
         "steps[0].grain: 'grain' applies to the items of a foreach (add foreach: to this step, or remove it)"]
 
 
+def test_distribute_is_for_maps_in_chunks_and_shown_by_plan(tmp_path: Path) -> None:
+    from lmflow.render.report import plan
+
+    spec = load_spec(write(tmp_path, """\
+        steps:
+          - id: far
+            foreach: [1, 2, 3]
+            distribute: true
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+        """))
+    assert spec.steps[0].distribute
+    assert "on_item_error fail, chunks on task workers (distribute)" in plan(spec)
+    path = write(tmp_path, """\
+        steps:
+          - id: one
+            distribute: true
+            python: {function: "helpers:f"}
+          - id: each
+            foreach: [1, 2]
+            distribute: true
+            grain: item
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+        """)
+    assert [p.split(": ", 1)[1] for p in problems(path)] == [
+        "steps[0].distribute: 'distribute' applies to the items of a foreach (add foreach: to this step, "
+        "or remove it)",
+        "steps[1].grain: a distributed map travels in chunks, not item by item (remove grain (chunks sized "
+        "for the map), or give the items per chunk, e.g. grain: 200)"]
+
+
 def test_dataset_rows_are_read_when_asked_for_not_held(tmp_path: Path) -> None:
     import tracemalloc
 

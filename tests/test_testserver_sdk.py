@@ -215,8 +215,9 @@ def test_unknown_names_are_the_errors_the_sdk_maps(client: lms.Client, smol: lms
     assert client.llm.list_loaded() == [smol]
 
 
-def test_a_models_folder_is_listed_and_resolved_as_lm_studio_does(
-        lmstudio_server_factory: Callable[..., RunningServer], tmp_path: Path) -> None:
+def publisher_models_folder(tmp_path: Path) -> Path:
+    """A models folder laid out as LM Studio's (`publisher/repo/file.gguf`), two models linking the
+    bundled one."""
     from lmflow.backends.catalog import locate
 
     gguf = locate(KEY, tmp_path)
@@ -225,6 +226,12 @@ def test_a_models_folder_is_listed_and_resolved_as_lm_studio_does(
                  "lmstudio-community/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_1.gguf"]:
         (folder / path).parent.mkdir(parents=True)
         (folder / path).symlink_to(gguf)
+    return folder
+
+
+def test_a_models_folder_is_listed_and_resolved_as_lm_studio_does(
+        lmstudio_server_factory: Callable[..., RunningServer], tmp_path: Path) -> None:
+    folder = publisher_models_folder(tmp_path)
     server = lmstudio_server_factory(models=[], models_dir=str(folder))
     with lms.Client(server.host) as client:
         assert sorted((m.model_key, m.path) for m in client.llm.list_downloaded()) == [

@@ -16,6 +16,7 @@ import lmstudio as lms
 import pytest
 from conftest import wait_for
 from httpx_ws import connect_ws
+from test_testserver_sdk import publisher_models_folder
 
 from lmflow.testing.pytest_plugin import RunningServer
 
@@ -89,14 +90,8 @@ def test_an_image_is_refused_and_a_text_file_left_out_of_the_prompt(client: lms.
 
 def test_the_repository_is_the_models_the_server_has(
         lmstudio_server_factory: Callable[..., RunningServer], tmp_path: Path) -> None:
-    from lmflow.backends.catalog import locate
-
-    gguf = locate(KEY, tmp_path)
-    folder = tmp_path / "models"
-    for path in ["hugging-quants/Llama-3.2-1B-Instruct-Q8_0-GGUF/llama-3.2-1b-instruct-q8_0.gguf",
-                 "lmstudio-community/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_1.gguf"]:
-        (folder / path).parent.mkdir(parents=True)
-        (folder / path).symlink_to(gguf)
+    folder = publisher_models_folder(tmp_path)
+    size = next(folder.rglob("SmolLM2*.gguf")).stat().st_size
     server = lmstudio_server_factory(models=[], models_dir=str(folder))
     with lms.Client(server.host) as client:
         found = client.repository.search_models("SmolLM2-135M")
@@ -108,13 +103,13 @@ def test_the_repository_is_the_models_the_server_has(
             "hugging-quants/Llama-3.2-1B-Instruct-Q8_0-GGUF"]
         options = found[0].get_download_options()
         listed = [(o.info.name, o.info.quantization, o.info.size_bytes, o.info.recommended) for o in options]
-        assert listed == [("SmolLM2-135M-Instruct-Q4_1.gguf", "Q4_1", gguf.stat().st_size, True)]
+        assert listed == [("SmolLM2-135M-Instruct-Q4_1.gguf", "Q4_1", size, True)]
         progress: list[lms.DownloadProgressUpdate] = []
         finalized: list[bool] = []
         # here already: the download ends at once, with the key that loads it
         assert options[0].download(on_progress=progress.append,
                                    on_finalize=lambda: finalized.append(True)) == KEY
-        assert [(p.downloaded_bytes, p.total_bytes) for p in progress] == [(gguf.stat().st_size,) * 2]
+        assert [(p.downloaded_bytes, p.total_bytes) for p in progress] == [(size,) * 2]
         assert finalized == [True]
         assert KEY in {m.model_key for m in client.llm.list_downloaded()}
     url = server.url.replace("http", "ws", 1)

@@ -160,6 +160,8 @@ def plan(spec: Spec) -> str:
                 f"{step.foreach.source} {step.foreach.value}"
             grain = {"auto": "", "item": ", a task run per item"}.get(
                 step.grain, f", chunks of {step.grain}")  # type: ignore[arg-type]
+            if step.distribute:
+                grain += ", chunks on task workers (distribute)"
             lines.append(f"     foreach {short(source, 60)}, {step.parallel or spec.max_parallel} at once, "
                          f"on_item_error {step.on_item_error}{grain}")
         if step.when is not None:
