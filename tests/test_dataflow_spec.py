@@ -302,6 +302,24 @@ def test_distribute_is_for_maps_in_chunks_and_shown_by_plan(tmp_path: Path) -> N
         """))
     assert spec.steps[0].distribute
     assert "on_item_error fail, chunks on task workers (distribute)" in plan(spec)
+    spec = load_spec(write(tmp_path, """\
+        defaults: {distribute: true}
+        steps:
+          - id: one
+            python: {function: "helpers:f"}
+          - id: far
+            foreach: [1, 2, 3]
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+          - id: here
+            foreach: [1, 2, 3]
+            distribute: false
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+          - id: items
+            foreach: [1, 2, 3]
+            grain: item
+            python: {function: "helpers:f", args: {x: "${{ item }}"}}
+        """))
+    assert [s.distribute for s in spec.steps] == [False, True, False, False]
     path = write(tmp_path, """\
         steps:
           - id: one

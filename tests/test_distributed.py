@@ -81,7 +81,6 @@ def cluster(prefect_api: str, tmp_path: Path) -> Iterator[Callable[..., subproce
 
     def start(name: str, *options: str) -> subprocess.Popen:
         machine = tmp_path / name
-        before = connected(prefect_api)
         shutil.copytree(tmp_path / "repo", machine / "checkout", symlinks=True)
         env = shared_env(prefect_api, tmp_path / "shared", machine / "home", tmp_path / "trace")
         with open(machine / "stderr.txt", "w") as err:
@@ -90,7 +89,7 @@ def cluster(prefect_api: str, tmp_path: Path) -> Iterator[Callable[..., subproce
                                     start_new_session=True)
         started.append(proc)
         # connected once Prefect lists it (a run checks that a worker is there before it sends)
-        assert wait_for(lambda: connected(prefect_api) > before, timeout=60), \
+        assert wait_for(lambda: proc.pid in connected(prefect_api), timeout=60), \
             (machine / "stderr.txt").read_text()
         return proc
 
@@ -102,10 +101,12 @@ def cluster(prefect_api: str, tmp_path: Path) -> Iterator[Callable[..., subproce
             stop(proc)
 
 
-def connected(prefect_api: str) -> int:
-    """Task workers of lmflow's chunks that Prefect lists as connected."""
+def connected(prefect_api: str) -> set[int]:
+    """The PIDs of the task workers of lmflow's chunks that Prefect lists as connected (a worker's
+    identifier is HOST-PID)."""
     answer = httpx.post(f"{prefect_api}/task_workers/filter", json={}, timeout=30).json()
-    return sum(1 for w in answer if any(k.startswith("remote_chunk") for k in w["task_keys"]))
+    return {int(w["identifier"].rsplit("-", 1)[1]) for w in answer
+            if any(k.startswith("remote_chunk") for k in w["task_keys"])}
 
 
 def run(spec: Path, prefect_api: str, tmp_path: Path, *params: str) -> subprocess.CompletedProcess[str]:

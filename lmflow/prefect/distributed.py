@@ -133,6 +133,7 @@ class RemoteChunks:
         self._no_worker_since: float | None = None
         self._folder: Path | None = None
         self._job: dict[str, Any] | None = None
+        self._read_out: list[Path] = []  # reports of chunks that ended
 
     def submit(self, chunk: Chunk) -> None:
         """Send the chunk out; with no shared folder or no worker, its items fail with the fix."""
@@ -147,13 +148,17 @@ class RemoteChunks:
             self._fail(chunk, list(chunk.units), exc)
 
     def close(self) -> None:
-        """The run is over (or stopping): workers start no more of its items; stop reading."""
+        """The run is over (or stopping): workers start no more of its items; stop reading. The
+        reports read to their end are removed (what they held is in the run's journal)."""
         if self._folder is not None:
             with _quietly():
                 (self._folder / "stop").touch()
         self._closed.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        for report in self._read_out:
+            with _quietly():
+                report.unlink(missing_ok=True)
 
     # -- sending ---------------------------------------------------------------
 
@@ -294,6 +299,7 @@ class RemoteChunks:
             if one not in self._sent:
                 return
             self._sent.remove(one)
+        self._read_out.append(one.report)
         self._fail(one.chunk, list(one.units.values()), error)
         one.units = {}
 

@@ -147,8 +147,9 @@ class StepSpec:
     on_item_error: str = "fail"  # fail | skip | collect
     #: how a map's items meet the executor: "item" (a unit each), N (chunks of N), "auto"
     grain: str | int = "auto"
-    #: its chunks run on lmflow task workers, wherever they are (lmflow.prefect.distributed)
-    distribute: bool = False
+    #: its chunks run on lmflow task workers, wherever they are (lmflow.prefect.distributed); None
+    #: as written when the step does not say (`defaults.distribute` decides, in `load_spec`)
+    distribute: bool | None = False
     #: for a kind that holds steps (`Step.holds`): what its `check_nested` parsed (a loop's
     #: stop condition and checkpoints)
     nested: Any = None

@@ -142,7 +142,7 @@ class StepsChecker:
                 foreach=control.get("foreach"), when=control.get("when"),
                 parallel=fields.get("parallel") if isinstance(fields.get("parallel"), int) else None,
                 on_item_error=p.raw.get("on_item_error", "fail"), grain=p.raw.get("grain", "auto"),
-                distribute=p.raw.get("distribute") is True,
+                distribute=p.raw["distribute"] if isinstance(p.raw.get("distribute"), bool) else None,
                 nested=control.get("nested"), held=control.get("held", ()), parent=self.scope.holder,
             ))
         by_id = {s.id: s for s in steps}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .model import (
     ModelConfig,
     Policy,
     Spec,
+    StepSpec,
     parse_duration,
 )
 from .params import check_params, type_name
@@ -177,6 +179,7 @@ def _load_spec(path: Path, params: dict[str, Any] | None) -> Spec:
     defaults = step_policy(raw_defaults, Policy())
     steps = StepsChecker(doc, path.resolve().parent, params_values, models, defaults, problems, servers,
                          Scope(contexts=_context_lengths(models, doc.data))).check(doc.data.get("steps"))
+    steps = [_distributed(s, raw_defaults.get("distribute") is True) for s in steps]
     breaker, guard, response_cache = check_resilience(doc, params_values, problems)
     schedules = check_schedules(doc, problems)
     if problems:
@@ -207,6 +210,13 @@ def _context_lengths(models: dict[str, ModelConfig], data: dict[str, Any]) -> di
                 found[alias] = max(found[alias], size)
             pending.extend(node.values())
     return found  # type: ignore[return-value]
+
+
+def _distributed(step: StepSpec, by_default: bool) -> StepSpec:
+    """A step whose `distribute` is not written: a map in chunks takes `defaults.distribute`."""
+    if step.distribute is not None:
+        return step
+    return replace(step, distribute=by_default and step.foreach is not None and step.grain != "item")
 
 
 def _max_parallel(defaults: dict[str, Any]) -> int:
