@@ -147,7 +147,7 @@ def test_structured_output_follows_the_schema(smol: lms.LLM) -> None:
 def test_embedding_calls_say_there_is_no_embedding_model(client: lms.Client) -> None:
     assert client.embedding.list_loaded() == [] and client.embedding.list_downloaded() == []
     with pytest.raises(lms.LMStudioServerError,
-                       match=r"Embedding model not found: nomic-embed \(the lmflow test server has no "):
+                       match=r"Embedding model not found: nomic-embed \(this lmflow test server has no "):
         client.embedding.model("nomic-embed")
     with pytest.raises(lms.LMStudioServerError, match=f"'{KEY}' is an LLM, not an embedding model"):
         client.embedding.load_new_instance(KEY)
