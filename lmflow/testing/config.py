@@ -36,6 +36,10 @@ class TestModel:
     #: `--embeddings` (any GGUF model can be one: a chat model's embeddings are its hidden states,
     #: pooled; see pool.py)
     type: str = "llm"
+    #: a Jinja chat template that replaces the one in the model's file (LM Studio's per-model prompt
+    #: template override), for llama-server's `--chat-template-file`; `chatml-tools` (TEMPLATES) gives
+    #: a ChatML model the tool support its own template lacks (SmolLM2's drops a request's tools)
+    chat_template: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.lmstudio_path:
@@ -49,6 +53,9 @@ class TestModel:
         path, wanted = self.lmstudio_path.lower(), name.lower()
         return name == self.key or wanted == path or ("/" in wanted and path.startswith(wanted))
 
+
+#: the chat templates the test server ships, by the name a config gives them (`chat_template:`)
+TEMPLATES = {"chatml-tools": Path(__file__).parent / "templates" / "chatml-tools.jinja"}
 
 #: the GGUF architectures of embedding models (encoders), which LM Studio lists as embedding models
 #: and which llama.cpp pools as their files say (inferred: LM Studio's list is not published)
@@ -152,6 +159,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "working_context_length": {"anyOf": [_COUNT, {"type": "null"}]},
                 "answers": {"enum": ["model", "retriever"]},
                 "type": {"enum": ["llm", "embedding"]},
+                "chat_template": {"type": "string", "minLength": 1},
                 "lmstudio_path": {"type": "string", "pattern": "^[^/]+/[^/]+/[^/]+$"}}}},
         "models_dir": {"type": "string"},
         "jit": {"type": "boolean"},
@@ -206,13 +214,19 @@ def load_behaviour(path: str | Path | None) -> Behaviour:
         else:
             raise SpecError([doc.problem(("models", i, "key"), f"'{bundled}' is not a bundled model",
                                          f"add file: one of {', '.join(BUNDLED)}, or path: model.gguf")])
+        template = item.get("chat_template")
+        template_path = (TEMPLATES.get(template) or Path(doc.file).parent / template) if template else None
+        if template_path is not None and not template_path.is_file():
+            raise SpecError([doc.problem(("models", i, "chat_template"), f"{template_path} is not a file",
+                                         f"give a Jinja template file, or one of {', '.join(TEMPLATES)}")])
         models.append(TestModel(
             key=item["key"], path=resolved,
             max_context_length=int(item.get("max_context_length", 8192)),
             loadable_context_length=item.get("loadable_context_length"),
             clamp=bool(item.get("clamp", False)),
             working_context_length=item.get("working_context_length"),
-            answers=item.get("answers", "model"), lmstudio_path=lmstudio_path, type=model_type))
+            answers=item.get("answers", "model"), lmstudio_path=lmstudio_path, type=model_type,
+            chat_template=template_path))
     models += in_folder.values()
     return Behaviour(models=models, models_dir=folder,
                      **{k: v for k, v in data.items() if k not in ("models", "models_dir")})

@@ -182,6 +182,8 @@ class InstancePool:
             extra = engine_args(asked_options)
             if model.type == "embedding":
                 extra += embedding_args(model, actual)
+            if model.chat_template is not None:
+                extra += ("--chat-template-file", str(model.chat_template))
             engine = LlamaServer(llama_server_binary(), model.path, key=key, context_length=actual,
                                  alias=instance_id.replace(":", "-"), parallel=parallel, extra_args=extra)
             started = time.monotonic()

@@ -18,7 +18,8 @@ Configs, chat histories and prompt templates are read by sdk_requests.py.
 Served, by namespace (RPCs; channels):
 - llm: listLoaded, getModelInfo, getLoadConfig, unloadModel, tokenize, countTokens,
   applyPromptTemplate; loadModel, getOrLoad, predict (a chat, or with the SDK's completion
-  template a raw completion, relayed token by token from the instance's llama-server);
+  template a raw completion, relayed token by token from the instance's llama-server; with tools,
+  their calls too: sdk_tools.py);
 - embedding: the same model calls for embedding models, and embedString (by the instance's
   llama-server, started with `--embeddings`: pool.py);
 - system: version, listDownloadedModels (all the SDK 1.5 calls there);
@@ -53,6 +54,7 @@ from .sdk_files import FileRefused
 from .sdk_models import PARALLEL_KEY, asked_config, context_key, instance_info, load_config, model_info, named
 from .sdk_repository import RepositoryRefused
 from .sdk_requests import SdkError, chat_messages, collapse, render_template, sampling
+from .sdk_tools import check_tool_support, relay_with_tools, requested_tools
 
 if TYPE_CHECKING:
     from .config import TestModel
@@ -397,7 +399,7 @@ class SdkSession:
         answer = await self._engine(instance, "/tokenize", {"content": text, "add_special": special})
         return answer["tokens"]
 
-    async def _prompt(self, instance: Instance, messages: list[dict[str, str]], config: dict[str, Any]
+    async def _prompt(self, instance: Instance, messages: list[dict[str, Any]], config: dict[str, Any]
                       ) -> str:
         """The prompt for a chat: the client's template if it sent one, else the model's own."""
         template = config.get("llm.prediction.promptTemplate")
@@ -495,16 +497,22 @@ class SdkSession:
                 "code": "generic.presetNotFound", "specifiedFuzzyPresetIdentifier": preset,
                 "availablePresetsSample": [], "totalAvailablePresets": 0})
         config = collapse(parameter.get("predictionConfigStack"))
-        if (config.get("llm.prediction.tools") or {}).get("type") == "toolArray":
-            raise SdkError("Tool use (.act(), tools) is not served by the lmflow test server")
+        tools = requested_tools(config)
         messages = chat_messages(parameter.get("history"), instance.id)
         params = sampling(config)
+        http = self.inference.http
+        if tools is not None:
+            await check_tool_support(http, instance.engine.url, instance.id)
         started = time.monotonic()
         instance.last_used = started
         self.inference.stats.chat_requests += 1
         with self.inference.stats.answering(instance.id):
             model = instance.model
-            if model.working_context_length is not None or model.answers == "retriever":
+            if tools is not None:  # sdk_tools.py
+                final, first_token = await relay_with_tools(channel.send, channel.cancelled.is_set, http,
+                                                            instance.engine.url,
+                                                            {"messages": messages, **tools, **params})
+            elif model.working_context_length is not None or model.answers == "retriever":
                 final, first_token = await self._answer_whole(channel, instance, messages, params)
             else:
                 prompt = await self._prompt(instance, messages, config)
@@ -545,7 +553,7 @@ class SdkSession:
             await upstream.aclose()
         return last, first_token
 
-    async def _answer_whole(self, channel: Channel, instance: Instance, messages: list[dict[str, str]],
+    async def _answer_whole(self, channel: Channel, instance: Instance, messages: list[dict[str, Any]],
                             params: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
         """The answer of a model with a configured flaw (a working limit, the retriever): one fragment."""
         status, payload = await self.inference.complete(instance, {"messages": messages, "stream": False,
