@@ -220,18 +220,19 @@ class InstancePool:
         """What `find()` finds, else what `load()` loads just in time (and True); one caller at a
         time, so that clients asking at once for one model load it once. With `jit_auto_evict`
         (LM Studio's "JIT models auto-evict"), the instances loaded just in time before are unloaded
-        first, each told to `evicting` before it goes."""
+        once it is loaded (a load that fails unloads nothing), each told to `evicting` before it goes."""
         async with self._jit_lock:
             found = find()
             if found is not None:
                 return found, False
+            earlier = [i for i in self.instances.values() if i.jit]
+            instance = await load()
+            instance.jit = True
             if self.behaviour.jit_auto_evict:
-                for other in [i for i in self.instances.values() if i.jit]:
+                for other in earlier:
                     if evicting is not None:
                         await evicting(other)
                     await self.unload(other.id)
-            instance = await load()
-            instance.jit = True
             return instance, True
 
     async def instance_for(self, asked: Any, context_length: int | None = None, model_type: str = "llm"

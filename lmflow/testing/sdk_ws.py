@@ -364,8 +364,9 @@ class SdkSession:
         return None
 
     async def tokenize(self, parameter: dict[str, Any]) -> Any:
-        """An input's tokens; an embedding model's with the special tokens it embeds the input with
-        (a BERT's [CLS] and [SEP]: the SDK's suite expects two more than countTokens for one)."""
+        """An input's tokens; an embedding model's with the special tokens it embeds the input with,
+        a BERT's [CLS] and [SEP] (inferred: the SDK's suite expects two tokens more than countTokens
+        gives for nomic-embed-text's)."""
         instance = self._find(parameter.get("specifier"))
         special = self.model_type == "embedding"
         return {"tokens": await self._tokens(instance, parameter.get("inputString", ""), special=special)}
