@@ -8,6 +8,7 @@ namespace and REST's embeddings routes answer with it, and an LLM is refused the
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +17,6 @@ import lmstudio as lms
 import pytest
 
 from lmflow.testing.pytest_plugin import RunningServer
-
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 LLM = "smollm2-135m-instruct"
 EMBEDDER = "text-embedding-smollm2"
@@ -46,6 +45,8 @@ def _norm(vector: list[float]) -> float:
     return math.sqrt(sum(x * x for x in vector))
 
 
+@pytest.mark.engine
+@pytest.mark.slow
 def test_an_embedding_model_is_listed_loaded_and_embeds_through_the_sdk(client: lms.Client) -> None:
     assert [m.model_key for m in client.embedding.list_downloaded()] == [EMBEDDER]
     assert [m.model_key for m in client.llm.list_downloaded()] == [LLM]
@@ -67,6 +68,8 @@ def test_an_embedding_model_is_listed_loaded_and_embeds_through_the_sdk(client: 
     assert client.embedding.model() == client.embedding.model(EMBEDDER) == model
 
 
+@pytest.mark.engine
+@pytest.mark.slow
 def test_each_namespace_refuses_the_other_type_of_model(client: lms.Client) -> None:
     with pytest.raises(lms.LMStudioServerError, match=f"'{LLM}' is an LLM, not an embedding model"):
         client.embedding.load_new_instance(LLM)
@@ -76,6 +79,8 @@ def test_each_namespace_refuses_the_other_type_of_model(client: lms.Client) -> N
         client.embedding.unload("no-such-instance")
 
 
+@pytest.mark.engine
+@pytest.mark.slow
 def test_rest_embeddings_are_the_sdks_and_an_embedding_model_does_not_chat(
         client: lms.Client, server: RunningServer) -> None:
     sdk_vector = client.embedding.model(EMBEDDER).embed("Hello, world!")
@@ -97,6 +102,8 @@ def test_rest_embeddings_are_the_sdks_and_an_embedding_model_does_not_chat(
     assert v1 == {LLM: "llm", EMBEDDER: "embedding"} and v0 == {LLM: "llm", EMBEDDER: "embeddings"}
 
 
+@pytest.mark.engine
+@pytest.mark.slow
 def test_a_models_folder_entry_makes_a_file_an_embedding_model_and_jit_loads_evict(
         lmstudio_server_factory: Callable[..., RunningServer], tmp_path: Path) -> None:
     from lmflow.backends.catalog import locate
@@ -126,3 +133,25 @@ def test_a_models_folder_entry_makes_a_file_an_embedding_model_and_jit_loads_evi
         assert client.embedding.list_loaded() == [kept]
         for model in [*client.llm.list_loaded(), kept]:
             model.unload()
+
+
+def _gguf_header(path: Path, architecture: str) -> None:
+    """A GGUF file that declares an architecture and nothing else (no tensors): enough for a listing."""
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + string("general.architecture")
+                     + struct.pack("<I", 8) + string(architecture))
+
+
+def test_an_encoder_in_a_models_folder_is_an_embedding_model_keyed_as_lm_studio_does(tmp_path: Path) -> None:
+    from lmflow.testing.config import load_behaviour
+
+    _gguf_header(tmp_path / "models/nomic-ai/nomic-embed-text-v1.5-GGUF/nomic-embed-text-v1.5.Q4_K_M.gguf",
+                 "nomic-bert")
+    _gguf_header(tmp_path / "models/someone/Chat-GGUF/chat-model-Q4_K_M.gguf", "llama")
+    config = tmp_path / "lmstudio.yaml"
+    config.write_text("models_dir: models\n")
+    models = {m.key: m.type for m in load_behaviour(config).models}
+    assert models == {"text-embedding-nomic-embed-text-v1.5": "embedding", "chat-model": "llm"}
