@@ -74,8 +74,9 @@ def test_tools_for_a_model_whose_template_has_none_are_refused_naming_the_fix(
         model.unload()
 
 
-#: what llama-server (with the chatml-tools template) streamed for a tool call after some text,
-#: its arguments in two deltas, then its answer to a model that wrote past the call
+#: what llama-server (with the chatml-tools template) streamed for a tool call after some text, its
+#: arguments in two deltas (the call was prefilled as the start of an assistant message: SmolLM2
+#: writes none itself)
 RECORDED = [
     {"content": "Hi. "},
     {"tool_calls": [{"index": 0, "id": "wexD1LBs", "type": "function",
