@@ -100,6 +100,10 @@ def test_rest_embeddings_are_the_sdks_and_an_embedding_model_does_not_chat(
     v1 = {m["key"]: m["type"] for m in httpx.get(f"{server.url}/api/v1/models").json()["models"]}
     v0 = {m["id"]: m["type"] for m in httpx.get(f"{server.url}/api/v0/models").json()["data"]}
     assert v1 == {LLM: "llm", EMBEDDER: "embedding"} and v0 == {LLM: "llm", EMBEDDER: "embeddings"}
+    loaded = httpx.post(f"{server.url}/api/v1/models/load", json={"model": EMBEDDER, "context_length": 512},
+                        timeout=60).json()
+    assert (loaded["type"], loaded["status"]) == ("embedding", "loaded")
+    httpx.post(f"{server.url}/api/v1/models/unload", json={"instance_id": loaded["instance_id"]}, timeout=60)
 
 
 @pytest.mark.engine

@@ -221,7 +221,7 @@ class LMStudioTestServer:
                                         options={k: body[k] for k in DEFAULT_OPTIONS if k in body})
         if self.behaviour.load_answer_delay_seconds:
             await asyncio.sleep(self.behaviour.load_answer_delay_seconds)
-        answer: dict[str, Any] = {"type": "llm", "instance_id": instance.id,
+        answer: dict[str, Any] = {"type": instance.model.type, "instance_id": instance.id,
                                   "load_time_seconds": round(instance.load_seconds, 3),
                                   "status": "loaded"}
         if body.get("echo_load_config"):  # num_experts is not echoed: it applies to MoE models only
