@@ -78,3 +78,9 @@ def test_testing_serve_config_errors(tmp_path: Path) -> None:
     assert err.splitlines()[0] == (
         f"{config}:2:10: models[0].key: 'my-model' is not a bundled model (add file: one of "
         "smollm2-135m-instruct, gemma-3-270m, or path: model.gguf)")
+    config.write_text("models:\n  - key: smollm2-135m-instruct\n    chat_template: no-such.jinja\n")
+    code, _, err = cli("testing", "serve", "--config", str(config))
+    assert code == 2
+    assert err.splitlines()[0] == (
+        f"{config}:3:20: models[0].chat_template: {tmp_path / 'no-such.jinja'} is not a file (give a Jinja "
+        "template file, or one of chatml-tools)")

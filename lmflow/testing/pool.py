@@ -8,6 +8,12 @@ ask at once (`instance_for`, `get_or_load`). The REST router (server.py), the SD
 (sdk_ws.py) and the stateful chats (stateful_chat.py) load, find and unload instances only through
 these methods. What a model's GGUF file declares (`gguf_general`) is read here too, for the APIs
 that list models.
+
+An embedding model's llama-server runs with `--embeddings`, a physical batch as large as its
+context (llama.cpp embeds an input in one batch) and, for a file that is not an encoder (a chat
+model such as SmolLM2, which declares no pooling), mean pooling: the average of the hidden states
+of the input's tokens, the usual sentence embedding of a decoder. An encoder's file declares its
+own pooling, which llama.cpp applies.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from ..backends.catalog import llama_server_binary
 from ..backends.local import LlamaServer
 from ..errors import LmflowError
-from .config import Behaviour, TestModel
+from .config import EMBEDDING_ARCHITECTURES, Behaviour, TestModel
 from .refusals import Refusal
 
 DEFAULT_CONTEXT = 4096
@@ -91,6 +97,9 @@ class Instance:
     parallel: int = DEFAULT_PARALLEL  # llama-server slots (-np)
     #: the REST load options it got (what GET /api/v1/models reports in loaded_instances[].config)
     options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    #: loaded just in time (by a request that named its model, or the SDK's getOrLoad): with
+    #: `jit_auto_evict`, the next just-in-time load unloads it
+    jit: bool = False
 
 
 def engine_args(asked: dict[str, Any]) -> tuple[str, ...]:
@@ -104,6 +113,14 @@ def engine_args(asked: dict[str, Any]) -> tuple[str, ...]:
         args += ["-fa", "on" if asked["flash_attention"] else "off"]
     if asked.get("offload_kv_cache_to_gpu") is False:  # the KV cache stays in RAM on a CPU anyway
         args.append("-nkvo")
+    return tuple(args)
+
+
+def embedding_args(model: TestModel, context_length: int) -> tuple[str, ...]:
+    """llama-server's flags for an embedding model (the module docstring says why)."""
+    args = ["--embeddings", "-b", str(context_length), "-ub", str(context_length)]
+    if gguf_general(model.path).get("general.architecture") not in EMBEDDING_ARCHITECTURES:
+        args += ["--pooling", "mean"]
     return tuple(args)
 
 
@@ -162,9 +179,13 @@ class InstancePool:
                 count += 1
                 instance_id = f"{key}:{count + 1}"
             parallel = parallel or DEFAULT_PARALLEL
+            extra = engine_args(asked_options)
+            if model.type == "embedding":
+                extra += embedding_args(model, actual)
+            if model.chat_template is not None:
+                extra += ("--chat-template-file", str(model.chat_template))
             engine = LlamaServer(llama_server_binary(), model.path, key=key, context_length=actual,
-                                 alias=instance_id.replace(":", "-"), parallel=parallel,
-                                 extra_args=engine_args(asked_options))
+                                 alias=instance_id.replace(":", "-"), parallel=parallel, extra_args=extra)
             started = time.monotonic()
             engine.launch()  # in the event loop's thread, which lives as long as the server
             try:
@@ -193,24 +214,39 @@ class InstancePool:
             await self.unload(instance.id)
 
     async def get_or_load(self, find: Callable[[], Instance | None],
-                          load: Callable[[], Awaitable[Instance]]) -> tuple[Instance, bool]:
-        """What `find()` finds, else what `load()` loads (and True); one caller at a time, so that
-        clients asking at once for one model load it once."""
+                          load: Callable[[], Awaitable[Instance]],
+                          evicting: Callable[[Instance], Awaitable[None]] | None = None
+                          ) -> tuple[Instance, bool]:
+        """What `find()` finds, else what `load()` loads just in time (and True); one caller at a
+        time, so that clients asking at once for one model load it once. With `jit_auto_evict`
+        (LM Studio's "JIT models auto-evict"), the instances loaded just in time before are unloaded
+        once it is loaded (a load that fails unloads nothing), each told to `evicting` before it goes."""
         async with self._jit_lock:
             found = find()
             if found is not None:
                 return found, False
-            return await load(), True
+            earlier = [i for i in self.instances.values() if i.jit]
+            instance = await load()
+            instance.jit = True
+            if self.behaviour.jit_auto_evict:
+                for other in earlier:
+                    if evicting is not None:
+                        await evicting(other)
+                    await self.unload(other.id)
+            return instance, True
 
-    async def instance_for(self, asked: Any, context_length: int | None = None
+    async def instance_for(self, asked: Any, context_length: int | None = None, model_type: str = "llm"
                            ) -> tuple[Instance, float | None]:
         """The instance that answers for `asked` and, when it was loaded just in time for it (at
-        `context_length`), the seconds that took."""
+        `context_length`), the seconds that took; a model of another type than `model_type` (an
+        embedding model asked for a chat) is refused."""
         named = isinstance(asked, str) and asked
         instance, load_seconds = self.answering(asked if named else None), None
         if instance is None:
             if not named:
                 raise Refusal(400, "'model' is required", code="missing_required_parameter", param="model")
+            if asked in self.models:
+                _check_type(self.models[asked], asked, model_type)
             if not self.behaviour.jit:
                 raise Refusal(404, f"Model {asked!r} is not loaded and JIT loading is off",
                               kind="model_not_found", param="model")
@@ -218,5 +254,16 @@ class InstancePool:
                                                           lambda: self.load(asked, context_length))
             if loaded_now:
                 load_seconds = instance.load_seconds
+        _check_type(instance.model, asked, model_type)
         instance.last_used = time.monotonic()
         return instance, load_seconds
+
+
+_TYPE_NAMES = {"llm": "an LLM", "embedding": "an embedding model"}
+
+
+def _check_type(model: TestModel, asked: Any, model_type: str) -> None:
+    """Refuse a request for a model of another type (an embedding model asked for a chat)."""
+    if model.type != model_type:
+        raise Refusal(400, f"{asked!r} is {_TYPE_NAMES[model.type]}, not {_TYPE_NAMES[model_type]}",
+                      code=f"model_not_{model_type}", param="model")

@@ -11,6 +11,7 @@ session answers as LM Studio serializes errors.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -62,24 +63,40 @@ def sampling(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def chat_messages(history: dict[str, Any] | None, model: str) -> list[dict[str, str]]:
+def chat_messages(history: dict[str, Any] | None, model: str) -> list[dict[str, Any]]:
     """The SDK's chat history as OpenAI-style messages for `model` (text parts joined).
 
     A file part that is an image is refused: no model here has vision. Other files (text,
     documents) are left out: LM Studio hands them to prompt preprocessors (its document plugin
     reads them into the prompt) and the model itself sees none (inferred: the SDK's suite expects a
     template rendered from a history with text files, and plugins that read documents say the model
-    sees no document without them).
+    sees no document without them). The tool calls of an assistant message (`toolCallRequest`
+    parts) are its `tool_calls`; each result of a tool message (`toolCallResult` parts) is a
+    `tool` message of its own, as OpenAI's chats carry them.
     """
-    messages = []
+    messages: list[dict[str, Any]] = []
     for item in (history or {}).get("messages") or []:
         parts = item.get("content") or []
         for part in parts:
             if part.get("type") == "file" and part.get("fileType") == "image":
                 raise SdkError(f"Model {model!r} cannot read images: it is not a vision model (the "
                                f"lmflow test server's models have no vision); image: {part.get('name')!r}")
+        results = [part for part in parts if part.get("type") == "toolCallResult"]
+        if results:
+            messages += [{"role": "tool", "content": part.get("content", ""),
+                          **({"tool_call_id": part["toolCallId"]} if part.get("toolCallId") else {})}
+                         for part in results]
+            continue
         text = "".join(part.get("text", "") for part in parts if part.get("type") == "text")
-        messages.append({"role": item.get("role", "user"), "content": text})
+        message: dict[str, Any] = {"role": item.get("role", "user"), "content": text}
+        calls = [part.get("toolCallRequest") or {} for part in parts if part.get("type") == "toolCallRequest"]
+        if calls:
+            message["tool_calls"] = [{
+                "type": "function", **({"id": call["id"]} if call.get("id") else {}),
+                "function": {"name": call.get("name", ""),
+                             "arguments": json.dumps(call.get("arguments") or {})},
+            } for call in calls]
+        messages.append(message)
     return messages
 
 

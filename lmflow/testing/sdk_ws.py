@@ -18,8 +18,10 @@ Configs, chat histories and prompt templates are read by sdk_requests.py.
 Served, by namespace (RPCs; channels):
 - llm: listLoaded, getModelInfo, getLoadConfig, unloadModel, tokenize, countTokens,
   applyPromptTemplate; loadModel, getOrLoad, predict (a chat, or with the SDK's completion
-  template a raw completion, relayed token by token from the instance's llama-server);
-- embedding: the same model calls, answering that there is no embedding model;
+  template a raw completion, relayed token by token from the instance's llama-server; with tools,
+  their calls too: sdk_tools.py);
+- embedding: the same model calls for embedding models, and embedString (by the instance's
+  llama-server, started with `--embeddings`: pool.py);
 - system: version, listDownloadedModels (all the SDK 1.5 calls there);
 - files: uploadFileBase64, getLocalFileAbsolutePath (sdk_files.py);
 - repository: searchModels, getModelDownloadOptions; downloadModel (sdk_repository.py: the models
@@ -40,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,11 +49,12 @@ from typing import TYPE_CHECKING, Any
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .pool import gguf_general
 from .refusals import Refusal
 from .sdk_files import FileRefused
+from .sdk_models import PARALLEL_KEY, asked_config, context_key, instance_info, load_config, model_info, named
 from .sdk_repository import RepositoryRefused
 from .sdk_requests import SdkError, chat_messages, collapse, render_template, sampling
+from .sdk_tools import check_tool_support, relay_with_tools, requested_tools
 
 if TYPE_CHECKING:
     from .config import TestModel
@@ -61,8 +63,6 @@ if TYPE_CHECKING:
     from .sdk_files import UserFiles
     from .sdk_repository import Repository
 
-CONTEXT_KEY = "llm.load.contextLength"
-PARALLEL_KEY = "llm.load.numParallelSessions"  # the SDKs' maxParallelPredictions
 TEST_SERVER_VERSION = "0.4.0-lmflow-test"
 TEST_SERVER_BUILD = 1
 STOP_REASONS = {"eos": "eosFound", "limit": "maxPredictedTokensReached", "word": "stopStringFound"}
@@ -94,49 +94,8 @@ LMSTUDIO_ENDPOINTS: dict[str, frozenset[str]] = {namespace: frozenset(names.spli
                "setGlobalConfigSchematics pluginInitCompleted reportError",
 }.items()}
 MAX_WARNINGS = 5  # LM Studio stops sending communication warnings to a connection after 5
-
-#: the load config fields each instance was asked for, reported back by getLoadConfig as LM Studio
-#: does (gpu offload and the like, which the test server accepts and cannot apply); keyed by the
-#: instance's engine, which lives exactly as long as the instance (an Instance is not hashable)
-_asked_config: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-# -- what the SDK is told about models --------------------------------------------------
-
-
-def model_info(model: TestModel) -> dict[str, Any]:
-    """A model as LM Studio lists it (`LlmInfo`: downloaded models, a load's `resolved`)."""
-    info: dict[str, Any] = {
-        "type": "llm", "modelKey": model.key, "format": "gguf", "displayName": model.key,
-        "path": model.lmstudio_path, "sizeBytes": model.path.stat().st_size, "vision": False,
-        "trainedForToolUse": False, "maxContextLength": model.max_context_length,
-    }
-    general = gguf_general(model.path)
-    if "general.architecture" in general:
-        info["architecture"] = general["general.architecture"]
-    if "general.size_label" in general:
-        info["paramsString"] = general["general.size_label"]
-    return info
-
-
-def named(instances: list[Instance], wanted: str | None) -> list[Instance]:
-    """The instances an SDK name picks: by identifier, else by their model (`TestModel.matches`;
-    None: all)."""
-    return [i for i in instances if wanted is None or i.id == wanted] or [
-        i for i in instances if wanted and i.model.matches(wanted)]
-
-
-def instance_info(instance: Instance) -> dict[str, Any]:
-    """A loaded instance as LM Studio describes it (`LlmInstanceInfo`)."""
-    return {**model_info(instance.model), "identifier": instance.id,
-            "instanceReference": instance.id, "contextLength": instance.context_length}
-
-
-def load_config(instance: Instance) -> dict[str, Any]:
-    """The instance's load config (a KV config): what it was asked for, with the sizes it got."""
-    fields = {**_asked_config.get(instance.engine, {}), CONTEXT_KEY: instance.context_length,
-              PARALLEL_KEY: instance.parallel}
-    return {"fields": [{"key": key, "value": value} for key, value in fields.items()]}
+#: the type of the models each namespace serves
+MODEL_TYPES = {"llm": "llm", "embedding": "embedding"}
 
 
 def _fragment(text: str, tokens: int) -> dict[str, Any]:
@@ -328,15 +287,24 @@ class SdkSession:
 
     # -- finding models ---------------------------------------------------------------
 
+    @property
+    def model_type(self) -> str | None:
+        """The type of the models this namespace serves (None: a namespace of no models)."""
+        return MODEL_TYPES.get(self.namespace)
+
     def _instances(self) -> list[Instance]:
-        """The loaded instances this namespace sees (the test server's models are all LLMs)."""
-        return list(self.pool.instances.values()) if self.namespace == "llm" else []
+        """The loaded instances this namespace sees: those of its type of model."""
+        return [i for i in self.pool.instances.values() if i.model.type == self.model_type]
+
+    def _none_served(self) -> bool:
+        """Whether the test server has no model of this namespace's type."""
+        return not any(m.type == self.model_type for m in self.pool.models.values())
 
     def _not_found(self, query: dict[str, Any]) -> SdkError:
         instances = self._instances()
-        if self.namespace == "embedding":
-            title = ("No embedding model is loaded: the lmflow test server has no embedding model "
-                     f"(it serves LLMs: {', '.join(self.pool.models)})")
+        if self.namespace == "embedding" and self._none_served():
+            title = ("No embedding model is loaded: this lmflow test server has no embedding model "
+                     "(a model of its config with `type: embedding` is one)")
         else:
             title = f"No loaded model satisfies all requirements specified in the query {query}"
         return SdkError(title, {"code": "generic.noModelMatchingQuery", "query": query,
@@ -359,17 +327,20 @@ class SdkSession:
         return found[0]
 
     def _model(self, key: str) -> TestModel:
-        """The model a load asks for, by key or path."""
+        """The model a load asks for, by key or path: one of this namespace's type."""
         models = self.pool.models
         model = models.get(key) or next((m for m in models.values() if m.matches(key)), None)
-        if model is not None and self.namespace == "llm":
+        if model is not None and model.type == self.model_type:
             return model
+        names = {"llm": "an LLM", "embedding": "an embedding model"}
         if model is not None:
-            raise SdkError(f"'{key}' is an LLM, not an embedding model: the lmflow test server has no "
-                           "embedding model", {"code": "generic.domainMismatch", "path": key,
-                                               "actualDomain": "llm", "expectedDomain": "embedding"})
-        title = (f"Embedding model not found: {key} (the lmflow test server has no embedding model)"
-                 if self.namespace == "embedding" else f"Model not found: {key}")
+            raise SdkError(f"'{key}' is {names[model.type]}, not {names[str(self.model_type)]}", {
+                "code": "generic.domainMismatch", "path": key, "actualDomain": model.type,
+                "expectedDomain": self.model_type})
+        title = f"Model not found: {key}"
+        if self.namespace == "embedding" and self._none_served():
+            title = (f"Embedding model not found: {key} (this lmflow test server has no embedding model: "
+                     "a model of its config with `type: embedding` is one)")
         raise SdkError(title, {"code": "generic.pathNotFound", "path": key, "totalModels": len(models),
                                "availablePathsSample": [m.lmstudio_path for m in models.values()][:10]})
 
@@ -393,8 +364,12 @@ class SdkSession:
         return None
 
     async def tokenize(self, parameter: dict[str, Any]) -> Any:
+        """An input's tokens; an embedding model's with the special tokens it embeds the input with,
+        a BERT's [CLS] and [SEP] (inferred: the SDK's suite expects two tokens more than countTokens
+        gives for nomic-embed-text's)."""
         instance = self._find(parameter.get("specifier"))
-        return {"tokens": await self._tokens(instance, parameter.get("inputString", ""))}
+        special = self.model_type == "embedding"
+        return {"tokens": await self._tokens(instance, parameter.get("inputString", ""), special=special)}
 
     async def count_tokens(self, parameter: dict[str, Any]) -> Any:
         instance = self._find(parameter.get("specifier"))
@@ -407,7 +382,12 @@ class SdkSession:
         return {"formatted": await self._prompt(instance, messages, config)}
 
     async def embed_string(self, parameter: dict[str, Any]) -> Any:
-        raise self._not_found((parameter.get("modelSpecifier") or {}).get("query") or {})
+        """An input's embedding, by the instance's llama-server (its OpenAI route, which normalizes
+        the vector as LM Studio's embeddings are)."""
+        instance = self._find(parameter.get("modelSpecifier"))
+        instance.last_used = time.monotonic()
+        answer = await self._engine(instance, "/v1/embeddings", {"input": parameter.get("inputString", "")})
+        return {"embedding": answer["data"][0]["embedding"]}
 
     async def _engine(self, instance: Instance, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A call to the instance's llama-server."""
@@ -416,10 +396,11 @@ class SdkSession:
             raise SdkError(f"{instance.id}: {_engine_error(answer.json())}")
         return answer.json()
 
-    async def _tokens(self, instance: Instance, text: str) -> list[int]:
-        return (await self._engine(instance, "/tokenize", {"content": text}))["tokens"]
+    async def _tokens(self, instance: Instance, text: str, special: bool = False) -> list[int]:
+        answer = await self._engine(instance, "/tokenize", {"content": text, "add_special": special})
+        return answer["tokens"]
 
-    async def _prompt(self, instance: Instance, messages: list[dict[str, str]], config: dict[str, Any]
+    async def _prompt(self, instance: Instance, messages: list[dict[str, Any]], config: dict[str, Any]
                       ) -> str:
         """The prompt for a chat: the client's template if it sent one, else the model's own."""
         template = config.get("llm.prediction.promptTemplate")
@@ -483,7 +464,10 @@ class SdkSession:
             return await self._load(model, parameter.get("loadConfigStack"),
                                     ttl_ms=parameter.get("loadTtlMs"))
 
-        instance, loaded_now = await self.pool.get_or_load(find, load)
+        async def evicting(other: Instance) -> None:  # LM Studio's "JIT models auto-evict"
+            await channel.send({"type": "unloadingOtherJITModel", "info": instance_info(other)})
+
+        instance, loaded_now = await self.pool.get_or_load(find, load, evicting)
         if not loaded_now:
             await channel.send({"type": "alreadyLoaded", "info": instance_info(instance)})
             return
@@ -494,12 +478,13 @@ class SdkSession:
                     identifier: str | None = None, ttl_ms: int | None = None) -> Instance:
         config = collapse(stack)
         try:
-            instance = await self.pool.load(model.key, config.get(CONTEXT_KEY), identifier=identifier,
-                                            ttl_ms=ttl_ms, parallel=config.get(PARALLEL_KEY))
+            instance = await self.pool.load(model.key, config.get(context_key(model.type)),
+                                            identifier=identifier, ttl_ms=ttl_ms,
+                                            parallel=config.get(PARALLEL_KEY))
         except Refusal as refusal:
             raise SdkError(refusal.message) from None
-        _asked_config[instance.engine] = {k: v for k, v in config.items()
-                                          if k.startswith(("load.", "llm.load."))}
+        asked_config[instance.engine] = {k: v for k, v in config.items()
+                                         if k.startswith(("load.", f"{model.type}.load."))}
         return instance
 
     # -- predicting -------------------------------------------------------------------
@@ -513,16 +498,22 @@ class SdkSession:
                 "code": "generic.presetNotFound", "specifiedFuzzyPresetIdentifier": preset,
                 "availablePresetsSample": [], "totalAvailablePresets": 0})
         config = collapse(parameter.get("predictionConfigStack"))
-        if (config.get("llm.prediction.tools") or {}).get("type") == "toolArray":
-            raise SdkError("Tool use (.act(), tools) is not served by the lmflow test server")
+        tools = requested_tools(config)
         messages = chat_messages(parameter.get("history"), instance.id)
         params = sampling(config)
+        http = self.inference.http
+        if tools is not None:
+            await check_tool_support(http, instance.engine.url, instance.id)
         started = time.monotonic()
         instance.last_used = started
         self.inference.stats.chat_requests += 1
         with self.inference.stats.answering(instance.id):
             model = instance.model
-            if model.working_context_length is not None or model.answers == "retriever":
+            if tools is not None:  # sdk_tools.py
+                final, first_token = await relay_with_tools(channel.send, channel.cancelled.is_set, http,
+                                                            instance.engine.url,
+                                                            {"messages": messages, **tools, **params})
+            elif model.working_context_length is not None or model.answers == "retriever":
                 final, first_token = await self._answer_whole(channel, instance, messages, params)
             else:
                 prompt = await self._prompt(instance, messages, config)
@@ -563,7 +554,7 @@ class SdkSession:
             await upstream.aclose()
         return last, first_token
 
-    async def _answer_whole(self, channel: Channel, instance: Instance, messages: list[dict[str, str]],
+    async def _answer_whole(self, channel: Channel, instance: Instance, messages: list[dict[str, Any]],
                             params: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
         """The answer of a model with a configured flaw (a working limit, the retriever): one fragment."""
         status, payload = await self.inference.complete(instance, {"messages": messages, "stream": False,

@@ -10,9 +10,10 @@ It speaks what LM Studio 0.4 documents (its REST pages, read for the shapes):
 - the SDK's websocket protocol (sdk_ws.py).
 
 Every load starts a llama-server child at the context length the load ends up with, so answers
-are real. It has no embedding model (none small enough ships as a GGUF package), so embeddings are
-refused the way LM Studio refuses them for an LLM, and it downloads nothing: a download of a model it
-serves is "already downloaded", anything else is refused naming the model. Errors take the shape of
+are real. A model of its config with `type: embedding` is an embedding model (any GGUF file can be
+one: pool.py says how), which answers embeddings and nothing else; an LLM answers everything but
+embeddings. It downloads nothing: a download of a model it serves is "already downloaded", anything
+else is refused naming the model. Errors take the shape of
 the API that was called (refusals.py). It can behave like a troublesome LM Studio: a declared maximum
 context larger than what loads, silent clamping, JIT loading, slow answers, ignoring the request's
 model field, crashing mid-request, requiring a token, being older than 0.4 (no REST v1).
@@ -169,22 +170,26 @@ class LMStudioTestServer:
         """A model as REST v1 lists it (every field its docs list; `num_experts` is for MoE models)."""
         general = gguf_general(model.path)
         quant = quantization(model.path.name)
-        return {
-            "type": "llm", "publisher": publisher(model.key), "key": model.key, "display_name": model.key,
+        entry = {
+            "type": model.type, "publisher": publisher(model.key), "key": model.key,
+            "display_name": model.key,
             "architecture": general.get("general.architecture"),
             "quantization": {"name": quant, "bits_per_weight": bits_per_weight(quant)},
             "size_bytes": model.path.stat().st_size, "params_string": general.get("general.size_label"),
             "loaded_instances": [{"id": i.id, "config": {"context_length": i.context_length,
                                                          "parallel": i.parallel, **i.options}}
                                  for i in self.pool.loaded(model.key)],
-            "max_context_length": model.max_context_length, "format": "gguf",
-            "capabilities": {"vision": False, "trained_for_tool_use": False}, "description": None,
+            "max_context_length": model.max_context_length, "format": "gguf", "description": None,
         }
+        if model.type == "llm":  # (inferred: LM Studio's docs show capabilities for LLMs only)
+            entry["capabilities"] = {"vision": False, "trained_for_tool_use": False}
+        return entry
 
     def _v0_entry(self, model: TestModel) -> dict[str, Any]:
         loaded = self.pool.loaded(model.key)
         entry: dict[str, Any] = {
-            "id": model.key, "object": "model", "type": "llm", "publisher": publisher(model.key),
+            "id": model.key, "object": "model", "type": "embeddings" if model.type == "embedding" else "llm",
+            "publisher": publisher(model.key),
             "arch": gguf_general(model.path).get("general.architecture"), "compatibility_type": "gguf",
             "quantization": quantization(model.path.name), "state": "loaded" if loaded else "not-loaded",
             "max_context_length": model.max_context_length}
@@ -216,7 +221,7 @@ class LMStudioTestServer:
                                         options={k: body[k] for k in DEFAULT_OPTIONS if k in body})
         if self.behaviour.load_answer_delay_seconds:
             await asyncio.sleep(self.behaviour.load_answer_delay_seconds)
-        answer: dict[str, Any] = {"type": "llm", "instance_id": instance.id,
+        answer: dict[str, Any] = {"type": instance.model.type, "instance_id": instance.id,
                                   "load_time_seconds": round(instance.load_seconds, 3),
                                   "status": "loaded"}
         if body.get("echo_load_config"):  # num_experts is not echoed: it applies to MoE models only
@@ -278,13 +283,13 @@ class LMStudioTestServer:
                 inference.stats.finished(instance.id)
 
     async def embeddings(self, request: Request) -> Response:
-        """Refused as LM Studio refuses them without an embedding model: the test server has none."""
-        asked = checked(await json_body(request), EMBEDDINGS_SCHEMA)["model"]
-        if asked in self.pool.models or asked in self.pool.instances:
-            raise Refusal(400, f"{asked!r} is an LLM, not an embedding model (the lmflow test server has "
-                               "no embedding model)", code="model_not_embedding", param="model")
-        raise Refusal(404, f"Embedding model {asked!r} not found (the lmflow test server has no embedding "
-                           "model)", kind="model_not_found", param="model")
+        """Embeddings (OpenAI's shape, REST v0 alike) by an embedding model's llama-server, loaded just
+        in time if need be; an LLM is refused."""
+        body = checked(await json_body(request), EMBEDDINGS_SCHEMA)
+        await self.pool.expire()
+        instance, _ = await self.pool.instance_for(body["model"], model_type="embedding")
+        status, payload = await self.inference.complete(instance, {"input": body["input"]}, "/v1/embeddings")
+        return JSONResponse(payload, status_code=status)
 
     async def greeting(self, request: Request) -> Response:
         return JSONResponse({"lmstudio": True})

@@ -7,7 +7,8 @@ have loaded). This script, from a fresh machine:
 2. makes a venv there with that SDK and the suite's test tools (its own venv: lmflow's pytest
    plugin and settings stay out of it);
 3. lays out an LM Studio models folder whose models are the bundled SmolLM2 file under the names
-   the suite expects (lmstudio.yaml beside this script says which, and what cannot be served);
+   the suite expects, its embedding model too (lmstudio.yaml beside this script says which, and
+   the stand-in's other knobs);
 4. starts `lmflow testing serve --discoverable` on it, so that the suite's `Client()` finds it,
    and loads the suite's models with the suite's own `tests/load_models.py`;
 5. runs the suite's sync and protocol-level tests (`tests/` without `tests/async/`, the async
@@ -173,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         models_folder(config, work / "models")
         os.environ.setdefault("LMFLOW_HOME", str(work / "home"))  # the server's engine logs, PID files
-        with running_lmstudio_server(work / "server", discoverable=True, models=config["models"],
-                                     models_dir=str(work / "models")) as server:
+        knobs = {k: v for k, v in config.items() if k != "models_folder"}
+        with running_lmstudio_server(work / "server", discoverable=True, models_dir=str(work / "models"),
+                                     **knobs) as server:
             if server.sdk_host is None:
                 print("sdk-suite: the SDK's five ports (41343, ...) are all taken: the suite's "
                       "Client() cannot find the stand-in", file=sys.stderr)
