@@ -31,8 +31,10 @@ install-dev: $(BIN)/python
 quickstart: install
 	$(BIN)/lmflow run examples/quickstart.yaml
 
+# the whole suite, then the lmstudio SDK's own suite against the stand-in (about 3 minutes)
 test: install-dev browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python tests/sdk_suite/run.py
 
 # The UI test drives Debian's headless chromium; installed where apt-get can (about 2 minutes,
 # once). Where it cannot, tests/test_ui.py is skipped and says why.
