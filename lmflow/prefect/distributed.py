@@ -146,6 +146,9 @@ class RemoteChunks:
             self._send(chunk, list(chunk.units), 1)
         except LmflowError as exc:
             self._fail(chunk, list(chunk.units), exc)
+        except Exception as exc:  # noqa: BLE001 - Prefect's API: the chunk's items fail, the run goes on
+            self._fail(chunk, list(chunk.units), DistributedError(
+                f"chunk {chunk.name} could not be handed to Prefect: {type(exc).__name__}: {exc}"))
 
     def close(self) -> None:
         """The run is over (or stopping): workers start no more of its items; stop reading. The
@@ -274,7 +277,8 @@ class RemoteChunks:
         with self._lock:
             held = [other for other in self._sent if other.worker is None]
         for other in held:
-            (other.report.parent / f"{other.report.name}.superseded").touch()  # its taker skips it
+            with _quietly():
+                (other.report.parent / f"{other.report.name}.superseded").touch()  # its taker skips it
             _set_state(other.task_run_id, "Cancelled", "lmflow: sent again after a worker was lost")
             self._resend(other, f"a worker was lost while it waited (maybe held by {one.worker})")
 
@@ -291,7 +295,11 @@ class RemoteChunks:
                 return
             self._sent.remove(one)
         one.units = {}
-        self._send(one.chunk, left, one.attempt + 1)
+        try:
+            self._send(one.chunk, left, one.attempt + 1)
+        except Exception as exc:  # noqa: BLE001 - Prefect's API: what was left fails, never vanishes
+            self._fail(one.chunk, left, DistributedError(
+                f"chunk {one.name}: {why}, and it could not be sent again: {type(exc).__name__}: {exc}"))
 
     def _end(self, one: _Sent, error: BaseException | None) -> None:
         """The attempt is over: what it did not report fails with `error` (else never started)."""
