@@ -465,7 +465,7 @@ class _Worker:
             if session is None:
                 for other in [s for s in self._sessions.values() if not s.chunks]:
                     del self._sessions[other.run]
-                    other.runtime.close()
+                    _close(other)
                 session = self._sessions[job["run"]] = self._open(job)
             session.chunks += 1
             return session
@@ -501,9 +501,15 @@ class _Worker:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
-            session.runtime.close()
-            with _quietly():
-                session.runtime.recorder.save()
+            _close(session)
+
+
+def _close(session: _Session) -> None:
+    """A run's session on this worker is over: its models unloaded, its engines stopped, its record
+    written (a journal without one would look like a killed run's to the next run here)."""
+    session.runtime.close()
+    with _quietly():
+        session.runtime.recorder.save()
 
 
 class _Report:
