@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -154,13 +155,13 @@ class RemoteChunks:
         """The run is over (or stopping): workers start no more of its items; stop reading. The
         reports read to their end are removed (what they held is in the run's journal)."""
         if self._folder is not None:
-            with _quietly():
+            with suppress(Exception):
                 (self._folder / "stop").touch()
         self._closed.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
         for report in self._read_out:
-            with _quietly():
+            with suppress(Exception):
                 report.unlink(missing_ok=True)
 
     # -- sending ---------------------------------------------------------------
@@ -277,7 +278,7 @@ class RemoteChunks:
         with self._lock:
             held = [other for other in self._sent if other.worker is None]
         for other in held:
-            with _quietly():
+            with suppress(Exception):
                 (other.report.parent / f"{other.report.name}.superseded").touch()  # its taker skips it
             _set_state(other.task_run_id, "Cancelled", "lmflow: sent again after a worker was lost")
             self._resend(other, f"a worker was lost while it waited (maybe held by {one.worker})")
@@ -348,18 +349,8 @@ def _set_state(task_run_id: Any, state: str, message: str) -> None:
     from prefect import states
     from prefect.client.orchestration import get_client
 
-    with _quietly(), get_client(sync_client=True) as client:
+    with suppress(Exception), get_client(sync_client=True) as client:
         client.set_task_run_state(task_run_id, getattr(states, state)(message=message), force=True)
-
-
-class _quietly:
-    """What fails here is a convenience lost (a mark in the UI, a stop file), never the run."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, *_: Any) -> bool:
-        return kind is not None and issubclass(kind, Exception)
 
 
 # -- the worker's side ---------------------------------------------------------------------------
@@ -508,7 +499,7 @@ def _close(session: _Session) -> None:
     """A run's session on this worker is over: its models unloaded, its engines stopped, its record
     written (a journal without one would look like a killed run's to the next run here)."""
     session.runtime.close()
-    with _quietly():
+    with suppress(Exception):
         session.runtime.recorder.save()
 
 
@@ -537,7 +528,7 @@ class _Report:
 
     def _beating(self) -> None:
         while not self._over.wait(BEAT):
-            with _quietly():
+            with suppress(Exception):
                 os.utime(self.path)
             if any(p.exists() for p in self.stops):
                 self.stop.set()
@@ -584,7 +575,7 @@ async def _serve(limit: int, stop: Any) -> None:
     waiting.cancel()
     if not running.done():
         running.cancel()
-        with _quietly():
+        with suppress(Exception):
             await running
 
 
